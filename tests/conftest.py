@@ -1,0 +1,42 @@
+"""Shared fixtures: composed configs (the real conf/ tree), tiny sizes, the repo's paths."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+def compose(*overrides: str):
+    """The config a user's command line would give (conf/ composed by Hydra, schema applied)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from resnorm.config import register_schemas
+
+    register_schemas()
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+TINY = ("model.d_model=16", "model.n_heads=2", "train.seq_len=16", "train.batch_size=4",
+        "train.steps=6", "train.eval_every=3", "train.eval_batches=2", "train.progress=false",
+        "data=synthetic", "data.synthetic_tokens=4000", "logger.mode=disabled")
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 600, env_extra=None) -> subprocess.CompletedProcess:
+    """Run ``python run.py ARGS`` the way a user does, from ``cwd``; outputs land under ``cwd``."""
+    env = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0", **(env_extra or {})}
+    env.pop("HYDRA_FULL_ERROR")
+    return subprocess.run([PYTHON, str(ROOT / "run.py"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture
+def tiny():
+    return TINY
