@@ -49,7 +49,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-3
+    lr: float = 1e-3
     warmup_steps: int = 20
     schedule: str = "cosine"  # after warmup: cosine decay to min_lr_ratio * lr, or constant
     min_lr_ratio: float = 0.1

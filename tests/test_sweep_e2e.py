@@ -1,0 +1,58 @@
+"""The user's command end to end: a real Hydra multirun through run.py, into a temporary folder."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from conftest import TINY, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def summaries(sweep):
+    return {p.parent.name: json.loads(p.read_text()) for p in sweep.rglob("summary.json")}
+
+
+def test_multirun_trains_logs_and_plots(tmp_path):
+    proc = run_cli("-m", "model.norm=pre,post", "depth=2", *TINY, "logger.mode=offline", "name=e2e", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = summaries(tmp_path / "multirun" / "e2e")
+    assert sorted(runs) == ["depth=2,model.norm=post", "depth=2,model.norm=pre"]
+    assert {r["status"] for r in runs.values()} == {"completed"}
+    for name in runs:
+        assert list((tmp_path / "multirun" / "e2e" / name / "wandb").glob("offline-run-*/run-*.wandb"))
+    results = tmp_path / "results" / "e2e"
+    for figure in ("depth_vs_val_loss.png", "loss_curves.png", "grad_norm_profile.png"):
+        assert (results / figure).stat().st_size > 5_000, figure
+    table = pd.read_csv(results / "summary.csv")
+    assert sorted(table["variant"]) == ["post", "pre"] and set(table["status"]) == {"completed"}
+
+
+def test_diverged_job_is_recorded_and_the_next_job_completes(tmp_path):
+    proc = run_cli("-m", "optim.lr=1e4,1e-3", "optim.warmup_steps=0", "model.norm=post", "depth=2", *TINY,
+                   "train.steps=12", "name=div", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = summaries(tmp_path / "multirun" / "div")
+    by_lr = {r["config"]["optim"]["lr"]: r for r in runs.values()}
+    assert by_lr[1e4]["status"] == "diverged" and by_lr[1e4]["diverged_step"] is not None
+    assert by_lr[1e-3]["status"] == "completed" and by_lr[1e-3]["steps_done"] == 12
+    table = pd.read_csv(tmp_path / "results" / "div" / "summary.csv")
+    assert sorted(table["status"]) == ["completed", "diverged"]
+
+
+def test_a_failing_job_is_recorded_and_counted_in_the_exit_code(tmp_path):
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("abcdefgh" * 3)  # too short for one training sequence of 16 tokens
+    good = tmp_path / "good.txt"
+    good.write_text("the quick brown fox jumps over the lazy dog. " * 50)
+    proc = run_cli("-m", f"data.path={corpus},{good}", "data=text", "depth=1", *[o for o in TINY if not o.startswith("data")],
+                   "name=fail", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "1 of 2 runs failed" in proc.stderr
+    statuses = sorted(r["status"] for r in summaries(tmp_path / "multirun" / "fail").values())
+    assert statuses == ["completed", "failed"]
+    failed = [r for r in summaries(tmp_path / "multirun" / "fail").values() if r["status"] == "failed"][0]
+    assert "fewer than one sequence" in failed["error"]
