@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -28,6 +29,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="where to write (default: results/<basename of SWEEP_DIR>)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="analysis: %(message)s")
+    warnings.formatwarning = lambda message, *rest, **kw: f"analysis: warning: {message}\n"
     if not Path(args.sweep_dir).is_dir():  # answer a typo before importing pandas and matplotlib
         what = "is not a folder" if Path(args.sweep_dir).exists() else "not found"
         print(f"error: sweep folder {what}: {args.sweep_dir}", file=sys.stderr)

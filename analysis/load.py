@@ -321,7 +321,7 @@ def load_sweep(path) -> Sweep:
         try:
             loaded.append(load_run(run_dir))
         except (ValueError, FileNotFoundError) as exc:
-            warnings.warn(f"skipping run {run_dir}: {exc}", stacklevel=2)
+            warnings.warn(f"skipping a run: {exc}", stacklevel=2)  # the message names the file
     if not loaded:
         raise ValueError(f"no run in {root}: no folder under it holds a readable summary.json")
 

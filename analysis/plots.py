@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 DPI = 120
 PANEL_W, PANEL_H = 3.4, 2.6
+MIN_WIDTH = 8.0  # inches: room for the title and the legend beside a single panel
 #: y position (axes fraction) of the diverged / failed markers in depth_vs_val_loss
 DIVERGED_Y, FAILED_Y = 0.95, 0.87
 
@@ -103,6 +104,7 @@ def depth_vs_val_loss(sweep, path) -> Optional[Path]:
     deviation where a depth has several seeds. Diverged runs have no valid final loss: each
     (variant, depth) with a diverged run gets an ``x`` at the top of the panel in the variant's
     colour (with the count when more than one seed diverged); failed runs a hollow square below it.
+    Runs still ``running`` have no final loss yet and are not shown.
     """
     import seaborn as sns
     from matplotlib.lines import Line2D
@@ -124,13 +126,13 @@ def depth_vs_val_loss(sweep, path) -> Optional[Path]:
     depths = sorted(int(d) for d in runs["depth"].unique())
     ncols = min(len(settings), 3)
     nrows = math.ceil(len(settings) / ncols)
-    fig, axes = _figure(nrows, ncols, PANEL_W * 1.3 * ncols + 1.8, PANEL_H * 1.3 * nrows + 0.5,
-                        sharey=True)
+    fig, axes = _figure(nrows, ncols, max(PANEL_W * 1.3 * ncols + 1.8, MIN_WIDTH),
+                        PANEL_H * 1.3 * nrows + 0.5, sharey=True)
     several_seeds = bool((ok.groupby(["setting", "variant", "depth"]).size() > 1).any())
 
     for ax in axes.flat[len(settings):]:
         ax.set_visible(False)
-    for ax, setting in zip(axes.flat, settings):
+    for panel, (ax, setting) in enumerate(zip(axes.flat, settings)):
         panel_ok = ok[ok["setting"] == setting]
         if not panel_ok.empty:
             present = [v for v in variants if v in set(panel_ok["variant"])]
@@ -143,9 +145,9 @@ def depth_vs_val_loss(sweep, path) -> Optional[Path]:
                     color="grey")
         top = blended_transform_factory(ax.transData, ax.transAxes)
         panel_marked = marked[marked["setting"] == setting]
-        for i, variant in enumerate(variants):
+        for k, variant in enumerate(variants):
             # a few points of horizontal offset per variant so coinciding markers stay visible
-            shift = top + ScaledTranslation((i - (len(variants) - 1) / 2) * 5 / 72, 0,
+            shift = top + ScaledTranslation((k - (len(variants) - 1) / 2) * 5 / 72, 0,
                                             fig.dpi_scale_trans)
             for status, y, marker in (("diverged", DIVERGED_Y, "x"), ("failed", FAILED_Y, "s")):
                 rows = panel_marked[(panel_marked["variant"] == variant) & (panel_marked["status"] == status)]
@@ -158,7 +160,8 @@ def depth_vs_val_loss(sweep, path) -> Optional[Path]:
                                     textcoords="offset points", fontsize=7, color=colours[variant])
         _depth_axis(ax, depths)
         ax.set_xlabel("depth (blocks)")
-        ax.set_ylabel("final validation loss" + ("\n(mean ± sd over seeds)" if several_seeds else ""))
+        ax.set_ylabel("" if panel % ncols else
+                      "final validation loss" + ("\n(mean ± sd over seeds)" if several_seeds else ""))
         if setting:
             ax.set_title(setting)
 
@@ -221,7 +224,7 @@ def loss_curves(sweep, path) -> Optional[Path]:
     high = 1.1 * max(initial) if initial else float(values.max())
     high = max(high, low + 1e-3)
 
-    fig, axes = _figure(len(depths), len(variants), PANEL_W * len(variants) + 1.8,
+    fig, axes = _figure(len(depths), len(variants), max(PANEL_W * len(variants) + 1.8, MIN_WIDTH),
                         PANEL_H * len(depths) + 0.6, sharex=True, sharey=True)
     for r, depth in enumerate(depths):
         for c, variant in enumerate(variants):
@@ -327,7 +330,7 @@ def grad_norm_profile(sweep, path, quantity: str = "grad_norm") -> Optional[Path
     whens = [w for w in ("step 0", "first logged step", "last logged step") if w in set(profile["when"])]
     dashes = {w: ("" if w == "last logged step" else (4, 2)) for w in whens}
 
-    fig, axes = _figure(len(settings), len(depths), PANEL_W * 1.2 * len(depths) + 2.0,
+    fig, axes = _figure(len(settings), len(depths), max(PANEL_W * 1.2 * len(depths) + 2.0, MIN_WIDTH),
                         PANEL_H * 1.2 * len(settings) + 0.6, sharey=True)
     for r, setting in enumerate(settings):
         for c, depth in enumerate(depths):
