@@ -175,7 +175,8 @@ def run_info(run_dir: Path, summary: Dict[str, Any]) -> Dict[str, Any]:
         info[key] = summary.get(key)
     info["run_name"] = summary.get("run_name") or run_dir.name
     info["status"] = summary.get("status") or "unknown"
-    info["overrides"] = tuple(str(o) for o in summary.get("overrides") or ())
+    overrides = summary.get("overrides") or ()
+    info["overrides"] = (str(overrides),) if isinstance(overrides, str) else tuple(str(o) for o in overrides)
 
     config = summary.get("config")
     if not isinstance(config, dict):

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 DPI = 120
 PANEL_W, PANEL_H = 3.4, 2.6
-MIN_WIDTH = 8.0  # inches: room for the title and the legend beside a single panel
+MIN_WIDTH = 7.0  # inches: room for the title and the legend under a single panel
 #: y position (axes fraction) of the diverged / failed markers in depth_vs_val_loss
 DIVERGED_Y, FAILED_Y = 0.95, 0.87
 
@@ -87,6 +87,16 @@ def _variant_handles(variants: List[str], **line_kw) -> list:
     from matplotlib.lines import Line2D
 
     return [Line2D([], [], color=style.colour(v), label=style.label(v), **line_kw) for v in variants]
+
+
+def _legend(fig, handles: list) -> None:
+    """One legend for the whole figure, below the panels (never on top of the title), with as many
+    columns as fit the figure's width."""
+    longest = max(len(h.get_label()) for h in handles)
+    entry_pts = 6.0 * longest + 40.0  # a rough width of one entry: text plus the handle
+    fits = int(fig.get_figwidth() * 72 // entry_pts)
+    fig.legend(handles=handles, loc="outside lower center", ncols=max(1, min(len(handles), fits, 6)),
+               frameon=False)
 
 
 def _shade(colour: str, amount: float) -> tuple:
@@ -184,7 +194,7 @@ def depth_vs_val_loss(sweep, path) -> Optional[Path]:
     if (marked["status"] == "failed").any():
         handles.append(Line2D([], [], ls="none", marker="s", ms=8, mew=2, mfc="none",
                               color=style.NEUTRAL, label="failed"))
-    fig.legend(handles=handles, loc="outside right upper", title="variant", frameon=False)
+    _legend(fig, handles)
     fig.suptitle(f"{sweep.name}: final validation loss vs depth")
     return _save(fig, path)
 
@@ -261,7 +271,7 @@ def loss_curves(sweep, path) -> Optional[Path]:
         handles.append(Line2D([], [], color=style.NEUTRAL, ls="--", lw=1, label="diverged"))
     if len(settings) > 1:
         handles += [Line2D([], [], color=_shade("#444444", shade_of[s]), lw=2, label=s) for s in settings]
-    fig.legend(handles=handles, loc="outside right upper", frameon=False)
+    _legend(fig, handles)
     fig.suptitle(f"{sweep.name}: loss curves (rows: depth, columns: variant)")
     return _save(fig, path)
 
@@ -286,7 +296,7 @@ def layer_profile(layers: pd.DataFrame, quantity: str = "grad_norm") -> pd.DataF
     parts = []
     for run_dir, run in blocks.groupby("run_dir", sort=False):
         first = int(run["step"].min())
-        finite_steps = run.groupby("step")["value"].apply(lambda v: bool(np.isfinite(v).all()))
+        finite_steps = np.isfinite(run["value"]).groupby(run["step"]).all()
         finite_steps = finite_steps[finite_steps].index
         chosen = {first: "step 0" if first == 0 else "first logged step"}
         if len(finite_steps) and int(finite_steps.max()) != first:
@@ -315,8 +325,8 @@ def grad_norm_profile(sweep, path, quantity: str = "grad_norm") -> Optional[Path
     profile = layer_profile(layers, quantity)
     if profile.empty:
         return _skip("grad_norm_profile", f"layers.parquet has no {quantity!r} rows")
-    runs = _plottable_runs(sweep.runs)[["run_dir", "variant", "depth", "setting"]]
-    profile = profile.merge(runs, on="run_dir", how="inner")
+    runs = _plottable_runs(sweep.runs)
+    profile = profile.merge(runs[["run_dir", "variant", "depth", "setting"]], on="run_dir", how="inner")
     profile = profile[np.isfinite(profile["value"]) & (profile["value"] > 0)]
     if profile.empty:
         return _skip("grad_norm_profile", f"no positive finite {quantity!r} value in a run with a "
@@ -325,35 +335,38 @@ def grad_norm_profile(sweep, path, quantity: str = "grad_norm") -> Optional[Path
     variants = style.order(profile["variant"])
     colours = style.palette(variants)
     depths = sorted(int(d) for d in profile["depth"].unique())
-    settings = _settings(sweep.runs[sweep.runs["run_dir"].isin(set(profile["run_dir"]))].assign(
-        setting=lambda t: t["setting"].fillna("")))
+    settings = _settings(runs[runs["run_dir"].isin(set(profile["run_dir"]))])
     whens = [w for w in ("step 0", "first logged step", "last logged step") if w in set(profile["when"])]
     dashes = {w: ("" if w == "last logged step" else (4, 2)) for w in whens}
 
-    fig, axes = _figure(len(settings), len(depths), max(PANEL_W * 1.2 * len(depths) + 2.0, MIN_WIDTH),
-                        PANEL_H * 1.2 * len(settings) + 0.6, sharey=True)
-    for r, setting in enumerate(settings):
-        for c, depth in enumerate(depths):
-            ax = axes[r, c]
-            panel = profile[(profile["setting"] == setting) & (profile["depth"] == depth)]
-            if panel.empty:
-                ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="grey")
-            else:
-                present = [v for v in variants if v in set(panel["variant"])]
-                sns.lineplot(data=panel.assign(layer=panel["layer"].astype(int)), x="layer", y="value",
-                             hue="variant", hue_order=present, palette={v: colours[v] for v in present},
-                             style="when", style_order=[w for w in whens if w in set(panel["when"])],
-                             dashes=dashes, estimator="mean", errorbar=None, legend=False, ax=ax)
-            ax.set_yscale("log")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_title(f"depth {depth}" + (f", {setting}" if setting else ""))
-            ax.set_xlabel("layer (block index)")
-            ax.set_ylabel(f"{quantity} per block\nsqrt(attn² + mlp²)" if c == 0 else "")
+    # one panel per (setting, depth): depths across, settings down; a single depth wraps the settings
+    panels = [(setting, depth) for setting in settings for depth in depths]
+    ncols = len(depths) if len(depths) > 1 else min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = _figure(nrows, ncols, max(PANEL_W * 1.2 * ncols + 1.0, MIN_WIDTH),
+                        PANEL_H * 1.2 * nrows + 0.8, sharey=True)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for i, (ax, (setting, depth)) in enumerate(zip(axes.flat, panels)):
+        panel = profile[(profile["setting"] == setting) & (profile["depth"] == depth)]
+        if panel.empty:
+            ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="grey")
+        else:
+            present = [v for v in variants if v in set(panel["variant"])]
+            sns.lineplot(data=panel.assign(layer=panel["layer"].astype(int)), x="layer", y="value",
+                         hue="variant", hue_order=present, palette={v: colours[v] for v in present},
+                         style="when", style_order=[w for w in whens if w in set(panel["when"])],
+                         dashes=dashes, estimator="mean", errorbar=None, legend=False, ax=ax)
+        ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(f"depth {depth}" + (f", {setting}" if setting else ""))
+        ax.set_xlabel("layer (block index)")
+        ax.set_ylabel(f"{quantity} per block\nsqrt(attn² + mlp²)" if i % ncols == 0 else "")
 
     handles = _variant_handles(variants, lw=2)
     handles += [Line2D([], [], color="grey", lw=1.5, ls="-" if w == "last logged step" else "--", label=w)
                 for w in whens]
-    fig.legend(handles=handles, loc="outside right upper", frameon=False)
+    _legend(fig, handles)
     fig.suptitle(f"{sweep.name}: per-layer {quantity} (mean over seeds)")
     return _save(fig, path)
 

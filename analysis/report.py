@@ -25,7 +25,7 @@ import pandas as pd
 
 from analysis import metrics, plots, style
 from analysis.files import atomic_write, write_text
-from analysis.load import PLOT_AXES, load_sweep
+from analysis.load import PLOT_AXES, load_sweep, parse_overrides
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +78,23 @@ def _sorted_runs(table: pd.DataFrame) -> pd.DataFrame:
             .drop(columns="_rank").reset_index(drop=True))
 
 
-def _lr_groups(sweep) -> List[str]:
-    """Columns that identify one LR sweep: variant, depth, seed and the other swept config keys."""
-    extra = [k for k in sweep.axes if k not in PLOT_AXES and k != "optim.lr" and k in sweep.runs.columns]
-    return ["variant", "depth", "seed"] + extra
+def _lr_table(sweep) -> Optional[pd.DataFrame]:
+    """LR sensitivity per LR sweep (variant, depth, seed and every other swept key), None when the
+    sweep has fewer than two learning rates or its runs do not form clean LR sweeps (logged)."""
+    runs = sweep.runs
+    if runs["lr"].nunique(dropna=True) < 2:
+        return None
+    extra = [k for k in sweep.axes if k not in PLOT_AXES and k != "optim.lr"]
+    missing = [k for k in extra if k not in runs.columns]  # e.g. a config group: take the override
+    if missing:
+        runs = runs.copy()
+        for key in missing:
+            runs[key] = [parse_overrides(o).get(key) for o in runs["overrides"]]
+    try:
+        return metrics.lr_sensitivity_table(runs, by=["variant", "depth", "seed"] + extra)
+    except ValueError as exc:
+        log.warning("no LR sensitivity table: %s", exc)
+        return None
 
 
 def _markdown(sweep, table: pd.DataFrame, figures: Dict[str, Optional[Path]], skipped: Dict[str, str],
@@ -164,10 +177,9 @@ def make_report(sweep_dir, out_dir, spike_window: int = metrics.SPIKE_WINDOW,
     finally:
         plots.log.removeHandler(collect)
 
-    lr_table = None
+    lr_table = _lr_table(sweep)
     lr_csv = out / "lr_sensitivity.csv"
-    if sweep.runs["lr"].nunique(dropna=True) >= 2:
-        lr_table = metrics.lr_sensitivity_table(sweep.runs, by=_lr_groups(sweep))
+    if lr_table is not None:
         written.append(atomic_write(lr_csv, lambda tmp: lr_table.to_csv(tmp, index=False)))
     else:
         lr_csv.unlink(missing_ok=True)

@@ -439,18 +439,21 @@ def test_lr_sweep_report_has_lr_sensitivity(tmp_path):
     from analysis.report import make_report
 
     sweep_dir = tmp_path / "lrsweep"
-    finals = {1e-3: 2.6, 1e-2: 2.2, 1e-1: None}
-    for lr, final in finals.items():
-        status = "completed" if final else "diverged"
-        losses = losses_for(2.0) if final else losses_for(2.0)[:6] + [math.nan]
-        write_run(sweep_dir, variant="pre", depth=2, lr=lr, status=status, losses=losses, final_val=final,
-                  diverged_step=None if final else 6, extra_overrides=[f"optim.lr={lr}"], layers=False)
+    finals = {"a": {1e-3: 2.6, 1e-2: 2.2, 1e-1: None}, "b": {1e-3: 2.5, 1e-2: 2.4, 1e-1: 2.3}}
+    for experiment, grid in finals.items():  # a config-group override: not a config column
+        for lr, final in grid.items():
+            status = "completed" if final else "diverged"
+            losses = losses_for(2.0) if final else losses_for(2.0)[:6] + [math.nan]
+            write_run(sweep_dir, variant="pre", depth=2, lr=lr, status=status, losses=losses,
+                      final_val=final, diverged_step=None if final else 6, layers=False,
+                      extra_overrides=[f"optim.lr={lr}", f"experiment={experiment}"])
     written = make_report(sweep_dir, tmp_path / "out")
     assert "lr_sensitivity.csv" in [p.name for p in written]
     table = pd.read_csv(tmp_path / "out" / "lr_sensitivity.csv")
+    assert table["experiment"].tolist() == ["a", "b"]
     l0 = 2.0 + 3.0  # initial loss of losses_for(2.0)
-    assert table["lr_sensitivity"].iloc[0] == pytest.approx((0.4 + 0 + (l0 - 2.2)) / 3)
-    assert table["largest_stable_lr"].iloc[0] == pytest.approx(1e-2)
+    assert table["lr_sensitivity"].tolist() == pytest.approx([(0.4 + 0 + (l0 - 2.2)) / 3, (0.2 + 0.1) / 3])
+    assert table["largest_stable_lr"].tolist() == pytest.approx([1e-2, 1e-1])
     assert "## LR sensitivity" in (tmp_path / "out" / "report.md").read_text()
 
 
