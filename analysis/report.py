@@ -35,7 +35,7 @@ FIGURE_TITLES = {
     "grad_norm_profile": "Per-layer gradient norm at step 0 and at the last logged step",
 }
 _MD_COLUMNS = (
-    ("run_name", "run"), ("variant", "variant"), ("depth", "depth"), ("seed", "seed"), ("lr", "lr"),
+    ("short_name", "run"), ("variant", "variant"), ("depth", "depth"), ("seed", "seed"), ("lr", "lr"),
     ("status", "status"), ("diverged_step", "diverged at"), ("final_train_loss", "final train"),
     ("final_val_loss", "final val"), ("best_val_loss", "best val"), ("loss_spikes", "spikes"),
     ("tokens_per_s", "tokens/s"),
@@ -69,6 +69,18 @@ def markdown_table(table: pd.DataFrame, columns) -> str:
     for _, row in table.iterrows():
         lines.append("| " + " | ".join(_cell(row[c]) for c, _ in columns) + " |")
     return "\n".join(lines)
+
+
+def short_names(sweep) -> Dict[str, str]:
+    """``run_dir -> name`` made of the run's swept overrides only (``depth=6,model.norm=pre``), so
+    the markdown table stays readable when every job repeats the same fixed overrides; the run name
+    when the run has no swept override."""
+    names = {}
+    for run_dir, run_name, overrides in zip(sweep.runs["run_dir"], sweep.runs["run_name"],
+                                            sweep.runs["overrides"]):
+        swept = [o for o in overrides if o.split("=", 1)[0].lstrip("+") in sweep.axes]
+        names[run_dir] = ",".join(swept) or str(run_name)
+    return names
 
 
 def _sorted_runs(table: pd.DataFrame) -> pd.DataFrame:
@@ -151,6 +163,7 @@ def make_report(sweep_dir, out_dir, spike_window: int = metrics.SPIKE_WINDOW,
     written: List[Path] = []
 
     table = _sorted_runs(metrics.run_metrics(sweep, spike_window, spike_factor, spike_min_history))
+    table["short_name"] = table["run_dir"].map(short_names(sweep))
     csv = table[list(metrics.RUN_METRIC_COLUMNS)].copy()
     csv["run_dir"] = [_relative(d, sweep.path) for d in csv["run_dir"]]
     written.append(atomic_write(out / "summary.csv", lambda tmp: csv.to_csv(tmp, index=False)))

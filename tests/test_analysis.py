@@ -411,7 +411,8 @@ def test_report_markdown_embeds_figures_and_table(report):
     text = (out / "report.md").read_text()
     for name in ("depth_vs_val_loss.png", "loss_curves.png", "grad_norm_profile.png"):
         assert f"]({name})" in text
-    assert "| depth=4,model.norm=post,seed=0 | post | 4 | 0 | 0.001 | diverged | 12 |" in text
+    # the run column keeps only the swept overrides (not the constant name=fake)
+    assert "| model.norm=post,depth=4,seed=0 | post | 4 | 0 | 0.001 | diverged | 12 |" in text
     assert "6 runs (4 completed, 1 diverged, 1 failed)" in text
     assert "LR sensitivity" not in text  # one learning rate only
 
