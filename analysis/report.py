@@ -54,11 +54,12 @@ class _Collect(logging.Handler):
 
 
 def _cell(value) -> str:
-    """A markdown table cell: 4 significant digits for floats, an en dash for missing values."""
+    """A markdown table cell: 4 significant digits for floats (whole numbers from 10,000 up), an en
+    dash for missing values."""
     if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         return "\u2013"
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
     return str(value).replace("|", "\\|")
 
 
