@@ -1,0 +1,338 @@
+"""Run folders -> tidy pandas DataFrames.
+
+Reads, per job folder (any folder under the sweep that holds a ``summary.json``):
+
+- ``summary.json``: status, losses, throughput, versions, run name, overrides and the resolved
+  ``config`` (a nested dict). A file that is not valid JSON (half-written, corrupt) is skipped by
+  :func:`load_sweep` with a warning naming it.
+- ``metrics.parquet``: one row per step (``step``, ``train_loss``, ``lr``, ``grad_norm``,
+  ``tokens_per_s``, ``val_loss``, and any columns added later). May be missing.
+- ``layers.parquet``: tidy per-layer rows (``step``, ``layer``, ``sublayer``, ``quantity``,
+  ``value``). May be missing.
+- ``.hydra/config.yaml``: only when the summary has no ``config`` (a job that failed before it wrote
+  one), to recover the variant, depth, seed and learning rate.
+
+Writes nothing.
+
+The ``runs`` table has one row per job: ``run_dir`` (absolute path, the key that joins the three
+tables), ``run_name``, the summary fields (:data:`SUMMARY_FIELDS`, missing ones as NaN/None, plus any
+other scalar the summary holds), the config flattened to dotted columns (``model.norm``,
+``optim.lr``, ``depth``, ...; a config key that collides with a summary field is stored as
+``config.<key>``), the first-class columns ``variant`` (= ``model.norm``), ``depth``, ``seed``, ``lr``
+(= ``optim.lr``, the configured peak rate), and ``setting``: a label of the other swept keys (see :func:`sweep_axes`), empty
+when the sweep varies only variant, depth and seed.
+
+The ``steps`` and ``layers`` tables are the parquet rows of all jobs, each prefixed with
+:data:`KEY_COLUMNS` (``run_dir``, ``run_name``, ``variant``, ``depth``, ``seed``, ``lr``). Because
+``lr`` there is the run's configured rate (the same value as in ``runs``), the per-step learning
+rate that ``metrics.parquet`` stores as ``lr`` is renamed ``step_lr``.
+
+The first-class columns come from the config; when it is missing, from the summary's own top-level
+keys of the same name, then from the job's Hydra overrides (``model.norm=pre``, ``depth=6``, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import pandas as pd
+
+#: summary fields every row of the runs table has (NaN/None where the summary lacks them)
+SUMMARY_FIELDS = (
+    "status", "diverged_step", "diverge_reason", "initial_loss", "final_train_loss", "final_val_loss",
+    "best_val_loss", "tokens_per_s", "wall_s", "steps_done", "n_params", "torch_version", "git_commit",
+    "run_name", "overrides",
+)
+STATUSES = ("completed", "diverged", "failed", "running")
+FLOAT_COLUMNS = ("initial_loss", "final_train_loss", "final_val_loss", "best_val_loss", "tokens_per_s",
+                 "wall_s", "lr")
+INT_COLUMNS = ("diverged_step", "steps_done", "n_params", "depth", "seed")
+#: first-class column -> the dotted config key it comes from
+FIRST_CLASS = {"variant": "model.norm", "depth": "depth", "seed": "seed", "lr": "optim.lr"}
+#: columns added to every row of the steps and layers tables
+KEY_COLUMNS = ("run_dir", "run_name", "variant", "depth", "seed", "lr")
+#: swept keys that are figure axes of their own, so not part of ``setting``
+PLOT_AXES = ("model.norm", "depth", "seed")
+
+
+@dataclass
+class Run:
+    """One job: ``info`` is its row of the runs table; ``steps``/``layers`` are None when missing."""
+
+    run_dir: Path
+    info: Dict[str, Any]
+    steps: Optional[pd.DataFrame]
+    layers: Optional[pd.DataFrame]
+
+
+@dataclass
+class Sweep:
+    """A sweep's runs, step metrics and per-layer metrics as three tidy DataFrames.
+
+    ``axes`` lists the keys the sweep varies (from the jobs' overrides, see :func:`sweep_axes`).
+    """
+
+    path: Path
+    runs: pd.DataFrame
+    steps: pd.DataFrame
+    layers: pd.DataFrame
+    axes: List[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """The sweep's name: the basename of its folder."""
+        return self.path.name
+
+
+def flatten(config: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """Flatten a nested dict to dotted keys: ``{"model": {"norm": "pre"}}`` -> ``{"model.norm": "pre"}``.
+
+    Lists become tuples (hashable, so they can be grouped on).
+    """
+    flat: Dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, prefix=f"{name}."))
+        elif isinstance(value, list):
+            flat[name] = tuple(value)
+        else:
+            flat[name] = value
+    return flat
+
+
+def parse_overrides(overrides: Sequence[str]) -> Dict[str, str]:
+    """Hydra override strings -> ``{key: value}`` (``+depth=6``, ``++depth=6``, ``depth=6`` all give
+    ``{"depth": "6"}``); deletions (``~key``) and strings without ``=`` are ignored."""
+    parsed: Dict[str, str] = {}
+    for item in overrides or ():
+        item = str(item)
+        if item.startswith("~") or "=" not in item:
+            continue
+        key, value = item.split("=", 1)
+        parsed[key.lstrip("+")] = value
+    return parsed
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _convert(column: str, value: Any) -> Any:
+    """Override strings and stray types -> the first-class column's type (None if it does not parse)."""
+    if _missing(value):
+        return None
+    try:
+        if column in ("depth", "seed"):
+            return int(float(value))
+        if column == "lr":
+            return float(value)
+    except (TypeError, ValueError):
+        return None
+    return str(value)
+
+
+def _hydra_config(run_dir: Path) -> Dict[str, Any]:
+    """The job's ``.hydra/config.yaml`` as a dict (interpolations left unresolved), or {} if unreadable."""
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        import yaml
+
+        loaded = yaml.safe_load(path.read_text())
+    except Exception:  # noqa: BLE001  # a fallback source only: any failure means "no config"
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def read_summary(run_dir: Path) -> Dict[str, Any]:
+    """Read ``run_dir/summary.json``; raise FileNotFoundError if absent, ValueError (naming the
+    file) if it is not a valid JSON object."""
+    path = Path(run_dir) / "summary.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no summary.json in {run_dir}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc}); is it half-written or corrupt?") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def run_info(run_dir: Path, summary: Dict[str, Any]) -> Dict[str, Any]:
+    """One row of the runs table from a job folder and its parsed summary (see the module docstring)."""
+    run_dir = Path(run_dir)
+    info: Dict[str, Any] = {"run_dir": str(run_dir)}
+    for key in SUMMARY_FIELDS:
+        info[key] = summary.get(key)
+    info["run_name"] = summary.get("run_name") or run_dir.name
+    info["status"] = summary.get("status") or "unknown"
+    overrides = summary.get("overrides") or ()
+    info["overrides"] = (str(overrides),) if isinstance(overrides, str) else tuple(str(o) for o in overrides)
+
+    config = summary.get("config")
+    if not isinstance(config, dict):
+        config = _hydra_config(run_dir)
+    flat = flatten(config)
+    for key, value in flat.items():
+        info[f"config.{key}" if key in info else key] = value
+    for key, value in summary.items():  # other scalars (error, group, device, ...); config wins
+        if key == "config" or key in info:
+            continue
+        if isinstance(value, list):
+            value = tuple(value)
+        if value is None or isinstance(value, (str, int, float, bool, tuple)):
+            info[key] = value
+
+    overrides = parse_overrides(info["overrides"])
+    for column, key in FIRST_CLASS.items():
+        for source in (flat.get(key), summary.get(column), overrides.get(key)):
+            value = _convert(column, source)
+            if value is not None:
+                break
+        info[column] = value
+    return info
+
+
+def _read_table(path: Path) -> Optional[pd.DataFrame]:
+    """A parquet file as a DataFrame; None if it is absent or unreadable (the latter with a warning)."""
+    if not path.is_file():
+        return None
+    try:
+        return pd.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001  # pyarrow raises several types for a truncated file
+        warnings.warn(f"{path}: unreadable parquet file ({type(exc).__name__}: {exc}); ignored", stacklevel=3)
+        return None
+
+
+def _with_keys(table: Optional[pd.DataFrame], info: Dict[str, Any]) -> Optional[pd.DataFrame]:
+    """Prefix ``table`` with the run's key columns; a per-step ``lr`` column becomes ``step_lr``."""
+    if table is None:
+        return None
+    if "lr" in table.columns:
+        table = table.rename(columns={"lr": "step_lr"})
+    keys = pd.DataFrame({k: [info[k]] * len(table) for k in KEY_COLUMNS}, index=table.index)
+    return pd.concat([keys, table.drop(columns=[c for c in KEY_COLUMNS if c in table.columns])], axis=1)
+
+
+def load_run(run_dir) -> Run:
+    """Load one job folder: its runs-table row and its step/layer tables (with key columns added).
+
+    Raises FileNotFoundError if ``run_dir`` has no ``summary.json`` and ValueError (naming the file)
+    if the summary is not valid JSON. Missing or unreadable parquet files give ``None`` tables.
+    """
+    run_dir = Path(run_dir).resolve()
+    info = run_info(run_dir, read_summary(run_dir))
+    steps = _with_keys(_read_table(run_dir / "metrics.parquet"), info)
+    layers = _with_keys(_read_table(run_dir / "layers.parquet"), info)
+    return Run(run_dir, info, steps, layers)
+
+
+def find_run_dirs(root: Path) -> List[Path]:
+    """Every folder under ``root`` (``root`` included) holding a ``summary.json``, sorted.
+
+    Hidden folders (name starting with ``.``) are skipped, and the search does not descend into a
+    run folder (its ``wandb/`` and checkpoints hold no other runs).
+    """
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        if "summary.json" in filenames:
+            found.append(Path(dirpath))
+            dirnames[:] = []
+        else:
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    return sorted(found)
+
+
+def sweep_axes(override_lists: Sequence[Sequence[str]]) -> List[str]:
+    """The keys a sweep varies: override keys whose value (or absence) differs between jobs.
+
+    Keys are returned in the order they first appear; constant overrides (``name=...``) are not axes.
+    """
+    maps = [parse_overrides(o) for o in override_lists]
+    keys: List[str] = []
+    for m in maps:
+        keys.extend(k for k in m if k not in keys)
+    return [k for k in keys if len({m.get(k) for m in maps}) > 1]
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _settings(runs: pd.DataFrame, axes: List[str]) -> List[str]:
+    """Per run, ``"key=value, ..."`` over the swept keys other than variant, depth and seed."""
+    extra = [k for k in axes if k not in PLOT_AXES]
+    if "optim.lr" not in extra and runs["lr"].nunique(dropna=True) > 1:
+        extra.append("optim.lr")  # runs without overrides (copied, hand-made) still split by LR
+    labels = []
+    for _, row in runs.iterrows():
+        overrides = parse_overrides(row["overrides"])
+        parts = []
+        for key in extra:
+            value = row[key] if key in runs.columns and not _missing(row[key]) else overrides.get(key)
+            parts.append(f"{key}={_format_value(value)}")
+        labels.append(", ".join(parts))
+    return labels
+
+
+def _coerce(runs: pd.DataFrame) -> pd.DataFrame:
+    for column in FLOAT_COLUMNS:
+        runs[column] = pd.to_numeric(runs[column], errors="coerce").astype(float)
+    for column in INT_COLUMNS:
+        values = pd.to_numeric(runs[column], errors="coerce")
+        try:
+            runs[column] = values.astype("Int64")
+        except (TypeError, ValueError):  # a non-integer value: keep the floats rather than fail
+            runs[column] = values
+    return runs
+
+
+def _concat(tables: List[pd.DataFrame]) -> pd.DataFrame:
+    tables = [t for t in tables if t is not None and len(t)]
+    if not tables:
+        return pd.DataFrame({k: pd.Series(dtype=object) for k in KEY_COLUMNS})
+    return pd.concat(tables, ignore_index=True)
+
+
+def load_sweep(path) -> Sweep:
+    """Load every job under ``path`` (a Hydra multirun folder, or a single run folder).
+
+    Raises FileNotFoundError if ``path`` does not exist, ValueError if it is not a folder or holds
+    no readable run. A job whose ``summary.json`` is not valid JSON is skipped with a warning.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"sweep folder not found: {root}")
+    if not root.is_dir():
+        raise ValueError(f"not a sweep folder: {root} is a file")
+    root = root.resolve()
+    loaded: List[Run] = []
+    for run_dir in find_run_dirs(root):
+        try:
+            loaded.append(load_run(run_dir))
+        except (ValueError, FileNotFoundError) as exc:
+            warnings.warn(f"skipping a run: {exc}", stacklevel=2)  # the message names the file
+    if not loaded:
+        raise ValueError(f"no run in {root}: no folder under it holds a readable summary.json")
+
+    runs = _coerce(pd.DataFrame([r.info for r in loaded]))
+    axes = sweep_axes(runs["overrides"])
+    runs["setting"] = _settings(runs, axes)
+    steps = _concat([r.steps for r in loaded])
+    layers = _concat([r.layers for r in loaded])
+    for table in (steps, layers):
+        for column in ("depth", "seed"):
+            table[column] = pd.to_numeric(table[column], errors="coerce").astype("Int64")
+        table["lr"] = pd.to_numeric(table["lr"], errors="coerce").astype(float)
+    return Sweep(path=root, runs=runs, steps=steps, layers=layers, axes=axes)

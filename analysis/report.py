@@ -1,0 +1,211 @@
+"""A sweep's report: one call from a sweep folder to summary.csv, figures and report.md.
+
+Reads the sweep with :func:`analysis.load.load_sweep`; writes into ``out_dir`` (created if needed),
+every file atomically (temporary file in the same folder, then ``os.replace``):
+
+- ``summary.csv``: one row per run, :data:`analysis.metrics.RUN_METRIC_COLUMNS`; ``run_dir`` is
+  relative to the sweep folder so the file reads the same on any machine.
+- ``depth_vs_val_loss.png``, ``loss_curves.png``, ``grad_norm_profile.png`` (:mod:`analysis.plots`);
+  a figure the data cannot support is skipped, and a stale file of that name from an earlier report
+  is removed so the folder never shows a figure of other data.
+- ``lr_sensitivity.csv``: only when the sweep has several learning rates; one row per LR sweep
+  (variant, depth, seed and any other swept key), see :func:`analysis.metrics.lr_sensitivity_table`.
+- ``report.md``: the figures embedded, the run table in markdown, the metric definitions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pandas as pd
+
+from analysis import metrics, plots, style
+from analysis.files import atomic_write, write_text
+from analysis.load import PLOT_AXES, load_sweep, parse_overrides
+
+log = logging.getLogger(__name__)
+
+FIGURE_TITLES = {
+    "depth_vs_val_loss": "Final validation loss vs depth",
+    "loss_curves": "Loss curves",
+    "grad_norm_profile": "Per-layer gradient norm at step 0 and at the last logged step",
+}
+_MD_COLUMNS = (
+    ("short_name", "run"), ("variant", "variant"), ("depth", "depth"), ("seed", "seed"), ("lr", "lr"),
+    ("status", "status"), ("diverged_step", "diverged at"), ("final_train_loss", "final train"),
+    ("final_val_loss", "final val"), ("best_val_loss", "best val"), ("loss_spikes", "spikes"),
+    ("tokens_per_s", "tokens/s"),
+)
+
+
+class _Collect(logging.Handler):
+    """Keeps the messages logged while the figures are drawn (the reasons a figure was skipped)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: List[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def _cell(value) -> str:
+    """A markdown table cell: 4 significant digits for floats (whole numbers from 10,000 up), an en
+    dash for missing values."""
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return "\u2013"
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
+    return str(value).replace("|", "\\|")
+
+
+def markdown_table(table: pd.DataFrame, columns) -> str:
+    """``table`` as a GitHub markdown table; ``columns`` are ``(column, header)`` pairs."""
+    columns = [(c, h) for c, h in columns if c in table.columns]
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    for _, row in table.iterrows():
+        lines.append("| " + " | ".join(_cell(row[c]) for c, _ in columns) + " |")
+    return "\n".join(lines)
+
+
+def short_names(sweep) -> Dict[str, str]:
+    """``run_dir -> name`` made of the run's swept overrides only (``depth=6,model.norm=pre``), so
+    the markdown table stays readable when every job repeats the same fixed overrides; the run name
+    when the run has no swept override."""
+    names = {}
+    for run_dir, run_name, overrides in zip(sweep.runs["run_dir"], sweep.runs["run_name"],
+                                            sweep.runs["overrides"]):
+        swept = [o for o in overrides if o.split("=", 1)[0].lstrip("+") in sweep.axes]
+        names[run_dir] = ",".join(swept) or str(run_name)
+    return names
+
+
+def _sorted_runs(table: pd.DataFrame) -> pd.DataFrame:
+    rank = {v: i for i, v in enumerate(style.order(table["variant"]))}
+    key = table["variant"].map(lambda v: rank.get(str(v), len(rank)))
+    return (table.assign(_rank=key).sort_values(["_rank", "depth", "lr", "seed", "run_name"], kind="stable")
+            .drop(columns="_rank").reset_index(drop=True))
+
+
+def _lr_table(sweep) -> Optional[pd.DataFrame]:
+    """LR sensitivity per LR sweep (variant, depth, seed and every other swept key), None when the
+    sweep has fewer than two learning rates or its runs do not form clean LR sweeps (logged)."""
+    runs = sweep.runs
+    if runs["lr"].nunique(dropna=True) < 2:
+        return None
+    extra = [k for k in sweep.axes if k not in PLOT_AXES and k != "optim.lr"]
+    missing = [k for k in extra if k not in runs.columns]  # e.g. a config group: take the override
+    if missing:
+        runs = runs.copy()
+        for key in missing:
+            runs[key] = [parse_overrides(o).get(key) for o in runs["overrides"]]
+    try:
+        return metrics.lr_sensitivity_table(runs, by=["variant", "depth", "seed"] + extra)
+    except ValueError as exc:
+        log.warning("no LR sensitivity table: %s", exc)
+        return None
+
+
+def _markdown(sweep, table: pd.DataFrame, figures: Dict[str, Optional[Path]], skipped: Dict[str, str],
+              lr_table: Optional[pd.DataFrame], spike_params: Dict[str, float]) -> str:
+    counts = Counter(table["status"])
+    status = ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    commits = sorted({str(c)[:10] for c in sweep.runs["git_commit"].dropna()})
+    torches = sorted({str(t) for t in sweep.runs["torch_version"].dropna()})
+    lines = [f"# Sweep `{sweep.name}`", "",
+             f"Source: `{sweep.path}`: {len(table)} runs ({status}).",
+             f"Code: git {', '.join(commits) or 'unknown'}; torch {', '.join(torches) or 'unknown'}.", ""]
+    if sweep.axes:
+        lines += [f"Swept keys: {', '.join(f'`{a}`' for a in sweep.axes)}.", ""]
+    for name, title in FIGURE_TITLES.items():
+        lines += [f"## {title}", ""]
+        if figures.get(name) is not None:
+            lines += [f"![{title}]({figures[name].name})", ""]
+        else:
+            lines += [f"_Not drawn: {skipped.get(name, 'see the log')}._", ""]
+    lines += ["## Runs", "", markdown_table(table, _MD_COLUMNS), ""]
+    if lr_table is not None:
+        columns = [(c, c) for c in lr_table.columns[:-5]] + [
+            ("n_lr", "LRs"), ("lr_sensitivity", "LR sensitivity"), ("best_loss", "best loss l*"),
+            ("best_lr", "best lr"), ("largest_stable_lr", "largest stable lr")]
+        lines += ["## LR sensitivity", "", markdown_table(lr_table, columns), ""]
+    lines += [
+        "## Definitions", "",
+        f"- **spikes**: excursions of the train loss above {spike_params['factor']:g}x the median of "
+        f"the previous {spike_params['window']} steps' finite losses (at least "
+        f"{spike_params['min_history']} of them); consecutive spike steps count once.",
+        "- **final train**: as the run's summary reports it; **final val**: the last evaluation of a "
+        "completed run (none for a diverged run); **best val**: the lowest evaluation.",
+    ]
+    if lr_table is not None:
+        lines.append("- **LR sensitivity** (Wortsman et al. 2023, arXiv:2309.14322): mean over the LR "
+                     "grid of min(final val loss, initial loss) minus the best such loss l*; a diverged "
+                     "run counts as the initial loss. **largest stable lr**: the largest rate whose runs "
+                     "all completed below the initial loss. Failed and running runs are left out.")
+    return "\n".join(lines) + "\n"
+
+
+def make_report(sweep_dir, out_dir, spike_window: int = metrics.SPIKE_WINDOW,
+                spike_factor: float = metrics.SPIKE_FACTOR,
+                spike_min_history: int = metrics.SPIKE_MIN_HISTORY) -> List[Path]:
+    """Load the sweep at ``sweep_dir`` and write its report into ``out_dir``; return the files written.
+
+    Raises FileNotFoundError/ValueError (from :func:`analysis.load.load_sweep`) for a missing folder
+    or one without runs. A figure that raises is logged with its traceback and left out; the rest of
+    the report is still written.
+    """
+    sweep = load_sweep(sweep_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: List[Path] = []
+
+    table = _sorted_runs(metrics.run_metrics(sweep, spike_window, spike_factor, spike_min_history))
+    table["short_name"] = table["run_dir"].map(short_names(sweep))
+    csv = table[list(metrics.RUN_METRIC_COLUMNS)].copy()
+    csv["run_dir"] = [_relative(d, sweep.path) for d in csv["run_dir"]]
+    written.append(atomic_write(out / "summary.csv", lambda tmp: csv.to_csv(tmp, index=False)))
+
+    figures: Dict[str, Optional[Path]] = {}
+    skipped: Dict[str, str] = {}
+    collect = _Collect()
+    plots.log.addHandler(collect)
+    try:
+        for name, draw in plots.FIGURES.items():
+            target = out / f"{name}.png"
+            collect.messages.clear()
+            try:
+                figures[name] = draw(sweep, target)
+            except Exception as exc:  # noqa: BLE001  # one bad figure must not lose the report
+                log.exception("figure %s failed", name)
+                figures[name] = None
+                skipped[name] = f"drawing failed ({type(exc).__name__}: {exc})"
+            if figures[name] is None:
+                skipped.setdefault(name, "; ".join(collect.messages) or "see the log")
+                target.unlink(missing_ok=True)
+            else:
+                written.append(figures[name])
+    finally:
+        plots.log.removeHandler(collect)
+
+    lr_table = _lr_table(sweep)
+    lr_csv = out / "lr_sensitivity.csv"
+    if lr_table is not None:
+        written.append(atomic_write(lr_csv, lambda tmp: lr_table.to_csv(tmp, index=False)))
+    else:
+        lr_csv.unlink(missing_ok=True)
+
+    spike_params = dict(window=spike_window, factor=spike_factor, min_history=spike_min_history)
+    text = _markdown(sweep, table, figures, skipped, lr_table, spike_params)
+    written.append(write_text(out / "report.md", text))
+    return written
+
+
+def _relative(run_dir: str, root: Path) -> str:
+    try:
+        return Path(run_dir).relative_to(root).as_posix() or "."
+    except ValueError:
+        return str(run_dir)

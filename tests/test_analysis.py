@@ -1,0 +1,595 @@
+"""Tests of the analysis package on fake sweeps written exactly as training writes them.
+
+A fake job folder holds ``summary.json`` (with the nested resolved ``config``), ``metrics.parquet``
+and ``layers.parquet``; the sweep mixes completed runs, a diverged run, a failed run without tables,
+a corrupt summary and a hidden folder that must be ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+N_STEPS = 20
+EVAL_STEPS = (9, 19)
+
+
+def _env():
+    """Environment for subprocesses: the repository on the path, whatever the cwd."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "MPLBACKEND": "Agg"}
+
+
+def config(variant, depth, seed, lr):
+    return {
+        "depth": depth, "seed": seed, "name": "fake",
+        "model": {"norm": variant, "d_model": 16, "n_heads": 2, "betas": [0.9, 0.95]},
+        "optim": {"lr": lr, "warmup_steps": 2},
+        "train": {"steps": N_STEPS},
+        "data": {"name": "synthetic"},
+    }
+
+
+def losses_for(base):
+    """A smoothly decaying loss from base + 3 down towards base (no spike)."""
+    return [base + 3.0 * math.exp(-t / 4) for t in range(N_STEPS)]
+
+
+def write_run(root: Path, *, variant, depth, seed=0, lr=1e-3, status="completed", losses=None,
+              diverged_step=None, tables=True, name=None, final_val=None, best_val=None,
+              extra_overrides=(), layers=True):
+    """Write one job folder per the data contract; return it."""
+    overrides = [f"model.norm={variant}", f"depth={depth}", f"seed={seed}", *extra_overrides, "name=fake"]
+    run_name = name or ",".join(sorted(o for o in overrides if not o.startswith("name=")))
+    run_dir = root / run_name
+    run_dir.mkdir(parents=True)
+    losses = list(losses) if losses is not None else []
+    summary = {
+        "status": status, "diverged_step": diverged_step,
+        "diverge_reason": "non-finite loss (inf)" if status == "diverged" else None,
+        "initial_loss": losses[0] if losses else None,
+        "final_train_loss": float(np.mean([v for v in losses[-5:] if np.isfinite(v)])) if losses else None,
+        "final_val_loss": final_val, "best_val_loss": best_val,
+        "tokens_per_s": 1000.0 if losses else None, "wall_s": 2.5, "steps_done": len(losses),
+        "n_params": 1234 * depth, "torch_version": "2.13.0+cpu", "git_commit": "abc123def4567890",
+        "run_name": run_name, "overrides": overrides, "config": config(variant, depth, seed, lr),
+        "variant": variant, "depth": depth, "seed": seed, "error": "RuntimeError: boom" if status == "failed" else None,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    if tables and losses:
+        steps = np.arange(len(losses))
+        val = [losses[t] + 0.1 if t in EVAL_STEPS else np.nan for t in steps]
+        pd.DataFrame({"step": steps, "train_loss": losses, "lr": lr * np.minimum(1, (steps + 1) / 2),
+                      "grad_norm": np.full(len(steps), 0.5), "tokens_per_s": np.full(len(steps), 1000.0),
+                      "val_loss": val}).to_parquet(run_dir / "metrics.parquet")
+    if tables and losses and layers:
+        rows = []
+        steps = np.arange(len(losses))
+        for step in steps[::5].tolist() + ([int(steps[-1])] if steps[-1] % 5 else []):
+            for layer in range(depth):
+                for sub, scale in (("attn", 3.0), ("mlp", 4.0)):
+                    value = scale * (layer + 1) * (step + 1)
+                    if status == "diverged" and step == steps[-1]:
+                        value = math.inf
+                    rows.append((step, layer, sub, "grad_norm", float(value)))
+                    rows.append((step, layer, sub, "act_rms", 1.0))
+        pd.DataFrame(rows, columns=["step", "layer", "sublayer", "quantity", "value"]).to_parquet(
+            run_dir / "layers.parquet")
+    return run_dir
+
+
+def spiky_losses():
+    losses = losses_for(2.0)
+    losses[15] = 3 * losses[14]  # one spike, well above 1.25 x the running median
+    return losses
+
+
+def build_sweep(root: Path) -> Path:
+    """The standard fake sweep (see the module docstring); returns its folder."""
+    sweep = root / "multirun" / "fakesweep"
+    sweep.mkdir(parents=True)
+    (sweep / "multirun.yaml").write_text("hydra:\n  mode: MULTIRUN\n")
+    write_run(sweep, variant="pre", depth=2, seed=0, losses=losses_for(2.0), final_val=2.10, best_val=2.05)
+    write_run(sweep, variant="pre", depth=2, seed=1, losses=losses_for(2.2), final_val=2.30, best_val=2.25)
+    write_run(sweep, variant="pre", depth=4, seed=0, losses=spiky_losses(), final_val=2.00, best_val=1.95)
+    write_run(sweep, variant="post", depth=2, seed=0, losses=losses_for(2.5), final_val=2.60, best_val=2.60)
+    diverging = losses_for(2.5)[:12] + [math.inf]
+    write_run(sweep, variant="post", depth=4, seed=0, status="diverged", losses=diverging, diverged_step=12,
+              best_val=2.9)
+    write_run(sweep, variant="deepnorm", depth=4, seed=0, status="failed", tables=False)
+    corrupt = sweep / "model.norm=rmsnorm,depth=2"
+    corrupt.mkdir()
+    (corrupt / "summary.json").write_text('{"status": "compl')
+    hidden = sweep / ".trash" / "old"
+    write_run(hidden.parent, variant="pre", depth=8, name="old", losses=losses_for(1.0))
+    return sweep
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory):
+    return build_sweep(tmp_path_factory.mktemp("sweeps"))
+
+
+@pytest.fixture(scope="module")
+def sweep(sweep_dir):
+    from analysis.load import load_sweep
+
+    with pytest.warns(UserWarning, match="rmsnorm"):
+        return load_sweep(sweep_dir)
+
+
+@pytest.fixture(scope="module")
+def report(sweep_dir, tmp_path_factory):
+    from analysis.report import make_report
+
+    out = tmp_path_factory.mktemp("report") / "fakesweep"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the corrupt summary's warning is tested elsewhere
+        written = make_report(sweep_dir, out)
+    return out, written
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+def test_runs_table_has_one_row_per_readable_job(sweep, sweep_dir):
+    runs = sweep.runs
+    assert len(runs) == 6  # corrupt summary and hidden folder skipped
+    assert sweep.name == "fakesweep"
+    assert sorted(runs["status"]) == ["completed"] * 4 + ["diverged", "failed"]
+    assert not runs["run_dir"].str.contains(".trash", regex=False).any()
+    for column in ("run_dir", "run_name", "status", "diverged_step", "final_val_loss", "best_val_loss",
+                   "n_params", "variant", "depth", "seed", "lr", "model.norm", "model.d_model",
+                   "optim.lr", "optim.warmup_steps", "train.steps", "data.name", "setting"):
+        assert column in runs.columns, column
+    post4 = runs[(runs["variant"] == "post") & (runs["depth"] == 4)].iloc[0]
+    assert post4["status"] == "diverged" and post4["diverged_step"] == 12
+    assert math.isnan(post4["final_val_loss"]) and post4["best_val_loss"] == pytest.approx(2.9)
+    assert runs["lr"].tolist() == [1e-3] * 6
+    assert runs["model.betas"].iloc[0] == (0.9, 0.95)
+    assert set(runs["setting"]) == {""}  # only variant, depth and seed vary
+    assert sweep.axes == ["model.norm", "depth", "seed"]
+
+
+def test_steps_and_layers_tables(sweep):
+    steps, layers = sweep.steps, sweep.layers
+    assert len(steps) == 4 * N_STEPS + 13  # the failed run has no table, the diverged one stops
+    for column in ("run_dir", "variant", "depth", "seed", "lr", "step", "train_loss", "step_lr",
+                   "grad_norm", "tokens_per_s", "val_loss"):
+        assert column in steps.columns, column
+    assert steps["lr"].eq(1e-3).all()  # the run's configured rate; the schedule is step_lr
+    assert steps["step_lr"].iloc[0] == pytest.approx(5e-4)
+    diverged = steps[(steps["variant"] == "post") & (steps["depth"] == 4)]
+    assert diverged["step"].max() == 12 and np.isinf(diverged["train_loss"].iloc[-1])
+    assert steps["val_loss"].notna().sum() == 4 * len(EVAL_STEPS) + 1  # the diverged run evaluated at 9
+    # layers: logged steps 0, 5, 10, 15, 19 (0, 5, 10, 12 for the diverged run) x depth blocks
+    # x 2 sublayers x 2 quantities
+    per_run = layers.groupby("run_dir").size()
+    assert sorted(per_run.tolist()) == [5 * 2 * 2 * 2] * 3 + [4 * 4 * 2 * 2, 5 * 4 * 2 * 2]
+    assert set(layers["quantity"]) == {"grad_norm", "act_rms"}
+
+
+def test_missing_path_empty_folder_and_file_are_clear_errors(tmp_path):
+    from analysis.load import load_sweep
+
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_sweep(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty"):
+        load_sweep(tmp_path / "empty")
+    (tmp_path / "afile.txt").write_text("x")
+    with pytest.raises(ValueError, match="afile"):
+        load_sweep(tmp_path / "afile.txt")
+
+
+def test_corrupt_summary_alone_is_warned_then_no_run(tmp_path):
+    from analysis.load import load_run, load_sweep
+
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "summary.json").write_text("[1, 2")
+    with pytest.warns(UserWarning, match=r"job.summary\.json"):
+        with pytest.raises(ValueError, match="no run"):
+            load_sweep(tmp_path)
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_run(tmp_path / "job")
+
+
+def test_run_without_config_falls_back_to_hydra_config_then_overrides(tmp_path):
+    from analysis.load import load_run
+
+    early = tmp_path / "early"
+    (early / ".hydra").mkdir(parents=True)
+    (early / ".hydra" / "config.yaml").write_text("depth: 8\nseed: 3\nmodel:\n  norm: dyt\noptim:\n  lr: 0.01\n")
+    (early / "summary.json").write_text(json.dumps({"status": "failed", "run_name": "early", "overrides": []}))
+    info = load_run(early).info
+    assert (info["variant"], info["depth"], info["seed"], info["lr"]) == ("dyt", 8, 3, 0.01)
+    assert info["status"] == "failed"
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "summary.json").write_text(json.dumps(
+        {"status": "failed", "overrides": ["+model.norm=rezero", "depth=16", "optim.lr=3e-3"]}))
+    run = load_run(bare)
+    assert (run.info["variant"], run.info["depth"], run.info["lr"]) == ("rezero", 16, 3e-3)
+    assert run.info["seed"] is None and run.info["run_name"] == "bare"
+    assert run.steps is None and run.layers is None
+
+
+def test_lr_axis_becomes_the_setting(tmp_path):
+    from analysis.load import load_sweep, sweep_axes
+
+    for lr in (1e-3, 3e-2):
+        write_run(tmp_path, variant="pre", depth=2, lr=lr, losses=losses_for(2.0), final_val=2.1,
+                  extra_overrides=[f"optim.lr={lr}"])
+    sweep = load_sweep(tmp_path)
+    assert sweep.axes == ["optim.lr"]
+    assert sorted(sweep.runs["setting"]) == ["optim.lr=0.001", "optim.lr=0.03"]
+    assert sweep_axes([["a=1", "b=2"], ["a=1", "b=3"], ["a=1"]]) == ["b"]
+
+
+# ------------------------------------------------------------------------------------------ style
+
+
+def test_palette_is_fixed_distinct_and_order_independent():
+    from analysis import style
+
+    assert len(style.KNOWN_VARIANTS) == 16
+    assert style.KNOWN_VARIANTS[:5] == ["noresidual", "post", "pre", "rmsnorm", "deepnorm"]
+    everything = style.KNOWN_VARIANTS + ["zeta_norm", "alpha_norm"]
+    full = style.palette(everything)
+    assert len(set(full.values())) == len(everything)  # all distinct
+    assert full["pre"] == "#1f77b4" and full["post"] == "#d62728"
+    assert style.palette(["pre"]) == {"pre": full["pre"]}
+    assert style.palette(reversed(everything)) == full  # same colours whatever the order
+    assert style.palette(["zeta_norm", "post"])["zeta_norm"] == full["zeta_norm"]
+    assert all(c.startswith("#") and len(c) == 7 for c in full.values())
+
+
+def test_unknown_colour_depends_only_on_the_name_across_processes():
+    from analysis import style
+
+    code = "from analysis.style import colour; print(colour('my_new_norm'))"
+    out = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, check=True,
+                         env={**_env(), "PYTHONHASHSEED": "12345"}).stdout.strip()
+    assert out == style.colour("my_new_norm")
+    assert style.colour("my_new_norm") != style.colour("my_new_norm2")
+
+
+def test_order_and_labels():
+    from analysis import style
+
+    assert style.order(["zeta", "post", "alpha", "pre", "noresidual", "pre", None, float("nan")]) == [
+        "noresidual", "post", "pre", "alpha", "zeta"]
+    assert [style.label(v) for v in ("post", "pre", "rmsnorm", "deepnorm", "noresidual", "xyz")] == [
+        "Post-LN", "Pre-LN", "Pre-RMSNorm", "DeepNorm", "No residual", "xyz"]
+
+
+# ---------------------------------------------------------------------------------------- metrics
+
+
+def test_spikes_by_hand():
+    from analysis.metrics import count_loss_spikes, spike_steps
+
+    losses = [4, 4, 4, 4, 4, 6, 4, 4, 5.5, 5.5, 4]
+    # step 5: median of [4]*5 is 4 and 6 > 1.25*4 = 5; steps 8, 9: median 4, 5.5 > 5 (one spike)
+    mask = spike_steps(losses, window=5, factor=1.25, min_history=3)
+    assert np.flatnonzero(mask).tolist() == [5, 8, 9]
+    assert count_loss_spikes(losses, window=5, factor=1.25, min_history=3) == 2
+    # a higher factor keeps only the first (6 > 1.4*4 = 5.6, 5.5 is not)
+    assert count_loss_spikes(losses, window=5, factor=1.4, min_history=3) == 1
+    # non-finite values are skipped in the median and never spikes; too little history: no spike
+    assert count_loss_spikes([4, np.nan, 4, 4, np.inf, 9], window=5, factor=1.25, min_history=3) == 1
+    assert count_loss_spikes([4, 9, 9], window=5, factor=1.25, min_history=3) == 0
+    with pytest.raises(ValueError, match="min_history"):
+        spike_steps([1.0], window=3, min_history=4)
+
+
+def test_lr_sensitivity_reproduces_the_paper_note():
+    from analysis.metrics import best_loss, largest_stable_lr, lr_sensitivity
+
+    lrs = [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1]
+    l0 = math.log(64)
+    off = pd.DataFrame({"lr": lrs, "final_val_loss": [2.82, 2.52, 2.42, 2.37, 2.37, 2.48, 4.11]})
+    on = pd.DataFrame({"lr": lrs, "final_val_loss": [2.82, 2.53, 2.42, 2.38, 2.36, 2.46, 2.56]})
+    # (0.45 + 0.15 + 0.05 + 0 + 0 + 0.11 + 1.74) / 7 and (0.46 + 0.17 + 0.06 + 0.02 + 0 + 0.10 + 0.20) / 7
+    assert lr_sensitivity(off, initial_loss=l0) == pytest.approx(2.50 / 7)
+    assert lr_sensitivity(on, initial_loss=l0) == pytest.approx(1.01 / 7)
+    assert best_loss(off, initial_loss=l0) == pytest.approx((2.37, 1e-2))  # tie: smallest rate
+    assert largest_stable_lr(off, initial_loss=l0) == pytest.approx(3e-1)  # 4.11 < ln 64
+
+
+def test_lr_sensitivity_diverged_nan_failed_and_clipping():
+    from analysis.metrics import largest_stable_lr, lr_sensitivity, lr_sensitivity_table
+
+    df = pd.DataFrame({
+        "lr": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1],
+        "final_val_loss": [3.0, 2.5, 4.5, np.nan, 2.0, 2.8],
+        "status": ["completed", "completed", "completed", "completed", "diverged", "failed"],
+        "initial_loss": [4.0, 4.0, 4.0, 4.0, 4.0, np.nan],
+    })
+    # l0 = 4; clipped: 3.0, 2.5, 4.0 (4.5 clipped), 4.0 (NaN), 4.0 (diverged, its 2.0 ignored);
+    # the failed run is left out; l* = 2.5 -> (0.5 + 0 + 1.5 + 1.5 + 1.5) / 5
+    assert lr_sensitivity(df) == pytest.approx(5.0 / 5)
+    assert lr_sensitivity(df, lr_range=(1e-3, 3e-3)) == pytest.approx(0.5 / 2)
+    assert largest_stable_lr(df) == pytest.approx(3e-3)  # 1e-2 ends above l0, 3e-2 NaN, 1e-1 diverged
+    assert math.isnan(lr_sensitivity(df.iloc[:0]))
+    with pytest.raises(ValueError, match="more than once"):
+        lr_sensitivity(pd.concat([df, df]))
+
+    seeds = pd.concat([df.assign(seed=0, variant="pre", depth=2),
+                       df.assign(seed=1, variant="pre", depth=2,
+                                 final_val_loss=[3.0, 2.5, 2.2, 2.1, 2.0, 2.8], status="completed")])
+    table = lr_sensitivity_table(seeds, by=["variant", "depth", "seed"])
+    assert table["seed"].tolist() == [0, 1]
+    assert table["lr_sensitivity"].iloc[0] == pytest.approx(1.0)
+    # seed 1: all six completed; l0 = 4 (median of finite initial losses); l* = 2.0
+    assert table["lr_sensitivity"].iloc[1] == pytest.approx((1.0 + 0.5 + 0.2 + 0.1 + 0 + 0.8) / 6)
+    assert table["best_lr"].tolist() == pytest.approx([3e-3, 1e-1])
+    assert table["largest_stable_lr"].tolist() == pytest.approx([3e-3, 3e-1])
+    assert table["n_lr"].tolist() == [5, 6]
+    # several seeds at one rate: the rate is stable only if every seed is (1e-1: seed 0 diverged,
+    # 3e-2: NaN, 1e-2: above l0); at 3e-1 seed 0 failed (left out) and seed 1 is stable
+    assert largest_stable_lr(seeds[seeds["lr"] <= 0.1]) == pytest.approx(3e-3)
+    assert largest_stable_lr(seeds) == pytest.approx(3e-1)
+
+
+def test_run_metrics_counts_spikes_per_run(sweep):
+    from analysis.metrics import RUN_METRIC_COLUMNS, run_metrics
+
+    table = run_metrics(sweep)
+    assert list(table.columns) == list(RUN_METRIC_COLUMNS) + ["setting"]
+    spikes = dict(zip(zip(table["variant"], table["depth"], table["seed"]), table["loss_spikes"]))
+    assert spikes[("pre", 4, 0)] == 1
+    assert spikes[("pre", 2, 0)] == 0 and spikes[("post", 4, 0)] == 0  # inf at divergence is no spike
+    assert pd.isna(spikes[("deepnorm", 4, 0)])  # failed, no metrics
+
+
+def test_layer_profile_combines_sublayers_and_picks_first_and_last_finite_step(sweep):
+    from analysis.plots import layer_profile
+
+    profile = layer_profile(sweep.layers)
+    pre4 = profile[profile["run_dir"].str.endswith("depth=4,model.norm=pre,seed=0")]
+    assert sorted(set(pre4["step"])) == [0, 19]
+    # attn 3*(l+1)*(s+1), mlp 4*(l+1)*(s+1): block norm 5*(l+1)*(s+1)
+    last = pre4[pre4["step"] == 19].sort_values("layer")
+    assert last["value"].tolist() == pytest.approx([5 * (l + 1) * 20 for l in range(4)])
+    assert set(pre4["when"]) == {"step 0", "last logged step"}
+    # the diverged run's last logged step (12) is inf: its last finite step (10) is used
+    post4 = profile[profile["run_dir"].str.endswith("depth=4,model.norm=post,seed=0")]
+    assert sorted(set(post4["step"])) == [0, 10]
+
+
+# ---------------------------------------------------------------------------------- figures, report
+
+
+def test_report_writes_every_file(report):
+    out, written = report
+    names = [p.name for p in written]
+    assert names == ["summary.csv", "depth_vs_val_loss.png", "loss_curves.png", "grad_norm_profile.png",
+                     "report.md"]
+    for path in written:
+        assert path.parent == out and path.stat().st_size > 0
+    for name in names[1:4]:
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_summary_csv_rows(report):
+    out, _ = report
+    table = pd.read_csv(out / "summary.csv")
+    assert list(table.columns) == [
+        "run_name", "variant", "depth", "seed", "lr", "status", "diverged_step", "final_train_loss",
+        "final_val_loss", "best_val_loss", "loss_spikes", "tokens_per_s", "wall_s", "n_params", "run_dir"]
+    assert len(table) == 6
+    # sorted by variant order (post before pre before deepnorm), then depth and seed
+    assert list(zip(table["variant"], table["depth"], table["seed"])) == [
+        ("post", 2, 0), ("post", 4, 0), ("pre", 2, 0), ("pre", 2, 1), ("pre", 4, 0), ("deepnorm", 4, 0)]
+    row = table.iloc[1]
+    assert row["status"] == "diverged" and row["diverged_step"] == 12 and math.isnan(row["final_val_loss"])
+    assert row["run_dir"] == "depth=4,model.norm=post,seed=0"  # relative to the sweep
+    assert table.loc[4, "loss_spikes"] == 1 and table.loc[4, "final_val_loss"] == pytest.approx(2.0)
+    assert table.loc[5, "status"] == "failed" and math.isnan(table.loc[5, "loss_spikes"])
+    assert table.loc[2, "n_params"] == 1234 * 2
+
+
+def test_report_markdown_embeds_figures_and_table(report):
+    out, _ = report
+    text = (out / "report.md").read_text()
+    for name in ("depth_vs_val_loss.png", "loss_curves.png", "grad_norm_profile.png"):
+        assert f"]({name})" in text
+    # the run column keeps only the swept overrides (not the constant name=fake)
+    assert "| model.norm=post,depth=4,seed=0 | post | 4 | 0 | 0.001 | diverged | 12 |" in text
+    assert "6 runs (4 completed, 1 diverged, 1 failed)" in text
+    assert "LR sensitivity" not in text  # one learning rate only
+
+
+def test_figures_skip_without_data_and_report_says_so(tmp_path, caplog):
+    from analysis import plots
+    from analysis.load import load_sweep
+    from analysis.report import make_report
+
+    sweep_dir = tmp_path / "nolayers"
+    for variant in ("pre", "post"):
+        write_run(sweep_dir, variant=variant, depth=2, losses=losses_for(2.0), final_val=2.1, layers=False)
+    out = tmp_path / "out"
+    (out).mkdir()
+    (out / "grad_norm_profile.png").write_bytes(b"stale")  # from an earlier report of other data
+    assert plots.grad_norm_profile(load_sweep(sweep_dir), out / "x.png") is None
+    assert "no run wrote layers.parquet" in caplog.text
+    written = make_report(sweep_dir, out)
+    assert [p.name for p in written] == ["summary.csv", "depth_vs_val_loss.png", "loss_curves.png", "report.md"]
+    assert not (out / "grad_norm_profile.png").exists() and not (out / "x.png").exists()
+    assert "_Not drawn: grad_norm_profile: skipped, no run wrote layers.parquet._" in (out / "report.md").read_text()
+
+
+def test_lr_sweep_report_has_lr_sensitivity(tmp_path):
+    from analysis.report import make_report
+
+    sweep_dir = tmp_path / "lrsweep"
+    finals = {"a": {1e-3: 2.6, 1e-2: 2.2, 1e-1: None}, "b": {1e-3: 2.5, 1e-2: 2.4, 1e-1: 2.3}}
+    for experiment, grid in finals.items():  # a config-group override: not a config column
+        for lr, final in grid.items():
+            status = "completed" if final else "diverged"
+            losses = losses_for(2.0) if final else losses_for(2.0)[:6] + [math.nan]
+            write_run(sweep_dir, variant="pre", depth=2, lr=lr, status=status, losses=losses,
+                      final_val=final, diverged_step=None if final else 6, layers=False,
+                      extra_overrides=[f"optim.lr={lr}", f"experiment={experiment}"])
+    written = make_report(sweep_dir, tmp_path / "out")
+    assert "lr_sensitivity.csv" in [p.name for p in written]
+    table = pd.read_csv(tmp_path / "out" / "lr_sensitivity.csv")
+    assert table["experiment"].tolist() == ["a", "b"]
+    l0 = 2.0 + 3.0  # initial loss of losses_for(2.0)
+    assert table["lr_sensitivity"].tolist() == pytest.approx([(0.4 + 0 + (l0 - 2.2)) / 3, (0.2 + 0.1) / 3])
+    assert table["largest_stable_lr"].tolist() == pytest.approx([1e-2, 1e-1])
+    assert "## LR sensitivity" in (tmp_path / "out" / "report.md").read_text()
+
+
+# ------------------------------------------------------------------------------- CLI and callback
+
+
+def test_cli_writes_results_under_cwd(sweep_dir, tmp_path):
+    proc = subprocess.run([PYTHON, "-m", "analysis", str(sweep_dir)], cwd=tmp_path, capture_output=True,
+                          text=True, env=_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "results" / "fakesweep"
+    printed = [tmp_path / p for p in proc.stdout.split()]  # relative to the cwd, as the default is
+    assert printed == [out / n for n in ("summary.csv", "depth_vs_val_loss.png", "loss_curves.png",
+                                              "grad_norm_profile.png", "report.md")]
+    assert all(Path(p).stat().st_size > 0 for p in printed)
+
+
+def test_cli_bad_path_is_one_line_and_nonzero(tmp_path):
+    proc = subprocess.run([PYTHON, "-m", "analysis", str(tmp_path / "missing_sweep")], cwd=tmp_path,
+                          capture_output=True, text=True, env=_env(), timeout=60)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "missing_sweep" in lines[0]
+    assert not (tmp_path / "results").exists()
+
+
+def test_callback_on_a_real_omegaconf_config(sweep_dir, tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from analysis.callback import AnalysisCallback
+
+    monkeypatch.chdir(tmp_path)  # a relative out_root is taken from the launching directory
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep_dir)}}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        AnalysisCallback(out_root="res").on_multirun_end(config=cfg)
+    out = tmp_path / "res" / "fakesweep"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "depth_vs_val_loss.png", "grad_norm_profile.png", "loss_curves.png", "report.md", "summary.csv"]
+    assert len(pd.read_csv(out / "summary.csv")) == 6
+
+
+def test_callback_never_raises_and_can_be_disabled(tmp_path, caplog):
+    from omegaconf import OmegaConf
+
+    from analysis.callback import AnalysisCallback
+
+    missing = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "gone")}}})
+    AnalysisCallback(out_root=str(tmp_path / "res")).on_multirun_end(config=missing)
+    assert "analysis of the sweep failed" in caplog.text and "FileNotFoundError" in caplog.text
+    AnalysisCallback(out_root=str(tmp_path / "res")).on_multirun_end(config=OmegaConf.create({}))
+    assert "no hydra.sweep.dir" in caplog.text
+    sweep = build_sweep(tmp_path / "s")
+    on = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}})
+    AnalysisCallback(out_root=str(tmp_path / "res"), enabled=False).on_multirun_end(config=on)
+    assert not (tmp_path / "res").exists()
+
+
+def test_light_imports_and_no_training_code():
+    code = textwrap.dedent("""
+        import sys
+        import analysis, analysis.callback, analysis.style
+        heavy = [m for m in ("pandas", "matplotlib", "seaborn", "torch", "resnorm") if m in sys.modules]
+        import analysis.report, analysis.plots, analysis.metrics, analysis.load
+        training = [m for m in ("torch", "resnorm") if m in sys.modules]
+        print(heavy, training)
+    """)
+    out = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, env=_env(), check=True,
+                         cwd=ROOT).stdout.strip()
+    assert out == "[] []"
+
+
+APP = '''
+import json, os
+import hydra
+import pandas as pd
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+
+ConfigStore.instance().store(name="cfg", node={
+    "depth": 2, "seed": 0, "model": {"norm": "pre"}, "optim": {"lr": 1e-3},
+    "hydra": {"job": {"chdir": True},
+              "sweep": {"dir": "multirun/e2e-${now:%H%M%S%f}", "subdir": "${hydra.job.override_dirname}"},
+              "callbacks": {"analysis": {"_target_": "analysis.callback.AnalysisCallback", "out_root": "results"}}}})
+
+
+@hydra.main(version_base="1.3", config_path=None, config_name="cfg")
+def main(cfg):
+    hc = HydraConfig.get()
+    losses = [3.0 + cfg.depth / 10 - 0.1 * t for t in range(5)]
+    pd.DataFrame({"step": range(5), "train_loss": losses, "lr": [cfg.optim.lr] * 5, "grad_norm": [1.0] * 5,
+                  "tokens_per_s": [10.0] * 5, "val_loss": [float("nan")] * 4 + [losses[-1]]}).to_parquet("metrics.parquet")
+    json.dump({"status": "completed", "run_name": hc.job.override_dirname, "overrides": list(hc.overrides.task),
+               "config": OmegaConf.to_container(cfg, resolve=True), "initial_loss": losses[0],
+               "final_val_loss": losses[-1], "final_train_loss": losses[-1]}, open("summary.json", "w"))
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+def test_hydra_multirun_calls_the_callback(tmp_path):
+    """A real ``-m`` sweep (jobs chdir into their folders, sweep dir with ${now:}) ends in a report
+    under ``results/`` of the directory it was launched from."""
+    (tmp_path / "app.py").write_text(APP)
+    launch = tmp_path / "launch"
+    launch.mkdir()
+    proc = subprocess.run([PYTHON, str(tmp_path / "app.py"), "-m", "depth=2,4", "model.norm=pre,post"],
+                          cwd=launch, capture_output=True, text=True, env=_env(), timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    (sweep,) = (launch / "multirun").iterdir()
+    out = launch / "results" / sweep.name
+    assert (out / "report.md").is_file() and (out / "depth_vs_val_loss.png").is_file()
+    table = pd.read_csv(out / "summary.csv")
+    assert sorted(zip(table["variant"], table["depth"])) == [("post", 2), ("post", 4), ("pre", 2), ("pre", 4)]
+    assert table["final_val_loss"].tolist() == pytest.approx([2.8, 3.0, 2.8, 3.0])
+
+
+def test_atomic_write_permissions_and_failure(tmp_path):
+    from analysis.files import atomic_write, write_text
+
+    old = os.umask(0o022)
+    try:
+        path = write_text(tmp_path / "a.md", "first")
+    finally:
+        os.umask(old)
+    assert path.read_text() == "first" and (path.stat().st_mode & 0o777) == 0o644  # not mkstemp's 0600
+
+    def broken(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, broken)
+    assert path.read_text() == "first"  # the old file stays, the temporary one is gone
+    assert [p.name for p in tmp_path.iterdir()] == ["a.md"]
