@@ -5,10 +5,11 @@ is the single place where a variant's norm placement, branch scaling and residua
 :class:`Block` is two sublayers; :class:`Transformer` adds embeddings, the optional embedding and
 final norms and the LM head. The model knows nothing of logging or probes.
 
-Streams (``Variant.stream``, see :data:`resnorm.variants.STREAMS`) are threaded in exactly two
-places: :meth:`Block.forward` passes the layer's input to the MLP sublayer for ``b2t``, and
-:meth:`Transformer.hidden` carries ResiDual's second stream for ``dual``. Both only call
-:meth:`Sublayer.branch_out` and :meth:`Sublayer.combine`, so the sublayer equation stays in one place.
+Streams (``Variant.stream``, see :data:`resnorm.variants.STREAMS`) are threaded in one place,
+:meth:`Transformer.hidden`: ``single`` calls the blocks in turn, ``b2t`` also hands each layer's
+input to its MLP sublayer, ``dual`` carries ResiDual's second stream. It only calls the sublayers
+(``forward``, or :meth:`Sublayer.branch_out` then :meth:`Sublayer.combine`), so the sublayer
+equation stays in :class:`Sublayer`.
 """
 
 from __future__ import annotations
@@ -152,20 +153,18 @@ class Sublayer(nn.Module):
 
 
 class Block(nn.Module):
-    """Attention then MLP sublayer. For the ``b2t`` stream the MLP sublayer also adds the block's
-    input ``x`` to its sum before its norm (Takase et al.'s bottom-to-top connection). When both
-    specs ask for ``share_gate``, the two sublayers hold the same learned branch scalar."""
+    """Attention then MLP sublayer. When both specs ask for ``share_gate``, the two sublayers hold
+    the same learned branch scalar."""
 
-    def __init__(self, specs: Tuple[SublayerSpec, SublayerSpec], shape: ModelShape, stream: str = "single"):
+    def __init__(self, specs: Tuple[SublayerSpec, SublayerSpec], shape: ModelShape):
         super().__init__()
         self.attn = Sublayer(Attention(shape.d_model, shape.n_heads, shape.bias), specs[0], shape)
         self.mlp = Sublayer(MLP(shape.d_model, shape.d_ff, shape.activation, shape.bias), specs[1], shape)
-        self.bottom_to_top = stream == "b2t"
         if specs[0].share_gate and specs[1].share_gate:
             self.mlp.gate = self.attn.gate  # one learned branch scalar per layer (ReZero)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.attn(x), bottom=x if self.bottom_to_top else None)
+        return self.mlp(self.attn(x))
 
 
 class Transformer(nn.Module):
@@ -179,7 +178,7 @@ class Transformer(nn.Module):
         self.tok_emb = nn.Embedding(shape.vocab_size, shape.d_model)
         self.pos_emb = nn.Embedding(shape.context, shape.d_model)
         self.embed_norm = shape.norm() if self.variant.embed_norm else None
-        self.blocks = nn.ModuleList(Block(specs, shape, self.variant.stream)
+        self.blocks = nn.ModuleList(Block(specs, shape)
                                     for specs in self.variant.layer_specs(shape.depth, shape.options))
         self.final_norm = shape.norm() if self.variant.final_norm else None
         self.head = nn.Linear(shape.d_model, shape.vocab_size, bias=False)
@@ -199,9 +198,13 @@ class Transformer(nn.Module):
         return [sub for block in self.blocks for sub in (block.attn, block.mlp)]
 
     def hidden(self, idx: torch.Tensor) -> torch.Tensor:
-        """The input of the head: the stream after the last block and the final norm."""
+        """The input of the head: the stream after the last block and the final norm.
+
+        The one place where ``Variant.stream`` is read (see :data:`resnorm.variants.STREAMS`).
+        """
         x = self.embed(idx)
-        if self.variant.stream == "dual":
+        stream = self.variant.stream
+        if stream == "dual":
             # ResiDual: x is the Post-LN stream; y (scaled by s) accumulates every branch output.
             s = self.shape.options.resi_dual_scale
             y = x * s if s != 1.0 else x
@@ -211,7 +214,11 @@ class Transformer(nn.Module):
                 y = y + (f * s if s != 1.0 else f)
             return x + self.final_norm(y)
         for block in self.blocks:
-            x = block(x)
+            if stream == "b2t":
+                # Takase et al.: the layer's input joins the MLP sublayer's sum before its norm
+                x = block.mlp(block.attn(x), bottom=x)
+            else:
+                x = block(x)
         return x if self.final_norm is None else self.final_norm(x)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:

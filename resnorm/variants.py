@@ -10,7 +10,7 @@ layers (:data:`STREAMS`), and how its branch weights are initialised (depth-depe
 
 The forward pass that reads these records lives in one place: :class:`resnorm.model.Sublayer`
 (per sublayer) and, for the two variants whose stream is not one residual stream (``b2t``,
-``resi_dual``), :meth:`resnorm.model.Block.forward` / :meth:`resnorm.model.Transformer.hidden`.
+``resi_dual``), :meth:`resnorm.model.Transformer.hidden`, the only reader of ``Variant.stream``.
 Variant parameters a user may change (Mix-LN's fraction, DyT's alpha0, ...) arrive as
 :class:`VariantOptions`, built from the typed ``model.*`` config keys. The full table, with each
 paper's equation and the choices made where a paper is ambiguous, is in ``docs/variants.md``.
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, fields
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 RESIDUALS = ("identity", "none")
-#: How the layers are threaded (read in resnorm.model, nowhere else):
+#: How the layers are threaded (read in resnorm.model.Transformer.hidden, nowhere else):
 #: - ``single``: one residual stream, x_{i+1} = Sublayer_i(x_i);
 #: - ``b2t``: as ``single``, and the MLP sublayer of every layer also adds the layer's input x_l to
 #:   its sum before its last norm (Takase et al.'s bottom-to-top connection);
