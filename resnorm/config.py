@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import ConfigError
-
-NORM_LAYERS = ("layernorm", "rmsnorm")
+from .variants import ADMIN_MODES, NORM_LAYERS
 INIT_SCHEMES = ("xavier", "gpt2")
 ACTIVATIONS = ("gelu", "relu")
 SCHEDULES = ("cosine", "constant")
@@ -36,6 +35,13 @@ class ModelConfig:
     bias: bool = True
     tie_weights: bool = False
     init: str = "xavier"  # xavier: the papers' init; gpt2: N(0, 0.02) with 1/sqrt(2L) projections
+    # Variant parameters (resnorm.variants.VariantOptions; each used only by its variant or norm layer)
+    mixln_fraction: float = 0.25  # mixln: the first floor(fraction * depth) layers are Post-LN
+    dyt_alpha0: float = 0.5  # DyT norm layer: initial alpha
+    resi_dual_scale: float = 1.0  # resi_dual: scale of the dual stream, in (0, 1]
+    admin_mode: str = "profile"  # admin: profile (omega from one batch) | closed_form (omega_i = sqrt(i))
+    depth_scale_a: float = 1.0  # depth_scaled: branch multiplier a / sqrt(depth)
+    b2t_rescale_init: bool = False  # b2t: every block weight x depth^-1/2 at init (the official code)
 
 
 @dataclass
@@ -123,6 +129,13 @@ def _get(cfg: Any, dotted: str) -> Any:
     return node
 
 
+def _get_or(cfg: Any, dotted: str, default: Any) -> Any:
+    try:
+        return _get(cfg, dotted)
+    except (KeyError, AttributeError):
+        return default
+
+
 def validate(cfg: Any) -> None:
     """Check a composed config (DictConfig, dataclass or nested dict); raise ConfigError on the first problem."""
     from .variants import VARIANTS
@@ -146,6 +159,21 @@ def validate(cfg: Any) -> None:
         _positive("model.d_ff", g("model.d_ff"))
     if g("model.norm_layer") is not None:
         _choice("model.norm_layer", g("model.norm_layer"), NORM_LAYERS)
+        variant = VARIANTS[g("model.norm")]
+        if not variant.has_norm:
+            # the override swaps the norm layer in the variant's norm slots; this variant has none
+            raise ConfigError("model.norm_layer", g("model.norm_layer"),
+                              f"model.norm={variant.name} has no norm to replace; leave model.norm_layer "
+                              f"unset (null), or pick a variant with norms")
+    # variant parameters (a config written before they existed lacks them: their defaults apply)
+    opt = lambda k: _get_or(cfg, f"model.{k}", getattr(ModelConfig, k))  # noqa: E731
+    if not 0.0 <= opt("mixln_fraction") <= 1.0:
+        raise ConfigError("model.mixln_fraction", opt("mixln_fraction"), "must lie in [0, 1]")
+    _positive("model.dyt_alpha0", opt("dyt_alpha0"), integer=False)
+    if not 0.0 < opt("resi_dual_scale") <= 1.0:
+        raise ConfigError("model.resi_dual_scale", opt("resi_dual_scale"), "must lie in (0, 1]")
+    _choice("model.admin_mode", opt("admin_mode"), ADMIN_MODES)
+    _positive("model.depth_scale_a", opt("depth_scale_a"), integer=False)
     _positive("model.norm_eps", g("model.norm_eps"), integer=False)
     _choice("model.activation", g("model.activation"), ACTIVATIONS)
     _choice("model.init", g("model.init"), INIT_SCHEMES)

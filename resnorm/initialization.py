@@ -7,9 +7,17 @@
 - ``gpt2``: every linear weight and embedding N(0, 0.02^2), the attention output and fc2 projections
   N(0, (0.02 / sqrt(2L))^2), zero biases.
 
-After either scheme the variant's ``branch_gain(depth)`` multiplies the value and output projections
-and both MLP matrices (DeepNet's beta; 1 for most variants). With ``xavier`` this is exactly
-``xavier_normal_(w, gain=beta)`` as in DeepNet's pseudo-code.
+After either scheme the variant's own initialisation follows (it is part of the variant):
+
+- ``branch_gain(depth, options)`` multiplies the value and output projections and both MLP matrices
+  (DeepNet's beta, b2t's optional L^-1/2; 1 for most variants); ``qk_gain`` the query and key
+  projections (b2t's optional L^-1/2). With ``xavier`` this is exactly ``xavier_normal_(w, gain=g)``
+  as in DeepNet's pseudo-code.
+- every norm layer is reset to its initial values (LayerNorm/RMSNorm gains 1 and biases 0,
+  ScaleNorm g = sqrt(d), DyT alpha = alpha0, gamma 1, beta 0);
+- every sublayer's learned scalars are reset to the spec's values (ReZero alpha = 0, Admin omega =
+  the closed form sqrt(i); Admin's profiling pass, when selected, runs afterwards in
+  :func:`resnorm.model.build_model`).
 """
 
 from __future__ import annotations
@@ -20,7 +28,8 @@ from typing import Callable, Dict
 import torch
 from torch import nn
 
-from .model import Transformer
+from .model import Sublayer, Transformer
+from .norms import NORM_TYPES
 
 
 def _xavier(model: Transformer) -> None:
@@ -62,7 +71,12 @@ def initialise(model: Transformer, scheme: str) -> None:
     except KeyError:
         raise KeyError(f"model.init={scheme!r}: choose one of {', '.join(INIT_SCHEMES)}") from None
     init(model)
-    gain = model.variant.branch_gain(model.shape.depth)
-    if gain != 1.0:
-        for w in model.branch_weights():
-            w.mul_(gain)
+    depth, opts = model.shape.depth, model.shape.options
+    for gain, weights in ((model.variant.branch_gain(depth, opts), model.branch_weights()),
+                          (model.variant.qk_gain(depth, opts), model.qk_weights())):
+        if gain != 1.0:
+            for w in weights:
+                w.mul_(gain)
+    for module in model.modules():
+        if isinstance(module, NORM_TYPES) or isinstance(module, Sublayer):
+            module.reset_parameters()

@@ -1,22 +1,28 @@
 """A decoder-only causal language model whose residual/normalization scheme comes from a variant.
 
 Read top to bottom: :class:`Attention` and :class:`MLP` are the branches ``F``; :class:`Sublayer`
-is the single place where a variant's norm placement and residual are applied; :class:`Block` is
-two sublayers; :class:`Transformer` adds embeddings, the optional final norm and the LM head.
-The model knows nothing of logging or probes.
+is the single place where a variant's norm placement, branch scaling and residual are applied;
+:class:`Block` is two sublayers; :class:`Transformer` adds embeddings, the optional embedding and
+final norms and the LM head. The model knows nothing of logging or probes.
+
+Streams (``Variant.stream``, see :data:`resnorm.variants.STREAMS`) are threaded in one place,
+:meth:`Transformer.hidden`: ``single`` calls the blocks in turn, ``b2t`` also hands each layer's
+input to its MLP sublayer, ``dual`` carries ResiDual's second stream. It only calls the sublayers
+(``forward``, or :meth:`Sublayer.branch_out` then :meth:`Sublayer.combine`), so the sublayer
+equation stays in :class:`Sublayer`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .norms import make_norm
-from .variants import SublayerSpec, Variant, get_variant
+from .variants import SublayerSpec, Variant, VariantOptions, get_variant
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 
@@ -37,6 +43,7 @@ class ModelShape:
     activation: str = "gelu"
     bias: bool = True
     tie_weights: bool = False
+    options: VariantOptions = field(default_factory=VariantOptions)
 
     @classmethod
     def from_config(cls, cfg) -> "ModelShape":
@@ -47,7 +54,12 @@ class ModelShape:
             d_ff=m.d_ff or 4 * m.d_model, vocab_size=m.vocab_size, context=cfg.train.seq_len,
             norm_layer=m.norm_layer or variant.norm_layer, norm_eps=m.norm_eps,
             activation=m.activation, bias=m.bias, tie_weights=m.tie_weights,
+            options=VariantOptions.from_config(m),
         )
+
+    def norm(self) -> nn.Module:
+        """A fresh norm layer of the configured kind."""
+        return make_norm(self.norm_layer, self.d_model, self.norm_eps, self.options.dyt_alpha0)
 
 
 class Attention(nn.Module):
@@ -80,54 +92,84 @@ class MLP(nn.Module):
 class Sublayer(nn.Module):
     """One residual sublayer: the norm placement of every variant is applied here and nowhere else.
 
-    See :class:`resnorm.variants.SublayerSpec` for the equation.
+    See :class:`resnorm.variants.SublayerSpec` for the equation. ``gate`` is the learned branch
+    scalar (ReZero's alpha), ``omega`` the learned per-channel skip factor (Admin's omega); both
+    exist only when the spec asks for them.
     """
 
     def __init__(self, branch: nn.Module, spec: SublayerSpec, shape: ModelShape):
         super().__init__()
         self.branch = branch
         self.spec = spec
+        self.pre_norm = shape.norm() if spec.pre_norm else None
+        self.out_norm = shape.norm() if spec.out_norm else None
+        self.sum_norm = shape.norm() if spec.sum_norm else None
+        self.gate = nn.Parameter(torch.empty(1)) if spec.branch_learned else None
+        self.omega = nn.Parameter(torch.empty(shape.d_model)) if spec.skip_learned else None
+        self.reset_parameters()
 
-        def norm_if(flag: bool) -> Optional[nn.Module]:
-            return make_norm(shape.norm_layer, shape.d_model, shape.norm_eps) if flag else None
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The variant's initial values of the learned scalars (ReZero alpha, Admin omega)."""
+        if self.gate is not None:
+            self.gate.fill_(self.spec.branch_scale)
+        if self.omega is not None:
+            self.omega.fill_(self.spec.skip_scale)
 
-        self.pre_norm = norm_if(spec.pre_norm)
-        self.out_norm = norm_if(spec.out_norm)
-        self.sum_norm = norm_if(spec.sum_norm)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def branch_out(self, x: torch.Tensor) -> torch.Tensor:
+        """The scaled branch output: a * N_out(F(N_pre(x) * input_scale))."""
         s = self.spec
-        h = x
-        if self.pre_norm is not None:
-            h = self.pre_norm(h)
+        h = x if self.pre_norm is None else self.pre_norm(x)
         if s.input_scale != 1.0:
             h = h * s.input_scale
         f = self.branch(h)
         if self.out_norm is not None:
             f = self.out_norm(f)
-        if s.branch_scale != 1.0:
+        if self.gate is not None:
+            f = self.gate * f
+        elif s.branch_scale != 1.0:
             f = f * s.branch_scale
-        if s.residual == "identity":
-            y = x + f if s.skip_scale == 1.0 else s.skip_scale * x + f
-        else:
+        return f
+
+    def combine(self, x: torch.Tensor, f: torch.Tensor, bottom: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The residual sum and the norm after it: N_sum(w * x + f [+ bottom])."""
+        s = self.spec
+        if s.residual == "none":
             y = f
+        elif self.omega is not None:
+            y = self.omega * x + f
+        elif s.skip_scale != 1.0:
+            y = s.skip_scale * x + f
+        else:
+            y = x + f
+        if bottom is not None:
+            y = y + bottom
         if self.sum_norm is not None:
             y = self.sum_norm(y)
         return y
 
+    def forward(self, x: torch.Tensor, bottom: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.combine(x, self.branch_out(x), bottom)
+
 
 class Block(nn.Module):
-    def __init__(self, spec: SublayerSpec, shape: ModelShape):
+    """Attention then MLP sublayer. When both specs ask for ``share_gate``, the two sublayers hold
+    the same learned branch scalar."""
+
+    def __init__(self, specs: Tuple[SublayerSpec, SublayerSpec], shape: ModelShape):
         super().__init__()
-        self.attn = Sublayer(Attention(shape.d_model, shape.n_heads, shape.bias), spec, shape)
-        self.mlp = Sublayer(MLP(shape.d_model, shape.d_ff, shape.activation, shape.bias), spec, shape)
+        self.attn = Sublayer(Attention(shape.d_model, shape.n_heads, shape.bias), specs[0], shape)
+        self.mlp = Sublayer(MLP(shape.d_model, shape.d_ff, shape.activation, shape.bias), specs[1], shape)
+        if specs[0].share_gate and specs[1].share_gate:
+            self.mlp.gate = self.attn.gate  # one learned branch scalar per layer (ReZero)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.attn(x))
 
 
 class Transformer(nn.Module):
-    """Token + learned position embeddings, ``depth`` blocks, optional final norm, LM head."""
+    """Token + learned position embeddings, optional embedding norm, ``depth`` blocks, optional
+    final norm, LM head."""
 
     def __init__(self, shape: ModelShape):
         super().__init__()
@@ -135,21 +177,48 @@ class Transformer(nn.Module):
         self.variant: Variant = get_variant(shape.variant)
         self.tok_emb = nn.Embedding(shape.vocab_size, shape.d_model)
         self.pos_emb = nn.Embedding(shape.context, shape.d_model)
-        self.blocks = nn.ModuleList(Block(spec, shape) for spec in self.variant.specs(shape.depth))
-        self.final_norm = (make_norm(shape.norm_layer, shape.d_model, shape.norm_eps)
-                           if self.variant.final_norm else None)
+        self.embed_norm = shape.norm() if self.variant.embed_norm else None
+        self.blocks = nn.ModuleList(Block(specs, shape)
+                                    for specs in self.variant.layer_specs(shape.depth, shape.options))
+        self.final_norm = shape.norm() if self.variant.final_norm else None
         self.head = nn.Linear(shape.d_model, shape.vocab_size, bias=False)
         if shape.tie_weights:
             self.head.weight = self.tok_emb.weight
 
-    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
-        """The residual stream after the last block and the final norm (the input of the head)."""
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """x_0: token + position embeddings, through the embedding norm if the variant has one."""
         t = idx.shape[1]
         if t > self.shape.context:
             raise ValueError(f"sequence of {t} tokens is longer than the model's context {self.shape.context}")
         x = self.tok_emb(idx) + self.pos_emb(torch.arange(t, device=idx.device))
+        return x if self.embed_norm is None else self.embed_norm(x)
+
+    def sublayers(self) -> List[Sublayer]:
+        """Every residual sublayer, bottom to top (attention and MLP of each block)."""
+        return [sub for block in self.blocks for sub in (block.attn, block.mlp)]
+
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """The input of the head: the stream after the last block and the final norm.
+
+        The one place where ``Variant.stream`` is read (see :data:`resnorm.variants.STREAMS`).
+        """
+        x = self.embed(idx)
+        stream = self.variant.stream
+        if stream == "dual":
+            # ResiDual: x is the Post-LN stream; y (scaled by s) accumulates every branch output.
+            s = self.shape.options.resi_dual_scale
+            y = x * s if s != 1.0 else x
+            for sub in self.sublayers():
+                f = sub.branch_out(x)
+                x = sub.combine(x, f)
+                y = y + (f * s if s != 1.0 else f)
+            return x + self.final_norm(y)
         for block in self.blocks:
-            x = block(x)
+            if stream == "b2t":
+                # Takase et al.: the layer's input joins the MLP sublayer's sum before its norm
+                x = block.mlp(block.attn(x), bottom=x)
+            else:
+                x = block(x)
         return x if self.final_norm is None else self.final_norm(x)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -171,11 +240,32 @@ class Transformer(nn.Module):
                     block.mlp.branch.fc1.weight, block.mlp.branch.fc2.weight]
         return out
 
+    def qk_weights(self) -> List[torch.Tensor]:
+        """Query and key projections, per block (views into the fused QKV weight)."""
+        d = self.shape.d_model
+        return [w for block in self.blocks for w in (block.attn.branch.qkv.weight[:d],
+                                                      block.attn.branch.qkv.weight[d:2 * d])]
 
-def build_model(cfg) -> Transformer:
-    """Build and initialise the model a composed config describes (init scheme from ``model.init``)."""
+
+def build_model(cfg, data: Optional[torch.Tensor] = None) -> Transformer:
+    """Build and initialise the model a composed config describes.
+
+    The init scheme comes from ``model.init``; the variant's own init (gains, learned scalars)
+    follows. Admin with ``model.admin_mode=profile`` then runs its profiling pass
+    (:func:`resnorm.admin.profile`) on one batch of ``data`` (a 1-D token stream); when ``data`` is
+    None, the training split of the configured dataset (``cfg.data``, seeded by ``cfg.seed``) is
+    loaded for it, so the pass sees the tokens the run trains on. It uses no random numbers.
+    """
     from .initialization import initialise
 
     model = Transformer(ModelShape.from_config(cfg))
     initialise(model, cfg.model.init)
+    if model.variant.profiled_skip and model.shape.options.admin_mode == "profile":
+        from .admin import profile, profile_batch
+
+        if data is None:
+            from .data import load_data
+
+            data = load_data(cfg.data, cfg.train.seq_len, cfg.seed).train
+        profile(model, profile_batch(data, cfg.train.batch_size, cfg.train.seq_len))
     return model

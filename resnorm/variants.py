@@ -2,20 +2,39 @@
 
 For every sublayer (attention, MLP) of layer ``l`` in a model of ``L`` layers a variant says, as a
 :class:`SublayerSpec`: which norm sits before the branch, after the branch and after the sum; how the
-residual stream is carried (identity or none, with a fixed skip factor) and how the branch output is
-scaled. It also says which norm layer it uses, whether a final norm sits before the head, and how
-its branch weights are initialised (a depth-dependent Xavier gain).
+residual stream is carried (identity or none; a fixed skip factor or a learned per-channel one) and
+how the branch output is scaled (fixed, or a learned scalar initialised at a value). The
+:class:`Variant` adds what is not per sublayer: which norm layer it uses, whether the embedding is
+normalised, whether a final norm sits before the head, how the stream is threaded through the
+layers (:data:`STREAMS`), and how its branch weights are initialised (depth-dependent Xavier gains).
 
-The forward pass that reads these records lives in one place: :class:`resnorm.model.Sublayer`.
+The forward pass that reads these records lives in one place: :class:`resnorm.model.Sublayer`
+(per sublayer) and, for the two variants whose stream is not one residual stream (``b2t``,
+``resi_dual``), :meth:`resnorm.model.Transformer.hidden`, the only reader of ``Variant.stream``.
+Variant parameters a user may change (Mix-LN's fraction, DyT's alpha0, ...) arrive as
+:class:`VariantOptions`, built from the typed ``model.*`` config keys. The full table, with each
+paper's equation and the choices made where a paper is ambiguous, is in ``docs/variants.md``.
+
 This module imports no torch, so configs can be validated before anything heavy is loaded.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List
+import math
+from dataclasses import dataclass, field, fields
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 RESIDUALS = ("identity", "none")
+#: How the layers are threaded (read in resnorm.model.Transformer.hidden, nowhere else):
+#: - ``single``: one residual stream, x_{i+1} = Sublayer_i(x_i);
+#: - ``b2t``: as ``single``, and the MLP sublayer of every layer also adds the layer's input x_l to
+#:   its sum before its last norm (Takase et al.'s bottom-to-top connection);
+#: - ``dual``: ResiDual's two streams, a Post-LN stream x and an un-normalised stream y that
+#:   accumulates every branch output; the head reads x_L + N_final(y_L).
+STREAMS = ("single", "b2t", "dual")
+#: Norm layers behind resnorm.norms.make_norm; ``none`` marks a variant without any norm (ReZero).
+NORM_LAYERS = ("layernorm", "rmsnorm", "scalenorm", "dyt")
+ADMIN_MODES = ("profile", "closed_form")
 
 
 @dataclass(frozen=True)
@@ -24,12 +43,18 @@ class SublayerSpec:
 
     The computation, in order (see :class:`resnorm.model.Sublayer`)::
 
-        h = N_pre(x) * input_scale      if pre_norm      else x
+        h = N_pre(x) if pre_norm else x
+        h = h * input_scale
         f = F(h)
         f = N_out(f)                    if out_norm
-        f = f * branch_scale
-        y = skip_scale * x + f          if residual == "identity"
+        f = a * f                       a = branch_scale, or a learned scalar initialised at
+                                        branch_scale if branch_learned (ReZero's alpha; one per
+                                        layer, shared by its two sublayers, if share_gate)
+        y = w * x + f                   if residual == "identity"; w = skip_scale, or a learned
+                                        per-channel vector initialised at skip_scale if
+                                        skip_learned (Admin's omega)
         y = f                           if residual == "none"
+        y = y + x_bottom                only in the MLP sublayer of a ``b2t`` stream
         y = N_sum(y)                    if sum_norm
     """
 
@@ -38,35 +63,102 @@ class SublayerSpec:
     sum_norm: bool = False
     residual: str = "identity"
     skip_scale: float = 1.0
+    skip_learned: bool = False
     branch_scale: float = 1.0
+    branch_learned: bool = False
+    share_gate: bool = False
     input_scale: float = 1.0
 
     def __post_init__(self):
         if self.residual not in RESIDUALS:
             raise ValueError(f"residual={self.residual!r}: choose one of {', '.join(RESIDUALS)}")
+        if self.skip_learned and self.residual != "identity":
+            raise ValueError("skip_learned needs residual='identity' (there is no skip to scale)")
+        if self.share_gate and not self.branch_learned:
+            raise ValueError("share_gate needs branch_learned (there is no learned scalar to share)")
+
+    @property
+    def norms(self) -> int:
+        return int(self.pre_norm) + int(self.out_norm) + int(self.sum_norm)
+
+
+@dataclass(frozen=True)
+class VariantOptions:
+    """The variant parameters a user may set, one typed ``model.<name>`` config key each.
+
+    Each applies only where its variant (or norm layer) is used and is ignored elsewhere, so one
+    sweep can vary ``model.norm`` with the others fixed. Defaults are the papers' values.
+    """
+
+    mixln_fraction: float = 0.25  # Mix-LN: the first floor(fraction * L) layers are Post-LN
+    dyt_alpha0: float = 0.5  # DyT: initial alpha of every DyT layer (any variant with norm_layer=dyt)
+    resi_dual_scale: float = 1.0  # ResiDual: scale s of the dual stream (s < 1 for fp16 range)
+    admin_mode: str = "profile"  # Admin: omega from the profiling pass, or the closed form sqrt(i)
+    depth_scale_a: float = 1.0  # depth_scaled: branch multiplier a / sqrt(L)
+    b2t_rescale_init: bool = False  # b2t: multiply every block weight by L^(-1/2) (official code)
+
+    @classmethod
+    def from_config(cls, model_cfg) -> "VariantOptions":
+        """Read the options from a ``model`` config node (DictConfig, dataclass or dict)."""
+        get = model_cfg.get if isinstance(model_cfg, dict) else lambda k, d: getattr(model_cfg, k, d)
+        return cls(**{f.name: get(f.name, f.default) for f in fields(cls)})
+
+
+DEFAULTS = VariantOptions()
+SpecFn = Callable[[int, int, VariantOptions], Union[SublayerSpec, Tuple[SublayerSpec, SublayerSpec]]]
+GainFn = Callable[[int, VariantOptions], float]
+
+
+def _one(depth: int, opts: VariantOptions) -> float:
+    return 1.0
 
 
 @dataclass(frozen=True)
 class Variant:
     """A named residual/normalization scheme, pinned to its paper.
 
-    ``sublayer(layer, depth)`` gives the :class:`SublayerSpec` of both sublayers of block ``layer``
-    (0-based) in a model of ``depth`` blocks. ``branch_gain(depth)`` multiplies the Xavier gain of
-    the branch weights that carry the signal (attention value and output projections, both MLP
-    matrices); query and key projections keep gain 1, as in DeepNet's pseudo-code.
+    ``sublayer(layer, depth, opts)`` gives the spec of block ``layer`` (0-based) in a model of
+    ``depth`` blocks: one :class:`SublayerSpec` for both sublayers, or an ``(attention, mlp)`` pair.
+    ``branch_gain(depth, opts)`` multiplies the initial value and output projections and both MLP
+    matrices (DeepNet's beta); ``qk_gain(depth, opts)`` the query and key projections (1 except
+    b2t's optional rescaling). ``norm_layer="none"`` marks a variant with no norm at all.
+    ``profiled_skip``: the learned skip factors are set by Admin's profiling pass
+    (:mod:`resnorm.admin`) when ``model.admin_mode=profile``; the spec's value is the closed form.
     """
 
     name: str
     title: str
     citation: str
     equation: str
-    sublayer: Callable[[int, int], SublayerSpec]
+    sublayer: SpecFn
+    init: str = "Xavier-normal, N(0,1) token embeddings"
     norm_layer: str = "layernorm"
     final_norm: bool = True
-    branch_gain: Callable[[int], float] = field(default=lambda depth: 1.0)
+    embed_norm: bool = False
+    stream: str = "single"
+    branch_gain: GainFn = field(default=_one)
+    qk_gain: GainFn = field(default=_one)
+    profiled_skip: bool = False
 
-    def specs(self, depth: int) -> List[SublayerSpec]:
-        return [self.sublayer(layer, depth) for layer in range(depth)]
+    def __post_init__(self):
+        if self.stream not in STREAMS:
+            raise ValueError(f"{self.name}: stream={self.stream!r}: choose one of {', '.join(STREAMS)}")
+        if self.norm_layer not in NORM_LAYERS + ("none",):
+            raise ValueError(f"{self.name}: norm_layer={self.norm_layer!r}")
+        if self.stream == "dual" and not self.final_norm:
+            raise ValueError(f"{self.name}: the dual stream is read through the final norm")
+
+    @property
+    def has_norm(self) -> bool:
+        return self.norm_layer != "none"
+
+    def layer_specs(self, depth: int, opts: VariantOptions = DEFAULTS) -> List[Tuple[SublayerSpec, SublayerSpec]]:
+        """``(attention spec, MLP spec)`` of every block, bottom to top."""
+        out = []
+        for layer in range(depth):
+            spec = self.sublayer(layer, depth, opts)
+            out.append((spec, spec) if isinstance(spec, SublayerSpec) else tuple(spec))
+        return out
 
 
 VARIANTS: Dict[str, Variant] = {}
@@ -75,6 +167,10 @@ VARIANTS: Dict[str, Variant] = {}
 def register(variant: Variant) -> Variant:
     if variant.name in VARIANTS:
         raise ValueError(f"variant {variant.name!r} is registered twice")
+    if variant.has_norm is False:
+        specs = variant.layer_specs(3)
+        if variant.final_norm or variant.embed_norm or any(s.norms for pair in specs for s in pair):
+            raise ValueError(f"variant {variant.name!r} has norm_layer='none' but places a norm")
     VARIANTS[variant.name] = variant
     return variant
 
@@ -86,19 +182,73 @@ def get_variant(name: str) -> Variant:
         raise KeyError(f"model.norm={name!r}: unknown variant; choose one of {', '.join(VARIANTS)}") from None
 
 
-# --- DeepNet constants (Wang et al. 2022, arXiv 2203.00555, Table in Sec. 4 / PAPERS.md §2) -------
+# --- DeepNet constants (Wang et al. 2022, arXiv 2203.00555, Sec. 4 table / PAPERS.md §2) -----------
+
+@dataclass(frozen=True)
+class DeepNormConstants:
+    """(alpha, beta) of each stack; ``None`` for a stack the model does not have."""
+
+    encoder: Optional[Tuple[float, float]]
+    decoder: Optional[Tuple[float, float]]
+
+
+def deepnorm_constants(encoder_layers: int = 0, decoder_layers: int = 0) -> DeepNormConstants:
+    """DeepNet's alpha (skip factor) and beta (Xavier gain) for a model with these stacks.
+
+    The architecture is read from the layer counts, never from a separate flag:
+
+    - encoder-only (N, 0):      alpha = (2N)^(1/4),            beta = (8N)^(-1/4)
+    - decoder-only (0, M):      alpha = (2M)^(1/4),            beta = (8M)^(-1/4)
+    - encoder-decoder (N, M):   encoder alpha = 0.81 (N^4 M)^(1/16), beta = 0.87 (N^4 M)^(-1/16);
+                                decoder alpha = (3M)^(1/4),    beta = (12M)^(-1/4)
+
+    The enc-dec encoder beta follows the paper (0.87). torchscale's code divides the weights by
+    ``(N^4 M)^(1/16) / 1.15``, i.e. beta = 1.15 (N^4 M)^(-1/16), which does not match (PAPERS.md §2).
+    """
+    n, m = int(encoder_layers), int(decoder_layers)
+    if n < 0 or m < 0 or n + m == 0:
+        raise ValueError(f"deepnorm_constants: need a positive number of layers (got N={n}, M={m})")
+    if n and m:
+        return DeepNormConstants(encoder=(0.81 * (n ** 4 * m) ** (1 / 16), 0.87 * (n ** 4 * m) ** (-1 / 16)),
+                                 decoder=((3.0 * m) ** 0.25, (12.0 * m) ** -0.25))
+    if n:
+        return DeepNormConstants(encoder=((2.0 * n) ** 0.25, (8.0 * n) ** -0.25), decoder=None)
+    return DeepNormConstants(encoder=None, decoder=((2.0 * m) ** 0.25, (8.0 * m) ** -0.25))
+
 
 def deepnorm_alpha(depth: int) -> float:
-    """Skip factor alpha for a decoder-only model of ``depth`` layers: (2N)^(1/4)."""
-    return (2.0 * depth) ** 0.25
+    """Skip factor alpha of resnorm's model (decoder-only, ``depth`` layers): (2M)^(1/4)."""
+    return deepnorm_constants(decoder_layers=depth).decoder[0]
 
 
 def deepnorm_beta(depth: int) -> float:
-    """Branch-weight Xavier gain beta for a decoder-only model of ``depth`` layers: (8N)^(-1/4)."""
-    return (8.0 * depth) ** -0.25
+    """Branch-weight Xavier gain beta of resnorm's model (decoder-only, ``depth`` layers): (8M)^(-1/4)."""
+    return deepnorm_constants(decoder_layers=depth).decoder[1]
 
 
-# --- the five variants the users named first -------------------------------------------------------
+# --- other constants --------------------------------------------------------------------------------
+
+def admin_omega_closed_form(index: int) -> float:
+    """Admin's omega of sublayer ``index`` (1-based, attention and MLP counted separately) when every
+    branch output and the embedding have unit variance: omega_1 = 1, omega_{i+1}^2 = omega_i^2 + 1,
+    i.e. omega_i = sqrt(i) (PAPERS.md §3, from Var(omega_i x_i) = omega_i^2 after a LayerNorm)."""
+    return math.sqrt(index)
+
+
+def mixln_post_layers(depth: int, fraction: float) -> int:
+    """Number of Post-LN layers of Mix-LN: floor(fraction * L) (1e-9 guards float round-off)."""
+    return int(math.floor(fraction * depth + 1e-9))
+
+
+def lns_scale(layer: int) -> float:
+    """LayerNorm Scaling's factor for 0-based ``layer``: 1/sqrt(l) with l = layer + 1."""
+    return 1.0 / math.sqrt(layer + 1)
+
+
+# --- the variants ---------------------------------------------------------------------------------
+
+POST = SublayerSpec(sum_norm=True)
+PRE = SublayerSpec(pre_norm=True)
 
 register(Variant(
     name="post",
@@ -106,7 +256,7 @@ register(Variant(
           "Normalization in the Transformer Architecture)",
     citation="arXiv:1706.03762; arXiv:2002.04745",
     equation="x <- LN(x + F(x)); no final norm",
-    sublayer=lambda layer, depth: SublayerSpec(sum_norm=True),
+    sublayer=lambda layer, depth, opts: POST,
     final_norm=False,
 ))
 
@@ -115,7 +265,7 @@ register(Variant(
     title="Pre-LN (Xiong et al. 2020, On Layer Normalization in the Transformer Architecture)",
     citation="arXiv:2002.04745",
     equation="x <- x + F(LN(x)); final LN before the head",
-    sublayer=lambda layer, depth: SublayerSpec(pre_norm=True),
+    sublayer=lambda layer, depth, opts: PRE,
 ))
 
 register(Variant(
@@ -123,7 +273,8 @@ register(Variant(
     title="Pre-RMSNorm (Zhang & Sennrich 2019, Root Mean Square Layer Normalization)",
     citation="arXiv:1910.07467",
     equation="x <- x + F(RMSNorm(x)), RMSNorm(x) = g * x / sqrt(mean(x^2) + eps); final RMSNorm",
-    sublayer=lambda layer, depth: SublayerSpec(pre_norm=True),
+    sublayer=lambda layer, depth, opts: PRE,
+    init="Xavier-normal; g = 1",
     norm_layer="rmsnorm",
 ))
 
@@ -131,10 +282,11 @@ register(Variant(
     name="deepnorm",
     title="DeepNorm (Wang et al. 2022, DeepNet: Scaling Transformers to 1,000 Layers)",
     citation="arXiv:2203.00555",
-    equation="x <- LN(alpha * x + F(x)), alpha = (2N)^(1/4); v, out, fc1, fc2 Xavier gain beta = (8N)^(-1/4)",
-    sublayer=lambda layer, depth: SublayerSpec(sum_norm=True, skip_scale=deepnorm_alpha(depth)),
+    equation="x <- LN(alpha * x + F(x)), alpha = (2L)^(1/4) (decoder-only); no final norm",
+    sublayer=lambda layer, depth, opts: SublayerSpec(sum_norm=True, skip_scale=deepnorm_alpha(depth)),
+    init="Xavier-normal; v, out, fc1, fc2 gain beta = (8L)^(-1/4), q, k gain 1",
     final_norm=False,
-    branch_gain=deepnorm_beta,
+    branch_gain=lambda depth, opts: deepnorm_beta(depth),
 ))
 
 register(Variant(
@@ -142,15 +294,133 @@ register(Variant(
     title="No residual: the Pre-LN block with the skip removed (isolates the residual's effect)",
     citation="arXiv:2103.03404 (Dong et al. 2021, on what the skip prevents)",
     equation="x <- F(LN(x)); final LN before the head",
-    sublayer=lambda layer, depth: SublayerSpec(pre_norm=True, residual="none"),
+    sublayer=lambda layer, depth, opts: SublayerSpec(pre_norm=True, residual="none"),
+))
+
+register(Variant(
+    name="sandwich",
+    title="Sandwich-LN (Ding et al. 2021, CogView: Mastering Text-to-Image Generation via Transformers)",
+    citation="arXiv:2105.13290",
+    equation="x <- x + LN(F(LN(x))); final LN",
+    sublayer=lambda layer, depth, opts: SublayerSpec(pre_norm=True, out_norm=True),
+))
+
+register(Variant(
+    name="peri",
+    title="Peri-LN (Kim et al. 2025, Peri-LN: Revisiting Normalization Layer in the Transformer "
+          "Architecture)",
+    citation="arXiv:2502.02732",
+    equation="x_0 <- LN(embed); x <- x + LN(F(LN(x))) (learnable output-norm gain); final LN",
+    sublayer=lambda layer, depth, opts: SublayerSpec(pre_norm=True, out_norm=True),
+    embed_norm=True,
+))
+
+register(Variant(
+    name="rezero",
+    title="ReZero (Bachlechner et al. 2020, ReZero is All You Need: Fast Convergence at Large Depth)",
+    citation="arXiv:2003.04887",
+    equation="x <- x + alpha_l * F(x), one learned scalar alpha_l per layer (its attention and MLP "
+             "share it, as in the official code); no norm anywhere",
+    sublayer=lambda layer, depth, opts: SublayerSpec(branch_scale=0.0, branch_learned=True, share_gate=True),
+    init="Xavier-normal; alpha = 0 (the network is the identity at init)",
+    norm_layer="none",
+    final_norm=False,
+))
+
+register(Variant(
+    name="admin",
+    title="Admin (Liu et al. 2020, Understanding the Difficulty of Training Transformers)",
+    citation="arXiv:2004.08249",
+    equation="x <- LN(omega * x + F(x)), omega a learned per-channel vector per sublayer; no final norm",
+    sublayer=lambda layer, depth, opts: (
+        SublayerSpec(sum_norm=True, skip_learned=True, skip_scale=admin_omega_closed_form(2 * layer + 1)),
+        SublayerSpec(sum_norm=True, skip_learned=True, skip_scale=admin_omega_closed_form(2 * layer + 2))),
+    init="Xavier-normal; omega_1 = 1, omega_{i+1}^2 = Var(omega_i x_i) + Var(F_i(x_i)) on one batch "
+         "(admin_mode=profile), or omega_i = sqrt(i) (admin_mode=closed_form)",
+    final_norm=False,
+    profiled_skip=True,
+))
+
+register(Variant(
+    name="dyt",
+    title="DyT (Zhu et al. 2025, Transformers without Normalization)",
+    citation="arXiv:2503.10622",
+    equation="x <- x + F(DyT(x)), DyT(x) = gamma * tanh(alpha * x) + beta; final DyT",
+    sublayer=lambda layer, depth, opts: PRE,
+    init="Xavier-normal; alpha = alpha0 (model.dyt_alpha0, 0.5), gamma = 1, beta = 0",
+    norm_layer="dyt",
+))
+
+register(Variant(
+    name="scalenorm",
+    title="Pre-ScaleNorm (Nguyen & Salazar 2019, Transformers without Tears: Improving the "
+          "Normalization of Self-Attention)",
+    citation="arXiv:1910.05895",
+    equation="x <- x + F(g * x / max(||x||, eps)), one scalar g per norm; final ScaleNorm",
+    sublayer=lambda layer, depth, opts: PRE,
+    init="Xavier-normal; g = sqrt(d)",
+    norm_layer="scalenorm",
+))
+
+register(Variant(
+    name="lns",
+    title="LayerNorm Scaling (Sun et al. 2025, The Curse of Depth in Large Language Models)",
+    citation="arXiv:2502.05795",
+    equation="x <- x + F(LN(x) / sqrt(l)), l = 1..L the layer (same for attention and MLP); final LN",
+    sublayer=lambda layer, depth, opts: SublayerSpec(pre_norm=True, input_scale=lns_scale(layer)),
+))
+
+register(Variant(
+    name="mixln",
+    title="Mix-LN (Li, Yin & Liu 2024, Mix-LN: Unleashing the Power of Deeper Layers by Combining "
+          "Pre-LN and Post-LN)",
+    citation="arXiv:2412.13795",
+    equation="layers l <= floor(f * L): x <- LN(x + F(x)); later layers: x <- x + F(LN(x)); "
+             "f = model.mixln_fraction (0.25); final LN",
+    sublayer=lambda layer, depth, opts: POST if layer < mixln_post_layers(depth, opts.mixln_fraction) else PRE,
+))
+
+register(Variant(
+    name="b2t",
+    title="B2T connection (Takase, Kiyono, Kobayashi & Suzuki 2022, On Layer Normalizations and "
+          "Residual Connections in Transformers)",
+    citation="arXiv:2206.00330",
+    equation="h = LN(x + Attn(x)); x <- LN(h + FFN(h) + x); no final norm",
+    sublayer=lambda layer, depth, opts: POST,
+    init="Xavier-normal; with model.b2t_rescale_init=true every block weight x L^(-1/2) (official code)",
+    final_norm=False,
+    stream="b2t",
+    branch_gain=lambda depth, opts: depth ** -0.5 if opts.b2t_rescale_init else 1.0,
+    qk_gain=lambda depth, opts: depth ** -0.5 if opts.b2t_rescale_init else 1.0,
+))
+
+register(Variant(
+    name="resi_dual",
+    title="ResiDual (Xie et al. 2023, ResiDual: Transformer with Dual Residual Connections)",
+    citation="arXiv:2304.14802",
+    equation="x <- LN(x + F(x)) and y <- y + s * F(x) per sublayer, y_0 = s * x_0; "
+             "head reads x_L + LN(y_L); s = model.resi_dual_scale (1)",
+    sublayer=lambda layer, depth, opts: POST,
+    stream="dual",
+))
+
+register(Variant(
+    name="depth_scaled",
+    title="Depth-scaled residual branches (Yang, Yu, Zhu & Hayou 2023, Tensor Programs VI: Feature "
+          "Learning in Infinite-Depth Neural Networks; Bordelon et al. 2023, Depthwise Hyperparameter "
+          "Transfer in Residual Networks)",
+    citation="arXiv:2310.02244; arXiv:2309.16620",
+    equation="x <- x + (a / sqrt(L)) * F(LN(x)), a = model.depth_scale_a (1); final LN",
+    sublayer=lambda layer, depth, opts: SublayerSpec(pre_norm=True, branch_scale=opts.depth_scale_a / math.sqrt(depth)),
 ))
 
 
 def variant_table() -> List[dict]:
-    """One row per registered variant (name, equation, paper), for the README and ``--help``."""
-    return [dict(name=v.name, equation=v.equation, title=v.title, citation=v.citation)
+    """One row per registered variant (name, equation, init, paper), for the README and ``--help``."""
+    return [dict(name=v.name, equation=v.equation, init=v.init, title=v.title, citation=v.citation)
             for v in VARIANTS.values()]
 
 
-__all__ = ["SublayerSpec", "Variant", "VARIANTS", "register", "get_variant", "deepnorm_alpha",
-           "deepnorm_beta", "variant_table"]
+__all__ = ["SublayerSpec", "Variant", "VariantOptions", "VARIANTS", "STREAMS", "NORM_LAYERS", "ADMIN_MODES",
+           "register", "get_variant", "deepnorm_constants", "deepnorm_alpha", "deepnorm_beta",
+           "admin_omega_closed_form", "mixln_post_layers", "lns_scale", "variant_table"]
