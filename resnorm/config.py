@@ -36,6 +36,8 @@ class ModelConfig:
     bias: bool = True
     tie_weights: bool = False
     init: str = "xavier"  # xavier: the papers' init; gpt2: N(0, 0.02) with 1/sqrt(2L) projections
+    qk_norm: bool = False  # LayerNorm of queries and keys over the head dim (Wortsman et al. 2023)
+    z_loss: float = 0.0  # c * mean(logsumexp(logits)^2) added to the loss (1e-4 in Wortsman et al.); 0 = off
 
 
 @dataclass
@@ -149,6 +151,11 @@ def validate(cfg: Any) -> None:
     _positive("model.norm_eps", g("model.norm_eps"), integer=False)
     _choice("model.activation", g("model.activation"), ACTIVATIONS)
     _choice("model.init", g("model.init"), INIT_SCHEMES)
+    if not isinstance(g("model.qk_norm"), bool):
+        raise ConfigError("model.qk_norm", g("model.qk_norm"), "must be true or false")
+    z = g("model.z_loss")
+    if isinstance(z, bool) or not isinstance(z, (int, float)) or not z >= 0 or z != z or z == float("inf"):
+        raise ConfigError("model.z_loss", z, "must be a finite number >= 0 (0 turns it off)")
 
     _choice("data", g("data.name"), DATASETS)
     if not 0.0 < g("data.val_fraction") < 1.0:
