@@ -72,6 +72,7 @@ class TrainConfig:
     log_every: int = 1  # per-layer statistics and W&B logging interval, in steps
     diverge_factor: float = 2.0  # diverged when the loss exceeds this multiple of the initial loss
     probes: bool = True
+    probe_every: int = 50  # activation RMS, branch ratio, update ratio, max attention logit per sublayer; 0 = off
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16 (autocast, GPU)
     threads: Optional[int] = None  # torch threads; None: all cores
@@ -198,6 +199,9 @@ def validate(cfg: Any) -> None:
     if device not in ("auto", "cpu", "cuda") and not (str(device).startswith("cuda:") and str(device)[5:].isdigit()):
         raise ConfigError("train.device", device, "choose auto, cpu, cuda or cuda:N")
     _choice("train.precision", g("train.precision"), PRECISIONS)
+    pe = g("train.probe_every")
+    if isinstance(pe, bool) or not isinstance(pe, int) or pe < 0:
+        raise ConfigError("train.probe_every", pe, "must be a non-negative integer (0 turns the probes off)")
     if g("train.threads") is not None:
         _positive("train.threads", g("train.threads"))
 

@@ -290,3 +290,65 @@ __all__ = ["rms", "branch_ratio", "update_ratio", "output_change", "token_cosine
            "angular_distance", "variance", "dependency", "random_tokens", "set_causal", "layer_profile",
            "grad_norms", "branch_matrices", "perturbation_change", "model_update", "dependency_matrix",
            "attention_only"]
+
+
+# --- periodic probes during training -------------------------------------------------------------------
+
+
+class ActivationProbe:
+    """Per-(layer, sublayer) statistics every ``train.probe_every`` steps, read into ``layers.parquet``.
+
+    Quantities: ``act_rms`` (RMS of the sublayer's output stream), ``branch_ratio`` (||F|| / ||x||),
+    ``update_ratio`` (||dW||_F / ||W||_F of the sublayer's 2-D weights over that step's optimizer update)
+    and ``max_attn_logit`` (attention sublayers; NaN for MLPs). Usage in the loop, on a probe step::
+
+        probe.before_step(x)   # no-grad trace of the batch + a copy of the 2-D weights
+        optimizer.step()
+        values = probe.after_step().tolist()   # the one host transfer of the probe
+
+    then ``probe.rows(values)`` yields (quantity, labels, values) for :meth:`RunStore.add_layers`.
+    """
+
+    QUANTITIES = ("act_rms", "branch_ratio", "update_ratio", "max_attn_logit")
+
+    def __init__(self, model):
+        from .probes import layer_groups
+
+        self.model = model
+        self.groups = layer_groups(model)
+        self.labels = [(layer, sub) for layer, sub, _ in self.groups]
+        self.weights = [[p for p in module.parameters() if p.dim() == 2] for _, _, module in self.groups]
+        self._stats: Optional[torch.Tensor] = None
+        self._saved: Optional[List[List[torch.Tensor]]] = None
+
+    @torch.no_grad()
+    def before_step(self, x: torch.Tensor) -> None:
+        was = self.model.training
+        self.model.eval()
+        tr = self.model.trace(x)
+        self.model.train(was)
+        parts, logits = tr["parts"], tr["max_logit"]
+        nan = torch.full((), float("nan"), device=x.device)
+        act = torch.stack([rms(p.y) for p in parts])
+        ratio = torch.stack([branch_ratio(p.f, p.x) for p in parts])
+        it = iter(logits)
+        mx = torch.stack([next(it).float() if kind == "attn" else nan for kind in tr["kinds"]])
+        self._stats = torch.stack([act, ratio, mx])
+        self._saved = [[w.detach().clone() for w in ws] for ws in self.weights]
+
+    @torch.no_grad()
+    def after_step(self) -> torch.Tensor:
+        """A (4, n_sublayers) tensor on the device: act_rms, branch_ratio, update_ratio, max_attn_logit."""
+        upd = []
+        for ws, saved in zip(self.weights, self._saved):
+            num = torch.sqrt(sum((w.float() - s.float()).pow(2).sum() for w, s in zip(ws, saved)))
+            den = torch.sqrt(sum(s.float().pow(2).sum() for s in saved))
+            upd.append(num / den)
+        act, ratio, mx = self._stats
+        out = torch.stack([act, ratio, torch.stack(upd), mx])
+        self._stats = self._saved = None
+        return out
+
+    def rows(self, values: List[List[float]]):
+        for q, vals in zip(self.QUANTITIES, values):
+            yield q, self.labels, vals

@@ -218,3 +218,45 @@ def test_attention_only_paths():
         assert len(M.attention_only(model, idx, path)) == 4
     with pytest.raises(ValueError):
         M.attention_only(small("post", 1), idx, "san_ln")
+
+
+def test_periodic_probes_land_in_layers_parquet(tmp_path):
+    import pandas as pd
+
+    from conftest import TINY
+    from resnorm.train import JobInfo, train
+
+    cfg = compose(*TINY, "depth=2", "train.probe_every=4")  # 6 steps: probes at steps 0, 4 and the last (5)
+    train(cfg, JobInfo(run_dir=tmp_path, run_name="r", group="t", overrides=[]))
+    layers = pd.read_parquet(tmp_path / "layers.parquet")
+    probes = layers[layers.quantity != "grad_norm"]
+    assert set(probes.quantity) == {"act_rms", "branch_ratio", "update_ratio", "max_attn_logit"}
+    assert sorted(probes.step.unique()) == [0, 4, 5]
+    for q in ("act_rms", "branch_ratio", "update_ratio"):
+        v = probes[probes.quantity == q]
+        assert len(v) == 3 * 2 * 2 and (v.value > 0).all(), q
+    logits = probes[probes.quantity == "max_attn_logit"]
+    assert logits[logits.sublayer == "attn"].value.gt(0).all() and logits[logits.sublayer == "mlp"].value.isna().all()
+    off = compose(*TINY, "depth=2", "train.probe_every=0")
+    train(off, JobInfo(run_dir=tmp_path / "off", run_name="r", group="t", overrides=[]))
+    assert set(pd.read_parquet(tmp_path / "off" / "layers.parquet").quantity) == {"grad_norm"}
+
+
+def test_activation_probe_update_ratio_by_hand():
+    model = small("pre", 1)
+    probe = M.ActivationProbe(model)
+    x = M.random_tokens(256, 2, 8, seed=1)
+    probe.before_step(x)
+    with torch.no_grad():
+        for p in model.blocks[0].mlp.parameters():
+            if p.dim() == 2:
+                p.mul_(1.1)  # every 2-D MLP weight grows by 10%: ||dW|| / ||W|| = 0.1
+    vals = probe.after_step()
+    assert vals.shape == (4, 2)
+    assert vals[2, 1].item() == pytest.approx(0.1, rel=1e-5) and vals[2, 0].item() == 0.0
+    assert math.isnan(vals[3, 1].item()) and vals[3, 0].item() > 0
+
+
+def test_probe_every_is_validated():
+    with pytest.raises(ConfigError, match="train.probe_every"):
+        validate(compose("train.probe_every=-1"))
