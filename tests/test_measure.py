@@ -260,3 +260,26 @@ def test_activation_probe_update_ratio_by_hand():
 def test_probe_every_is_validated():
     with pytest.raises(ConfigError, match="train.probe_every"):
         validate(compose("train.probe_every=-1"))
+
+
+def test_diagnose_cli_depth_sweep(tmp_path):
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    from conftest import ROOT
+
+    out = tmp_path / "init.csv"
+    proc = subprocess.run([sys.executable, "-m", "resnorm.diagnose", "model.norm=pre,post", "depth=2,4",
+                           "model.d_model=16", "train.seq_len=8", "--batch", "2", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "rms_last_over_first" in proc.stdout
+    df = pd.read_csv(out)
+    assert len(df) == (3 + 5) * 2  # (depth + 1) layers per model, two variants
+    assert {"act_rms", "token_cosine", "rank1_residual", "angular_distance", "max_attn_logit", "grad_norm_fc2",
+            "output_change"} <= set(df.columns)
+    bad = subprocess.run([sys.executable, "-m", "resnorm.diagnose", "model.norm=bogus"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "model.norm='bogus'" in bad.stderr
