@@ -123,3 +123,32 @@ def test_loss_spikes_run_metrics_and_ci(tmp_path):
                      initial_loss=5.5, loss_spikes=1)
     mean, half = ci95([1.0, 2.0, 3.0])
     assert mean == 2.0 and half == pytest.approx(1.96 * 1.0 / math.sqrt(3))
+
+
+def test_stability_figures_from_run_folders(tmp_path):
+    """A small real sweep (variants x depths x LRs, trained by resnorm.train) -> every stability figure."""
+    from analysis.figures_stability import make_all
+    from analysis.stability import lr_table, runs_table, seed_table
+    from conftest import TINY, compose
+    from resnorm.train import JobInfo, train
+
+    sweep = tmp_path / "multirun" / "s"
+    for norm in ("pre", "post"):
+        for depth in (1, 2):
+            for lr in ("1e-3", "3e-1"):
+                name = f"{norm}-{depth}-{lr}"
+                cfg = compose(*TINY, f"model.norm={norm}", f"depth={depth}", f"optim.lr={lr}", "train.probe_every=5")
+                train(cfg, JobInfo(run_dir=sweep / name, run_name=name, group="s", overrides=[]))
+    runs = runs_table(sweep)
+    assert len(runs) == 8 and set(runs.columns) >= {"status", "diverged_step", "final_val_loss", "best_val_loss",
+                                                    "loss_spikes", "lr", "loss"}
+    lrt = lr_table(runs)
+    assert len(lrt) == 4 and (lrt.lr_sensitivity >= 0).all() and (lrt.n_lrs == 2).all()
+    assert set(seed_table(runs).columns) >= {"mean", "ci95", "divergence_rate"}
+    written = make_all(sweep, tmp_path / "results")
+    for name in ("stability_depth_vs_loss.png", "stability_divergence_rate.png", "stability_frontier.png",
+                 "stability_lr_depth_heatmap.png", "stability_lr_sensitivity.png", "stability_layer_profiles.png",
+                 "stability_loss_curves.png", "stability_coord_check.png", "stability_report.md"):
+        assert name in written and (tmp_path / "results" / name).stat().st_size > 0, name
+    report = (tmp_path / "results" / "stability_report.md").read_text()
+    assert "![stability_frontier.png](stability_frontier.png)" in report and "| variant |" in report
