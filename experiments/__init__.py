@@ -11,3 +11,4 @@ __all__ = ["REGISTRY", "Claim", "ClaimResult", "Experiment", "Reference", "check
            "run_experiment"]
 from . import rank_collapse, deepnet_update, admin_amplification, curse_of_depth  # noqa: F401,E402
 from . import wortsman_lr, xiong_warmup  # noqa: F401,E402
+from . import lr_sensitivity_depth  # noqa: F401,E402

@@ -194,13 +194,14 @@ def check_experiment(name: str, out: Path = RESULTS) -> List[ClaimResult]:
         raise FileNotFoundError(f"{p['csv']} not found: run `python -m experiments run {name}` first")
     df = pd.read_csv(p["csv"])
     results = exp.evaluate(df)
-    size = None
+    size, wall = None, None
     if p["claims"].is_file():
         try:
-            size = json.loads(p["claims"].read_text()).get("size")
+            prev = json.loads(p["claims"].read_text())
+            size, wall = prev.get("size"), prev.get("wall_s")
         except json.JSONDecodeError:
             pass
-    save_claims(exp, results, p["claims"], size or "?", None)
+    save_claims(exp, results, p["claims"], size or "?", wall)
     return results
 
 
