@@ -67,6 +67,10 @@ def main(argv=None) -> int:
     sub.add_parser("list", help="the registered experiments")
     md = sub.add_parser("markdown", help="the README's claim tables, from the saved claims.json files")
     md.add_argument("--out", type=Path, default=RESULTS)
+    pl = sub.add_parser("plot", help="re-draw NAME.png from the saved NAME.csv (no re-run)")
+    pl.add_argument("names", nargs="*")
+    pl.add_argument("--all", action="store_true")
+    pl.add_argument("--out", type=Path, default=RESULTS)
     for cmd in ("run", "check"):
         p = sub.add_parser(cmd)
         p.add_argument("names", nargs="*")
@@ -86,6 +90,15 @@ def main(argv=None) -> int:
         return 0
     if args.cmd == "markdown":
         print(markdown(args.out))
+        return 0
+    if args.cmd == "plot":
+        import pandas as pd
+
+        for name in _names(args):
+            csv = args.out / f"{name}.csv"
+            if csv.is_file():
+                REGISTRY[name].plot(pd.read_csv(csv), args.out / f"{name}.png")
+                print(args.out / f"{name}.png")
         return 0
     names = [n for n in _names(args) if not args.kind or REGISTRY[n].kind == args.kind]
     ok = True

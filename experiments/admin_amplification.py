@@ -85,6 +85,8 @@ def plot(df, path) -> None:
     sns.lineplot(data=ch, x="depth", y="delta_f2", hue="variant", palette=pal, marker="o", errorbar="sd", ax=axes[0])
     axes[0].set(xscale="log", yscale="log", xlabel="depth L (log)", ylabel=r"$|F(x,W) - F(x,W^*)|^2$ (log)",
                 title="(Fig. 4) output change, 1% weight noise")
+    axes[0].set_xticks(sorted(ch.depth.unique()), [str(d) for d in sorted(ch.depth.unique())])
+    axes[0].minorticks_off()
     big = dep[dep.depth == dep.depth.max()]
     selfd = big[big.component == big.sublayer]
     sns.lineplot(data=selfd, x="sublayer", y="beta2", hue="variant", palette=pal, marker="o", errorbar="sd", ax=axes[1])
@@ -92,6 +94,7 @@ def plot(df, path) -> None:
     small = dep[dep.depth == dep.depth.min()]
     for ax, v in zip(axes[2:], heat_vars):
         m = small[small.variant == v].groupby(["sublayer", "component"]).beta2.mean().unstack()
+        m.index, m.columns = m.index.astype(int), m.columns.astype(int)
         sns.heatmap(m, ax=ax, cmap="viridis", vmin=0, vmax=1, cbar_kws=dict(label=r"$\beta^2_{i,j}$"))
         ax.set(title=f"(Fig. 7) {v}, L={small.depth.min()}", xlabel="component j (0 = embedding)",
                ylabel="sublayer i")

@@ -66,6 +66,8 @@ def plot(df, path) -> None:
         ax.set(xscale="log", yscale="log", xlabel="depth N (log)",
                ylabel=r"$\|f(x;\theta_1) - f(x;\theta_0)\|$ (RMS, log)",
                title=f"one {opt} step, lr {d.lr.iloc[0]:g}")
+        ax.set_xticks(sorted(d.depth.unique()), [str(x) for x in sorted(d.depth.unique())])
+        ax.minorticks_off()
     save(fig, path, f"{REF.authors}, {REF.figure}: model update vs depth, 64-128-2 decoder")
 
 

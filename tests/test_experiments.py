@@ -85,6 +85,13 @@ def test_cli_list_run_and_check(tmp_path):
     check = subprocess.run(py + ["check", "rank_collapse", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
                            text=True, timeout=300)
     assert check.returncode == 0 and "PASS    noskip_collapse" in check.stdout
+    (tmp_path / "rank_collapse.png").unlink()
+    replot = subprocess.run(py + ["plot", "rank_collapse", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert replot.returncode == 0 and (tmp_path / "rank_collapse.png").is_file()
+    md = subprocess.run(py + ["markdown", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
+    assert "### `rank_collapse`" in md.stdout and "| claim | measured | threshold | result |" in md.stdout
     bad = subprocess.run(py + ["run", "nope"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "unknown experiment nope" in bad.stderr
 
