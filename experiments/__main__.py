@@ -105,6 +105,9 @@ def main(argv=None) -> int:
     for name in names:
         if args.cmd == "run" or (args.run_missing and not (args.out / f"{name}.csv").is_file()):
             _, results = run_experiment(name, size=args.size, out=args.out, runs_dir=RUNS, verbose=not args.quiet)
+        elif not REGISTRY[name].claims and not (args.out / f"{name}.csv").is_file():
+            print(f"\n{name}: report-only (no claims), not run yet: python -m experiments run {name}")
+            continue
         else:
             try:
                 results = check_experiment(name, out=args.out)
