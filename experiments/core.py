@@ -164,17 +164,28 @@ def save_claims(exp: Experiment, results: List[ClaimResult], path: Path, size: s
 
 
 def run_experiment(name: str, size: str = "full", out: Path = RESULTS, runs_dir: Path = RUNS,
-                   verbose: bool = True, threads: int = 1):
-    """Run one experiment at ``size``, write its CSV, figure and claims; return (df, claim results)."""
+                   verbose: bool = True, threads: int = 1, seeds: Optional[Sequence[int]] = None,
+                   text: Optional[str] = None):
+    """Run one experiment at ``size``, write its CSV, figure and claims; return (df, claim results).
+
+    ``seeds`` replaces every seed list of the grid (to check that the claims hold for other seeds);
+    ``text`` trains the training-time experiments on that text file (bytes, vocab 256) instead of the
+    synthetic stream (init-time experiments probe with random tokens and ignore it).
+    """
     import torch
 
     torch.set_num_threads(threads)
     exp = get(name)
     if size not in exp.grids:
         raise KeyError(f"experiment {name!r} has no grid {size!r}; choose one of {', '.join(exp.grids)}")
+    grid = dict(exp.grids[size])
+    if seeds is not None:
+        grid.update({k: list(seeds) for k in grid if k.startswith("seeds")})
+    if text is not None:
+        grid["text"] = str(text)
     ctx = Context(name=name, size=size, runs_dir=Path(runs_dir) / size / name, verbose=verbose)
     t0 = time.perf_counter()
-    df = exp.run(exp.grids[size], ctx)
+    df = exp.run(grid, ctx)
     wall = time.perf_counter() - t0
     p = paths(name, out)
     p["csv"].parent.mkdir(parents=True, exist_ok=True)

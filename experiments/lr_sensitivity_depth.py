@@ -16,7 +16,7 @@ import pandas as pd
 from .common import figure, palette, registered, save
 from .core import Experiment, Reference, register
 from .stability import largest_stable_lr, lr_sensitivity
-from .training import run_grid
+from .training import data_spec, run_grid
 from .wortsman_lr import LRS
 
 REF = Reference("Small-scale proxies for large-scale Transformer training instabilities", "2309.14322",
@@ -25,7 +25,7 @@ REF = Reference("Small-scale proxies for large-scale Transformer training instab
 
 def run(grid, ctx) -> pd.DataFrame:
     variants = registered(grid["variants"])
-    specs = [dict(variant=v, depth=L, lr=lr, seed=s, steps=grid["steps"], qk_norm=False)
+    specs = [dict(variant=v, depth=L, lr=lr, seed=s, steps=grid["steps"], qk_norm=False, **data_spec(grid))
              for s in grid["seeds"] for v in variants for L in grid["depths"] for lr in grid["lrs"]]
     rows = []
     for r in run_grid(specs, ctx):
@@ -34,7 +34,7 @@ def run(grid, ctx) -> pd.DataFrame:
                          final_eval_loss=r["final_eval_loss"], initial_loss=r["initial_loss"], diverged=r["diverged"],
                          max_attn_logit=r["max_attn_logit"]))
     df = pd.DataFrame(rows)
-    l0 = math.log(64)
+    l0 = math.log(data_spec(grid)["vocab"])
     agg = []
     for (v, L, s), g in df.groupby(["variant", "depth", "seed"]):
         finals = g.final_eval_loss.tolist()

@@ -31,6 +31,13 @@ DEFAULTS: Dict[str, Any] = dict(
 )
 
 
+def data_spec(grid: Dict[str, Any]) -> Dict[str, Any]:
+    """The data keys of a run spec: the synthetic stream (vocab 64), or ``grid["text"]`` read as bytes (vocab 256)."""
+    if grid.get("text"):
+        return dict(data="text", data_path=str(grid["text"]), vocab=256)
+    return dict(data="synthetic", data_path=None, vocab=64)
+
+
 def spec_key(spec: Dict[str, Any]) -> str:
     text = json.dumps({k: spec[k] for k in sorted(spec)}, sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()[:16]

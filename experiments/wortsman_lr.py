@@ -11,7 +11,7 @@ import pandas as pd
 from .common import figure, save, select
 from .core import Claim, Experiment, Reference, register
 from .stability import lr_sensitivity
-from .training import run_grid
+from .training import data_spec, run_grid
 
 REF = Reference("Small-scale proxies for large-scale Transformer training instabilities", "2309.14322",
                 "Fig. 1 and Fig. 2", "Wortsman et al. 2023")
@@ -19,7 +19,8 @@ LRS = [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1]
 
 
 def run(grid, ctx) -> pd.DataFrame:
-    specs = [dict(variant=grid["variant"], depth=grid["depth"], lr=lr, qk_norm=qk, seed=seed, steps=grid["steps"])
+    specs = [dict(variant=grid["variant"], depth=grid["depth"], lr=lr, qk_norm=qk, seed=seed, steps=grid["steps"],
+                  **data_spec(grid))
              for seed in grid["seeds"] for qk in (False, True) for lr in grid["lrs"]]
     recs = run_grid(specs, ctx)
     rows = []
@@ -30,7 +31,7 @@ def run(grid, ctx) -> pd.DataFrame:
                          final_eval_loss=r["final_eval_loss"], diverged=r["diverged"],
                          max_attn_logit=r["max_attn_logit"], mean_log_z=r["mean_log_z"]))
     df = pd.DataFrame(rows)
-    l0 = math.log(grid["vocab"]) if "vocab" in grid else math.log(64)
+    l0 = math.log(data_spec(grid)["vocab"])
     sens = []
     for (qk, seed), g in df.groupby(["qk_norm", "seed"]):
         sens.append(dict(qk_norm=qk, seed=seed, lr_sensitivity=lr_sensitivity(g.final_eval_loss.tolist(), l0)))

@@ -7,7 +7,7 @@ import pandas as pd
 
 from .common import figure, palette, save, select
 from .core import Claim, Experiment, Reference, register
-from .training import run_grid
+from .training import data_spec, run_grid
 
 REF = Reference("On Layer Normalization in the Transformer Architecture", "2002.04745", "Fig. 2",
                 "Xiong et al. 2020")
@@ -15,7 +15,7 @@ REF = Reference("On Layer Normalization in the Transformer Architecture", "2002.
 
 def run(grid, ctx) -> pd.DataFrame:
     specs = [dict(variant=v, depth=grid["depth"], lr=lr, warmup_frac=w, seed=seed, steps=grid["steps"],
-                  d_ff=256, z_loss=1e-4)
+                  d_ff=256, z_loss=1e-4, **data_spec(grid))
              for seed in grid["seeds"] for v in grid["variants"] for lr in grid["lrs"] for w in grid["warmups"]]
     rows = []
     for r in run_grid(specs, ctx):

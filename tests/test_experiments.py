@@ -160,3 +160,21 @@ def test_stability_figures_from_run_folders(tmp_path):
         assert name in written and (tmp_path / "results" / name).stat().st_size > 0, name
     report = (tmp_path / "results" / "stability_report.md").read_text()
     assert "![stability_frontier.png](stability_frontier.png)" in report and "| variant |" in report
+
+
+def test_seed_override_replaces_every_seed_list(tmp_path):
+    df, results = run_experiment("rank_collapse", size="ci", out=tmp_path, runs_dir=tmp_path / "runs", verbose=False,
+                                 seeds=[7])
+    assert set(df.seed) == {7}
+    assert not [r for r in results if r.status == FAIL], [r.line() for r in results]
+
+
+@pytest.mark.slow
+def test_training_experiment_on_a_text_corpus(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    df, results = run_experiment("xiong_warmup", size="ci", out=tmp_path, runs_dir=tmp_path / "runs", verbose=False,
+                                 text=str(corpus))
+    recs = [json.loads(p.read_text()) for p in (tmp_path / "runs" / "ci" / "xiong_warmup").glob("*.json")]
+    assert recs and all(r["spec"]["data"] == "text" and r["spec"]["vocab"] == 256 for r in recs)
+    assert (df.initial_loss > 5.0).all()  # ~ln(256) = 5.55 for a fresh 256-way head
