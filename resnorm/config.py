@@ -42,6 +42,8 @@ class ModelConfig:
     admin_mode: str = "profile"  # admin: profile (omega from one batch) | closed_form (omega_i = sqrt(i))
     depth_scale_a: float = 1.0  # depth_scaled: branch multiplier a / sqrt(depth)
     b2t_rescale_init: bool = False  # b2t: every block weight x depth^-1/2 at init (the official code)
+    qk_norm: bool = False  # LayerNorm of queries and keys over the head dim (Wortsman et al. 2023)
+    z_loss: float = 0.0  # c * mean(logsumexp(logits)^2) added to the loss (1e-4 in Wortsman et al.); 0 = off
 
 
 @dataclass
@@ -76,6 +78,7 @@ class TrainConfig:
     log_every: int = 1  # per-layer statistics and W&B logging interval, in steps
     diverge_factor: float = 2.0  # diverged when the loss exceeds this multiple of the initial loss
     probes: bool = True
+    probe_every: int = 50  # activation RMS, branch ratio, update ratio, max attention logit per sublayer; 0 = off
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16 (autocast, GPU)
     threads: Optional[int] = None  # torch threads; None: all cores
@@ -177,6 +180,11 @@ def validate(cfg: Any) -> None:
     _positive("model.norm_eps", g("model.norm_eps"), integer=False)
     _choice("model.activation", g("model.activation"), ACTIVATIONS)
     _choice("model.init", g("model.init"), INIT_SCHEMES)
+    if not isinstance(g("model.qk_norm"), bool):
+        raise ConfigError("model.qk_norm", g("model.qk_norm"), "must be true or false")
+    z = g("model.z_loss")
+    if isinstance(z, bool) or not isinstance(z, (int, float)) or not z >= 0 or z != z or z == float("inf"):
+        raise ConfigError("model.z_loss", z, "must be a finite number >= 0 (0 turns it off)")
 
     _choice("data", g("data.name"), DATASETS)
     if not 0.0 < g("data.val_fraction") < 1.0:
@@ -219,6 +227,9 @@ def validate(cfg: Any) -> None:
     if device not in ("auto", "cpu", "cuda") and not (str(device).startswith("cuda:") and str(device)[5:].isdigit()):
         raise ConfigError("train.device", device, "choose auto, cpu, cuda or cuda:N")
     _choice("train.precision", g("train.precision"), PRECISIONS)
+    pe = g("train.probe_every")
+    if isinstance(pe, bool) or not isinstance(pe, int) or pe < 0:
+        raise ConfigError("train.probe_every", pe, "must be a non-negative integer (0 turns the probes off)")
     if g("train.threads") is not None:
         _positive("train.threads", g("train.threads"))
 

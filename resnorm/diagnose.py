@@ -39,3 +39,11 @@ def first_nonfinite(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> str:
         if not torch.isfinite(p).all():
             return f"non-finite parameter '{name}'"
     return "no non-finite tensor found on re-check (the loss itself overflowed)"
+
+
+if __name__ == "__main__":  # python -m resnorm.diagnose ...: init-time diagnostics (resnorm/diagnose_cli.py)
+    import sys
+
+    from resnorm.diagnose_cli import main
+
+    sys.exit(main())

@@ -14,8 +14,9 @@ equation stays in :class:`Sublayer`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,8 @@ class ModelShape:
     bias: bool = True
     tie_weights: bool = False
     options: VariantOptions = field(default_factory=VariantOptions)
+    qk_norm: bool = False  # LayerNorm over the head dim of queries and keys (Wortsman et al. 2023)
+    z_loss: float = 0.0  # c in c * mean(logsumexp(logits)^2), added to the loss; 0 = off
 
     @classmethod
     def from_config(cls, cfg) -> "ModelShape":
@@ -55,6 +58,7 @@ class ModelShape:
             norm_layer=m.norm_layer or variant.norm_layer, norm_eps=m.norm_eps,
             activation=m.activation, bias=m.bias, tie_weights=m.tie_weights,
             options=VariantOptions.from_config(m),
+            qk_norm=bool(m.qk_norm), z_loss=float(m.z_loss),
         )
 
     def norm(self) -> nn.Module:
@@ -63,19 +67,44 @@ class ModelShape:
 
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention with one fused QKV projection."""
+    """Causal multi-head self-attention with one fused QKV projection.
 
-    def __init__(self, d_model: int, n_heads: int, bias: bool):
+    ``qk_norm``: LayerNorm over the head dimension of queries and keys, shared by all heads
+    (qk-layernorm, Wortsman et al. 2023). ``causal`` is an attribute, not a config key: the
+    rank-collapse reproduction sets it to False for bidirectional attention.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, bias: bool, qk_norm: bool = False, eps: float = 1e-5):
         super().__init__()
         self.n_heads = n_heads
+        self.causal = True
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
         self.out = nn.Linear(d_model, d_model, bias=bias)
+        head_dim = d_model // n_heads
+        self.q_norm = nn.LayerNorm(head_dim, eps=eps) if qk_norm else None
+        self.k_norm = nn.LayerNorm(head_dim, eps=eps) if qk_norm else None
+
+    def _qkv(self, x: torch.Tensor):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        q, k, v = self._qkv(x)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.out(y.transpose(1, 2).reshape(b, t, d))
+
+    def max_logit(self, x: torch.Tensor) -> torch.Tensor:
+        """max |q_i . k_j| / sqrt(d_head) over batch, heads and the (causally) visible pairs i, j."""
+        q, k, _ = self._qkv(x)
+        z = (q @ k.transpose(-1, -2)).abs() / math.sqrt(q.shape[-1])
+        if self.causal:
+            t = z.shape[-1]
+            z = z.masked_fill(torch.triu(torch.ones(t, t, dtype=torch.bool, device=z.device), 1), 0.0)
+        return z.amax()
 
 
 class MLP(nn.Module):
@@ -87,6 +116,16 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
+
+
+class SublayerParts(NamedTuple):
+    """One sublayer's internals, as :meth:`Transformer.trace` returns them (all (batch, tokens, d))."""
+
+    x: torch.Tensor  # the residual stream entering the sublayer
+    h: torch.Tensor  # the branch input (after the pre-norm and input scale)
+    f: torch.Tensor  # the branch output as added to the stream (after out-norm and branch scale)
+    z: torch.Tensor  # skip + branch, before the sum norm (= y when there is none)
+    y: torch.Tensor  # the sublayer's output
 
 
 class Sublayer(nn.Module):
@@ -116,8 +155,9 @@ class Sublayer(nn.Module):
         if self.omega is not None:
             self.omega.fill_(self.spec.skip_scale)
 
-    def branch_out(self, x: torch.Tensor) -> torch.Tensor:
-        """The scaled branch output: a * N_out(F(N_pre(x) * input_scale))."""
+    def run(self, x: torch.Tensor, bottom: Optional[torch.Tensor] = None) -> SublayerParts:
+        """The sublayer's equation, keeping its intermediate values:
+        h = N_pre(x) * input_scale; f = a * N_out(F(h)); z = w * x + f [+ bottom]; y = N_sum(z)."""
         s = self.spec
         h = x if self.pre_norm is None else self.pre_norm(x)
         if s.input_scale != 1.0:
@@ -129,27 +169,39 @@ class Sublayer(nn.Module):
             f = self.gate * f
         elif s.branch_scale != 1.0:
             f = f * s.branch_scale
-        return f
+        z = self.residual_sum(x, f, bottom)
+        y = z if self.sum_norm is None else self.sum_norm(z)
+        return SublayerParts(x, h, f, z, y)
 
-    def combine(self, x: torch.Tensor, f: torch.Tensor, bottom: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The residual sum and the norm after it: N_sum(w * x + f [+ bottom])."""
+    def residual_sum(self, x: torch.Tensor, f: torch.Tensor, bottom: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """z = w * x + f [+ bottom]: w is 1, the fixed skip factor, Admin's omega, or 0 (no residual)."""
         s = self.spec
         if s.residual == "none":
-            y = f
+            z = f
         elif self.omega is not None:
-            y = self.omega * x + f
+            z = self.omega * x + f
         elif s.skip_scale != 1.0:
-            y = s.skip_scale * x + f
+            z = s.skip_scale * x + f
         else:
-            y = x + f
-        if bottom is not None:
-            y = y + bottom
-        if self.sum_norm is not None:
-            y = self.sum_norm(y)
-        return y
+            z = x + f
+        return z if bottom is None else z + bottom
 
-    def forward(self, x: torch.Tensor, bottom: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.combine(x, self.branch_out(x), bottom)
+    def branch_out(self, x: torch.Tensor) -> torch.Tensor:
+        """The scaled branch output f (see :meth:`run`)."""
+        return self.run(x).f
+
+    def combine(self, x: torch.Tensor, f: torch.Tensor, bottom: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The residual sum and the norm after it, for a branch output ``f`` computed before."""
+        z = self.residual_sum(x, f, bottom)
+        return z if self.sum_norm is None else self.sum_norm(z)
+
+    def forward(self, x: torch.Tensor, bottom: Optional[torch.Tensor] = None,
+                parts: Optional[list] = None) -> torch.Tensor:
+        """``parts``: a list that receives this sublayer's :class:`SublayerParts` (Transformer.trace)."""
+        p = self.run(x, bottom)
+        if parts is not None:
+            parts.append(p)
+        return p.y
 
 
 class Block(nn.Module):
@@ -158,13 +210,14 @@ class Block(nn.Module):
 
     def __init__(self, specs: Tuple[SublayerSpec, SublayerSpec], shape: ModelShape):
         super().__init__()
-        self.attn = Sublayer(Attention(shape.d_model, shape.n_heads, shape.bias), specs[0], shape)
+        self.attn = Sublayer(Attention(shape.d_model, shape.n_heads, shape.bias, shape.qk_norm, shape.norm_eps),
+                             specs[0], shape)
         self.mlp = Sublayer(MLP(shape.d_model, shape.d_ff, shape.activation, shape.bias), specs[1], shape)
         if specs[0].share_gate and specs[1].share_gate:
             self.mlp.gate = self.attn.gate  # one learned branch scalar per layer (ReZero)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.attn(x))
+    def forward(self, x: torch.Tensor, parts: Optional[list] = None) -> torch.Tensor:
+        return self.mlp(self.attn(x, parts=parts), parts=parts)
 
 
 class Transformer(nn.Module):
@@ -197,10 +250,11 @@ class Transformer(nn.Module):
         """Every residual sublayer, bottom to top (attention and MLP of each block)."""
         return [sub for block in self.blocks for sub in (block.attn, block.mlp)]
 
-    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor, parts: Optional[list] = None) -> torch.Tensor:
         """The input of the head: the stream after the last block and the final norm.
 
         The one place where ``Variant.stream`` is read (see :data:`resnorm.variants.STREAMS`).
+        ``parts``: a list to which every sublayer appends its :class:`SublayerParts` (see :meth:`trace`).
         """
         x = self.embed(idx)
         stream = self.variant.stream
@@ -209,24 +263,50 @@ class Transformer(nn.Module):
             s = self.shape.options.resi_dual_scale
             y = x * s if s != 1.0 else x
             for sub in self.sublayers():
-                f = sub.branch_out(x)
-                x = sub.combine(x, f)
+                p = sub.run(x)
+                if parts is not None:
+                    parts.append(p)
+                x, f = p.y, p.f
                 y = y + (f * s if s != 1.0 else f)
             return x + self.final_norm(y)
         for block in self.blocks:
             if stream == "b2t":
                 # Takase et al.: the layer's input joins the MLP sublayer's sum before its norm
-                x = block.mlp(block.attn(x), bottom=x)
+                x = block.mlp(block.attn(x, parts=parts), bottom=x, parts=parts)
             else:
-                x = block(x)
+                x = block(x, parts)
         return x if self.final_norm is None else self.final_norm(x)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.head(self.hidden(idx))
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self(idx)
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
+        logits = self(idx).reshape(-1, self.shape.vocab_size).float()
+        loss = F.cross_entropy(logits, targets.reshape(-1))
+        if self.shape.z_loss:  # Wortsman et al. 2023 / PaLM: c * mean(log Z ^ 2)
+            loss = loss + self.shape.z_loss * torch.logsumexp(logits, dim=-1).pow(2).mean()
+        return loss
+
+    def trace(self, idx: torch.Tensor, max_logits: bool = True) -> Dict[str, object]:
+        """One forward pass that also returns the model's internals, without hooks.
+
+        Returns ``hidden`` (the head's input), ``parts`` (one :class:`SublayerParts` per sublayer, in
+        order: attention then MLP of every block), ``kinds`` ("attn" / "mlp" per sublayer),
+        ``stream`` (the residual stream entering the first sublayer, then after every block: depth + 1
+        tensors) and ``max_logit`` (a (depth,) tensor: each attention's max |q.k|/sqrt(d_head), only
+        when ``max_logits``).
+        """
+        parts: List[SublayerParts] = []
+        hidden = self.hidden(idx, parts)
+        subs = [s for block in self.blocks for s in (block.attn, block.mlp)]
+        kinds = ["attn" if isinstance(s.branch, Attention) else "mlp" for s in subs]
+        out: Dict[str, object] = dict(hidden=hidden, parts=parts, kinds=kinds,
+                                      stream=[parts[0].x] + [p.y for p in parts[1::2]])
+        if max_logits:
+            out["max_logit"] = torch.stack([s.branch.max_logit(p.h) for s, p in zip(subs, parts)
+                                            if isinstance(s.branch, Attention)])
+        return out
+
 
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

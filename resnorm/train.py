@@ -22,6 +22,7 @@ from .data import BatchSampler, fixed_batches, load_data
 from .diagnose import first_nonfinite
 from .model import Transformer, build_model
 from .probes import GradNormProbe
+from .measure import ActivationProbe
 from .provenance import git_commit
 from .store import RunStore
 from .tracking import WandbTracker
@@ -117,6 +118,7 @@ def train(cfg, job: JobInfo) -> Dict[str, Any]:
     sampler = BatchSampler(data.train, cfg.train.batch_size, cfg.train.seq_len, seed=cfg.seed)
     val_batches = fixed_batches(data.val, cfg.train.eval_batches, cfg.train.batch_size, cfg.train.seq_len)
     probe = GradNormProbe(model, per_layer=cfg.train.probes)
+    act_probe = ActivationProbe(model) if cfg.train.probes and cfg.train.probe_every else None  # [experiments]
     loss_fn = torch.compile(model.loss) if cfg.train.compile else model.loss
     bf16 = cfg.train.precision == "bf16"
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
@@ -163,11 +165,19 @@ def train(cfg, job: JobInfo) -> Dict[str, Any]:
             elif loss_v > cfg.train.diverge_factor * summary["initial_loss"]:
                 reason = (f"loss {loss_v:.4g} exceeds train.diverge_factor={cfg.train.diverge_factor} "
                           f"x initial loss {summary['initial_loss']:.4g}")
+            # [experiments] periodic activation / update probes (resnorm.measure.ActivationProbe)
+            probing = (act_probe is not None and reason is None
+                       and (step % cfg.train.probe_every == 0 or step + 1 == cfg.train.steps))
+            if probing:
+                act_probe.before_step(x)
             if reason is None:
                 if cfg.optim.grad_clip:
                     torch.nn.utils.clip_grads_with_norm_(model.parameters(), cfg.optim.grad_clip,
                                                          grad_stats[0])
                 optimizer.step()
+            if probing:
+                for quantity, labels, values in act_probe.rows(act_probe.after_step().tolist()):  # one transfer
+                    store.add_layers(step, labels, quantity, values)
             optimizer.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
             train_time += dt

@@ -52,6 +52,7 @@ def test_run_folder_contents(tmp_path):
     assert steps["val_loss"].notna().tolist() == [False, False, True, False, False, True]
     layers = pd.read_parquet(run / "layers.parquet")
     assert set(layers.columns) == {"step", "layer", "sublayer", "quantity", "value"}
+    layers = layers[layers["quantity"] == "grad_norm"]  # the activation probes are tested in test_measure.py
     assert len(layers) == 6 * 2 * 2  # steps x layers x sublayers
     assert set(layers["sublayer"]) == {"attn", "mlp"} and (layers["value"] > 0).all()
     assert not list(run.glob(".*.tmp")), "temporary files left behind"

@@ -1,0 +1,127 @@
+"""Helpers shared by the reproductions: building a pinned-init model, statistics, colours, figures."""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .core import Skip
+
+# Fixed variant colours; analysis.style.palette() wins when that package is present, so the paper
+# figures and the sweep figures agree.
+_FALLBACK = {
+    "post": "#d62728", "pre": "#1f77b4", "rmsnorm": "#17becf", "deepnorm": "#2ca02c", "noresidual": "#7f7f7f",
+    "admin": "#9467bd", "lns": "#ff7f0e", "peri": "#8c564b", "sandwich": "#e377c2", "mixln": "#bcbd22",
+    "b2t": "#393b79", "depth_scaled": "#637939", "rezero": "#843c39", "dyt": "#7b4173", "scalenorm": "#3182bd",
+    "resi_dual": "#e6550d",
+}
+
+
+def colour(name: str) -> str:
+    try:
+        from analysis.style import palette  # type: ignore
+
+        pal = palette()
+        if name in pal:
+            return pal[name]
+    except Exception:
+        pass
+    return _FALLBACK.get(name, "#333333")
+
+
+def palette(names: Iterable[str]) -> Dict[str, str]:
+    return {n: colour(n) for n in names}
+
+
+def registered(names: Iterable[str]) -> List[str]:
+    from resnorm.variants import VARIANTS
+
+    return [n for n in names if n in VARIANTS]
+
+
+def model_config(variant: str, depth: int, d_model: int = 128, n_heads: int = 4, d_ff: Optional[int] = 512,
+                 activation: str = "relu", seq_len: int = 64, vocab: int = 256, **model_extra):
+    """A validated config for the papers' setting: Xavier-normal weights, N(0,1) token embeddings (pinned)."""
+    from omegaconf import OmegaConf
+
+    from resnorm.config import Config, validate
+
+    cfg = OmegaConf.structured(Config)
+    cfg.depth = depth
+    cfg.model.norm = variant
+    cfg.model.d_model, cfg.model.n_heads, cfg.model.d_ff = d_model, n_heads, d_ff
+    cfg.model.activation, cfg.model.vocab_size, cfg.model.init = activation, vocab, "xavier"
+    cfg.train.seq_len = seq_len
+    for k, v in model_extra.items():
+        setattr(cfg.model, k, v)
+    validate(cfg)
+    return cfg
+
+
+def make_model(variant: str, depth: int, seed: int, **kw):
+    """Build and initialise (Xavier, N(0,1) embeddings) a model after ``torch.manual_seed(seed)``."""
+    import torch
+
+    from resnorm.model import build_model
+
+    torch.manual_seed(seed)
+    return build_model(model_config(variant, depth, **kw))
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman rank correlation (average ranks for ties), numpy only."""
+    def ranks(a):
+        a = np.asarray(a, dtype=float)
+        order = a.argsort()
+        r = np.empty(len(a))
+        r[order] = np.arange(len(a))
+        for v in np.unique(a):  # average ties
+            m = a == v
+            r[m] = r[m].mean()
+        return r
+
+    rx, ry = ranks(x), ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def loglog_slope(x: Sequence[float], y: Sequence[float]) -> float:
+    """Least-squares slope of log y against log x."""
+    return float(np.polyfit(np.log(np.asarray(x, float)), np.log(np.asarray(y, float)), 1)[0])
+
+
+def select(df: pd.DataFrame, **eq) -> pd.DataFrame:
+    """Rows where every column equals the value; raises Skip when none match."""
+    m = np.ones(len(df), dtype=bool)
+    for k, v in eq.items():
+        if k not in df.columns:
+            raise Skip(f"no column {k!r} in the data")
+        m &= (df[k] == v).to_numpy()
+    out = df[m]
+    if out.empty:
+        raise Skip("no data for " + ", ".join(f"{k}={v}" for k, v in eq.items()))
+    return out
+
+
+def figure(n_panels: int, width: float = 4.2, height: float = 3.4):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, axes = plt.subplots(1, n_panels, figsize=(width * n_panels, height), squeeze=False)
+    return fig, axes[0]
+
+
+def save(fig, path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,74 @@
+"""The framework's headline stability figure: Wortsman et al.'s LR-sensitivity vs depth, per variant.
+
+The harness of ``wortsman_lr`` (AdamW 0.9/0.95, clip 1, independent WD 1e-4, z-loss 1e-4, 5% warm-up,
+cosine to 10%, synthetic stream, vocab 64, no qk-layernorm) over every registered variant of the grid
+and several depths. No calibrated claim yet (PAPERS.md §13 note: only one depth was calibrated), so the
+experiment reports numbers and draws the figure; LR-sensitivity is shown next to the best loss l*,
+because a low LR-sensitivity with a bad l* (a model that never learns) is not "stable".
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from .common import figure, palette, registered, save
+from .core import Experiment, Reference, register
+from .stability import largest_stable_lr, lr_sensitivity
+from .training import data_spec, run_grid
+from .wortsman_lr import LRS
+
+REF = Reference("Small-scale proxies for large-scale Transformer training instabilities", "2309.14322",
+                "LR sensitivity (§2.2), across variants and depths", "Wortsman et al. 2023")
+
+
+def run(grid, ctx) -> pd.DataFrame:
+    variants = registered(grid["variants"])
+    specs = [dict(variant=v, depth=L, lr=lr, seed=s, steps=grid["steps"], qk_norm=False, **data_spec(grid))
+             for s in grid["seeds"] for v in variants for L in grid["depths"] for lr in grid["lrs"]]
+    rows = []
+    for r in run_grid(specs, ctx):
+        sp = r["spec"]
+        rows.append(dict(variant=sp["variant"], depth=sp["depth"], lr=sp["lr"], seed=sp["seed"],
+                         final_eval_loss=r["final_eval_loss"], initial_loss=r["initial_loss"], diverged=r["diverged"],
+                         max_attn_logit=r["max_attn_logit"]))
+    df = pd.DataFrame(rows)
+    l0 = math.log(data_spec(grid)["vocab"])
+    agg = []
+    for (v, L, s), g in df.groupby(["variant", "depth", "seed"]):
+        finals = g.final_eval_loss.tolist()
+        agg.append(dict(variant=v, depth=L, seed=s, lr_sensitivity=lr_sensitivity(finals, l0),
+                        best_loss=min(min(x, l0) for x in finals if x == x) if any(x == x for x in finals) else l0,
+                        largest_stable_lr=largest_stable_lr(g.lr.tolist(), finals, l0)))
+    return df.merge(pd.DataFrame(agg), on=["variant", "depth", "seed"])
+
+
+def plot(df, path) -> None:
+    import seaborn as sns
+
+    per = df.groupby(["variant", "depth", "seed"])[["lr_sensitivity", "best_loss", "largest_stable_lr"]].first()
+    per = per.reset_index()
+    fig, axes = figure(3)
+    pal = palette(per.variant.unique())
+    for ax, col, label in zip(axes, ("lr_sensitivity", "best_loss", "largest_stable_lr"),
+                              ("LR sensitivity (lower = stabler)", "best final loss l*", "largest stable LR")):
+        sns.lineplot(data=per, x="depth", y=col, hue="variant", palette=pal, marker="o", errorbar="sd", ax=ax,
+                     legend=col == "lr_sensitivity")
+        ax.set(xscale="log", xlabel="depth (log)", ylabel=label)
+    axes[2].set_yscale("log")
+    save(fig, path, "LR sensitivity vs depth per variant (Wortsman et al. 2023 harness, synthetic stream)")
+
+
+register(Experiment(
+    name="lr_sensitivity_depth",
+    reference=REF,
+    summary="LR-sensitivity, best loss and largest stable LR vs depth for every registered variant (7 LRs)",
+    kind="train",
+    grids={"full": dict(variants=["post", "pre", "rmsnorm", "deepnorm", "peri", "admin", "lns", "mixln"],
+                        depths=[2, 6], lrs=LRS, seeds=[0], steps=100),
+           "ci": dict(variants=["post", "pre"], depths=[1, 2], lrs=[1e-3, 1e-1], seeds=[0], steps=20)},
+    run=run,
+    plot=plot,
+    claims=[],
+))

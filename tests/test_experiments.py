@@ -1,0 +1,180 @@
+"""The paper reproductions: the claim machinery, the stability metrics, and every init-time experiment
+at its reduced (``ci``) grid with its claims checked; the training-time ones at reduced size (slow)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+import experiments
+from conftest import ROOT
+from experiments.common import loglog_slope, spearman
+from experiments.core import FAIL, PASS, SKIPPED, Claim, Skip, run_experiment
+from experiments.stability import divergence_rate, largest_stable_lr, lr_sensitivity
+
+INIT = [n for n, e in experiments.REGISTRY.items() if e.kind == "init"]
+TRAIN = [n for n, e in experiments.REGISTRY.items() if e.kind == "train"]
+
+
+def test_registry_declares_reference_grids_and_claims():
+    assert set(INIT) == {"xiong_grad", "admin_amplification", "rank_collapse", "deepnet_update", "curse_of_depth"}
+    assert set(TRAIN) == {"wortsman_lr", "xiong_warmup", "lr_sensitivity_depth"}
+    for exp in experiments.REGISTRY.values():
+        assert exp.reference.arxiv and exp.reference.figure and exp.reference.title
+        assert {"full", "ci"} <= set(exp.grids)
+        assert exp.claims or exp.name == "lr_sensitivity_depth"  # the one uncalibrated, report-only figure
+
+
+def test_claim_pass_fail_and_skipped():
+    df = pd.DataFrame({"x": [1.0, 3.0]})
+    assert Claim("a", "", lambda d: d.x.mean(), ">=", 2.0).evaluate(df).status == PASS
+    assert Claim("a", "", lambda d: d.x.mean(), ">", 2.0).evaluate(df).status == FAIL
+    assert Claim("a", "", lambda d: float("nan"), "<", 2.0).evaluate(df).status == FAIL
+    r = Claim("a", "", lambda d: 1.0, "<", 2.0, needs=("no_such_variant",)).evaluate(df)
+    assert r.status == SKIPPED and r.reason == "variant no_such_variant not registered" and r.value is None
+
+    def absent(d):
+        raise Skip("no data")
+    assert Claim("a", "", absent, "<", 2.0).evaluate(df).status == SKIPPED
+
+
+def test_lr_sensitivity_by_hand():
+    # Wortsman et al. eq.: mean over the grid of min(l, l0) - min l; NaN (diverged) counts as l0
+    assert lr_sensitivity([3.0, 2.0, 2.5, float("nan")], initial_loss=4.0) == pytest.approx((3 + 2 + 2.5 + 4) / 4 - 2)
+    assert lr_sensitivity([5.0, 2.0], initial_loss=4.0) == pytest.approx((4 + 2) / 2 - 2)
+    assert lr_sensitivity([2.0, 2.0], initial_loss=4.0) == 0.0
+    assert largest_stable_lr([1e-3, 1e-2, 1e-1], [2.0, 2.1, float("nan")], 4.0) == 1e-2
+    assert largest_stable_lr([1e-3], [4.5], 4.0) is None
+    assert divergence_rate([True, False, False, True]) == 0.5
+
+
+def test_spearman_and_slope():
+    assert spearman([1, 2, 3, 4], [10, 20, 25, 100]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+    assert loglog_slope([1, 4, 16], [1, 0.5, 0.25]) == pytest.approx(-0.5)
+
+
+@pytest.mark.parametrize("name", INIT)
+def test_init_time_experiment_reproduces_its_claims(name, tmp_path):
+    df, results = run_experiment(name, size="ci", out=tmp_path, runs_dir=tmp_path / "runs", verbose=False)
+    for suffix in (".csv", ".png", ".claims.json"):
+        assert (tmp_path / f"{name}{suffix}").stat().st_size > 0
+    lines = [r.line() for r in results]
+    assert not [r for r in results if r.status == FAIL], lines
+    assert any(r.status == PASS for r in results), lines
+    saved = json.loads((tmp_path / f"{name}.claims.json").read_text())
+    assert [c["status"] for c in saved["claims"]] == [r.status for r in results]
+
+
+def test_cli_list_run_and_check(tmp_path):
+    py = [sys.executable, "-m", "experiments"]
+    out = subprocess.run(py + ["list"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "rank_collapse" in out.stdout and "2103.03404" in out.stdout
+    missing = subprocess.run(py + ["check", "rank_collapse", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                             text=True, timeout=300)
+    assert missing.returncode == 1 and "run `python -m experiments run rank_collapse` first" in missing.stdout
+    run = subprocess.run(py + ["run", "rank_collapse", "--size", "ci", "--out", str(tmp_path), "--quiet"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    check = subprocess.run(py + ["check", "rank_collapse", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+    assert check.returncode == 0 and "PASS    noskip_collapse" in check.stdout
+    (tmp_path / "rank_collapse.png").unlink()
+    replot = subprocess.run(py + ["plot", "rank_collapse", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert replot.returncode == 0 and (tmp_path / "rank_collapse.png").is_file()
+    md = subprocess.run(py + ["markdown", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
+    assert "### `rank_collapse`" in md.stdout and "| claim | measured | threshold | result |" in md.stdout
+    bad = subprocess.run(py + ["run", "nope"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "unknown experiment nope" in bad.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TRAIN)
+def test_training_time_experiment_runs_at_reduced_size_and_resumes(name, tmp_path):
+    df, results = run_experiment(name, size="ci", out=tmp_path, runs_dir=tmp_path / "runs", verbose=False)
+    assert (tmp_path / f"{name}.png").stat().st_size > 0
+    assert all(r.status in (PASS, FAIL, SKIPPED) for r in results)
+    assert all(r.value is not None and math.isfinite(r.value) for r in results if r.status != SKIPPED)
+    if name == "wortsman_lr":  # robust even at 60 steps, 2 layers, 4 LRs (xiong_warmup needs its full grid)
+        assert not [r for r in results if r.status == FAIL], [r.line() for r in results]
+    cached = list((tmp_path / "runs" / "ci" / name).glob("*.json"))
+    assert len(cached) == len(df)
+    # resumable: a second run trains nothing (every run is cached) and gives the same data
+    df2, _ = run_experiment(name, size="ci", out=tmp_path, runs_dir=tmp_path / "runs", verbose=False)
+    pd.testing.assert_frame_equal(df.reset_index(drop=True), df2.reset_index(drop=True))
+
+
+def test_loss_spikes_run_metrics_and_ci(tmp_path):
+    from experiments.stability import ci95, loss_spikes, run_metrics
+    from resnorm.store import RunStore
+
+    flat = [2.0] * 20
+    assert loss_spikes(flat) == 0
+    assert loss_spikes(flat[:15] + [4.0] + flat[:4]) == 1
+    assert loss_spikes(flat[:12] + [float("nan")]) == 1
+    store = RunStore(tmp_path)
+    for step, v in enumerate(flat[:12] + [5.0, 2.0]):
+        store.add_step(step, v, 1e-3, 1.0, 100.0)
+    store.flush_tables()
+    store.write_summary(dict(status="completed", diverged_step=None, final_val_loss=2.0, best_val_loss=1.9,
+                             initial_loss=5.5))
+    m = run_metrics(tmp_path)
+    assert m == dict(status="completed", diverged_step=None, final_val_loss=2.0, best_val_loss=1.9,
+                     initial_loss=5.5, loss_spikes=1)
+    mean, half = ci95([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(1.96 * 1.0 / math.sqrt(3))
+
+
+def test_stability_figures_from_run_folders(tmp_path):
+    """A small real sweep (variants x depths x LRs, trained by resnorm.train) -> every stability figure."""
+    from analysis.figures_stability import make_all
+    from analysis.stability import lr_table, runs_table, seed_table
+    from conftest import TINY, compose
+    from resnorm.train import JobInfo, train
+
+    sweep = tmp_path / "multirun" / "s"
+    for norm in ("pre", "post"):
+        for depth in (1, 2):
+            for lr in ("1e-3", "3e-1"):
+                name = f"{norm}-{depth}-{lr}"
+                cfg = compose(*TINY, f"model.norm={norm}", f"depth={depth}", f"optim.lr={lr}", "train.probe_every=5")
+                train(cfg, JobInfo(run_dir=sweep / name, run_name=name, group="s", overrides=[]))
+    runs = runs_table(sweep)
+    assert len(runs) == 8 and set(runs.columns) >= {"status", "diverged_step", "final_val_loss", "best_val_loss",
+                                                    "loss_spikes", "lr", "loss"}
+    lrt = lr_table(runs)
+    assert len(lrt) == 4 and (lrt.lr_sensitivity >= 0).all() and (lrt.n_lrs == 2).all()
+    assert set(seed_table(runs).columns) >= {"mean", "ci95", "divergence_rate"}
+    written = make_all(sweep, tmp_path / "results")
+    for name in ("stability_depth_vs_loss.png", "stability_divergence_rate.png", "stability_frontier.png",
+                 "stability_lr_depth_heatmap.png", "stability_lr_sensitivity.png", "stability_layer_profiles.png",
+                 "stability_loss_curves.png", "stability_coord_check.png", "stability_report.md"):
+        assert name in written and (tmp_path / "results" / name).stat().st_size > 0, name
+    report = (tmp_path / "results" / "stability_report.md").read_text()
+    assert "![stability_frontier.png](stability_frontier.png)" in report and "| variant |" in report
+
+
+def test_seed_override_replaces_every_seed_list(tmp_path):
+    df, results = run_experiment("rank_collapse", size="ci", out=tmp_path, runs_dir=tmp_path / "runs", verbose=False,
+                                 seeds=[7])
+    assert set(df.seed) == {7}
+    assert not [r for r in results if r.status == FAIL], [r.line() for r in results]
+
+
+@pytest.mark.slow
+def test_training_experiment_on_a_text_corpus(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    df, results = run_experiment("xiong_warmup", size="ci", out=tmp_path, runs_dir=tmp_path / "runs", verbose=False,
+                                 text=str(corpus))
+    recs = [json.loads(p.read_text()) for p in (tmp_path / "runs" / "ci" / "xiong_warmup").glob("*.json")]
+    assert recs and all(r["spec"]["data"] == "text" and r["spec"]["vocab"] == 256 for r in recs)
+    assert (df.initial_loss > 5.0).all()  # ~ln(256) = 5.55 for a fresh 256-way head
