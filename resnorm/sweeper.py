@@ -107,6 +107,8 @@ def _si(x: float) -> str:
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return "<1 s"
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:
@@ -114,9 +116,18 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def _split_common(plans: Sequence[JobPlan]) -> Tuple[List[str], List[List[str]]]:
+    """(overrides every job has, each job's other overrides): the table shows what varies."""
+    if len(plans) < 2:
+        return [], [p.overrides for p in plans]
+    common = [o for o in plans[0].overrides if all(o in p.overrides for p in plans[1:])]
+    return common, [[o for o in p.overrides if o not in common] for p in plans]
+
+
 def job_table(plans: Sequence[JobPlan], flops_per_s: float, sweep_dir: str, launcher: str) -> str:
     """The dry run's report: one row per job, then the totals."""
     header = ("#", "run_id", "state", "params", "FLOPs", "est. time", "overrides")
+    common, own = _split_common(plans)
     rows, todo_flops, todo = [], 0.0, 0
     for i, plan in enumerate(plans):
         n_params, n_matmul = model_size(plan.cfg)
@@ -125,14 +136,16 @@ def job_table(plans: Sequence[JobPlan], flops_per_s: float, sweep_dir: str, laun
             todo_flops += flops
             todo += 1
         rows.append((str(i), plan.run_id, plan.state_label(), _si(n_params), _si(flops),
-                     _duration(flops / flops_per_s), " ".join(plan.overrides) or "(defaults)"))
+                     _duration(flops / flops_per_s), " ".join(own[i]) or "(defaults)"))
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header) - 1)]
     lines = [f"dry run: {len(plans)} jobs, sweep folder {sweep_dir}/<run_id>, launcher {launcher}; "
              "nothing is launched"]
+    if common:
+        lines.append(f"every job: {' '.join(common)}")
     for r in [header, *rows]:
         lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[-1])
     done = len(plans) - todo
-    lines.append(f"to run: {todo} jobs, {_si(todo_flops)}FLOP, about {_duration(todo_flops / flops_per_s)} "
+    lines.append(f"to run: {todo} of {len(plans)} jobs, {_si(todo_flops)}FLOP, about {_duration(todo_flops / flops_per_s)} "
                  f"one after the other at {flops_per_s:.2g} FLOP/s per job (hydra.sweeper.flops_per_s); "
                  f"already done: {done}")
     return "\n".join(lines)
