@@ -13,14 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple
 
-from .identity import DONE, job_state
+from .identity import DONE, job_state, run_id
 from .store import read_summary
 
 #: statuses of the jobs of the last sweep run in this process (read by run.py for the exit code),
 #: the jobs skipped because their folder says they are done included
 LAST_OUTCOME: Counter = Counter()
-#: how many jobs of the last sweep were skipped (already completed or diverged), by status
-LAST_SKIPPED: Counter = Counter()
 
 
 @dataclass
@@ -50,8 +48,6 @@ class JobPlan:
 
 
 def plan_job(overrides: Sequence[str], cfg: Any, run_dir: Optional[Path]) -> JobPlan:
-    from .identity import run_id
-
     rid = run_id(cfg)
     state = job_state(run_dir, rid) if run_dir is not None else "unknown"
     return JobPlan(list(overrides), rid, run_dir, state, cfg)

@@ -30,7 +30,7 @@ from .identity import DONE, checkpoint_path, job_lock, job_state, run_id
 from .model import Transformer, build_model
 from .probes import GradNormProbe
 from .provenance import git_commit
-from .store import RunStore
+from .store import RunStore, read_summary
 from .tracking import WandbTracker
 
 log = logging.getLogger(__name__)
@@ -322,19 +322,18 @@ def run_job(cfg) -> Dict[str, Any]:
                            note="running in another process")
         state = job_state(job.run_dir, job.run_id)
         if state == "foreign":
-            error = (f"{job.run_dir} holds another run's summary.json (run {RunStore(job.run_dir).read_summary().get('run_id')}); "
-                     "left untouched: give this job another folder")
+            other = read_summary(job.run_dir).get("run_id")
+            error = f"{job.run_dir} holds another run ({other}): left untouched; give this job another folder"
             log.error(error)
             return _result({"status": "failed", "run_name": job.run_name, "run_id": job.run_id, "error": error})
         if state in DONE:
-            summary = RunStore(job.run_dir).read_summary()
             log.info("run %s (%s) is already %s: skipped", job.run_id, job.run_name, state)
-            return _result(summary, skipped=True)
+            return _result(read_summary(job.run_dir), skipped=True)
         try:
             with devices.claim(cfg.train.device, cfg.train.devices) as slots:
                 if cfg.train.devices > 1:
                     devices.spawn(_ddp_process, cfg.train.devices, (cfg, job, slots))
-                    summary = RunStore(job.run_dir).read_summary()
+                    summary = read_summary(job.run_dir)
                 else:
                     summary = train(cfg, job, slots=slots)
         except Exception as exc:

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -150,6 +149,29 @@ def test_keep_checkpoint_and_a_foreign_checkpoint(tmp_path):
     other = compose(*TINY, "depth=1", "seed=3")
     fresh = train(other, JobInfo(tmp_path / "a", "a", "g", []))
     assert fresh["resumed_from_step"] is None and fresh["attempts"] == 1
+
+
+def test_wandb_failing_mid_run_leaves_training_and_the_run_store_complete(tmp_path, monkeypatch):
+    import wandb
+
+    class FlakyRun:
+        id, summary = "flaky", {}
+
+        def __init__(self):
+            self.calls = 0
+
+        def log(self, data, step):
+            self.calls += 1
+            if self.calls == 3:
+                raise ConnectionError("W&B went away")
+
+        def finish(self, exit_code=0):
+            pass
+
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: FlakyRun())
+    summary = train(compose(*TINY, "depth=1", "logger.mode=online"), JobInfo(tmp_path, "r", "g", []))
+    assert summary["status"] == "completed" and "log failed" in summary["wandb_error"]
+    assert metrics(tmp_path)["step"].tolist() == list(range(6))
 
 
 # --- run_job: skip, failure, lock ---------------------------------------------------------------

@@ -29,7 +29,7 @@ from omegaconf import OmegaConf, open_dict
 from resnorm.config import validate
 from resnorm.errors import ConfigError
 from resnorm.identity import OPERATIONAL_KEYS, register_resolver
-from resnorm.sweeper import LAST_OUTCOME, LAST_SKIPPED, JobPlan, duplicates, job_table, plan_job
+from resnorm.sweeper import LAST_OUTCOME, JobPlan, duplicates, job_table, plan_job
 
 register_resolver()  # also in the launchers' workers, which unpickle Hydra's plugin registry
 log = logging.getLogger(__name__)
@@ -75,13 +75,8 @@ class ValidatingSweeper(BasicSweeper):
             _config_error(f"{err} (job: {' '.join(overrides)})")
         return plan_job(overrides, cfg, run_dir)
 
-    def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
-        for overrides in batch:
-            self.plan(overrides)
-
     def sweep(self, arguments: List[str]) -> Any:
         LAST_OUTCOME.clear()
-        LAST_SKIPPED.clear()
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         overrides = parser.parse_overrides(self._parse_config() + list(arguments))
         (jobs,) = self.split_arguments(overrides, None)
@@ -101,7 +96,6 @@ class ValidatingSweeper(BasicSweeper):
         done = [p for p in plans if p.done]
         for plan in done:
             LAST_OUTCOME[plan.state] += 1
-            LAST_SKIPPED[plan.state] += 1
         if done:
             log.info("%d of %d jobs already done in %s, not launched again: %s", len(done), len(plans),
                      sweep_dir, ", ".join(f"{p.run_id} ({p.state})" for p in done))
@@ -114,10 +108,7 @@ class ValidatingSweeper(BasicSweeper):
             results = self.launcher.launch(batch, initial_job_idx=initial_job_idx)
             for ret in results:
                 value = ret.return_value  # raises if the task function itself raised
-                status = value.get("status", "unknown") if isinstance(value, dict) else "unknown"
-                LAST_OUTCOME[status] += 1
-                if isinstance(value, dict) and value.get("skipped"):
-                    LAST_SKIPPED[status] += 1
+                LAST_OUTCOME[value.get("status", "unknown") if isinstance(value, dict) else "unknown"] += 1
             initial_job_idx += len(batch)
             returns.append(results)
         log.info("sweep %s: %s", sweep_dir, ", ".join(f"{n} {s}" for s, n in sorted(LAST_OUTCOME.items()))
