@@ -8,7 +8,8 @@ launcher lacks (hydra#1331, #2757: parallel jobs get no GPU of their own):
   ``n_jobs`` defaults to the number of GPUs divided by ``train.devices``;
 - on a CPU machine, ``n_jobs`` defaults to the number of cores and each job gets one thread
   (``threads_per_job``; ``RESNORM_THREADS``, ``OMP_NUM_THREADS``, ``OMP_WAIT_POLICY=PASSIVE``), as
-  parallel jobs that each used every core ran 10-40x slower here.
+  parallel jobs that each used every core ran 10-40x slower here; with fewer jobs than cores, the
+  cores are shared out between them, and a single job runs in the sweep's own process.
 
 Options (``hydra.launcher.<option>=...``): ``n_jobs``, ``gpus`` (a list of GPU indices; null: all
 visible), ``fake_gpus`` (N pretend GPUs that train on the CPU: to try a sweep's scheduling on a
@@ -76,8 +77,8 @@ class ParallelLauncher(Launcher):
             return [Slot(i) for i in self.gpus]
         return [Slot(i) for i in visible_gpus()] if _has_gpu_driver() else []
 
-    def plan(self) -> Dict[str, Any]:
-        """n_jobs, and the environment of the workers (device pool and threads)."""
+    def plan(self, n_todo: Optional[int] = None) -> Dict[str, Any]:
+        """n_jobs, and the environment of the workers (device pool and threads), for ``n_todo`` jobs."""
         from resnorm.devices import LOCK_DIR_ENV, POOL_ENV, THREADS_ENV, cpu_count, format_pool
 
         per_job = int(OmegaConf.select(self.config, "train.devices", default=1) or 1)
@@ -85,10 +86,12 @@ class ParallelLauncher(Launcher):
         cores = cpu_count()
         if slots:
             n_jobs = self.n_jobs or max(1, len(slots) // per_job)
-            threads = self.threads_per_job or max(1, cores // n_jobs)
         else:
-            threads = self.threads_per_job or 1
-            n_jobs = self.n_jobs or max(1, cores // (threads * per_job))
+            n_jobs = self.n_jobs or max(1, cores // ((self.threads_per_job or 1) * per_job))
+        n_jobs = min(n_jobs, n_todo or n_jobs)
+        # the cores are shared out between the processes running at once (one thread each when there
+        # are as many as cores); DDP runs have train.devices processes
+        threads = self.threads_per_job or max(1, cores // (n_jobs * per_job))
         env = {THREADS_ENV: str(threads), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
         if slots:
@@ -98,17 +101,24 @@ class ParallelLauncher(Launcher):
         return {"n_jobs": int(n_jobs), "threads": threads, "pool": format_pool(slots), "env": env}
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        plan = self.plan(len(job_overrides))
+        log.info("local launcher: %d jobs at a time, %d thread(s) each, device pool: %s", plan["n_jobs"],
+                 plan["threads"], plan["pool"] or "none (CPU)")
         try:
             from hydra_plugins.hydra_joblib_launcher import _core
         except ImportError:
-            raise ImportError("hydra/launcher=local needs hydra-joblib-launcher: "
-                              'pip install -e ".[local]"') from None
-        plan = self.plan()
-        log.info("local launcher: %d jobs at a time, %d thread(s) each, device pool: %s", plan["n_jobs"],
-                 plan["threads"], plan["pool"] or "none (CPU)")
-        # the workers (loky processes, started by this launch) inherit this environment
-        self.joblib = {"batch_size": 1, **self.joblib_extra, "n_jobs": plan["n_jobs"]}
+            _core = None
+            log.warning('hydra-joblib-launcher is not installed (pip install -e ".[local]"): '
+                        "the jobs run one after the other")
         with _environ(plan["env"]):
+            if plan["n_jobs"] == 1 or _core is None:  # no worker processes to start
+                from hydra._internal.core_plugins.basic_launcher import BasicLauncher
+
+                basic = BasicLauncher()
+                basic.setup(hydra_context=self.hydra_context, task_function=self.task_function, config=self.config)
+                return basic.launch(job_overrides, initial_job_idx=initial_job_idx)
+            # the workers (loky processes, started by this launch) inherit this environment
+            self.joblib = {"batch_size": 1, **self.joblib_extra, "n_jobs": plan["n_jobs"]}
             return _core.launch(launcher=self, job_overrides=job_overrides, initial_job_idx=initial_job_idx)
 
 
