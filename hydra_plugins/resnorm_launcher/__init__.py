@@ -1,0 +1,168 @@
+"""Hydra plugin: the ``local`` launcher, jobs in parallel on one machine, each with devices of its own.
+
+It runs the jobs with hydra-joblib-launcher (``pip install -e ".[local]"``) and adds what that
+launcher lacks (hydra#1331, #2757: parallel jobs get no GPU of their own):
+
+- with GPUs, the machine's GPUs form a device pool (``RESNORM_DEVICE_POOL``); each job takes
+  ``train.devices`` of them exclusively while it runs (file locks, see :mod:`resnorm.devices`), and
+  ``n_jobs`` defaults to the number of GPUs divided by ``train.devices``;
+- on a CPU machine, ``n_jobs`` defaults to the number of cores and each job gets one thread
+  (``threads_per_job``; ``RESNORM_THREADS``, ``OMP_NUM_THREADS``, ``OMP_WAIT_POLICY=PASSIVE``), as
+  parallel jobs that each used every core ran 10-40x slower here; with fewer jobs than cores, the
+  cores are shared out between them, and a single job runs in the sweep's own process.
+
+Options (``hydra.launcher.<option>=...``): ``n_jobs``, ``gpus`` (a list of GPU indices; null: all
+visible), ``fake_gpus`` (N pretend GPUs that train on the CPU: to try a sweep's scheduling on a
+machine without GPUs), ``threads_per_job``, ``lock_dir``, and ``joblib`` (more joblib.Parallel
+arguments). This module imports neither torch nor joblib: Hydra imports it on every start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+from hydra.core.utils import JobReturn
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _environ(values: Dict[str, str]) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _has_gpu_driver() -> bool:
+    """Cheap check before importing torch to count GPUs (a CPU machine has neither)."""
+    return bool(shutil.which("nvidia-smi")) or os.path.exists("/dev/nvidia0")
+
+
+class ParallelLauncher(Launcher):
+    def __init__(self, n_jobs: Optional[int] = None, gpus: Optional[Sequence[int]] = None,
+                 fake_gpus: int = 0, threads_per_job: Optional[int] = None, lock_dir: Optional[str] = None,
+                 joblib: Optional[Dict[str, Any]] = None) -> None:
+        self.n_jobs, self.fake_gpus, self.threads_per_job = n_jobs, int(fake_gpus or 0), threads_per_job
+        self.gpus = None if gpus is None else [int(g) for g in gpus]
+        self.lock_dir = lock_dir
+        self.joblib_extra = OmegaConf.to_container(joblib) if OmegaConf.is_config(joblib) else dict(joblib or {})
+        self.config: Optional[DictConfig] = None
+        self.task_function: Optional[TaskFunction] = None
+        self.hydra_context: Optional[HydraContext] = None
+        self.joblib: Dict[str, Any] = {}
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+
+    def pool(self) -> List:
+        from resnorm.devices import Slot, visible_gpus
+
+        if self.fake_gpus:
+            return [Slot(i, fake=True) for i in range(self.fake_gpus)]
+        if self.gpus is not None:
+            return [Slot(i) for i in self.gpus]
+        return [Slot(i) for i in visible_gpus()] if _has_gpu_driver() else []
+
+    def plan(self, n_todo: Optional[int] = None) -> Dict[str, Any]:
+        """n_jobs, and the environment of the workers (device pool and threads), for ``n_todo`` jobs."""
+        from resnorm.devices import LOCK_DIR_ENV, POOL_ENV, THREADS_ENV, cpu_count, format_pool
+
+        per_job = int(OmegaConf.select(self.config, "train.devices", default=1) or 1)
+        slots = self.pool()
+        cores = cpu_count()
+        if slots:
+            n_jobs = self.n_jobs or max(1, len(slots) // per_job)
+        else:
+            n_jobs = self.n_jobs or max(1, cores // ((self.threads_per_job or 1) * per_job))
+        n_jobs = min(n_jobs, n_todo or n_jobs)
+        # the cores are shared out between the processes running at once (one thread each when there
+        # are as many as cores); DDP runs have train.devices processes
+        threads = self.threads_per_job or max(1, cores // (n_jobs * per_job))
+        env = {THREADS_ENV: str(threads), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+               "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+        if slots:
+            env[POOL_ENV] = format_pool(slots)
+        if self.lock_dir:
+            env[LOCK_DIR_ENV] = str(self.lock_dir)
+        return {"n_jobs": int(n_jobs), "threads": threads, "pool": format_pool(slots), "env": env}
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        plan = self.plan(len(job_overrides))
+        log.info("local launcher: %d jobs at a time, %d thread(s) each, device pool: %s", plan["n_jobs"],
+                 plan["threads"], plan["pool"] or "none (CPU)")
+        try:
+            from hydra_plugins.hydra_joblib_launcher import _core
+        except ImportError:
+            _core = None
+            log.warning('hydra-joblib-launcher is not installed (pip install -e ".[local]"): '
+                        "the jobs run one after the other")
+        with _environ(plan["env"]):
+            if plan["n_jobs"] == 1 or _core is None:  # no worker processes to start
+                from hydra._internal.core_plugins.basic_launcher import BasicLauncher
+
+                basic = BasicLauncher()
+                basic.setup(hydra_context=self.hydra_context, task_function=self.task_function, config=self.config)
+                return basic.launch(job_overrides, initial_job_idx=initial_job_idx)
+            # the workers (loky processes, started by this launch) inherit this environment
+            self.joblib = {"batch_size": 1, **self.joblib_extra, "n_jobs": plan["n_jobs"]}
+            return _core.launch(launcher=self, job_overrides=job_overrides, initial_job_idx=initial_job_idx)
+
+
+class RayLauncher(Launcher):
+    """hydra-ray-launcher (``pip install -e ".[ray]"``), with one task per job that asks for
+    ``train.devices`` GPUs when the Ray cluster has GPUs (Ray then sets the task's
+    ``CUDA_VISIBLE_DEVICES``), else for ``threads_per_job`` CPUs, with that many torch threads."""
+
+    def __init__(self, ray: Any = None, threads_per_job: int = 1) -> None:
+        ray = OmegaConf.to_container(ray) if OmegaConf.is_config(ray) else dict(ray or {})
+        self.init_cfg = dict(ray.get("init") or {})
+        self.remote_cfg = dict(ray.get("remote") or {})
+        self.threads_per_job = int(threads_per_job)
+        self.config: Optional[DictConfig] = None
+        self.task_function: Optional[TaskFunction] = None
+        self.hydra_context: Optional[HydraContext] = None
+        self.ray_cfg: Optional[DictConfig] = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+
+    def remote_options(self, cluster_gpus: float) -> Dict[str, Any]:
+        from resnorm.devices import THREADS_ENV
+
+        per_job = int(OmegaConf.select(self.config, "train.devices", default=1) or 1)
+        remote = dict(self.remote_cfg)
+        if cluster_gpus:
+            remote.setdefault("num_gpus", per_job)
+        else:
+            remote.setdefault("num_cpus", self.threads_per_job)
+            env = {THREADS_ENV: str(self.threads_per_job), "OMP_WAIT_POLICY": "PASSIVE"}
+            remote.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(env)
+        return remote
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        try:
+            import ray
+            from hydra_plugins.hydra_ray_launcher import _core
+            from hydra_plugins.hydra_ray_launcher._launcher_util import start_ray
+        except ImportError:
+            raise ImportError('hydra/launcher=ray needs hydra-ray-launcher: pip install -e ".[ray]"') from None
+        init = OmegaConf.create({"object_store_memory": 78643200, **self.init_cfg})  # as hydra-ray-launcher
+        start_ray(init)
+        remote = self.remote_options(ray.cluster_resources().get("GPU", 0))
+        log.info("ray launcher: each job asks for %s", remote)
+        self.ray_cfg = OmegaConf.create({"init": init, "remote": remote})
+        return _core.launch(launcher=self, job_overrides=job_overrides, initial_job_idx=initial_job_idx)

@@ -1,0 +1,446 @@
+"""Never losing a run: identity, checkpoint and resume, skip of finished runs, failures, dry run,
+the device pool, W&B run ids and the W&B sweep specs (README "Scaling out")."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from conftest import PYTHON, ROOT, TINY, compose, run_cli
+from resnorm import devices
+from resnorm.identity import OPERATIONAL_KEYS, job_lock, run_id
+from resnorm.model import build_model
+from resnorm.train import JobInfo, run_job, train
+
+NO_ANALYSIS = "~hydra.callbacks.analysis"
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "RESNORM_THREADS": "1"}
+STEP_COLUMNS = ["step", "train_loss", "lr", "grad_norm", "val_loss"]  # all but the timing
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def metrics(run_dir: Path) -> pd.DataFrame:
+    return pd.read_parquet(Path(run_dir) / "metrics.parquet")
+
+
+def summary_of(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def find_runs(root: Path):
+    """Job folders as the analysis finds them: any folder holding a summary.json, hidden ones skipped."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        if "summary.json" in filenames:
+            found.append(Path(dirpath))
+            dirnames[:] = []
+        else:
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    return sorted(found)
+
+
+class Interrupt(BaseException):
+    """Stands for a kill in the middle of a step (not an Exception: run_job must not record it)."""
+
+
+def interrupt_at(monkeypatch, step: int) -> None:
+    import resnorm.train as rt
+
+    original = rt.lr_at
+
+    def lr_at(s, *args):
+        if s == step:
+            raise Interrupt(f"interrupted at step {s}")
+        return original(s, *args)
+
+    monkeypatch.setattr(rt, "lr_at", lr_at)
+
+
+# --- identity -----------------------------------------------------------------------------------
+
+def test_identity_is_the_config_minus_operational_keys():
+    base = run_id(compose(*TINY))
+    assert len(base) == 12 and int(base, 16) >= 0
+    assert run_id(compose(*TINY)) == base
+    same = ["logger.mode=offline", "train.progress=true", "train.threads=3", "train.device=cpu",
+            "train.devices=2", "train.compile=true", "train.checkpoint_every=7", "train.keep_checkpoint=true"]
+    covered = {"logger" if k.startswith("logger.") else k for k in (o.split("=")[0] for o in same)}
+    assert covered == set(OPERATIONAL_KEYS)
+    for override in same:
+        assert run_id(compose(*TINY, override)) == base, override
+    for override in ("seed=1", "depth=7", "optim.lr=0.001", "model.norm=post", "train.steps=7", "name=other",
+                     "train.precision=bf16"):
+        assert run_id(compose(*TINY, override)) != base, override
+    # the job folder of a sweep is the identity (hydra.sweep.subdir: ${run_id:})
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    import resnorm.cli  # noqa: F401  (registers the resolver, as run.py does)
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        cfg = hydra_compose(config_name="config", overrides=list(TINY), return_hydra_config=True)
+        assert str(cfg.hydra.sweep.subdir) == base
+        assert str(cfg.hydra.sweep.dir) == "multirun/main"
+
+
+# --- checkpoint and resume ----------------------------------------------------------------------
+
+def test_resume_continues_bit_for_bit_and_the_same_wandb_run(tmp_path, monkeypatch):
+    from wandb_records import read_run
+
+    over = (*TINY, "depth=2", "train.steps=12", "train.checkpoint_every=4", "train.eval_every=5")
+    ref = train(compose(*over), JobInfo(tmp_path / "ref", "ref", "g", []))
+    cfg = compose(*over, "logger.mode=offline", "name=resume")
+    rid = run_id(cfg)
+    job = JobInfo(tmp_path / rid, "depth=2", "resume", ["depth=2"], rid)
+
+    interrupt_at(monkeypatch, 10)
+    with pytest.raises(Interrupt):
+        train(cfg, job)
+    monkeypatch.undo()
+    half = summary_of(job.run_dir)
+    assert half["status"] == "running" and half["checkpoint_step"] == 8 and half["run_id"] == rid
+    assert metrics(job.run_dir)["step"].max() == 9  # flushed at the evaluation of step 9, past the checkpoint
+
+    done = train(cfg, job)
+    assert done["status"] == "completed" and done["attempts"] == 2 and done["resumed_from_step"] == 8
+    a, b = metrics(tmp_path / "ref"), metrics(job.run_dir)
+    assert b["step"].tolist() == list(range(12))  # no step twice
+    pd.testing.assert_frame_equal(a[STEP_COLUMNS], b[STEP_COLUMNS])  # bit for bit
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "ref" / "layers.parquet"),
+                                  pd.read_parquet(job.run_dir / "layers.parquet"))
+    for key in ("initial_loss", "final_train_loss", "final_val_loss", "best_val_loss", "steps_done"):
+        assert done[key] == ref[key], key
+    assert not (job.run_dir / "checkpoint.pt").exists()  # removed once the run is over
+    # both attempts logged to the one W&B run named by the identity, resumed the second time
+    logs = sorted(job.run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(logs) == 2
+    runs = [read_run(f) for f in logs]
+    assert {r["run"].run_id for r in runs} == {rid} and done["wandb_run_id"] == rid
+    assert {r["run"].run_group for r in runs} == {"resume"} and runs[0]["run"].job_type == "pre"
+    assert set(runs[1]["run"].tags) == {"pre", "depth=2"}
+    first, second = ([h["_step"] for h in r["history"]] for r in runs)
+    assert first == list(range(10)) and second == list(range(8, 12))  # W&B keeps each step once
+
+
+def test_keep_checkpoint_and_a_foreign_checkpoint(tmp_path):
+    cfg = compose(*TINY, "depth=1", "train.keep_checkpoint=true")
+    rid = run_id(cfg)
+    summary = train(cfg, JobInfo(tmp_path / "a", "a", "g", [], rid))
+    state = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == summary["steps_done"] == 6 and state["run_id"] == rid
+    assert summary["checkpoint_step"] == 6
+    # a checkpoint left by another run is not resumed from
+    other = compose(*TINY, "depth=1", "seed=3")
+    fresh = train(other, JobInfo(tmp_path / "a", "a", "g", []))
+    assert fresh["resumed_from_step"] is None and fresh["attempts"] == 1
+
+
+def test_wandb_failing_mid_run_leaves_training_and_the_run_store_complete(tmp_path, monkeypatch):
+    import wandb
+
+    class FlakyRun:
+        id, summary = "flaky", {}
+
+        def __init__(self):
+            self.calls = 0
+
+        def log(self, data, step):
+            self.calls += 1
+            if self.calls == 3:
+                raise ConnectionError("W&B went away")
+
+        def finish(self, exit_code=0):
+            pass
+
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: FlakyRun())
+    summary = train(compose(*TINY, "depth=1", "logger.mode=online"), JobInfo(tmp_path, "r", "g", []))
+    assert summary["status"] == "completed" and "log failed" in summary["wandb_error"]
+    assert metrics(tmp_path)["step"].tolist() == list(range(6))
+
+
+# --- run_job: skip, failure, lock ---------------------------------------------------------------
+
+def test_run_job_skips_done_runs_records_failures_and_respects_the_lock(tmp_path, monkeypatch):
+    import resnorm.train as rt
+
+    monkeypatch.chdir(tmp_path)  # outside Hydra, run_job writes into the working directory
+    cfg = compose(*TINY, "depth=1")
+    first = run_job(cfg)
+    assert first["status"] == "completed" and first["run_id"] == run_id(cfg) and "skipped" not in first
+    wall = summary_of(tmp_path)["finished_at"]
+    again = run_job(cfg)
+    assert again["skipped"] and again["status"] == "completed" and summary_of(tmp_path)["finished_at"] == wall
+
+    other = tmp_path / "other"
+    other.mkdir()
+    monkeypatch.chdir(other)
+    with job_lock(other) as ours:
+        assert ours
+        busy = run_job(cfg)
+    assert busy["status"] == "running" and not (other / "summary.json").exists()
+
+    def broken_model(cfg):
+        raise MemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(rt, "build_model", broken_model)
+    failed = run_job(cfg)
+    on_disk = summary_of(other)
+    assert failed["status"] == on_disk["status"] == "failed"
+    assert "MemoryError: CUDA out of memory" in on_disk["error"] and "Traceback" in on_disk["traceback"]
+
+    # a folder holding another run is left alone
+    foreign = compose(*TINY, "depth=2")
+    refused = run_job(foreign)
+    assert refused["status"] == "failed" and "another run" in refused["error"]
+    assert summary_of(other)["run_id"] == run_id(cfg)
+
+
+# --- the device pool ----------------------------------------------------------------------------
+
+def test_device_pool_is_exclusive_with_jobs_of_unequal_length(tmp_path):
+    pool = devices.DevicePool([devices.Slot(0, fake=True), devices.Slot(1, fake=True)], tmp_path, poll_s=0.01)
+    held, errors = [], []
+
+    def job(seconds):
+        try:
+            with pool.acquire(1) as (slot,):
+                start = time.monotonic()
+                time.sleep(seconds)
+                held.append((slot.name, start, time.monotonic()))
+        except Exception as exc:  # pragma: no cover
+            errors.append(exc)
+
+    threads = [threading.Thread(target=job, args=(s,)) for s in (0.3, 0.05, 0.05, 0.2, 0.1, 0.02)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(held) == 6
+    for name in ("fake:0", "fake:1"):
+        spans = sorted((a, b) for n, a, b in held if n == name)
+        assert spans, name
+        assert all(b1 <= a2 for (_, b1), (a2, _) in zip(spans, spans[1:])), f"{name} shared: {spans}"
+    with pytest.raises(RuntimeError, match="needs 3 devices but the pool has 2"):
+        with pool.acquire(3):
+            pass
+
+
+def test_claim_follows_the_pool_and_the_configured_device(monkeypatch, tmp_path):
+    monkeypatch.setenv(devices.LOCK_DIR_ENV, str(tmp_path))
+    monkeypatch.delenv(devices.POOL_ENV, raising=False)
+    with devices.claim("auto") as slots:
+        assert slots is None
+    monkeypatch.setenv(devices.POOL_ENV, "fake:0,fake:1")
+    with devices.claim("auto", 2) as slots:
+        assert [s.name for s in slots] == ["fake:0", "fake:1"]
+        assert [str(devices.job_device("auto", r, slots)) for r in (0, 1)] == ["cpu", "cpu"]
+    with devices.claim("cpu") as slots:
+        assert slots is None  # a job that names its device keeps it
+    assert devices.Slot.parse("3").device == "cuda:3"  # the one GPU-only branch: which device
+
+
+def test_local_launcher_plans_jobs_and_threads(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.resnorm_launcher import ParallelLauncher
+
+    monkeypatch.setattr(devices, "cpu_count", lambda: 8)
+    launcher = ParallelLauncher()
+    launcher.config = OmegaConf.create({"train": {"devices": 1}})
+    monkeypatch.setattr(launcher, "pool", lambda: [])
+    plan = launcher.plan(n_todo=20)
+    assert plan["n_jobs"] == 8 and plan["threads"] == 1 and devices.POOL_ENV not in plan["env"]
+    assert plan["env"]["OMP_NUM_THREADS"] == "1" and plan["env"]["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert (launcher.plan(n_todo=2)["n_jobs"], launcher.plan(n_todo=2)["threads"]) == (2, 4)  # fewer jobs than cores
+    assert (launcher.plan(n_todo=1)["n_jobs"], launcher.plan(n_todo=1)["threads"]) == (1, 8)
+    gpus = ParallelLauncher(fake_gpus=4)
+    gpus.config = OmegaConf.create({"train": {"devices": 2}})
+    plan = gpus.plan(n_todo=20)
+    assert plan["n_jobs"] == 2 and plan["threads"] == 2  # two DDP runs of two processes on 8 cores
+    assert plan["env"][devices.POOL_ENV] == "fake:0,fake:1,fake:2,fake:3"
+
+
+# --- the command line: failures, dry run, kill -9 and re-run ----------------------------------
+
+def test_a_failing_job_is_recorded_and_counted_in_the_exit_code(tmp_path):
+    tiny_text = tmp_path / "tiny.txt"
+    tiny_text.write_text("abc")  # passes validation, fails when loaded: fewer than one sequence
+    proc = run_cli("-m", *TINY, "depth=1", "data=synthetic,text", f"data.path={tiny_text}", "name=fails",
+                   NO_ANALYSIS, cwd=tmp_path, env_extra=ONE_THREAD)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "1 of 2 runs failed" in proc.stderr
+    statuses = sorted(summary_of(d)["status"] for d in find_runs(tmp_path / "multirun" / "fails"))
+    assert statuses == ["completed", "failed"]
+
+
+PROBE_CALLBACK = '''
+from pathlib import Path
+from hydra.experimental.callback import Callback
+
+class Probe(Callback):
+    def __init__(self, path):
+        self.path = path
+
+    def on_multirun_end(self, config, **kwargs):
+        Path(self.path).write_text("multirun ended")
+'''
+
+
+def probe_callback(tmp_path: Path):
+    """A Hydra callback standing for the analysis: it leaves a file when a multirun ends."""
+    (tmp_path / "probe_callback.py").write_text(PROBE_CALLBACK)
+    marker = tmp_path / "multirun_ended"
+    args = ["+hydra.callbacks.probe._target_=probe_callback.Probe", f"+hydra.callbacks.probe.path={marker}"]
+    return marker, args, {"PYTHONPATH": str(tmp_path)}
+
+
+def test_dry_run_prints_the_job_table_and_launches_nothing(tmp_path):
+    done_cfg = compose(*TINY, "depth=1", "name=dry")
+    done_dir = tmp_path / "multirun" / "dry" / run_id(done_cfg)
+    done_dir.mkdir(parents=True)
+    (done_dir / "summary.json").write_text(json.dumps({"status": "completed", "run_id": run_id(done_cfg)}))
+    marker, callback, env = probe_callback(tmp_path)
+    proc = run_cli(*TINY, "depth=1,2", "name=dry", "--dry-run", NO_ANALYSIS, *callback, cwd=tmp_path,
+                   env_extra=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "dry run: 2 jobs" in out and "nothing is launched" in out
+    rows = {line.split()[1]: line for line in out.splitlines() if line[:1].isdigit()}
+    new_id = run_id(compose(*TINY, "depth=2", "name=dry"))
+    assert set(rows) == {run_id(done_cfg), new_id}
+    assert "done: completed" in rows[run_id(done_cfg)] and "depth=1" in rows[run_id(done_cfg)]
+    assert " new " in rows[new_id] and "depth=2" in rows[new_id]
+    n_params = build_model(compose(*TINY, "depth=2")).n_params()
+    assert f" {n_params / 1e3:.3g}k " in rows[new_id]
+    assert "to run: 1 of 2 jobs" in out and "FLOP/s per job" in out
+    assert sorted(p.name for p in (tmp_path / "multirun" / "dry").iterdir()) == [run_id(done_cfg)]
+    assert not marker.exists(), "the dry run ran the end-of-sweep callbacks"
+
+
+def test_duplicate_runs_in_one_sweep_are_refused(tmp_path):
+    proc = run_cli("-m", *TINY, "depth=1", "train.threads=1,2", "name=dup", NO_ANALYSIS, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "are the same run" in proc.stderr and not (tmp_path / "multirun").exists()
+
+
+@pytest.mark.slow
+def test_kill_9_mid_sweep_then_the_same_command_finishes_every_run_once(tmp_path):
+    """A sweep killed with SIGKILL in its second job; the same command again: the first job is not
+    run again, the second resumes from its checkpoint (its curve equals an uninterrupted run's),
+    the third starts; no run and no step appears twice."""
+    steps = 400
+    sweep = [*TINY, f"train.steps={steps}", "train.eval_every=50", "train.checkpoint_every=20",
+             "train.threads=1", "depth=1,2,3", "name=killed", NO_ANALYSIS]
+    env = {**os.environ, **ONE_THREAD, "WANDB_SILENT": "true"}
+    proc = subprocess.Popen([PYTHON, str(ROOT / "run.py"), "-m", *sweep], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    sweep_dir = tmp_path / "multirun" / "killed"
+    second = sweep_dir / run_id(compose(*TINY, f"train.steps={steps}", "train.eval_every=50", "depth=2",
+                                        "name=killed"))
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            s = summary_of(second) if (second / "summary.json").exists() else {}
+            if (s.get("checkpoint_step") or 0) >= 40:
+                break
+            assert proc.poll() is None, "the sweep ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
+            time.sleep(0.02)
+        else:
+            pytest.fail("the second job never reached its second checkpoint")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed = summary_of(second)
+    assert killed["status"] == "running" and killed["steps_done"] < steps
+    firsts = {d.name: summary_of(d) for d in find_runs(sweep_dir)}
+
+    marker, callback, cb_env = probe_callback(tmp_path)
+    again = run_cli("-m", *sweep, *callback, cwd=tmp_path, env_extra={**ONE_THREAD, **cb_env})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert marker.exists()  # the end-of-sweep callback (the analysis) ran once the sweep was done
+
+    runs = find_runs(sweep_dir)
+    assert len(runs) == 3 and len({summary_of(d)["run_id"] for d in runs}) == 3
+    summaries = {d.name: summary_of(d) for d in runs}
+    assert all(s["status"] == "completed" for s in summaries.values())
+    first = [name for name, s in firsts.items() if s["status"] == "completed"]
+    assert len(first) == 1 and summaries[first[0]] == firsts[first[0]]  # not run again
+    resumed = summaries[second.name]
+    assert resumed["attempts"] == 2 and resumed["resumed_from_step"] >= 40
+    for name, s in summaries.items():
+        steps_seen = metrics(sweep_dir / name)["step"]
+        assert steps_seen.tolist() == list(range(steps)), name  # every step once
+        assert s["attempts"] == (2 if name == second.name else 1)
+    assert not list(sweep_dir.rglob("checkpoint.pt"))
+
+    reference = train(compose(*TINY, f"train.steps={steps}", "train.eval_every=50", "depth=2", "name=killed",
+                              "train.threads=1"), JobInfo(tmp_path / "reference", "r", "g", []))
+    pd.testing.assert_frame_equal(metrics(tmp_path / "reference")[STEP_COLUMNS], metrics(second)[STEP_COLUMNS])
+    assert resumed["final_val_loss"] == reference["final_val_loss"]
+
+    try:  # the analysis package (a sibling branch) where it is installed
+        from analysis.load import load_sweep
+    except ImportError:
+        return
+    loaded = load_sweep(sweep_dir)
+    assert len(loaded.runs) == 3 and not loaded.steps.duplicated(["run_dir", "step"]).any()
+
+
+# --- W&B sweeps ---------------------------------------------------------------------------------
+
+def agent_command(spec: dict, args: dict) -> list:
+    """The command a W&B agent runs for one grid point (wandb's own argument formats)."""
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    macros = create_sweep_command_args({"args": {k: {"value": v} for k, v in args.items()}})
+    macros.update(env=[], interpreter=[PYTHON], program=[str(ROOT / spec["program"])])
+    out = []
+    for item in spec["command"]:
+        out += macros[item[2:-1]] if item.startswith("${") and item.endswith("}") else [item]
+    return out
+
+
+def test_wandb_sweep_specs_match_the_hydra_grids_and_land_in_the_same_folders(tmp_path):
+    specs = sorted((ROOT / "sweeps").glob("*.yaml"))
+    assert specs
+    for path in specs:
+        spec = yaml.safe_load(path.read_text())
+        hydra_cfg = yaml.safe_load((ROOT / "conf" / "sweep" / path.name).read_text())
+        grid = {k: [str(v) for v in p["values"]] for k, p in spec["parameters"].items()}
+        hydra_grid = {k: str(v).split(",") for k, v in hydra_cfg["hydra"]["sweeper"]["params"].items()}
+        assert grid == hydra_grid, path.name
+        assert f"name={hydra_cfg['name']}" in spec["command"] and spec["metric"]["name"] == "val/loss"
+
+    spec = yaml.safe_load((ROOT / "sweeps" / "depth_lr_grid.yaml").read_text())
+    point = {"model.norm": "post", "depth": 6, "optim.lr": 0.003}
+    command = agent_command(spec, point)
+    assert command[1:5] == [str(ROOT / "run.py"), "model.norm=post", "depth=6", "optim.lr=0.003"]
+    tiny = [*TINY, "depth=1"]  # the grid's depth is too slow here: the last depth= wins
+    env = {**os.environ, **ONE_THREAD, "WANDB_SILENT": "true"}
+    proc = subprocess.run([*command, *tiny, NO_ANALYSIS], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (run_dir,) = find_runs(tmp_path / "multirun" / "depth_lr_grid")
+    assert summary_of(run_dir)["status"] == "completed"
+    # the Hydra sweep of the same grid knows that job as done
+    dry = run_cli("+sweep=depth_lr_grid", *tiny, "--dry-run", NO_ANALYSIS, cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    assert "dry run: 6 jobs" in dry.stdout  # depth is pinned to 1: 2 variants x 3 learning rates
+    (row,) = [line for line in dry.stdout.splitlines() if run_dir.name in line]
+    assert "done: completed" in row and "model.norm=post" in row and "optim.lr=0.003" in row
