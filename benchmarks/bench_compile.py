@@ -16,7 +16,19 @@ from . import common, peers
 LOSS_RTOL = 1e-4  # relative; fp32 kernels fused differently round differently
 
 
+def _cold_caches() -> None:
+    """Compile time is measured cold: inductor's on-disk FX-graph / AOT-autograd caches off (a second
+    run with the same shapes would hit them and compile faster)."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = False
+    if hasattr(functorch_config, "enable_autograd_cache"):
+        functorch_config.enable_autograd_cache = False
+
+
 def measure_depth(depth: int, ref: dict, steps: int, warmup: int, check_steps: int) -> dict:
+    _cold_caches()
     batches = peers.make_batches(4, ref["batch"], ref["seq"], ref["vocab"], "cpu")
     eager = peers.ours(depth, ref, batches=batches, name="eager")
     compiled = peers.ours(depth, ref, batches=batches, compile_loss=True, name="compiled")

@@ -55,24 +55,20 @@ class _Cycle:
 
 
 def ours(depth: int, ref: dict, device="cpu", probes: bool = True, norm: str = "pre", batches=None,
-         model_cls=None, optimizer_fn=None, probe_cls=None, extra_overrides: Sequence[str] = (),
-         autocast_dtype=None, compile_loss: bool = False, name: Optional[str] = None, seed: int = 0) -> Impl:
-    """Our model through the real code path; ``model_cls``/``optimizer_fn``/``probe_cls`` let
-    :mod:`benchmarks.speedups` swap in a prototype for a side-by-side measurement."""
-    from resnorm.model import Transformer, build_model
+         optimizer_fn=None, extra_overrides: Sequence[str] = (), autocast_dtype=None, compile_loss: bool = False,
+         name: Optional[str] = None, seed: int = 0) -> Impl:
+    """Our model through the real code path; ``optimizer_fn`` lets :mod:`benchmarks.speedups` swap in
+    a prototype optimizer for a side-by-side measurement."""
+    from resnorm.model import build_model
     from resnorm.probes import GradNormProbe
     from resnorm.train import lr_at, make_optimizer
 
     cfg = compose(*reference_overrides(depth, ref, norm=norm, extra=extra_overrides))
     torch.manual_seed(seed)
     model = build_model(cfg)
-    if model_cls is not None and model_cls is not Transformer:
-        fast = model_cls(model.shape)
-        fast.load_state_dict_from(model) if hasattr(fast, "load_state_dict_from") else fast.load_state_dict(model.state_dict())
-        model = fast
     model = model.to(device).train()
     optimizer = (optimizer_fn or make_optimizer)(model, cfg.optim)
-    probe = (probe_cls or GradNormProbe)(model, per_layer=probes)
+    probe = GradNormProbe(model, per_layer=probes)
     loss_fn = torch.compile(model.loss) if compile_loss else model.loss
     data = _Cycle(batches or make_batches(4, ref["batch"], ref["seq"], ref["vocab"], device))
     lr = lr_at(100, cfg.optim, 1000)

@@ -43,12 +43,18 @@ def render(results: dict, header: bool = True, only_checks: bool = False) -> str
             out.append(fmt_table([
                 dict(view="train step", on_ms=st["on_ms"], off_ms=st["off_ms"], overhead=_pct(st["overhead"]),
                      detail=f"probe.compute(): {st['compute_per_layer_ms']:.2f} ms per-layer vs "
-                            f"{st['compute_total_only_ms']:.2f} ms total-only"),
+                            f"{st['compute_total_only_ms']:.2f} ms total-only, i.e. "
+                            f"{_pct(st.get('direct_overhead'))} of the step (timed alone, less noisy)"),
                 dict(view="real loop (train.train, W&B offline)", on_ms=lp["iter_on_ms"], off_ms=lp["iter_off_ms"],
                      overhead=_pct(lp["overhead"]),
                      detail=f"bookkeeping per step: {lp['bookkeeping_on_ms']:.1f} ms on vs "
                             f"{lp['bookkeeping_off_ms']:.1f} ms off"),
-            ], ["view", "on_ms", "off_ms", "overhead", "detail"]))
+            ] + ([dict(view="real loop, shipped default sizes (d_model 64, seq 64)",
+                       on_ms=r["loop_default_sizes"]["iter_on_ms"], off_ms=r["loop_default_sizes"]["iter_off_ms"],
+                       overhead=_pct(r["loop_default_sizes"]["overhead"]),
+                       detail=f"bookkeeping per step: {r['loop_default_sizes']['bookkeeping_on_ms']:.1f} ms on vs "
+                              f"{r['loop_default_sizes']['bookkeeping_off_ms']:.1f} ms off")]
+                 if "loop_default_sizes" in r else []), ["view", "on_ms", "off_ms", "overhead", "detail"]))
             for n in r.get("not_measured", []):
                 out.append(f"not measured: {n}")
         if "compile" in s:
@@ -59,7 +65,8 @@ def render(results: dict, header: bool = True, only_checks: bool = False) -> str
         if "speedups" in s:
             r = s["speedups"]
             out.append("\n### Speed-up prototypes (benchmarks/speedups.py), each vs the current code, same run")
-            out.append(fmt_table(r["rows"], ["change", "where", "depth", "before_ms", "after_ms", "after_over_before"]))
+            out.append(fmt_table(r["rows"], ["change", "depth", "before_ms", "after_ms", "after_over_before", "detail"]))
+            out.append("where: " + "; ".join(f"{x['change']}: {x['where']}" for x in r["rows"] if x.get("where")))
         if "sweep" in s:
             r = s["sweep"]
             out.append("\n### (3) Process start-up (median wall of a fresh interpreter)")

@@ -31,7 +31,7 @@ def parse_args(argv=None):
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections ({','.join(SECTIONS)})")
     p.add_argument("--threads", type=int, default=2, help="torch threads in this process (issue #6: 2)")
     p.add_argument("--steps", type=int, default=None, help="timed rounds per comparison (default 20; quick 4)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 3; quick 1)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 2; quick 1)")
     p.add_argument("--depths", default=None, help="depths for the step comparison (default 6,24)")
     p.add_argument("--probe-depth", type=int, default=None, help="depth for the probe overhead (default 48)")
     p.add_argument("--compile-depths", default=None, help="depths for torch.compile (default 6,24)")
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
 
     q = args.quick
     steps = args.steps or (4 if q else 20)
-    warmup = args.warmup if args.warmup is not None else (1 if q else 3)
+    warmup = args.warmup if args.warmup is not None else (1 if q else 2)
     depths = ints(args.depths or ("2" if q else "6,24"))
     probe_depth = args.probe_depth or (4 if q else 48)
     compile_depths = ints(args.compile_depths or ("2" if q else "6,24"))
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
         elif section == "probes":
             from benchmarks import bench_probes
             res = bench_probes.measure(probe_depth, ref, steps=steps, warmup=warmup,
-                                       loop_steps=8 if q else 25, loop_reps=1 if q else 2, threads=args.threads)
+                                       loop_steps=8 if q else 10, loop_reps=1 if q else 2, threads=args.threads)
         elif section == "compile":
             from benchmarks import bench_compile
             res = bench_compile.measure(compile_depths, ref, steps=steps, warmup=warmup, check_steps=3 if q else 5)
