@@ -66,7 +66,8 @@ def render(results: dict, header: bool = True, only_checks: bool = False) -> str
             r = s["speedups"]
             out.append("\n### Speed-up prototypes (benchmarks/speedups.py), each vs the current code, same run")
             out.append(fmt_table(r["rows"], ["change", "depth", "before_ms", "after_ms", "after_over_before", "detail"]))
-            out.append("where: " + "; ".join(f"{x['change']}: {x['where']}" for x in r["rows"] if x.get("where")))
+            wheres = {x["change"]: x["where"] for x in r["rows"] if x.get("where")}
+            out.append("where: " + "; ".join(f"{k}: {v}" for k, v in wheres.items()))
         if "sweep" in s:
             r = s["sweep"]
             out.append("\n### (3) Process start-up (median wall of a fresh interpreter)")
@@ -78,6 +79,11 @@ def render(results: dict, header: bool = True, only_checks: bool = False) -> str
                                   for x in r["sweeps"]],
                                  ["launcher", "status", "returncode", "n_jobs", "wall_s", "sum_job_wall_s",
                                   "outside_jobs_s"]))
+            for x in r["sweeps"]:
+                if x.get("jobs"):
+                    out.append(f"{x['launcher']} jobs: " + "; ".join(
+                        f"{j['run'].replace(',logger.mode=offline', '').replace(',train.steps=' + str(g['steps']), '')} "
+                        f"{j['status']} {j['wall_s']:.0f} s" for j in x["jobs"] if j.get("wall_s") is not None))
         if "gpu" in s:
             r = s["gpu"]
             if r.get("skipped"):

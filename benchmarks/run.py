@@ -39,6 +39,9 @@ def parse_args(argv=None):
     p.add_argument("--sweep-steps", type=int, default=None, help="train.steps per sweep job (default 200)")
     p.add_argument("--sweep-depths", default=None, help="depths of the sweep grid (default 6,24,48)")
     p.add_argument("--sweep-extra", default="", help="extra overrides for every sweep job, space-separated")
+    p.add_argument("--speedups", default=None,
+                   help="which speed-up prototypes to time (default all: fused_adamw,threads,omp,attention,"
+                        "bookkeeping,wandb_init)")
     p.add_argument("--gpu-depths", default="24", help="depths for the GPU part (default 24)")
     p.add_argument("--omp-wait-policy", default="passive", choices=("passive", "active", "inherit"),
                    help="OMP_WAIT_POLICY for this process and its subprocesses, set before torch loads "
@@ -112,7 +115,8 @@ def main(argv=None) -> int:
         elif section == "speedups":
             from benchmarks import speedups
             res = speedups.measure(ref, depths=depths, probe_depth=probe_depth, steps=steps, warmup=warmup,
-                                   threads=args.threads, quick=q)
+                                   threads=args.threads, quick=q,
+                                   **({"items": args.speedups.split(",")} if args.speedups else {}))
         elif section == "sweep":
             from benchmarks import bench_sweep
             res = bench_sweep.measure([s for s in args.launchers.split(",") if s], norms="pre,post",

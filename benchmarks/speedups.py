@@ -14,6 +14,14 @@ as it is. Each row gives ``after_over_before`` (< 1 is faster) and says exactly 
 - ``threads_1_vs_2``: the same step with 1 and with 2 torch threads (toggled per round): tells
   whether two 1-thread jobs in parallel beat two 2-thread jobs in sequence on 2 cores (the
   ``local`` launcher's threads-per-job choice).
+- ``attention_split``: ``Attention.forward`` views the fused QKV output as ``(b, t, 3, h, hd)`` and
+  permutes it; the gradients SDPA returns for those strided q, k, v come back contiguous, so the
+  backward of the view needs a full copy (``clone`` in ``ViewBackward0``, ~1% of a step in the
+  profile, absent in HF's GPT2). Proposal: ``q, k, v = (z.view(b, t, h, hd).transpose(1, 2) for z in
+  self.qkv(x).split(d, dim=2))`` (nanoGPT/HF layout); identical outputs and gradients. Timed on the
+  attention sublayer alone (forward + backward), which is less noisy than a whole step.
+- ``sdpa_vs_manual`` (an account, not a proposal: the current code already does it): the attention
+  sublayer with ``F.scaled_dot_product_attention`` against the textbook masked-softmax attention.
 - ``layer_bookkeeping``: the per-step Python work the trainer does for per-layer probes
   (``RunStore.add_layers`` appending five lists per value, a dict comprehension building
   ``f"grad_norm/{sub}/{layer:03d}"`` keys every step) against a prototype that builds the keys and
@@ -135,6 +143,95 @@ def omp_passive(depth: int, steps: int, reps: int, threads: int) -> dict:
                        f"{[round(x, 3) for x in runs['PASSIVE']]} s")
 
 
+# --- attention layout ------------------------------------------------------------------------------
+
+def _attention_variants():
+    import torch.nn.functional as F
+
+    from resnorm.model import Attention
+
+    class SplitAttention(Attention):
+        """Prototype: split the fused QKV output, then view + transpose each (HF / nanoGPT layout)."""
+
+        def forward(self, x):
+            b, t, d = x.shape
+            h = self.n_heads
+            q, k, v = (z.view(b, t, h, d // h).transpose(1, 2) for z in self.qkv(x).split(d, dim=2))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.out(y.transpose(1, 2).reshape(b, t, d))
+
+    class ManualAttention(Attention):
+        """The textbook attention (what SDPA replaces): scores, causal mask, softmax, weighted sum."""
+
+        def forward(self, x):
+            b, t, d = x.shape
+            hd = d // self.n_heads
+            q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, hd).permute(2, 0, 3, 1, 4)
+            mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+            att = (q @ k.transpose(-1, -2)) * hd ** -0.5
+            y = att.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+            return self.out(y.transpose(1, 2).reshape(b, t, d))
+
+    return Attention, SplitAttention, ManualAttention
+
+
+def attention_step(depth: int, ref: dict, steps: int, warmup: int) -> dict:
+    """The whole training step with the prototype attention swapped into every block (same weights)."""
+    _, SplitAttention, _ = _attention_variants()
+    batches = peers.make_batches(4, ref["batch"], ref["seq"], ref["vocab"], "cpu")
+    before = peers.ours(depth, ref, batches=batches)
+    after = peers.ours(depth, ref, batches=batches)
+    after.model.load_state_dict(before.model.state_dict())
+    for block in after.model.blocks:
+        block.attn.branch.__class__ = SplitAttention
+    lb, la = [], []
+    timed = common.interleave({"before": _recording(before.step, lb), "after": _recording(after.step, la)},
+                              steps=steps, warmup=warmup)
+    drift = max(abs(a - b) / abs(b) for a, b in zip(la, lb))
+    return dict(change="attention_split (whole step)", where="as attention_split", depth=depth,
+                before_ms=timed.median("before") * 1e3, after_ms=timed.median("after") * 1e3,
+                after_over_before=timed.ratio("after", "before"),
+                detail=f"losses over {len(lb)} steps agree to {drift:.1e} (relative)")
+
+
+def attention(ref: dict, rounds: int) -> List[dict]:
+    Attention, SplitAttention, ManualAttention = _attention_variants()
+    torch.manual_seed(0)
+    mods = {"current": Attention(ref["d_model"], ref["n_heads"], True)}
+    for name, cls in (("split", SplitAttention), ("manual", ManualAttention)):
+        mods[name] = cls(ref["d_model"], ref["n_heads"], True)
+        mods[name].load_state_dict(mods["current"].state_dict())
+    x = torch.randn(ref["batch"], ref["seq"], ref["d_model"], requires_grad=True)
+    ref_out = mods["current"](x)
+    ref_grad = torch.autograd.grad(ref_out.sum(), x)[0]
+    diffs = {}
+    for name in ("split", "manual"):
+        out = mods[name](x)
+        grad = torch.autograd.grad(out.sum(), x)[0]
+        diffs[name] = max((out - ref_out).abs().max().item(), (grad - ref_grad).abs().max().item())
+
+    def fwd_bwd(m):
+        def run():
+            m(x).sum().backward()
+        return run
+
+    timed = common.interleave({n: fwd_bwd(m) for n, m in mods.items()}, steps=rounds, warmup=5)
+    cur = timed.median("current") * 1e3
+    return [
+        dict(change="attention_split", where="resnorm/model.py Attention.forward: split + view + transpose "
+                                              "instead of view(b, t, 3, h, hd).permute(2, 0, 3, 1, 4)",
+             depth="1 sublayer", before_ms=cur, after_ms=timed.median("split") * 1e3,
+             after_over_before=timed.ratio("split", "current"),
+             detail=f"attention sublayer fwd+bwd at the reference shape, {rounds} rounds; max |diff| of "
+                    f"output and input grad {diffs['split']:.1e}"),
+        dict(change="(account) sdpa_vs_manual", where="resnorm/model.py (already uses SDPA; unchanged)",
+             depth="1 sublayer", before_ms=timed.median("manual") * 1e3, after_ms=cur,
+             after_over_before=timed.ratio("current", "manual"),
+             detail=f"before = textbook masked-softmax attention, after = F.scaled_dot_product_attention "
+                    f"(current); max |diff| {diffs['manual']:.1e}"),
+    ]
+
+
 # --- per-layer bookkeeping ------------------------------------------------------------------------
 
 def _fast_store_cls():
@@ -235,17 +332,30 @@ def wandb_init_finish_s(reps: int) -> float:
     return statistics.median(ts)
 
 
+ITEMS = ("fused_adamw", "threads", "omp", "attention", "bookkeeping", "wandb_init")
+
+
 def measure(ref: dict, depths: List[int], probe_depth: int, steps: int, warmup: int, threads: int,
-            quick: bool) -> dict:
-    rows = [fused_adamw(d, ref, steps, warmup) for d in depths]
-    rows.append(threads_1_vs_2(depths[0], ref, steps, warmup, threads))
-    rows.append(omp_passive(depths[0], steps=3 if quick else 8, reps=1 if quick else 2, threads=threads))
-    rows.append(layer_bookkeeping(probe_depth, rounds=200 if quick else 2000))
-    rows.append(layer_bookkeeping(6, rounds=200 if quick else 2000))
-    init_s = wandb_init_finish_s(1 if quick else 3)
-    rows.append(dict(change="(account) W&B offline init + finish per job", where="resnorm/tracking.py (unchanged)",
-                     after_ms=init_s * 1e3, detail="paid once per run: 200 runs x this"))
-    return dict(rows=rows)
+            quick: bool, items=ITEMS) -> dict:
+    rows = []
+    if "fused_adamw" in items:
+        rows += [fused_adamw(d, ref, steps, warmup) for d in depths]
+    if "threads" in items:
+        rows.append(threads_1_vs_2(depths[0], ref, steps, warmup, threads))
+    if "omp" in items:
+        rows.append(omp_passive(depths[0], steps=3 if quick else 8, reps=1 if quick else 2, threads=threads))
+    if "attention" in items:
+        rows += attention(ref, rounds=10 if quick else 60)
+        rows.append(attention_step(depths[0], ref, steps, warmup))
+    if "bookkeeping" in items:
+        rows.append(layer_bookkeeping(probe_depth, rounds=200 if quick else 2000))
+        rows.append(layer_bookkeeping(6, rounds=200 if quick else 2000))
+    if "wandb_init" in items:
+        init_s = wandb_init_finish_s(1 if quick else 3)
+        rows.append(dict(change="(account) W&B offline init + finish per job",
+                         where="resnorm/tracking.py (unchanged)", after_ms=init_s * 1e3,
+                         detail="paid once per run: 200 runs x this"))
+    return dict(rows=rows, items=list(items))
 
 
 if __name__ == "__main__":
