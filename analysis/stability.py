@@ -4,7 +4,8 @@ layers.parquet). Imports neither torch nor resnorm, so it works on runs copied f
 - per run (:func:`runs_table`): status, diverged step, initial / final / best validation loss, loss spikes;
 - per (variant, depth) over a learning-rate grid (:func:`lr_table`): Wortsman et al. 2023's LR-sensitivity
   (arXiv 2309.14322 §2.2: mean over the grid of min(final loss, initial loss) minus the best final loss),
-  the best loss l*, and the largest stable learning rate;
+  the best loss l*, and the largest stable learning rate (finite, at least 0.1 nat below the
+  initial loss);
 - over seeds (:func:`seed_table`): mean with a 95% confidence interval, divergence rate.
 """
 
@@ -27,8 +28,12 @@ def lr_sensitivity(final_losses: Sequence[float], initial_loss: float) -> float:
 
 
 def largest_stable_lr(lrs: Sequence[float], final_losses: Sequence[float], initial_loss: float,
-                      margin: float = 0.0) -> Optional[float]:
-    """The largest LR with a finite final loss below ``initial_loss - margin`` (None if none)."""
+                      margin: float = 0.1) -> Optional[float]:
+    """The largest LR with a finite final loss below ``initial_loss - margin`` (None if none).
+
+    The margin (0.1 nat by default) keeps a run that is stuck near the initial loss (e.g. at ln|V|
+    after a collapse) from counting as stable.
+    """
     ok = [lr for lr, v in zip(lrs, final_losses)
           if v is not None and math.isfinite(v) and v < initial_loss - margin]
     return max(ok) if ok else None

@@ -218,6 +218,8 @@ def check_experiment(name: str, out: Path = RESULTS) -> List[ClaimResult]:
 
 def claim_table(exp: Experiment, results: List[ClaimResult]) -> str:
     """A markdown table of the claims (for the README)."""
+    if not results:
+        return "Report-only: no calibrated claim yet."
     rows = ["| claim | measured | threshold | result |", "|---|---|---|---|"]
     for r in results:
         v = "-" if r.value is None else f"{r.value:.3g}"

@@ -56,6 +56,8 @@ def plot(df, path) -> None:
         sns.lineplot(data=per, x="depth", y=col, hue="variant", palette=pal, marker="o", errorbar="sd", ax=ax,
                      legend=col == "lr_sensitivity")
         ax.set(xscale="log", xlabel="depth (log)", ylabel=label)
+        ax.set_xticks(sorted(per.depth.unique()), [str(d) for d in sorted(per.depth.unique())])
+        ax.minorticks_off()
     axes[2].set_yscale("log")
     save(fig, path, "LR sensitivity vs depth per variant (Wortsman et al. 2023 harness, synthetic stream)")
 
