@@ -1,8 +1,13 @@
 """resnorm's entry point: ``python run.py [-m] key=value ... [--dry-run]`` (Hydra; see README)."""
 
+import os
 import sys
 
-import hydra
+# OpenMP threads sleep instead of spinning when idle: with 2 cores shared by jobs, spinning made
+# steps up to 10x slower (benchmarks/README.md). Set before anything imports torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import hydra  # noqa: E402
 
 from resnorm.cli import expand_flags, exit_code, report_config_errors
 from resnorm.config import register_schemas

@@ -86,7 +86,8 @@ class Attention(nn.Module):
 
     def _qkv(self, x: torch.Tensor):
         b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        # split then transpose: no copy of the whole QKV gradient in backward (benchmarks/speedups.py)
+        q, k, v = (z.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2) for z in self.qkv(x).split(d, dim=2))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
