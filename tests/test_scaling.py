@@ -84,7 +84,7 @@ def test_identity_is_the_config_minus_operational_keys():
     assert covered == set(OPERATIONAL_KEYS)
     for override in same:
         assert run_id(compose(*TINY, override)) == base, override
-    for override in ("seed=1", "depth=7", "optim.lr=0.001", "model.norm=post", "train.steps=7", "name=other",
+    for override in ("seed=1", "depth=7", "optim.lr=0.002", "model.norm=post", "train.steps=7", "name=other",
                      "train.precision=bf16"):
         assert run_id(compose(*TINY, override)) != base, override
     # the job folder of a sweep is the identity (hydra.sweep.subdir: ${run_id:})
