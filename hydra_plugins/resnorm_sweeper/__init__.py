@@ -43,7 +43,7 @@ def _config_error(message: str) -> None:
 
 class ValidatingSweeper(BasicSweeper):
     def __init__(self, max_batch_size: Optional[int], params: Optional[Dict[str, str]] = None,
-                 dry_run: bool = False, flops_per_s: float = 5e9) -> None:
+                 dry_run: bool = False, flops_per_s: float = 1e10) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)
         self.dry_run = bool(dry_run)
         self.flops_per_s = float(flops_per_s)
