@@ -81,6 +81,8 @@ def main(argv=None) -> int:
         p.add_argument("--kind", choices=("init", "train"), help="with --all: only this kind")
         p.add_argument("--quiet", action="store_true")
         p.add_argument("--seeds", help="comma list replacing the grid's seeds, e.g. 5,6,7 (robustness check)")
+        p.add_argument("--workers", type=int, default=0, help="training-time experiments: parallel processes, "
+                       "one thread each (default: one per core)")
         p.add_argument("--text", type=Path, help="training-time experiments: train on this text file (bytes)")
         if cmd == "check":
             p.add_argument("--run-missing", action="store_true", help="run experiments that have no CSV yet")
@@ -108,7 +110,7 @@ def main(argv=None) -> int:
         if args.cmd == "run" or (args.run_missing and not (args.out / f"{name}.csv").is_file()):
             seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
             _, results = run_experiment(name, size=args.size, out=args.out, runs_dir=RUNS, verbose=not args.quiet,
-                                        seeds=seeds, text=args.text)
+                                        seeds=seeds, text=args.text, workers=args.workers)
         elif not REGISTRY[name].claims and not (args.out / f"{name}.csv").is_file():
             print(f"\n{name}: report-only (no claims), not run yet: python -m experiments run {name}")
             continue

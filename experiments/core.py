@@ -106,6 +106,7 @@ class Context:
     size: str
     runs_dir: Path
     verbose: bool = True
+    workers: int = 0  # processes for the training-time grids (0: one per core)
 
     def log(self, msg: str) -> None:
         if self.verbose:
@@ -165,12 +166,13 @@ def save_claims(exp: Experiment, results: List[ClaimResult], path: Path, size: s
 
 def run_experiment(name: str, size: str = "full", out: Path = RESULTS, runs_dir: Path = RUNS,
                    verbose: bool = True, threads: int = 1, seeds: Optional[Sequence[int]] = None,
-                   text: Optional[str] = None):
+                   text: Optional[str] = None, workers: int = 0):
     """Run one experiment at ``size``, write its CSV, figure and claims; return (df, claim results).
 
     ``seeds`` replaces every seed list of the grid (to check that the claims hold for other seeds);
     ``text`` trains the training-time experiments on that text file (bytes, vocab 256) instead of the
-    synthetic stream (init-time experiments probe with random tokens and ignore it).
+    synthetic stream (init-time experiments probe with random tokens and ignore it). ``workers``: processes
+    that train the training-time grids in parallel, one thread each (0: one per core).
     """
     import torch
 
@@ -183,7 +185,8 @@ def run_experiment(name: str, size: str = "full", out: Path = RESULTS, runs_dir:
         grid.update({k: list(seeds) for k in grid if k.startswith("seeds")})
     if text is not None:
         grid["text"] = str(text)
-    ctx = Context(name=name, size=size, runs_dir=Path(runs_dir) / size / name, verbose=verbose)
+    ctx = Context(name=name, size=size, runs_dir=Path(runs_dir) / size / name, verbose=verbose,
+                  workers=workers)
     t0 = time.perf_counter()
     df = exp.run(grid, ctx)
     wall = time.perf_counter() - t0
