@@ -55,6 +55,11 @@ def render(results: dict, header: bool = True, only_checks: bool = False) -> str
                        detail=f"bookkeeping per step: {r['loop_default_sizes']['bookkeeping_on_ms']:.1f} ms on vs "
                               f"{r['loop_default_sizes']['bookkeeping_off_ms']:.1f} ms off")]
                  if "loop_default_sizes" in r else []), ["view", "on_ms", "off_ms", "overhead", "detail"]))
+            if "activation" in r:
+                a = r["activation"]
+                out.append(f"activation/update probes (every {a['probe_every']} steps): one call "
+                           f"{a['probe_call_ms']:.1f} ms vs a {a['step_ms']:.1f} ms step "
+                           f"({a['per_call_ratio']:.2f}x a step), amortised {_pct(a['amortised_overhead'])}")
             for n in r.get("not_measured", []):
                 out.append(f"not measured: {n}")
         if "compile" in s:

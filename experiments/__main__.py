@@ -38,6 +38,21 @@ def _print(name, results) -> bool:
     return not any(r.status == FAIL for r in results)
 
 
+def _timing(saved: dict) -> str:
+    """", 312 s on 2 cores (load average 1.2 -> 2.0)" from a claims.json, as much as it records."""
+    wall, m = saved.get("wall_s"), saved.get("machine") or {}
+    if not wall:
+        return ""
+    text = f", {wall:.0f} s"
+    if m.get("cores"):
+        text += f" on {m['cores']} cores"
+        if m.get("load_avg_start") is not None:
+            text += f" (1-min load average {m['load_avg_start']:g} at the start, {m['load_avg_end']:g} at the end)"
+    else:
+        text += " on the shared 2-core machine"
+    return text
+
+
 def markdown(out: Path) -> str:
     """One README block per experiment that has a claims.json: command, paper, figure, claim table."""
     import json
@@ -51,11 +66,10 @@ def markdown(out: Path) -> str:
             continue
         saved = json.loads(f.read_text())
         results = [ClaimResult(**c) for c in saved["claims"]]
-        wall = saved.get("wall_s")
         refs = "; ".join(r.cite() for r in [exp.reference, *exp.extra_refs])
         blocks.append(
             f"### `{name}`: {exp.summary}\n\n{refs}\n\n`python -m experiments run {name}` "
-            f"(grid `{saved.get('size')}`" + (f", {wall:.0f} s on the shared 2-core machine" if wall else "") + ")\n\n"
+            f"(grid `{saved.get('size')}`{_timing(saved)})\n\n"
             f"![{name}](results/papers/{name}.png)\n\n{claim_table(exp, results)}\n")
     return "\n".join(blocks)
 

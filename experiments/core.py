@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import operator
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,6 +148,14 @@ def get(name: str) -> Experiment:
         raise KeyError(f"unknown experiment {name!r}; choose one of {', '.join(REGISTRY)}") from None
 
 
+def _load_average() -> Optional[float]:
+    """The 1-minute load average (None where the OS has none): wall times mean little without it."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 def paths(name: str, out: Path) -> Dict[str, Path]:
     out = Path(out)
     return dict(csv=out / f"{name}.csv", png=out / f"{name}.png", claims=out / f"{name}.claims.json")
@@ -158,9 +167,10 @@ def _atomic_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def save_claims(exp: Experiment, results: List[ClaimResult], path: Path, size: str, wall_s: Optional[float]) -> None:
+def save_claims(exp: Experiment, results: List[ClaimResult], path: Path, size: str, wall_s: Optional[float],
+                machine: Optional[Dict[str, Any]] = None) -> None:
     payload = dict(experiment=exp.name, reference=exp.reference.__dict__, size=size, wall_s=wall_s,
-                   claims=[r.__dict__ for r in results])
+                   machine=machine, claims=[r.__dict__ for r in results])
     _atomic_text(path, json.dumps(payload, indent=2))
 
 
@@ -187,15 +197,21 @@ def run_experiment(name: str, size: str = "full", out: Path = RESULTS, runs_dir:
         grid["text"] = str(text)
     ctx = Context(name=name, size=size, runs_dir=Path(runs_dir) / size / name, verbose=verbose,
                   workers=workers)
+    load_start = _load_average()
     t0 = time.perf_counter()
     df = exp.run(grid, ctx)
     wall = time.perf_counter() - t0
+    from resnorm.devices import cpu_count
+
+    machine = dict(cores=cpu_count(), load_avg_start=load_start, load_avg_end=_load_average(),
+                   workers=workers or cpu_count(), seeds=list(seeds) if seeds is not None else None,
+                   text=str(text) if text is not None else None)
     p = paths(name, out)
     p["csv"].parent.mkdir(parents=True, exist_ok=True)
     _atomic_text(p["csv"], df.to_csv(index=False))
     exp.plot(df, p["png"])
     results = exp.evaluate(df)
-    save_claims(exp, results, p["claims"], size, wall)
+    save_claims(exp, results, p["claims"], size, wall, machine)
     ctx.log(f"done in {wall:.0f} s -> {p['png']}")
     return df, results
 
@@ -208,14 +224,14 @@ def check_experiment(name: str, out: Path = RESULTS) -> List[ClaimResult]:
         raise FileNotFoundError(f"{p['csv']} not found: run `python -m experiments run {name}` first")
     df = pd.read_csv(p["csv"])
     results = exp.evaluate(df)
-    size, wall = None, None
+    size, wall, machine = None, None, None
     if p["claims"].is_file():
         try:
             prev = json.loads(p["claims"].read_text())
-            size, wall = prev.get("size"), prev.get("wall_s")
+            size, wall, machine = prev.get("size"), prev.get("wall_s"), prev.get("machine")
         except json.JSONDecodeError:
             pass
-    save_claims(exp, results, p["claims"], size or "?", wall)
+    save_claims(exp, results, p["claims"], size or "?", wall, machine)
     return results
 
 

@@ -1,4 +1,11 @@
-"""Xiong et al. 2020 Fig. 2: Post-LN needs learning-rate warm-up, Pre-LN does not (synthetic stream, L=8)."""
+"""Xiong et al. 2020 Fig. 2: Post-LN needs learning-rate warm-up, Pre-LN does not (synthetic stream, L=8).
+
+The claims are stated at the grid's top peak LR (3e-3). PAPERS.md's calibration (another harness) saw
+Post-LN's warm-up gap at lr 1e-3 (3.56 vs 2.92) and Post-LN stuck at ln V at 3e-3 with or without
+warm-up; in this harness Post-LN fails at about 3x the calibrator's LR: at 1e-3 its gap is ~0.09 (it
+trains without warm-up), at 3e-3 it is ~1.3 (stuck at ln V without warm-up, trains with it). At depth
+12 it stays at ln V at every LR from 3e-4 up, warm-up or not, so depth 8 is where warm-up decides.
+"""
 
 from __future__ import annotations
 
@@ -27,7 +34,7 @@ def run(grid, ctx) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def gap(df, variant, lr=1e-3) -> float:
+def gap(df, variant, lr) -> float:
     d = select(df, variant=variant, lr=lr).pivot_table(index="seed", columns="warmup", values="loss")
     return float((d[d.columns.min()] - d[d.columns.max()]).median())  # no warm-up minus longest warm-up
 
@@ -63,10 +70,11 @@ register(Experiment(
     run=run,
     plot=plot,
     claims=[
-        Claim("post_needs_warmup", "Post-LN: median over seeds of loss(no warm-up) - loss(25% warm-up), lr 1e-3",
-              lambda df: gap(df, "post"), ">=", 0.2, needs=("post",)),
-        Claim("pre_does_not", "Pre-LN: |median of loss(no warm-up) - loss(25% warm-up)|, lr 1e-3",
-              lambda df: abs(gap(df, "pre")), "<=", 0.05, needs=("pre",)),
+        Claim("post_needs_warmup", "Post-LN: median over seeds of loss(no warm-up) - loss(25% warm-up), at the grid's "
+              "top peak LR", lambda df: gap(df, "post", df.lr.max()), ">=", 0.2, needs=("post",)),
+        Claim("pre_does_not", "Pre-LN: largest over the grid's peak LRs of |median of loss(no warm-up) - "
+              "loss(25% warm-up)|", lambda df: max(abs(gap(df, "pre", lr)) for lr in df.lr.unique()), "<=", 0.05,
+              needs=("pre",)),
         Claim("gap_post_vs_pre_top_lr", "warm-up gap at the highest peak LR of the grid: Post-LN minus Pre-LN (issue #5)",
               lambda df: gap(df, "post", df.lr.max()) - gap(df, "pre", df.lr.max()), ">=", 0.2, needs=("post", "pre")),
         Claim("post_worse_than_pre", "min over lr >= 1e-3 of median loss(Post-LN) - loss(Pre-LN)",

@@ -28,12 +28,27 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 POOL_ENV = "RESNORM_DEVICE_POOL"
 THREADS_ENV = "RESNORM_THREADS"
 LOCK_DIR_ENV = "RESNORM_LOCK_DIR"
 FAKE = "fake:"
+
+
+@contextlib.contextmanager
+def environ(values: Dict[str, str]) -> Iterator[None]:
+    """Set ``values`` in ``os.environ`` for the ``with`` block, then restore what was there."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def cpu_count() -> int:
@@ -196,18 +211,11 @@ def spawn(fn: Callable, world: int, args: tuple = ()) -> None:
     import torch.multiprocessing as mp
 
     store = dist.TCPStore("127.0.0.1", 0, world + 1, is_master=True, wait_for_workers=False)
-    env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     try:
-        mp.start_processes(_worker, args=(world, store.port, fn, args), nprocs=world, join=True,
-                           start_method="spawn")
+        with environ({"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}):
+            mp.start_processes(_worker, args=(world, store.port, fn, args), nprocs=world, join=True,
+                               start_method="spawn")
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         del store
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from analysis.load import find_run_dirs as find_runs  # job folders as the analysis finds them
 from conftest import PYTHON, ROOT, TINY, compose, run_cli
 from resnorm import devices
 from resnorm.identity import OPERATIONAL_KEYS, job_lock, run_id
@@ -41,18 +42,6 @@ def metrics(run_dir: Path) -> pd.DataFrame:
 
 def summary_of(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "summary.json").read_text())
-
-
-def find_runs(root: Path):
-    """Job folders as the analysis finds them: any folder holding a summary.json, hidden ones skipped."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        if "summary.json" in filenames:
-            found.append(Path(dirpath))
-            dirnames[:] = []
-        else:
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-    return sorted(found)
 
 
 class Interrupt(BaseException):

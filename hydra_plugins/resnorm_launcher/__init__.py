@@ -19,11 +19,10 @@ arguments). This module imports neither torch nor joblib: Hydra imports it on ev
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from hydra.core.utils import JobReturn
 from hydra.plugins.launcher import Launcher
@@ -31,20 +30,6 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def _environ(values: Dict[str, str]) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _has_gpu_driver() -> bool:
@@ -110,7 +95,9 @@ class ParallelLauncher(Launcher):
             _core = None
             log.warning('hydra-joblib-launcher is not installed (pip install -e ".[local]"): '
                         "the jobs run one after the other")
-        with _environ(plan["env"]):
+        from resnorm.devices import environ
+
+        with environ(plan["env"]):
             if plan["n_jobs"] == 1 or _core is None:  # no worker processes to start
                 from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 
