@@ -25,7 +25,7 @@ import pandas as pd
 
 from analysis import metrics, plots, style
 from analysis.files import atomic_write, write_text
-from analysis.load import PLOT_AXES, load_sweep, parse_overrides
+from analysis.load import load_sweep
 
 log = logging.getLogger(__name__)
 
@@ -94,17 +94,11 @@ def _sorted_runs(table: pd.DataFrame) -> pd.DataFrame:
 def _lr_table(sweep) -> Optional[pd.DataFrame]:
     """LR sensitivity per LR sweep (variant, depth, seed and every other swept key), None when the
     sweep has fewer than two learning rates or its runs do not form clean LR sweeps (logged)."""
-    runs = sweep.runs
-    if runs["lr"].nunique(dropna=True) < 2:
+    if sweep.runs["lr"].nunique(dropna=True) < 2:
         return None
-    extra = [k for k in sweep.axes if k not in PLOT_AXES and k != "optim.lr"]
-    missing = [k for k in extra if k not in runs.columns]  # e.g. a config group: take the override
-    if missing:
-        runs = runs.copy()
-        for key in missing:
-            runs[key] = [parse_overrides(o).get(key) for o in runs["overrides"]]
+    runs, keys = metrics.lr_sweep_runs(sweep)
     try:
-        return metrics.lr_sensitivity_table(runs, by=["variant", "depth", "seed"] + extra)
+        return metrics.lr_sensitivity_table(runs, by=["variant", "depth", "seed"] + keys)
     except ValueError as exc:
         log.warning("no LR sensitivity table: %s", exc)
         return None
@@ -144,8 +138,9 @@ def _markdown(sweep, table: pd.DataFrame, figures: Dict[str, Optional[Path]], sk
     if lr_table is not None:
         lines.append("- **LR sensitivity** (Wortsman et al. 2023, arXiv:2309.14322): mean over the LR "
                      "grid of min(final val loss, initial loss) minus the best such loss l*; a diverged "
-                     "run counts as the initial loss. **largest stable lr**: the largest rate whose runs "
-                     "all completed below the initial loss. Failed and running runs are left out.")
+                     "run counts as the initial loss. **largest stable lr**: the largest rate all of whose "
+                     f"runs completed at least {metrics.STABLE_MARGIN:g} nat below the initial loss. Failed "
+                     "and running runs are left out.")
     return "\n".join(lines) + "\n"
 
 

@@ -309,7 +309,10 @@ def test_lr_sensitivity_reproduces_the_paper_note():
     assert lr_sensitivity(off, initial_loss=l0) == pytest.approx(2.50 / 7)
     assert lr_sensitivity(on, initial_loss=l0) == pytest.approx(1.01 / 7)
     assert best_loss(off, initial_loss=l0) == pytest.approx((2.37, 1e-2))  # tie: smallest rate
-    assert largest_stable_lr(off, initial_loss=l0) == pytest.approx(3e-1)  # 4.11 < ln 64
+    # 4.11 at 3e-1 is below ln 64 = 4.159 but not by the 0.1 nat a stable run needs
+    assert largest_stable_lr(off, initial_loss=l0) == pytest.approx(1e-1)
+    assert largest_stable_lr(off, initial_loss=l0, margin=0.0) == pytest.approx(3e-1)
+    assert largest_stable_lr(on, initial_loss=l0) == pytest.approx(3e-1)
 
 
 def test_lr_sensitivity_diverged_nan_failed_and_clipping():
@@ -345,6 +348,89 @@ def test_lr_sensitivity_diverged_nan_failed_and_clipping():
     # 3e-2: NaN, 1e-2: above l0); at 3e-1 seed 0 failed (left out) and seed 1 is stable
     assert largest_stable_lr(seeds[seeds["lr"] <= 0.1]) == pytest.approx(3e-3)
     assert largest_stable_lr(seeds) == pytest.approx(3e-1)
+
+
+def test_t_critical_matches_the_t_table():
+    from analysis.metrics import t_critical
+
+    # two-sided 95% (and one 90%) critical values of Student's t from the printed table
+    table = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 9: 2.2622, 30: 2.0423, 120: 1.9799}
+    for df, value in table.items():
+        assert t_critical(df) == pytest.approx(value, abs=5e-5), df
+    assert t_critical(2, confidence=0.90) == pytest.approx(2.9200, abs=5e-5)
+    assert t_critical(100000) == pytest.approx(1.95996, abs=5e-5)  # the normal limit
+    for bad in (0, 1.5, -1):
+        with pytest.raises(ValueError, match="degrees of freedom"):
+            t_critical(bad)
+    with pytest.raises(ValueError, match="confidence"):
+        t_critical(3, confidence=1.0)
+
+
+def test_mean_ci_by_hand():
+    from analysis.metrics import mean_ci
+
+    mean, half = mean_ci([1.0, 2.0, 3.0])  # sd 1, n 3, t(0.975, 2) = 4.302653
+    assert mean == 2.0 and half == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+    mean, half = mean_ci([2.1, 2.3])  # sd 0.1414, n 2, t(0.975, 1) = 12.706205
+    assert mean == pytest.approx(2.2) and half == pytest.approx(12.706205 * 0.1, rel=1e-6)
+    assert mean_ci([1.0, 2.0, 3.0, math.nan, math.inf, -math.inf]) == mean_ci([1.0, 2.0, 3.0])  # non-finite out
+    mean, half = mean_ci([5.0])
+    assert mean == 5.0 and math.isnan(half)
+    assert all(math.isnan(v) for v in mean_ci([]))
+    assert mean_ci([4.0, 4.0, 4.0]) == (4.0, 0.0)
+
+
+def test_wilson_interval_by_hand():
+    from analysis.metrics import wilson_interval
+
+    # published 95% Wilson intervals
+    assert wilson_interval(0, 3) == pytest.approx((0.0, 0.5615), abs=5e-5)
+    assert wilson_interval(1, 3) == pytest.approx((0.0615, 0.7923), abs=5e-5)
+    assert wilson_interval(3, 3) == pytest.approx((0.4385, 1.0), abs=5e-5)
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=5e-5)
+    # k = 1, n = 2 by the formula: centre 1/2, half = z / (1 + z^2/2) * sqrt(1/8 + z^2/16)
+    z = 1.959964
+    half = z / (1 + z * z / 2) * math.sqrt(1 / 8 + z * z / 16)
+    assert wilson_interval(1, 2) == pytest.approx((0.5 - half, 0.5 + half), rel=1e-6)
+    low, high = wilson_interval(0, 1)
+    assert low == 0.0 and 0 < high < 1  # not the empty [0, 0] of the normal approximation
+    assert all(math.isnan(v) for v in wilson_interval(0, 0))
+    with pytest.raises(ValueError, match="k <= n"):
+        wilson_interval(3, 2)
+
+
+def test_seed_summary_by_hand():
+    from analysis.metrics import SEED_COLUMNS, seed_summary
+
+    rows = [  # (variant, depth, setting, status, final_val_loss)
+        ("pre", 2, "", "completed", 2.0), ("pre", 2, "", "completed", 2.2), ("pre", 2, "", "completed", 2.4),
+        ("post", 2, "", "completed", 3.0), ("post", 2, "", "diverged", 1.0),  # a diverged loss is not averaged
+        ("post", 2, "", "failed", math.nan), ("post", 2, "", "running", 2.5),  # neither is counted
+        ("post", 4, "", "diverged", math.nan), ("post", 4, "", "diverged", math.nan),
+        ("pre", 2, "optim.lr=0.1", "completed", 9.0),  # another setting is another group
+    ]
+    runs = pd.DataFrame(rows, columns=["variant", "depth", "setting", "status", "final_val_loss"])
+    table = seed_summary(runs)
+    assert list(table.columns) == ["variant", "depth", "setting", *SEED_COLUMNS]
+    got = {(r.variant, r.depth, r.setting): r for r in table.itertuples()}
+    assert len(got) == 4
+
+    pre = got[("pre", 2, "")]
+    assert (pre.runs, pre.finished, pre.diverged, pre.n) == (3, 3, 0, 3)
+    assert pre.mean == pytest.approx(2.2) and pre.ci95 == pytest.approx(4.302653 * 0.2 / math.sqrt(3), rel=1e-6)
+    assert pre.divergence_rate == 0.0 and (pre.divergence_low, pre.divergence_high) == pytest.approx((0, 0.5615),
+                                                                                                     abs=5e-5)
+    post = got[("post", 2, "")]
+    assert (post.runs, post.finished, post.diverged, post.n) == (4, 2, 1, 1)
+    assert post.divergence_rate == 0.5 and post.mean == 3.0 and math.isnan(post.ci95)
+    assert (post.divergence_low, post.divergence_high) == pytest.approx((0.0945, 0.9055), abs=5e-5)
+    deep = got[("post", 4, "")]
+    assert (deep.diverged, deep.divergence_rate, deep.n) == (2, 1.0, 0) and math.isnan(deep.mean)
+    other = got[("pre", 2, "optim.lr=0.1")]
+    assert (other.runs, other.mean) == (1, 9.0)
+
+    no_finished = seed_summary(runs[runs["status"].isin(["failed", "running"])])
+    assert no_finished["finished"].tolist() == [0] and math.isnan(no_finished["divergence_rate"].iloc[0])
 
 
 def test_run_metrics_counts_spikes_per_run(sweep):
