@@ -1,5 +1,7 @@
-"""The paper reproductions: the claim machinery, the stability metrics, and every init-time experiment
-at its reduced (``ci``) grid with its claims checked; the training-time ones at reduced size (slow)."""
+"""The paper reproductions: the claim machinery, the stability metrics they share with the sweep
+analysis (:mod:`analysis.metrics`), and every init-time experiment at its reduced (``ci``) grid with
+its claims checked; the training-time ones at reduced size (slow). Also the stability report of a
+small real sweep trained by ``resnorm.train``."""
 
 from __future__ import annotations
 
@@ -160,10 +162,16 @@ def test_loss_spikes_run_metrics_and_ci(tmp_path):
     assert mean == 2.0 and half == pytest.approx(4.302653 * 1.0 / math.sqrt(3), rel=1e-6)  # t(0.975, 2)
 
 
+#: every figure a sweep over variants x depths x learning rates with probes must get
+STABILITY_FIGURES = ("depth_vs_val_loss", "divergence_rate", "stability_frontier", "lr_depth_heatmap",
+                     "lr_sensitivity_vs_depth", "loss_curves", "layer_profiles", "coord_check")
+
+
 def test_stability_figures_from_run_folders(tmp_path):
-    """A small real sweep (variants x depths x LRs, trained by resnorm.train) -> every stability figure."""
-    from analysis.figures_stability import make_all
-    from analysis.stability import lr_table, runs_table, seed_table
+    """A small real sweep (variants x depths x LRs, trained by resnorm.train) -> every figure of the
+    report, each embedded in report.md, and the seed and LR tables."""
+    from analysis import plots
+    from analysis.report import make_report
     from conftest import TINY, compose
     from resnorm.train import JobInfo, train
 
@@ -174,19 +182,24 @@ def test_stability_figures_from_run_folders(tmp_path):
                 name = f"{norm}-{depth}-{lr}"
                 cfg = compose(*TINY, f"model.norm={norm}", f"depth={depth}", f"optim.lr={lr}", "train.probe_every=5")
                 train(cfg, JobInfo(run_dir=sweep / name, run_name=name, group="s", overrides=[]))
-    runs = runs_table(sweep)
-    assert len(runs) == 8 and set(runs.columns) >= {"status", "diverged_step", "final_val_loss", "best_val_loss",
-                                                    "loss_spikes", "lr", "loss"}
-    lrt = lr_table(runs)
-    assert len(lrt) == 4 and (lrt.lr_sensitivity >= 0).all() and (lrt.n_lrs == 2).all()
-    assert set(seed_table(runs).columns) >= {"mean", "ci95", "divergence_rate"}
-    written = make_all(sweep, tmp_path / "results")
-    for name in ("stability_depth_vs_loss.png", "stability_divergence_rate.png", "stability_frontier.png",
-                 "stability_lr_depth_heatmap.png", "stability_lr_sensitivity.png", "stability_layer_profiles.png",
-                 "stability_loss_curves.png", "stability_coord_check.png", "stability_report.md"):
-        assert name in written and (tmp_path / "results" / name).stat().st_size > 0, name
-    report = (tmp_path / "results" / "stability_report.md").read_text()
-    assert "![stability_frontier.png](stability_frontier.png)" in report and "| variant |" in report
+    out = tmp_path / "results" / "s"
+    written = make_report(sweep, out)
+    assert set(STABILITY_FIGURES) == set(plots.FIGURES)
+    report = (out / "report.md").read_text()
+    for name in STABILITY_FIGURES:
+        png = out / f"{name}.png"
+        assert png in written and png.stat().st_size > 0 and png.read_bytes()[:4] == b"\x89PNG", name
+        assert f"]({name}.png)" in report, name
+    assert "Not drawn" not in report
+    assert "| run | variant |" in report and "## Over seeds" in report and "## LR sensitivity" in report
+
+    runs = pd.read_csv(out / "summary.csv")
+    assert len(runs) == 8 and set(runs["lr"]) == {1e-3, 0.3}
+    seeds = pd.read_csv(out / "seed_summary.csv")
+    assert len(seeds) == 8 and (seeds["runs"] == 1).all()  # one seed per (variant, depth, lr)
+    assert seeds["divergence_rate"].between(0, 1).all()
+    lrt = pd.read_csv(out / "lr_sensitivity.csv")
+    assert len(lrt) == 4 and (lrt["lr_sensitivity"] >= 0).all() and (lrt["n_lr"] == 2).all()
 
 
 def test_seed_override_replaces_every_seed_list(tmp_path):
