@@ -1,6 +1,8 @@
-"""Stability metrics: per-run (status, divergence, losses, loss spikes) and per LR sweep.
+"""Stability metrics: per run (status, divergence, losses, loss spikes), per LR sweep, over seeds.
 
-Reads the DataFrames of :class:`analysis.load.Sweep`; writes nothing.
+Reads the DataFrames of :class:`analysis.load.Sweep` (the ``*_values`` functions: plain sequences,
+for callers without a sweep, e.g. :mod:`experiments`); writes nothing. Every formula below has one
+implementation here; the DataFrame functions select and group rows, then call the value functions.
 
 Definitions (parameters are explicit arguments with the defaults named here):
 
@@ -10,39 +12,59 @@ Definitions (parameters are explicit arguments with the defaults named here):
   A spike is a maximal run of consecutive spike steps, so one excursion that lasts several steps
   counts once. Non-finite losses are never spikes (that is divergence, reported by the status) and
   never enter the median. Assumes positive losses (cross-entropy).
-- **LR sensitivity** (:func:`lr_sensitivity`), Wortsman et al. 2023, *Small-scale proxies for
-  large-scale Transformer training instabilities*, arXiv:2309.14322, §2.2::
+- **LR sensitivity** (:func:`lr_sensitivity_values`, :func:`lr_sensitivity`), Wortsman et al. 2023,
+  *Small-scale proxies for large-scale Transformer training instabilities*, arXiv:2309.14322, §2.2::
 
       LRsens = mean over the LR grid of [ min(l(eta), l0) - l* ],   l* = min over the grid of min(l(eta), l0)
 
   ``l(eta)`` is the final loss of the run trained at peak rate ``eta``, ``l0`` the loss at
-  initialisation; a diverged run or a non-finite loss counts as ``l0``. Lower is more stable;
-  report ``l*`` beside it (a low LRsens with a bad ``l*`` is not "stable").
-- **Largest stable LR** (:func:`largest_stable_lr`): the largest rate whose runs all completed with a
-  finite final loss below ``l0`` (diverging, or ending no better than at initialisation, is unstable).
+  initialisation; a diverged run or a non-finite loss counts as ``l0`` (:func:`clipped_losses`).
+  Lower is more stable; report ``l*`` (:func:`best_loss`) beside it (a low LRsens with a bad ``l*``
+  is not "stable").
+- **Largest stable LR** (:func:`largest_stable_lr_values`, :func:`largest_stable_lr`): the largest
+  rate all of whose runs are stable. A run is stable when it completed (not diverged) and its final
+  loss is finite and at least ``margin`` (:data:`STABLE_MARGIN`, 0.1 nat) below ``l0``. The margin
+  keeps a run that is stuck near the initial loss (at ln|V| after a collapse, say) from counting as
+  stable; a rate with several runs (seeds) is stable only if every one of them is.
+- **Seed statistics** (:func:`seed_summary`): per (variant, depth, setting), over seeds, the mean of
+  the completed runs' final loss with a 95% confidence interval from Student's t
+  (:func:`mean_ci`: ``mean +- t(0.975, n-1) * sd / sqrt(n)``, sd with ``n - 1``; none for one run),
+  and the **divergence rate**: diverged runs over the runs that finished (completed or diverged),
+  with a 95% Wilson score interval (:func:`wilson_interval`), which stays inside [0, 1] and is
+  not empty at 0 of 3 or 3 of 3.
 
 Runs with status ``failed`` (a crash) or ``running`` (unfinished) say nothing about stability and are
-left out of the LR metrics.
+left out of the LR metrics and of the divergence rate.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional, Sequence, Tuple
+from statistics import NormalDist
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
 
+from analysis.load import PLOT_AXES, parse_overrides
+
 SPIKE_WINDOW = 20
 SPIKE_FACTOR = 1.25
 SPIKE_MIN_HISTORY = 5
-#: statuses left out of the LR-sweep metrics
+#: statuses left out of the LR-sweep metrics and of the divergence rate
 EXCLUDED_STATUSES = ("failed", "running")
+#: nats below the initial loss a run must end to count as stable (see :func:`largest_stable_lr_values`)
+STABLE_MARGIN = 0.1
+#: confidence level of the intervals of :func:`seed_summary`
+CONFIDENCE = 0.95
 #: columns of :func:`run_metrics`, in order (the columns of summary.csv)
 RUN_METRIC_COLUMNS = (
     "run_name", "variant", "depth", "seed", "lr", "status", "diverged_step", "final_train_loss",
     "final_val_loss", "best_val_loss", "loss_spikes", "tokens_per_s", "wall_s", "n_params", "run_dir",
 )
+#: columns of :func:`seed_summary` after the grouping keys (the columns of seed_summary.csv)
+SEED_COLUMNS = ("runs", "finished", "diverged", "divergence_rate", "divergence_low", "divergence_high", "n",
+                "mean", "ci95")
 
 
 def spike_steps(losses: Iterable[float], window: int = SPIKE_WINDOW, factor: float = SPIKE_FACTOR,
@@ -88,6 +110,54 @@ def run_metrics(sweep, spike_window: int = SPIKE_WINDOW, spike_factor: float = S
     return table[list(RUN_METRIC_COLUMNS) + ["setting"]].reset_index(drop=True)
 
 
+# ------------------------------------------------------------------------------- LR sweeps: values
+
+
+def clipped_losses(final_losses: Iterable[float], initial_loss, diverged: Optional[Iterable[bool]] = None
+                   ) -> np.ndarray:
+    """``min(loss, l0)`` per run; ``l0`` for a diverged run or a missing or non-finite loss.
+
+    ``initial_loss`` (``l0``) is one number or one per run; ``diverged`` (optional) one flag per run.
+    """
+    values = np.asarray(list(final_losses), dtype=float)
+    l0 = np.broadcast_to(np.asarray(initial_loss, dtype=float), values.shape)
+    bad = ~np.isfinite(values)
+    if diverged is not None:
+        bad |= np.asarray(list(diverged), dtype=bool)
+    return np.where(bad, l0, np.minimum(values, l0))
+
+
+def lr_sensitivity_values(final_losses: Iterable[float], initial_loss: float,
+                          diverged: Optional[Iterable[bool]] = None) -> float:
+    """Wortsman et al.'s LR sensitivity of one LR grid, one final loss per rate (see the module
+    docstring): ``mean(c) - min(c)`` with ``c`` = :func:`clipped_losses`. NaN for an empty grid."""
+    clipped = clipped_losses(final_losses, initial_loss, diverged)
+    if clipped.size == 0:
+        return math.nan
+    return float(clipped.mean() - clipped.min())
+
+
+def largest_stable_lr_values(lrs: Iterable[float], final_losses: Iterable[float], initial_loss,
+                             completed: Optional[Iterable[bool]] = None,
+                             margin: float = STABLE_MARGIN) -> float:
+    """The largest rate in ``lrs`` all of whose runs are stable, NaN if none is (module docstring).
+
+    One entry per run (several runs may share a rate); ``completed`` (optional, one flag per run) is
+    False for a run that diverged or did not finish; ``initial_loss`` is one number or one per run.
+    """
+    rates = np.asarray(list(lrs), dtype=float)
+    values = np.asarray(list(final_losses), dtype=float)
+    l0 = np.broadcast_to(np.asarray(initial_loss, dtype=float), values.shape)
+    stable = np.isfinite(values) & (values < l0 - margin)
+    if completed is not None:
+        stable &= np.asarray(list(completed), dtype=bool)
+    good = [rate for rate in np.unique(rates[np.isfinite(rates)]) if stable[rates == rate].all()]
+    return float(max(good)) if good else math.nan
+
+
+# ---------------------------------------------------------------------------- LR sweeps: DataFrames
+
+
 def _initial_loss(df: pd.DataFrame, initial_loss: Optional[float]) -> float:
     if initial_loss is not None:
         return float(initial_loss)
@@ -109,13 +179,13 @@ def _lr_grid(df: pd.DataFrame, lr: str, lr_range: Optional[Tuple[float, float]])
     return df
 
 
-def _clipped_losses(df: pd.DataFrame, loss: str, l0: float) -> pd.Series:
-    """min(loss, l0) per row; l0 for a diverged run or a non-finite loss."""
-    values = pd.to_numeric(df[loss], errors="coerce").astype(float)
-    bad = ~np.isfinite(values)
-    if "status" in df.columns:
-        bad |= (df["status"] == "diverged").to_numpy()
-    return values.where(~bad, l0).clip(upper=l0)
+def _losses(df: pd.DataFrame, loss: str) -> np.ndarray:
+    return pd.to_numeric(df[loss], errors="coerce").astype(float).to_numpy()
+
+
+def _status_is(df: pd.DataFrame, status: str) -> Optional[np.ndarray]:
+    """``df.status == status`` as a boolean array, None without a status column."""
+    return (df["status"] == status).to_numpy() if "status" in df.columns else None
 
 
 def lr_sensitivity(df: pd.DataFrame, loss: str = "final_val_loss", lr: str = "lr",
@@ -136,8 +206,8 @@ def lr_sensitivity(df: pd.DataFrame, loss: str = "final_val_loss", lr: str = "lr
         repeated = sorted(grid.loc[grid[lr].duplicated(), lr].unique())
         raise ValueError(f"learning rates {repeated} appear more than once: give one run per rate "
                          f"(group by seed and the other swept keys first)")
-    clipped = _clipped_losses(grid, loss, _initial_loss(grid, initial_loss))
-    return float((clipped - clipped.min()).mean())
+    return lr_sensitivity_values(_losses(grid, loss), _initial_loss(grid, initial_loss),
+                                 _status_is(grid, "diverged"))
 
 
 def best_loss(df: pd.DataFrame, loss: str = "final_val_loss", lr: str = "lr",
@@ -152,32 +222,43 @@ def best_loss(df: pd.DataFrame, loss: str = "final_val_loss", lr: str = "lr",
     if grid.empty:
         return math.nan, math.nan
     l0 = _initial_loss(grid, initial_loss)
-    clipped = _clipped_losses(grid, loss, l0)
+    clipped = clipped_losses(_losses(grid, loss), l0, _status_is(grid, "diverged"))
     best = float(clipped.min())
     if best >= l0:
         return best, math.nan
-    return best, float(grid.loc[clipped.idxmin(), lr])
+    return best, float(grid[lr].iloc[int(clipped.argmin())])
 
 
 def largest_stable_lr(df: pd.DataFrame, loss: str = "final_val_loss", lr: str = "lr",
-                      initial_loss: Optional[float] = None) -> float:
-    """The largest learning rate all of whose runs are stable, NaN if none is.
+                      initial_loss: Optional[float] = None, margin: float = STABLE_MARGIN) -> float:
+    """The largest learning rate all of whose runs are stable (:func:`largest_stable_lr_values`),
+    NaN if none is.
 
     A run is stable when its status is ``completed`` (if ``df`` has a ``status`` column) and its
-    final ``loss`` is finite and below ``l0`` (``initial_loss``, or the median of the column).
-    Several runs per rate (seeds) are allowed: the rate is stable only if every one of them is.
+    final ``loss`` is finite and at least ``margin`` below ``l0`` (``initial_loss``, or the median of
+    the column). Several runs per rate (seeds) are allowed: the rate is stable only if every one of
+    them is. Failed and running runs are left out.
     """
     grid = _lr_grid(df, lr, None)
     if grid.empty:
         return math.nan
-    l0 = _initial_loss(grid, initial_loss)
-    values = pd.to_numeric(grid[loss], errors="coerce").astype(float)
-    stable = np.isfinite(values) & (values < l0)
-    if "status" in grid.columns:
-        stable &= (grid["status"] == "completed").to_numpy()
-    per_rate = stable.groupby(grid[lr]).all()
-    rates = per_rate[per_rate].index
-    return float(rates.max()) if len(rates) else math.nan
+    return largest_stable_lr_values(grid[lr], _losses(grid, loss), _initial_loss(grid, initial_loss),
+                                    _status_is(grid, "completed"), margin)
+
+
+def lr_sweep_runs(sweep) -> Tuple[pd.DataFrame, List[str]]:
+    """``(runs, keys)``: ``sweep.runs`` with a column for every key the sweep varies besides variant,
+    depth, seed and the learning rate, and those keys. A key without a config column (a config group
+    such as ``experiment=a``) is taken from the run's overrides. Grouping the runs by
+    ``["variant", "depth", "seed"] + keys`` gives one LR sweep per group."""
+    runs = sweep.runs
+    keys = [k for k in sweep.axes if k not in PLOT_AXES and k != "optim.lr"]
+    missing = [k for k in keys if k not in runs.columns]
+    if missing:
+        runs = runs.copy()
+        for key in missing:
+            runs[key] = [parse_overrides(o).get(key) for o in runs["overrides"]]
+    return runs, keys
 
 
 def lr_sensitivity_table(runs: pd.DataFrame, by: Sequence[str] = ("variant", "depth", "seed"),
@@ -203,3 +284,95 @@ def lr_sensitivity_table(runs: pd.DataFrame, by: Sequence[str] = ("variant", "de
         rows.append(row)
     columns = by + ["n_lr", "lr_sensitivity", "best_loss", "best_lr", "largest_stable_lr"]
     return pd.DataFrame(rows, columns=columns)
+
+
+# ----------------------------------------------------------------------------------------- seeds
+
+
+def _t_central(theta: float, df: int) -> float:
+    """P(|T| <= sqrt(df) tan(theta)) for Student's t with integer ``df`` (Abramowitz and Stegun
+    26.7.3 and 26.7.4: a finite sum in cos(theta))."""
+    s, c = math.sin(theta), math.cos(theta)
+    if df % 2:
+        total, term = 0.0, c
+        for k in range(1, df - 1, 2):
+            total += term
+            term *= c * c * (k + 1) / (k + 2)
+        return 2.0 / math.pi * (theta + s * total)
+    total, term = 1.0, 1.0
+    for k in range(2, df - 1, 2):
+        term *= c * c * (k - 1) / k
+        total += term
+    return s * total
+
+
+def t_critical(df: int, confidence: float = CONFIDENCE) -> float:
+    """The two-sided critical value of Student's t with ``df`` degrees of freedom: the ``t`` with
+    ``P(|T| <= t) = confidence`` (12.706 for df 1, 4.303 for df 2 at 95%). Exact up to float
+    rounding (bisection on the closed-form distribution); numpy only, no scipy."""
+    if int(df) != df or df < 1:
+        raise ValueError(f"degrees of freedom must be a whole number >= 1, got {df!r}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    low, high = 0.0, math.pi / 2
+    for _ in range(100):
+        mid = 0.5 * (low + high)
+        low, high = (mid, high) if _t_central(mid, int(df)) < confidence else (low, mid)
+    return math.sqrt(df) * math.tan(0.5 * (low + high))
+
+
+def mean_ci(values: Iterable[float], confidence: float = CONFIDENCE) -> Tuple[float, float]:
+    """``(mean, half-width)`` of the Student-t confidence interval of the mean of the finite
+    ``values``: ``t_critical(n - 1) * sd / sqrt(n)`` (sd with ``n - 1``). ``(nan, nan)`` for no
+    finite value, ``(value, nan)`` for one."""
+    v = np.asarray(list(values), dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return math.nan, math.nan
+    if v.size == 1:
+        return float(v[0]), math.nan
+    return float(v.mean()), t_critical(v.size - 1, confidence) * float(v.std(ddof=1)) / math.sqrt(v.size)
+
+
+def wilson_interval(k: int, n: int, confidence: float = CONFIDENCE) -> Tuple[float, float]:
+    """The Wilson score interval ``(low, high)`` of a proportion ``k / n``; ``(nan, nan)`` for n = 0."""
+    if n == 0:
+        return math.nan, math.nan
+    if not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def seed_summary(runs: pd.DataFrame, value: str = "final_val_loss",
+                 by: Sequence[str] = ("variant", "depth", "setting")) -> pd.DataFrame:
+    """Per group of ``runs`` (the seeds of one variant, depth and setting): the by-columns, then
+    :data:`SEED_COLUMNS`:
+
+    - ``runs``: the group's runs, any status; ``finished``: how many completed or diverged;
+      ``diverged``: how many diverged;
+    - ``divergence_rate``: diverged over completed-or-diverged (failed and running runs are left
+      out; NaN when none finished), with its 95% Wilson interval ``divergence_low``/``divergence_high``;
+    - ``n``, ``mean``, ``ci95``: the completed runs with a finite ``value``, their mean and the
+      half-width of its 95% Student-t interval (:func:`mean_ci`; NaN for fewer than two).
+
+    Groups come in the sort order of the by-columns.
+    """
+    by = list(by)
+    rows = []
+    for key, group in runs.groupby(by, sort=True, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        status = group["status"]
+        diverged = int((status == "diverged").sum())
+        finished = int(status.isin(["completed", "diverged"]).sum())
+        low, high = wilson_interval(diverged, finished)
+        values = pd.to_numeric(group.loc[status == "completed", value], errors="coerce").astype(float)
+        mean, half = mean_ci(values)
+        rows.append(dict(zip(by, key), runs=len(group), finished=finished, diverged=diverged,
+                         divergence_rate=diverged / finished if finished else math.nan,
+                         divergence_low=low, divergence_high=high, n=int(np.isfinite(values).sum()),
+                         mean=mean, ci95=half))
+    return pd.DataFrame(rows, columns=by + list(SEED_COLUMNS))

@@ -1,16 +1,21 @@
 """The sweep figures (seaborn + matplotlib, Agg canvas, PNG).
 
 Each function reads a :class:`analysis.load.Sweep`, writes one PNG atomically to ``path`` and
-returns ``path``; when the sweep lacks the data the figure needs it writes nothing, logs why (a
-warning) and returns None. Variants keep their colours from :mod:`analysis.style` in every figure.
+returns ``path``; when the sweep lacks the data the figure needs (fewer than two depths or learning
+rates for a figure against them, no probe rows for a per-layer one) it writes nothing, logs why (a
+warning) and returns None. Variants keep their colours and order from :mod:`analysis.style` in every
+figure. :data:`FIGURES` lists them in report order; every number a figure shows beyond a plain
+mean comes from :mod:`analysis.metrics` (the same definitions as the report's tables).
 
 Figures are drawn on a standalone ``matplotlib.figure.Figure`` with an Agg canvas: nothing touches
 pyplot's global state or the process's backend, so a notebook or a Hydra process that imports this
 module keeps its own.
 
 Runs that differ in swept keys other than variant, depth and seed (the runs table's ``setting``,
-e.g. ``optim.lr=0.003``) are never averaged together: :func:`depth_vs_val_loss` and
-:func:`grad_norm_profile` draw one panel per setting, :func:`loss_curves` one shade per setting.
+e.g. ``optim.lr=0.003``) are never averaged together: the figures against depth draw one panel per
+setting, :func:`loss_curves` one shade per setting. The figures over the LR grid
+(:func:`stability_frontier`, :func:`lr_depth_heatmap`, :func:`lr_sensitivity_vs_depth`) draw one
+panel per value of the swept keys other than the learning rate.
 """
 
 from __future__ import annotations
@@ -18,12 +23,12 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import pandas as pd
 
-from analysis import style
+from analysis import metrics, style
 from analysis.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -33,6 +38,19 @@ PANEL_W, PANEL_H = 3.4, 2.6
 MIN_WIDTH = 7.0  # inches: room for the title and the legend under a single panel
 #: y position (axes fraction) of the diverged / failed markers in depth_vs_val_loss
 DIVERGED_Y, FAILED_Y = 0.95, 0.87
+#: y position (axes fraction) of the "no stable learning rate" markers in stability_frontier
+NONE_STABLE_Y = 0.04
+#: horizontal offset (points) between variants whose markers would coincide
+NUDGE_PTS = 5
+#: per-layer quantities of layer_profiles, in row order
+PROFILE_QUANTITIES = ("grad_norm", "act_rms", "update_ratio")
+#: how a quantity's attention and MLP values make one value per block (layer_profile)
+BLOCK_COMBINE = {"grad_norm": "norm"}  # the block's gradient norm; any other quantity: "rms"
+PROFILE_LABELS = {"grad_norm": "gradient norm\nsqrt(attn² + mlp²)",
+                  "act_rms": "activation RMS\nRMS over attn, mlp",
+                  "update_ratio": "update ratio ||ΔW||/||W||\nRMS over attn, mlp"}
+#: layer groups of coord_check: the thirds of the stack (see layer_groups)
+LAYER_GROUPS = ("first third", "middle third", "last third")
 
 
 def _figure(nrows: int, ncols: int, width: float, height: float, **subplot_kw):
@@ -57,7 +75,7 @@ def _skip(figure: str, reason: str) -> None:
     return None
 
 
-def _settings(runs: pd.DataFrame) -> List[str]:
+def setting_order(runs: pd.DataFrame) -> List[str]:
     """Distinct settings, ordered by learning rate then label (numeric order for LR sweeps)."""
     ordered = runs.sort_values(["lr", "setting"], kind="stable", na_position="last")
     return list(dict.fromkeys(ordered["setting"].fillna("")))
@@ -106,6 +124,79 @@ def _shade(colour: str, amount: float) -> tuple:
     return tuple(c + (1.0 - c) * amount for c in to_rgb(colour))
 
 
+def _grid(n_panels: int, ncols: int, panel_w: float, panel_h: float, extra_w: float = 1.8,
+          extra_h: float = 0.5, **subplot_kw):
+    """A figure of ``n_panels`` panels in rows of ``ncols``, the unused axes hidden."""
+    nrows = math.ceil(n_panels / ncols)
+    fig, axes = _figure(nrows, ncols, max(panel_w * ncols + extra_w, MIN_WIDTH), panel_h * nrows + extra_h,
+                        **subplot_kw)
+    for ax in axes.flat[n_panels:]:
+        ax.set_visible(False)
+    return fig, axes
+
+
+def _nudge(fig, transform, k: int, n: int):
+    """``transform`` shifted right by NUDGE_PTS points per step of ``k`` from the middle of ``n``
+    variants, so markers that would coincide stay visible."""
+    from matplotlib.transforms import ScaledTranslation
+
+    return transform + ScaledTranslation((k - (n - 1) / 2) * NUDGE_PTS / 72, 0, fig.dpi_scale_trans)
+
+
+def _variant_lines(fig, ax, table: pd.DataFrame, x: str, y: str, variants: List[str],
+                   low: Optional[str] = None, high: Optional[str] = None) -> None:
+    """One line per variant (its colour, circle markers) through ``table``'s ``(x, y)`` points, with
+    error bars from the ``low`` to the ``high`` column where those are finite; variants nudged apart
+    (the axes' limits still fit the data, which a shifted transform alone would not update)."""
+    for k, variant in enumerate(variants):
+        rows = table[(table["variant"] == variant) & np.isfinite(table[y])].sort_values(x)
+        if rows.empty:
+            continue
+        xs, ys = rows[x].astype(float).to_numpy(), rows[y].astype(float).to_numpy()
+        yerr = None
+        if low is not None:
+            yerr = np.vstack([(rows[y] - rows[low]).fillna(0.0), (rows[high] - rows[y]).fillna(0.0)])
+            ax.update_datalim(np.column_stack([np.r_[xs, xs], np.r_[ys - yerr[0], ys + yerr[1]]]))
+        ax.update_datalim(np.column_stack([xs, ys]))
+        ax.errorbar(xs, ys, yerr=yerr, color=style.colour(variant), marker="o", ms=5, lw=1.5, capsize=3,
+                    transform=_nudge(fig, ax.transData, k, len(variants)))
+    ax.autoscale_view()
+
+
+def _panel_labels(runs: pd.DataFrame, keys: List[str]) -> pd.Series:
+    """Per run, ``"key=value, ..."`` over ``keys`` (empty without keys)."""
+    if not keys:
+        return pd.Series("", index=runs.index)
+    return runs[keys].apply(lambda row: ", ".join(f"{k}={v}" for k, v in row.items()), axis=1)
+
+
+def _lr_depth_runs(sweep, figure: str) -> Optional[Tuple[pd.DataFrame, List[str]]]:
+    """``(runs, keys)`` for a figure over the LR grid and depth: the runs with a variant and a depth
+    that finished (completed or diverged), with a ``panel`` label over the swept keys other than the
+    learning rate (:func:`analysis.metrics.lr_sweep_runs`); None (logged) when the sweep has fewer
+    than two learning rates or two depths."""
+    runs, keys = metrics.lr_sweep_runs(sweep)
+    runs = _plottable_runs(runs)
+    runs = runs[~runs["status"].isin(metrics.EXCLUDED_STATUSES) & runs["lr"].notna()]
+    for axis, what in (("lr", "learning rates"), ("depth", "depths")):
+        count = runs[axis].nunique()
+        if count < 2:
+            return _skip(figure, f"needs at least 2 {what} among the finished runs, the sweep has {count}")
+    runs["panel"] = _panel_labels(runs, keys)
+    return runs, keys
+
+
+def _lr_axis(ax, rates: List[float]) -> None:
+    """Log y axis with ticks at the sweep's learning rates."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(FixedLocator(rates))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.set_yticklabels([f"{r:g}" for r in rates])
+    ax.set_ylim(min(rates) / 2, max(rates) * 2)
+
+
 def depth_vs_val_loss(sweep, path) -> Optional[Path]:
     """Final validation loss against depth, one line per variant, one panel per setting.
 
@@ -118,7 +209,7 @@ def depth_vs_val_loss(sweep, path) -> Optional[Path]:
     """
     import seaborn as sns
     from matplotlib.lines import Line2D
-    from matplotlib.transforms import ScaledTranslation, blended_transform_factory
+    from matplotlib.transforms import blended_transform_factory
 
     runs = _plottable_runs(sweep.runs)
     if runs.empty:
@@ -130,18 +221,14 @@ def depth_vs_val_loss(sweep, path) -> Optional[Path]:
         return _skip("depth_vs_val_loss", "no completed run with a final validation loss and no "
                      "diverged or failed run")
 
-    settings = _settings(runs)
+    settings = setting_order(runs)
     variants = style.order(runs["variant"])
     colours = style.palette(variants)
     depths = sorted(int(d) for d in runs["depth"].unique())
     ncols = min(len(settings), 3)
-    nrows = math.ceil(len(settings) / ncols)
-    fig, axes = _figure(nrows, ncols, max(PANEL_W * 1.3 * ncols + 1.8, MIN_WIDTH),
-                        PANEL_H * 1.3 * nrows + 0.5, sharey=True)
+    fig, axes = _grid(len(settings), ncols, PANEL_W * 1.3, PANEL_H * 1.3, sharey=True)
     several_seeds = bool((ok.groupby(["setting", "variant", "depth"]).size() > 1).any())
 
-    for ax in axes.flat[len(settings):]:
-        ax.set_visible(False)
     for panel, (ax, setting) in enumerate(zip(axes.flat, settings)):
         panel_ok = ok[ok["setting"] == setting]
         if not panel_ok.empty:
@@ -156,9 +243,7 @@ def depth_vs_val_loss(sweep, path) -> Optional[Path]:
         top = blended_transform_factory(ax.transData, ax.transAxes)
         panel_marked = marked[marked["setting"] == setting]
         for k, variant in enumerate(variants):
-            # a few points of horizontal offset per variant so coinciding markers stay visible
-            shift = top + ScaledTranslation((k - (len(variants) - 1) / 2) * 5 / 72, 0,
-                                            fig.dpi_scale_trans)
+            shift = _nudge(fig, top, k, len(variants))
             for status, y, marker in (("diverged", DIVERGED_Y, "x"), ("failed", FAILED_Y, "s")):
                 rows = panel_marked[(panel_marked["variant"] == variant) & (panel_marked["status"] == status)]
                 for depth, count in rows.groupby("depth").size().items():
@@ -219,7 +304,7 @@ def loss_curves(sweep, path) -> Optional[Path]:
 
     variants = style.order(runs["variant"])
     depths = sorted(int(d) for d in runs["depth"].unique())
-    settings = _settings(runs)
+    settings = setting_order(runs)
     shade_of = {s: (0.6 * (len(settings) - 1 - i) / (len(settings) - 1) if len(settings) > 1 else 0.0)
                 for i, s in enumerate(settings)}
     by_run = {d: rows.sort_values("step") for d, rows in steps.groupby("run_dir", sort=False)}
@@ -276,23 +361,37 @@ def loss_curves(sweep, path) -> Optional[Path]:
     return _save(fig, path)
 
 
-def layer_profile(layers: pd.DataFrame, quantity: str = "grad_norm") -> pd.DataFrame:
-    """Per run, the per-block profile of ``quantity`` at its first and its last usable step.
+def block_values(layers: pd.DataFrame, quantity: str) -> pd.DataFrame:
+    """``run_dir, step, layer, value``: ``quantity`` per block, its sublayers combined.
 
     Reads a layers table (``run_dir``, ``step``, ``layer``, ``sublayer``, ``quantity``, ``value``).
-    Sublayers are combined per block as ``sqrt(sum of squares)`` (for gradient norms, the norm of the
-    whole block's gradient: ``sqrt(attn^2 + mlp^2)``). The first step is the run's first logged step;
-    the last is its last logged step at which every block's value is finite (a diverged run's final
-    step often holds inf/NaN). Returns ``run_dir, step, layer, value, when`` with ``when`` in
-    ``"step 0"`` (or ``"first logged step"`` if that is not 0) and ``"last logged step"``.
+    The combination is :data:`BLOCK_COMBINE`'s: ``"norm"``, ``sqrt(sum of squares)`` (for gradient
+    norms, the norm of the whole block's gradient, ``sqrt(attn^2 + mlp^2)``); ``"rms"``,
+    ``sqrt(mean of squares)`` (for activation RMS, the RMS over the block's attention and MLP output
+    streams, which have the same size; for update ratios, their quadratic mean). A non-finite
+    sublayer value makes its block's value inf.
     """
     rows = layers[layers["quantity"] == quantity]
     if rows.empty:
-        return pd.DataFrame(columns=["run_dir", "step", "layer", "value", "when"])
+        return pd.DataFrame(columns=["run_dir", "step", "layer", "value"])
     value = rows["value"].astype(float)
     squared = value.where(np.isfinite(value), np.inf) ** 2  # one bad sublayer spoils its block
-    blocks = (rows.assign(squared=squared).groupby(["run_dir", "step", "layer"], sort=True)["squared"]
-              .sum().pow(0.5).rename("value").reset_index())
+    grouped = rows.assign(squared=squared).groupby(["run_dir", "step", "layer"], sort=True)["squared"]
+    combined = grouped.sum() if BLOCK_COMBINE.get(quantity, "rms") == "norm" else grouped.mean()
+    return combined.pow(0.5).rename("value").reset_index()
+
+
+def layer_profile(layers: pd.DataFrame, quantity: str = "grad_norm") -> pd.DataFrame:
+    """Per run, the per-block profile of ``quantity`` at its first and its last usable step.
+
+    Blocks as in :func:`block_values`. The first step is the run's first logged step; the last is its
+    last logged step at which every block's value is finite (a diverged run's final step often holds
+    inf/NaN). Returns ``run_dir, step, layer, value, when`` with ``when`` in ``"step 0"`` (or
+    ``"first logged step"`` if that is not 0) and ``"last logged step"``.
+    """
+    blocks = block_values(layers, quantity)
+    if blocks.empty:
+        return pd.DataFrame(columns=["run_dir", "step", "layer", "value", "when"])
     parts = []
     for run_dir, run in blocks.groupby("run_dir", sort=False):
         first = int(run["step"].min())
@@ -307,13 +406,15 @@ def layer_profile(layers: pd.DataFrame, quantity: str = "grad_norm") -> pd.DataF
     return pd.concat(parts, ignore_index=True)
 
 
-def grad_norm_profile(sweep, path, quantity: str = "grad_norm") -> Optional[Path]:
-    """Per-layer gradient norm (log y) against block index: one panel per depth (columns) and
-    setting (rows), hue = variant, dashed = the run's first logged step (step 0), solid = its last.
+def layer_profiles(sweep, path) -> Optional[Path]:
+    """Per-layer gradient norm, activation RMS and update ratio (log y) against block index: one
+    row per quantity (and setting), one column per depth; hue = variant, dashed = the run's first
+    logged step (step 0), solid = its last.
 
-    Reads ``sweep.layers`` and ``sweep.runs``. Attention and MLP sublayers are combined per block as
-    ``sqrt(attn^2 + mlp^2)`` (see :func:`layer_profile`); seeds are averaged. Non-positive or
-    non-finite values cannot be drawn on the log scale and are left out.
+    Reads ``sweep.layers`` (the :data:`PROFILE_QUANTITIES` it has; ``act_rms`` and ``update_ratio``
+    come from the training probes, ``train.probe_every``) and ``sweep.runs``. Sublayers are combined
+    per block as in :func:`block_values`; seeds are averaged. Non-positive or non-finite values
+    cannot be drawn on the log scale and are left out.
     """
     import seaborn as sns
     from matplotlib.lines import Line2D
@@ -321,59 +422,352 @@ def grad_norm_profile(sweep, path, quantity: str = "grad_norm") -> Optional[Path
 
     layers = sweep.layers
     if layers.empty or "quantity" not in layers.columns:
-        return _skip("grad_norm_profile", "no run wrote layers.parquet")
-    profile = layer_profile(layers, quantity)
-    if profile.empty:
-        return _skip("grad_norm_profile", f"layers.parquet has no {quantity!r} rows")
+        return _skip("layer_profiles", "no run wrote layers.parquet")
     runs = _plottable_runs(sweep.runs)
-    profile = profile.merge(runs[["run_dir", "variant", "depth", "setting"]], on="run_dir", how="inner")
-    profile = profile[np.isfinite(profile["value"]) & (profile["value"] > 0)]
+    parts = []
+    for quantity in PROFILE_QUANTITIES:
+        profile = layer_profile(layers, quantity).merge(
+            runs[["run_dir", "variant", "depth", "setting"]], on="run_dir", how="inner")
+        value = profile["value"].astype(float)
+        parts.append(profile[np.isfinite(value) & (value > 0)].assign(quantity=quantity))
+    profile = pd.concat(parts, ignore_index=True)
     if profile.empty:
-        return _skip("grad_norm_profile", f"no positive finite {quantity!r} value in a run with a "
-                     "variant and a depth")
+        return _skip("layer_profiles", f"no positive finite {' / '.join(PROFILE_QUANTITIES)} value in a "
+                     "run with a variant and a depth")
 
+    quantities = [q for q in PROFILE_QUANTITIES if q in set(profile["quantity"])]
     variants = style.order(profile["variant"])
     colours = style.palette(variants)
     depths = sorted(int(d) for d in profile["depth"].unique())
-    settings = _settings(runs[runs["run_dir"].isin(set(profile["run_dir"]))])
+    settings = setting_order(runs[runs["run_dir"].isin(set(profile["run_dir"]))])
     whens = [w for w in ("step 0", "first logged step", "last logged step") if w in set(profile["when"])]
     dashes = {w: ("" if w == "last logged step" else (4, 2)) for w in whens}
 
-    # one panel per (setting, depth): depths across, settings down; a single depth wraps the settings
-    panels = [(setting, depth) for setting in settings for depth in depths]
-    ncols = len(depths) if len(depths) > 1 else min(3, len(panels))
-    nrows = math.ceil(len(panels) / ncols)
-    fig, axes = _figure(nrows, ncols, max(PANEL_W * 1.2 * ncols + 1.0, MIN_WIDTH),
-                        PANEL_H * 1.2 * nrows + 0.8, sharey=True)
-    for ax in axes.flat[len(panels):]:
-        ax.set_visible(False)
-    for i, (ax, (setting, depth)) in enumerate(zip(axes.flat, panels)):
-        panel = profile[(profile["setting"] == setting) & (profile["depth"] == depth)]
-        if panel.empty:
-            ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="grey")
-        else:
-            present = [v for v in variants if v in set(panel["variant"])]
-            sns.lineplot(data=panel.assign(layer=panel["layer"].astype(int)), x="layer", y="value",
-                         hue="variant", hue_order=present, palette={v: colours[v] for v in present},
-                         style="when", style_order=[w for w in whens if w in set(panel["when"])],
-                         dashes=dashes, estimator="mean", errorbar=None, legend=False, ax=ax)
-        ax.set_yscale("log")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(f"depth {depth}" + (f", {setting}" if setting else ""))
-        ax.set_xlabel("layer (block index)")
-        ax.set_ylabel(f"{quantity} per block\nsqrt(attn² + mlp²)" if i % ncols == 0 else "")
+    rows = [(quantity, setting) for quantity in quantities for setting in settings]
+    fig, axes = _figure(len(rows), len(depths), max(PANEL_W * 1.2 * len(depths) + 1.0, MIN_WIDTH),
+                        PANEL_H * 1.2 * len(rows) + 0.8, sharey="row")
+    for r, (quantity, setting) in enumerate(rows):
+        for c, depth in enumerate(depths):
+            ax = axes[r, c]
+            panel = profile[(profile["quantity"] == quantity) & (profile["setting"] == setting)
+                            & (profile["depth"] == depth)]
+            if panel.empty:
+                ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="grey")
+            else:
+                present = [v for v in variants if v in set(panel["variant"])]
+                sns.lineplot(data=panel.assign(layer=panel["layer"].astype(int)), x="layer", y="value",
+                             hue="variant", hue_order=present, palette={v: colours[v] for v in present},
+                             style="when", style_order=[w for w in whens if w in set(panel["when"])],
+                             dashes=dashes, estimator="mean", errorbar=None, legend=False, ax=ax,
+                             marker="o", ms=3, mew=0)  # markers: a depth-1 profile is a single point
+            ax.set_yscale("log")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_title(f"depth {depth}" + (f", {setting}" if setting else ""))
+            ax.set_xlabel("layer (block index)" if r == len(rows) - 1 else "")
+            ax.set_ylabel(PROFILE_LABELS.get(quantity, quantity) if c == 0 else "")
 
     handles = _variant_handles(variants, lw=2)
     handles += [Line2D([], [], color="grey", lw=1.5, ls="-" if w == "last logged step" else "--", label=w)
                 for w in whens]
     _legend(fig, handles)
-    fig.suptitle(f"{sweep.name}: per-layer {quantity} (mean over seeds)")
+    fig.suptitle(f"{sweep.name}: per-layer profiles (mean over seeds)")
+    return _save(fig, path)
+
+
+def divergence_rate(sweep, path) -> Optional[Path]:
+    """The fraction of runs that diverged against depth, one line per variant, one panel per setting.
+
+    Reads ``sweep.runs``; the rate and its 95% Wilson interval over seeds come from
+    :func:`analysis.metrics.seed_summary` (diverged over completed-or-diverged runs; failed and
+    running runs are left out). Error bars are drawn where a point has more than one finished run.
+    Needs at least two depths.
+    """
+    runs = _plottable_runs(sweep.runs)
+    if runs["depth"].nunique() < 2:
+        return _skip("divergence_rate", f"needs at least 2 depths, the sweep has {runs['depth'].nunique()}")
+    table = metrics.seed_summary(runs, by=("setting", "variant", "depth"))
+    table = table[table["finished"] > 0]
+    if table.empty:
+        return _skip("divergence_rate", "no run completed or diverged")
+    table["depth"] = table["depth"].astype(float)
+    seeded = table["finished"] > 1
+    table.loc[~seeded, ["divergence_low", "divergence_high"]] = np.nan
+
+    settings = setting_order(runs[runs["setting"].isin(set(table["setting"]))])
+    variants = style.order(table["variant"])
+    depths = sorted(int(d) for d in runs["depth"].unique())
+    ncols = min(len(settings), 3)
+    fig, axes = _grid(len(settings), ncols, PANEL_W * 1.3, PANEL_H * 1.3, sharey=True)
+    for panel, (ax, setting) in enumerate(zip(axes.flat, settings)):
+        _variant_lines(fig, ax, table[table["setting"] == setting], "depth", "divergence_rate", variants,
+                       "divergence_low", "divergence_high")
+        _depth_axis(ax, depths)
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("depth (blocks)")
+        ax.set_ylabel("" if panel % ncols else
+                      "fraction of runs diverged" + ("\n(95% Wilson CI over seeds)" if seeded.any() else ""))
+        if setting:
+            ax.set_title(setting)
+    _legend(fig, _variant_handles(variants, marker="o"))
+    fig.suptitle(f"{sweep.name}: divergence rate vs depth")
+    return _save(fig, path)
+
+
+def stability_frontier(sweep, path) -> Optional[Path]:
+    """The largest stable learning rate against depth, one line per variant: the stability frontier.
+
+    Reads ``sweep.runs``; the rate is :func:`analysis.metrics.largest_stable_lr` over each (variant,
+    depth)'s LR grid, all seeds together (a rate is stable only if every seed completed at least
+    0.1 nat below the initial loss). A (variant, depth) with no stable rate gets a triangle at the
+    bottom of the panel. Needs at least two learning rates and two depths.
+    """
+    from matplotlib.lines import Line2D
+    from matplotlib.transforms import blended_transform_factory
+
+    found = _lr_depth_runs(sweep, "stability_frontier")
+    if found is None:
+        return None
+    runs, keys = found
+    rows = []
+    for (panel, variant, depth), group in runs.groupby(["panel", "variant", "depth"], sort=True):
+        try:
+            rate = metrics.largest_stable_lr(group)
+        except ValueError:  # no finite initial loss: stability cannot be judged
+            continue
+        rows.append(dict(panel=panel, variant=variant, depth=float(depth), largest_stable_lr=rate))
+    table = pd.DataFrame(rows, columns=["panel", "variant", "depth", "largest_stable_lr"])
+    if table.empty:
+        return _skip("stability_frontier", "no run has a finite initial loss")
+
+    panels = sorted(table["panel"].unique())
+    variants = style.order(table["variant"])
+    depths = sorted(int(d) for d in runs["depth"].unique())
+    rates = sorted(runs["lr"].unique())
+    ncols = min(len(panels), 3)
+    fig, axes = _grid(len(panels), ncols, PANEL_W * 1.3, PANEL_H * 1.3, sharey=True)
+    for i, (ax, panel) in enumerate(zip(axes.flat, panels)):
+        part = table[table["panel"] == panel]
+        _variant_lines(fig, ax, part, "depth", "largest_stable_lr", variants)
+        bottom = blended_transform_factory(ax.transData, ax.transAxes)
+        for k, variant in enumerate(variants):
+            none = part[(part["variant"] == variant) & part["largest_stable_lr"].isna()]
+            if none.empty:
+                continue
+            ax.plot(none["depth"], [NONE_STABLE_Y] * len(none), ls="none", marker="v", ms=7,
+                    color=style.colour(variant), transform=_nudge(fig, bottom, k, len(variants)),
+                    clip_on=False, zorder=5)
+        _depth_axis(ax, depths)
+        _lr_axis(ax, rates)
+        ax.set_xlabel("depth (blocks)")
+        ax.set_ylabel("" if i % ncols else "largest stable learning rate")
+        if panel:
+            ax.set_title(panel)
+    handles = _variant_handles(variants, marker="o")
+    if table["largest_stable_lr"].isna().any():
+        handles.append(Line2D([], [], ls="none", marker="v", ms=7, color=style.NEUTRAL,
+                              label="no stable rate"))
+    _legend(fig, handles)
+    fig.suptitle(f"{sweep.name}: stability frontier (largest stable LR vs depth)")
+    return _save(fig, path)
+
+
+def lr_depth_heatmap(sweep, path) -> Optional[Path]:
+    """Final validation loss over the learning rate x depth grid: one panel per variant (and per
+    value of the other swept keys), one shared colour scale.
+
+    Reads ``sweep.runs``. A cell is the mean over seeds of :func:`analysis.metrics.clipped_losses`
+    (``min(final loss, l0)``, a diverged run counting as its initial loss ``l0``, the sweep's
+    median initial loss where a run has none), the same numbers the LR sensitivity averages; a cell
+    with a diverged run says how many of its runs diverged. Needs at least two learning rates and
+    two depths.
+    """
+    import seaborn as sns
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    found = _lr_depth_runs(sweep, "lr_depth_heatmap")
+    if found is None:
+        return None
+    runs, keys = found
+    initial = runs["initial_loss"].where(np.isfinite(runs["initial_loss"]))
+    if initial.isna().all():
+        return _skip("lr_depth_heatmap", "no run has a finite initial loss")
+    runs["loss"] = metrics.clipped_losses(runs["final_val_loss"], initial.fillna(initial.median()),
+                                          runs["status"] == "diverged")
+    runs["diverged"] = runs["status"] == "diverged"
+    cells = (runs.groupby(["panel", "variant", "lr", "depth"])
+             .agg(loss=("loss", "mean"), diverged=("diverged", "sum"), runs=("loss", "size")).reset_index())
+
+    panels = sorted(cells["panel"].unique())
+    variants = style.order(cells["variant"])
+    depths = sorted(int(d) for d in runs["depth"].unique())
+    rates = sorted(runs["lr"].unique(), reverse=True)  # the largest rate on top
+    norm = Normalize(float(cells["loss"].min()), float(cells["loss"].max()))
+    cmap = "rocket_r"
+    fig, axes = _figure(len(panels), len(variants), max(PANEL_W * len(variants) + 1.8, MIN_WIDTH),
+                        (0.45 * len(rates) + 1.2) * len(panels) + 0.6)
+    for r, panel in enumerate(panels):
+        for c, variant in enumerate(variants):
+            ax = axes[r, c]
+            part = cells[(cells["panel"] == panel) & (cells["variant"] == variant)]
+            loss = part.pivot(index="lr", columns="depth", values="loss").reindex(index=rates, columns=depths)
+            div = part.pivot(index="lr", columns="depth", values="diverged").reindex(index=rates, columns=depths)
+            n = part.pivot(index="lr", columns="depth", values="runs").reindex(index=rates, columns=depths)
+            text = loss.map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
+            text = text.where(div.fillna(0) == 0, text + "\n" + div.fillna(0).astype(int).astype(str)
+                              + "/" + n.fillna(0).astype(int).astype(str) + " div")
+            sns.heatmap(loss, ax=ax, cmap=cmap, norm=norm, cbar=False, annot=text.to_numpy(), fmt="",
+                        annot_kws={"fontsize": 7}, xticklabels=[str(d) for d in depths],
+                        yticklabels=[f"{x:g}" for x in rates], linewidths=0.5, linecolor="white")
+            ax.set_title(style.label(variant) + (f"\n{panel}" if panel else ""), color=style.colour(variant),
+                         fontweight="bold")
+            ax.set_xlabel("depth (blocks)")
+            ax.set_ylabel("peak learning rate" if c == 0 else "")
+    fig.colorbar(ScalarMappable(norm=norm, cmap=sns.color_palette(cmap, as_cmap=True)), ax=axes,
+                 label="final val loss, mean over seeds\n(diverged = initial loss)", shrink=0.9)
+    fig.suptitle(f"{sweep.name}: final validation loss over learning rate x depth")
+    return _save(fig, path)
+
+
+def lr_sensitivity_vs_depth(sweep, path) -> Optional[Path]:
+    """Wortsman et al.'s LR sensitivity (left) and the best loss l* of the LR grid (right) against
+    depth, one line per variant (a low sensitivity with a bad l* is not stable).
+
+    Reads ``sweep.runs``; per seed, :func:`analysis.metrics.lr_sensitivity_table` (the numbers of
+    lr_sensitivity.csv); lines are the mean over seeds with error bars of one standard deviation
+    where there are several seeds (as in :func:`depth_vs_val_loss`; with two or three seeds a 95%
+    interval is 9 or 2.5 standard deviations wide and would hide the lines). One row of panels per
+    value of the swept keys other than the learning rate. Needs at least two learning rates and two
+    depths.
+    """
+    found = _lr_depth_runs(sweep, "lr_sensitivity_vs_depth")
+    if found is None:
+        return None
+    runs, keys = found
+    try:
+        table = metrics.lr_sensitivity_table(runs, by=["panel", "variant", "depth", "seed"])
+    except ValueError as exc:
+        return _skip("lr_sensitivity_vs_depth", str(exc))
+    table = table[(table["n_lr"] >= 2) & np.isfinite(table["lr_sensitivity"])]
+    if table.empty:
+        return _skip("lr_sensitivity_vs_depth", "no LR grid of 2 or more rates with a finite initial loss")
+    rows = []
+    for (panel, variant, depth), group in table.groupby(["panel", "variant", "depth"], sort=True):
+        row = dict(panel=panel, variant=variant, depth=float(depth), seeds=len(group))
+        for column in ("lr_sensitivity", "best_loss"):
+            mean, sd = group[column].mean(), group[column].std()  # sd: NaN for one seed, no bar
+            row.update({column: mean, f"{column}_low": mean - sd, f"{column}_high": mean + sd})
+        rows.append(row)
+    means = pd.DataFrame(rows)
+
+    panels = sorted(means["panel"].unique())
+    variants = style.order(means["variant"])
+    depths = sorted(int(d) for d in runs["depth"].unique())
+    seeded = bool((means["seeds"] > 1).any())
+    fig, axes = _figure(len(panels), 2, max(PANEL_W * 1.3 * 2 + 1.8, MIN_WIDTH), PANEL_H * 1.3 * len(panels) + 0.5)
+    for r, panel in enumerate(panels):
+        part = means[means["panel"] == panel]
+        for c, (column, label) in enumerate((("lr_sensitivity", "LR sensitivity (lower = stabler)"),
+                                             ("best_loss", "best loss l* of the LR grid"))):
+            ax = axes[r, c]
+            _variant_lines(fig, ax, part, "depth", column, variants, f"{column}_low", f"{column}_high")
+            _depth_axis(ax, depths)
+            ax.set_xlabel("depth (blocks)")
+            ax.set_ylabel(label + ("\n(mean ± sd over seeds)" if seeded else ""))
+            if panel:
+                ax.set_title(panel)
+    _legend(fig, _variant_handles(variants, marker="o"))
+    fig.suptitle(f"{sweep.name}: LR sensitivity vs depth (Wortsman et al. 2023)")
+    return _save(fig, path)
+
+
+def layer_groups(blocks: pd.DataFrame) -> pd.DataFrame:
+    """``blocks`` (with ``layer`` and ``depth`` columns) with a ``group`` column: a row per third of
+    the stack (:data:`LAYER_GROUPS`) that its block overlaps. Block ``l`` of ``L`` spans
+    ``[l / L, (l + 1) / L]`` of the stack; it is in a third when that span overlaps the open third.
+    For ``L`` a multiple of 3 the thirds partition the blocks; for other depths a block on a boundary
+    is in both thirds, so every third has a block at every depth (at depth 1 the one block is in all)
+    and the lines of a coord check join across depths."""
+    start = blocks["layer"].astype(float) / blocks["depth"].astype(float)
+    end = (blocks["layer"].astype(float) + 1) / blocks["depth"].astype(float)
+    parts = [blocks[(start < (i + 1) / 3) & (end > i / 3)].assign(group=group)
+             for i, group in enumerate(LAYER_GROUPS)]
+    return pd.concat(parts, ignore_index=True)
+
+
+def coord_check(sweep, path) -> Optional[Path]:
+    """A depth coord check (after mup's width coord check): activation RMS against depth per layer
+    group, at initialisation (left) and after t steps (right), t the last logged probe step.
+
+    Reads the ``act_rms`` rows of ``sweep.layers`` (per block as in :func:`block_values`) and
+    ``sweep.runs``. The groups are the thirds of the stack (:func:`layer_groups`); a point is the
+    mean over the group's blocks and the seeds. Hue = variant, line style = group; one
+    row per setting. A run without a finite value at step t (it diverged before) is left out of the
+    right panel, which says how many were. Flat lines mean activations that keep their size as depth
+    grows. Needs act_rms rows (``train.probe_every``) and at least two depths.
+    """
+    from matplotlib.lines import Line2D
+
+    layers = sweep.layers
+    if layers.empty or "quantity" not in layers.columns:
+        return _skip("coord_check", "no run wrote layers.parquet")
+    runs = _plottable_runs(sweep.runs)
+    blocks = block_values(layers, "act_rms").merge(runs[["run_dir", "variant", "depth", "setting"]],
+                                                   on="run_dir", how="inner")
+    if blocks.empty:
+        return _skip("coord_check", "layers.parquet has no 'act_rms' rows (train.probe_every=0?)")
+    if blocks["depth"].nunique() < 2:
+        return _skip("coord_check", f"needs act_rms at 2 or more depths, the sweep has {blocks['depth'].nunique()}")
+    blocks = layer_groups(blocks)
+    first = blocks.groupby("run_dir")["step"].transform("min")
+    t = int(blocks["step"].max())
+    times = [(f"step {int(first.min())}" if first.nunique() == 1 else "first logged step", blocks["step"] == first),
+             (f"step {t}", blocks["step"] == t)]
+
+    settings = setting_order(runs[runs["run_dir"].isin(set(blocks["run_dir"]))])
+    variants = style.order(blocks["variant"])
+    groups = [g for g in LAYER_GROUPS if g in set(blocks["group"])]
+    dashes = dict(zip(LAYER_GROUPS, ("-", "--", ":")))
+    markers = dict(zip(LAYER_GROUPS, ("o", "s", "^")))
+    depths = sorted(int(d) for d in blocks["depth"].unique())
+    fig, axes = _figure(len(settings), 2, max(PANEL_W * 1.3 * 2 + 1.8, MIN_WIDTH),
+                        PANEL_H * 1.3 * len(settings) + 0.6, sharey=True)
+    for r, setting in enumerate(settings):
+        for c, (when, at) in enumerate(times):
+            ax = axes[r, c]
+            chosen = blocks[at & (blocks["setting"] == setting)]
+            usable = chosen.groupby("run_dir")["value"].transform(lambda v: np.isfinite(v).all() and (v > 0).all())
+            left_out = chosen.loc[~usable.astype(bool), "run_dir"].nunique()
+            means = (chosen[usable.astype(bool)].groupby(["variant", "group", "depth"])["value"].mean()
+                     .reset_index())
+            for variant in variants:
+                for group in groups:
+                    line = means[(means["variant"] == variant) & (means["group"] == group)].sort_values("depth")
+                    ax.plot(line["depth"].astype(float), line["value"], color=style.colour(variant),
+                            ls=dashes[group], marker=markers[group], ms=4, lw=1.4)
+            if left_out:
+                ax.text(0.02, 0.02, f"{left_out} run(s) without finite values here left out",
+                        transform=ax.transAxes, fontsize=7, color="grey")
+            ax.set_yscale("log")
+            _depth_axis(ax, depths)
+            ax.set_title(when + (f", {setting}" if setting else ""))
+            ax.set_xlabel("depth (blocks)")
+            ax.set_ylabel("activation RMS\n(mean over the group's blocks)" if c == 0 else "")
+    handles = _variant_handles(variants, lw=2)
+    handles += [Line2D([], [], color="grey", ls=dashes[g], marker=markers[g], ms=4, label=g) for g in groups]
+    _legend(fig, handles)
+    fig.suptitle(f"{sweep.name}: depth coord check (activation RMS per layer group vs depth)")
     return _save(fig, path)
 
 
 #: figure name -> function, in report order
 FIGURES: Dict[str, object] = {
     "depth_vs_val_loss": depth_vs_val_loss,
+    "divergence_rate": divergence_rate,
+    "stability_frontier": stability_frontier,
+    "lr_depth_heatmap": lr_depth_heatmap,
+    "lr_sensitivity_vs_depth": lr_sensitivity_vs_depth,
     "loss_curves": loss_curves,
-    "grad_norm_profile": grad_norm_profile,
+    "layer_profiles": layer_profiles,
+    "coord_check": coord_check,
 }

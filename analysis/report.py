@@ -5,12 +5,18 @@ every file atomically (temporary file in the same folder, then ``os.replace``):
 
 - ``summary.csv``: one row per run, :data:`analysis.metrics.RUN_METRIC_COLUMNS`; ``run_dir`` is
   relative to the sweep folder so the file reads the same on any machine.
-- ``depth_vs_val_loss.png``, ``loss_curves.png``, ``grad_norm_profile.png`` (:mod:`analysis.plots`);
-  a figure the data cannot support is skipped, and a stale file of that name from an earlier report
-  is removed so the folder never shows a figure of other data.
+- ``seed_summary.csv``: one row per (variant, depth, setting): the final validation loss over seeds
+  (mean, 95% CI) and the divergence rate (with its 95% CI), see :func:`analysis.metrics.seed_summary`.
+- one PNG per figure of :data:`analysis.plots.FIGURES` (``depth_vs_val_loss.png``,
+  ``divergence_rate.png``, ``stability_frontier.png``, ``lr_depth_heatmap.png``,
+  ``lr_sensitivity_vs_depth.png``, ``loss_curves.png``, ``layer_profiles.png``,
+  ``coord_check.png``); a figure the data cannot support is skipped (report.md says why), and a
+  stale file of that name from an earlier report is removed so the folder never shows a figure of
+  other data.
 - ``lr_sensitivity.csv``: only when the sweep has several learning rates; one row per LR sweep
   (variant, depth, seed and any other swept key), see :func:`analysis.metrics.lr_sensitivity_table`.
-- ``report.md``: the figures embedded, the run table in markdown, the metric definitions.
+- ``report.md``: every figure embedded (or why it was not drawn), the run table, the seed table, the
+  LR-sensitivity table when there is one, the metric definitions.
 """
 
 from __future__ import annotations
@@ -25,14 +31,20 @@ import pandas as pd
 
 from analysis import metrics, plots, style
 from analysis.files import atomic_write, write_text
-from analysis.load import PLOT_AXES, load_sweep, parse_overrides
+from analysis.load import load_sweep
 
 log = logging.getLogger(__name__)
 
+#: figure name (a key of analysis.plots.FIGURES) -> its section title in report.md
 FIGURE_TITLES = {
     "depth_vs_val_loss": "Final validation loss vs depth",
+    "divergence_rate": "Divergence rate vs depth",
+    "stability_frontier": "Stability frontier: largest stable learning rate vs depth",
+    "lr_depth_heatmap": "Final loss over learning rate x depth",
+    "lr_sensitivity_vs_depth": "LR sensitivity vs depth",
     "loss_curves": "Loss curves",
-    "grad_norm_profile": "Per-layer gradient norm at step 0 and at the last logged step",
+    "layer_profiles": "Per-layer profiles at step 0 and at the last logged step",
+    "coord_check": "Depth coord check",
 }
 _MD_COLUMNS = (
     ("short_name", "run"), ("variant", "variant"), ("depth", "depth"), ("seed", "seed"), ("lr", "lr"),
@@ -94,24 +106,54 @@ def _sorted_runs(table: pd.DataFrame) -> pd.DataFrame:
 def _lr_table(sweep) -> Optional[pd.DataFrame]:
     """LR sensitivity per LR sweep (variant, depth, seed and every other swept key), None when the
     sweep has fewer than two learning rates or its runs do not form clean LR sweeps (logged)."""
-    runs = sweep.runs
-    if runs["lr"].nunique(dropna=True) < 2:
+    if sweep.runs["lr"].nunique(dropna=True) < 2:
         return None
-    extra = [k for k in sweep.axes if k not in PLOT_AXES and k != "optim.lr"]
-    missing = [k for k in extra if k not in runs.columns]  # e.g. a config group: take the override
-    if missing:
-        runs = runs.copy()
-        for key in missing:
-            runs[key] = [parse_overrides(o).get(key) for o in runs["overrides"]]
+    runs, keys = metrics.lr_sweep_runs(sweep)
     try:
-        return metrics.lr_sensitivity_table(runs, by=["variant", "depth", "seed"] + extra)
+        return metrics.lr_sensitivity_table(runs, by=["variant", "depth", "seed"] + keys)
     except ValueError as exc:
         log.warning("no LR sensitivity table: %s", exc)
         return None
 
 
+def _seed_table(sweep) -> pd.DataFrame:
+    """:func:`analysis.metrics.seed_summary` of the runs with a variant and a depth, in figure order
+    (variant order, depth, then settings by learning rate)."""
+    runs = sweep.runs[sweep.runs["variant"].notna() & sweep.runs["depth"].notna()].copy()
+    runs["setting"] = runs["setting"].fillna("")
+    table = metrics.seed_summary(runs, by=("variant", "depth", "setting"))
+    variant_rank = {v: i for i, v in enumerate(style.order(runs["variant"]))}
+    setting_rank = {s: i for i, s in enumerate(plots.setting_order(runs))}
+    return (table.assign(_v=table["variant"].map(variant_rank), _s=table["setting"].map(setting_rank))
+            .sort_values(["_v", "depth", "_s"], kind="stable").drop(columns=["_v", "_s"])
+            .reset_index(drop=True))
+
+
+def _seed_markdown(table: pd.DataFrame) -> str:
+    """The seed table as markdown: rate with its interval, mean +- half-width with n."""
+    def interval(row) -> str:
+        if math.isnan(row["divergence_rate"]):
+            return "\u2013"
+        return f"{row['divergence_rate']:.2f} [{row['divergence_low']:.2f}, {row['divergence_high']:.2f}]"
+
+    def mean(row) -> str:
+        if row["n"] == 0:
+            return "\u2013"
+        half = "" if math.isnan(row["ci95"]) else f" \u00b1 {row['ci95']:.3g}"
+        return f"{row['mean']:.4g}{half} (n={row['n']})"
+
+    shown = table.assign(diverged_of=[f"{d}/{f}" for d, f in zip(table["diverged"], table["finished"])],
+                         rate=table.apply(interval, axis=1), loss=table.apply(mean, axis=1))
+    columns = [("variant", "variant"), ("depth", "depth")]
+    if (table["setting"] != "").any():
+        columns.append(("setting", "setting"))
+    columns += [("runs", "runs"), ("diverged_of", "diverged / finished"),
+                ("rate", "divergence rate [95% CI]"), ("loss", "final val loss, mean \u00b1 95% CI")]
+    return markdown_table(shown, columns)
+
+
 def _markdown(sweep, table: pd.DataFrame, figures: Dict[str, Optional[Path]], skipped: Dict[str, str],
-              lr_table: Optional[pd.DataFrame], spike_params: Dict[str, float]) -> str:
+              seed_table: pd.DataFrame, lr_table: Optional[pd.DataFrame], spike_params: Dict[str, float]) -> str:
     counts = Counter(table["status"])
     status = ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: -kv[1]))
     commits = sorted({str(c)[:10] for c in sweep.runs["git_commit"].dropna()})
@@ -121,13 +163,16 @@ def _markdown(sweep, table: pd.DataFrame, figures: Dict[str, Optional[Path]], sk
              f"Code: git {', '.join(commits) or 'unknown'}; torch {', '.join(torches) or 'unknown'}.", ""]
     if sweep.axes:
         lines += [f"Swept keys: {', '.join(f'`{a}`' for a in sweep.axes)}.", ""]
-    for name, title in FIGURE_TITLES.items():
+    for name in figures:
+        title = FIGURE_TITLES.get(name, name.replace("_", " "))
         lines += [f"## {title}", ""]
         if figures.get(name) is not None:
             lines += [f"![{title}]({figures[name].name})", ""]
         else:
             lines += [f"_Not drawn: {skipped.get(name, 'see the log')}._", ""]
     lines += ["## Runs", "", markdown_table(table, _MD_COLUMNS), ""]
+    lines += ["## Over seeds: final loss and divergence per variant and depth", "",
+              _seed_markdown(seed_table), ""]
     if lr_table is not None:
         columns = [(c, c) for c in lr_table.columns[:-5]] + [
             ("n_lr", "LRs"), ("lr_sensitivity", "LR sensitivity"), ("best_loss", "best loss l*"),
@@ -140,12 +185,18 @@ def _markdown(sweep, table: pd.DataFrame, figures: Dict[str, Optional[Path]], sk
         f"{spike_params['min_history']} of them); consecutive spike steps count once.",
         "- **final train**: as the run's summary reports it; **final val**: the last evaluation of a "
         "completed run (none for a diverged run); **best val**: the lowest evaluation.",
+        "- **over seeds**: the mean of the completed runs' final val loss with a 95% Student-t "
+        "confidence interval (none for one run); **divergence rate**: diverged runs over the runs "
+        "that completed or diverged, with a 95% Wilson score interval. Failed and running runs are "
+        "left out.",
+        f"- **largest stable lr** (frontier figure, LR table): the largest rate all of whose runs "
+        f"completed with a finite final val loss at least {metrics.STABLE_MARGIN:g} nat below the "
+        f"initial loss.",
     ]
     if lr_table is not None:
         lines.append("- **LR sensitivity** (Wortsman et al. 2023, arXiv:2309.14322): mean over the LR "
                      "grid of min(final val loss, initial loss) minus the best such loss l*; a diverged "
-                     "run counts as the initial loss. **largest stable lr**: the largest rate whose runs "
-                     "all completed below the initial loss. Failed and running runs are left out.")
+                     "run counts as the initial loss. Failed and running runs are left out.")
     return "\n".join(lines) + "\n"
 
 
@@ -191,6 +242,9 @@ def make_report(sweep_dir, out_dir, spike_window: int = metrics.SPIKE_WINDOW,
     finally:
         plots.log.removeHandler(collect)
 
+    seed_table = _seed_table(sweep)
+    written.append(atomic_write(out / "seed_summary.csv", lambda tmp: seed_table.to_csv(tmp, index=False)))
+
     lr_table = _lr_table(sweep)
     lr_csv = out / "lr_sensitivity.csv"
     if lr_table is not None:
@@ -199,7 +253,7 @@ def make_report(sweep_dir, out_dir, spike_window: int = metrics.SPIKE_WINDOW,
         lr_csv.unlink(missing_ok=True)
 
     spike_params = dict(window=spike_window, factor=spike_factor, min_history=spike_min_history)
-    text = _markdown(sweep, table, figures, skipped, lr_table, spike_params)
+    text = _markdown(sweep, table, figures, skipped, seed_table, lr_table, spike_params)
     written.append(write_text(out / "report.md", text))
     return written
 

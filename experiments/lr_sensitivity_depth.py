@@ -4,7 +4,9 @@ The harness of ``wortsman_lr`` (AdamW 0.9/0.95, clip 1, independent WD 1e-4, z-l
 cosine to 10%, synthetic stream, vocab 64, no qk-layernorm) over every registered variant of the grid
 and several depths. No calibrated claim yet (PAPERS.md §13 note: only one depth was calibrated), so the
 experiment reports numbers and draws the figure; LR-sensitivity is shown next to the best loss l*,
-because a low LR-sensitivity with a bad l* (a model that never learns) is not "stable".
+because a low LR-sensitivity with a bad l* (a model that never learns) is not "stable". The metrics are
+:mod:`analysis.metrics`' (the sweep report's), with l0 = ln|V|; the largest stable LR needs a run to end
+at least 0.1 nat below it (:data:`analysis.metrics.STABLE_MARGIN`).
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import math
 
 import pandas as pd
 
+from analysis.metrics import clipped_losses, largest_stable_lr_values, lr_sensitivity_values
+
 from .common import figure, palette, registered, save
 from .core import Experiment, Reference, register
-from .stability import largest_stable_lr, lr_sensitivity
 from .training import data_spec, run_grid
 from .wortsman_lr import LRS
 
@@ -35,13 +38,17 @@ def run(grid, ctx) -> pd.DataFrame:
                          max_attn_logit=r["max_attn_logit"]))
     df = pd.DataFrame(rows)
     l0 = math.log(data_spec(grid)["vocab"])
-    agg = []
-    for (v, L, s), g in df.groupby(["variant", "depth", "seed"]):
-        finals = g.final_eval_loss.tolist()
-        agg.append(dict(variant=v, depth=L, seed=s, lr_sensitivity=lr_sensitivity(finals, l0),
-                        best_loss=min(min(x, l0) for x in finals if x == x) if any(x == x for x in finals) else l0,
-                        largest_stable_lr=largest_stable_lr(g.lr.tolist(), finals, l0)))
+    agg = [dict(variant=v, depth=L, seed=s, **lr_metrics(g, l0))
+           for (v, L, s), g in df.groupby(["variant", "depth", "seed"])]
     return df.merge(pd.DataFrame(agg), on=["variant", "depth", "seed"])
+
+
+def lr_metrics(g: pd.DataFrame, l0: float) -> dict:
+    """LR-sensitivity, best loss l* and largest stable LR (NaN if none) of one LR grid (rows: ``lr``,
+    ``final_eval_loss``, ``diverged``), a diverged run counting as ``l0``."""
+    return dict(lr_sensitivity=lr_sensitivity_values(g.final_eval_loss, l0, g.diverged),
+                best_loss=float(clipped_losses(g.final_eval_loss, l0, g.diverged).min()),
+                largest_stable_lr=largest_stable_lr_values(g.lr, g.final_eval_loss, l0, completed=~g.diverged))
 
 
 def plot(df, path) -> None:

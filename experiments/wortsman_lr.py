@@ -1,5 +1,6 @@
 """Wortsman et al. 2023 Fig. 1 and Fig. 2: final loss vs peak LR with and without qk-layernorm, and the max
-attention logit; LR-sensitivity per seed (the framework's stability metric, experiments.stability)."""
+attention logit; LR-sensitivity per seed (the framework's stability metric,
+:func:`analysis.metrics.lr_sensitivity_values`, with l0 = ln|V|)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import math
 import numpy as np
 import pandas as pd
 
+from analysis.metrics import lr_sensitivity_values
+
 from .common import figure, save, select
 from .core import Claim, Experiment, Reference, register
-from .stability import lr_sensitivity
 from .training import data_spec, run_grid
 
 REF = Reference("Small-scale proxies for large-scale Transformer training instabilities", "2309.14322",
@@ -34,7 +36,8 @@ def run(grid, ctx) -> pd.DataFrame:
     l0 = math.log(data_spec(grid)["vocab"])
     sens = []
     for (qk, seed), g in df.groupby(["qk_norm", "seed"]):
-        sens.append(dict(qk_norm=qk, seed=seed, lr_sensitivity=lr_sensitivity(g.final_eval_loss.tolist(), l0)))
+        sens.append(dict(qk_norm=qk, seed=seed,
+                         lr_sensitivity=lr_sensitivity_values(g.final_eval_loss, l0, g.diverged)))
     return df.merge(pd.DataFrame(sens), on=["qk_norm", "seed"])
 
 

@@ -309,7 +309,10 @@ def test_lr_sensitivity_reproduces_the_paper_note():
     assert lr_sensitivity(off, initial_loss=l0) == pytest.approx(2.50 / 7)
     assert lr_sensitivity(on, initial_loss=l0) == pytest.approx(1.01 / 7)
     assert best_loss(off, initial_loss=l0) == pytest.approx((2.37, 1e-2))  # tie: smallest rate
-    assert largest_stable_lr(off, initial_loss=l0) == pytest.approx(3e-1)  # 4.11 < ln 64
+    # 4.11 at 3e-1 is below ln 64 = 4.159 but not by the 0.1 nat a stable run needs
+    assert largest_stable_lr(off, initial_loss=l0) == pytest.approx(1e-1)
+    assert largest_stable_lr(off, initial_loss=l0, margin=0.0) == pytest.approx(3e-1)
+    assert largest_stable_lr(on, initial_loss=l0) == pytest.approx(3e-1)
 
 
 def test_lr_sensitivity_diverged_nan_failed_and_clipping():
@@ -347,6 +350,106 @@ def test_lr_sensitivity_diverged_nan_failed_and_clipping():
     assert largest_stable_lr(seeds) == pytest.approx(3e-1)
 
 
+def test_t_critical_matches_the_t_table():
+    from analysis.metrics import t_critical
+
+    # two-sided 95% (and one 90%) critical values of Student's t from the printed table
+    table = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 9: 2.2622, 30: 2.0423, 120: 1.9799}
+    for df, value in table.items():
+        assert t_critical(df) == pytest.approx(value, abs=5e-5), df
+    assert t_critical(2, confidence=0.90) == pytest.approx(2.9200, abs=5e-5)
+    assert t_critical(100000) == pytest.approx(1.95996, abs=5e-5)  # the normal limit
+    for bad in (0, 1.5, -1):
+        with pytest.raises(ValueError, match="degrees of freedom"):
+            t_critical(bad)
+    with pytest.raises(ValueError, match="confidence"):
+        t_critical(3, confidence=1.0)
+
+
+def test_mean_ci_by_hand():
+    from analysis.metrics import mean_ci
+
+    mean, half = mean_ci([1.0, 2.0, 3.0])  # sd 1, n 3, t(0.975, 2) = 4.302653
+    assert mean == 2.0 and half == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+    mean, half = mean_ci([2.1, 2.3])  # sd 0.1414, n 2, t(0.975, 1) = 12.706205
+    assert mean == pytest.approx(2.2) and half == pytest.approx(12.706205 * 0.1, rel=1e-6)
+    assert mean_ci([1.0, 2.0, 3.0, math.nan, math.inf, -math.inf]) == mean_ci([1.0, 2.0, 3.0])  # non-finite out
+    mean, half = mean_ci([5.0])
+    assert mean == 5.0 and math.isnan(half)
+    assert all(math.isnan(v) for v in mean_ci([]))
+    assert mean_ci([4.0, 4.0, 4.0]) == (4.0, 0.0)
+
+
+def test_wilson_interval_by_hand():
+    from analysis.metrics import wilson_interval
+
+    # published 95% Wilson intervals
+    assert wilson_interval(0, 3) == pytest.approx((0.0, 0.5615), abs=5e-5)
+    assert wilson_interval(1, 3) == pytest.approx((0.0615, 0.7923), abs=5e-5)
+    assert wilson_interval(3, 3) == pytest.approx((0.4385, 1.0), abs=5e-5)
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=5e-5)
+    # k = 1, n = 2 by the formula: centre 1/2, half = z / (1 + z^2/2) * sqrt(1/8 + z^2/16)
+    z = 1.959964
+    half = z / (1 + z * z / 2) * math.sqrt(1 / 8 + z * z / 16)
+    assert wilson_interval(1, 2) == pytest.approx((0.5 - half, 0.5 + half), rel=1e-6)
+    low, high = wilson_interval(0, 1)
+    assert low == 0.0 and 0 < high < 1  # not the empty [0, 0] of the normal approximation
+    assert all(math.isnan(v) for v in wilson_interval(0, 0))
+    with pytest.raises(ValueError, match="k <= n"):
+        wilson_interval(3, 2)
+
+
+def test_seed_summary_by_hand():
+    from analysis.metrics import SEED_COLUMNS, seed_summary
+
+    rows = [  # (variant, depth, setting, status, final_val_loss)
+        ("pre", 2, "", "completed", 2.0), ("pre", 2, "", "completed", 2.2), ("pre", 2, "", "completed", 2.4),
+        ("post", 2, "", "completed", 3.0), ("post", 2, "", "diverged", 1.0),  # a diverged loss is not averaged
+        ("post", 2, "", "failed", math.nan), ("post", 2, "", "running", 2.5),  # neither is counted
+        ("post", 4, "", "diverged", math.nan), ("post", 4, "", "diverged", math.nan),
+        ("pre", 2, "optim.lr=0.1", "completed", 9.0),  # another setting is another group
+    ]
+    runs = pd.DataFrame(rows, columns=["variant", "depth", "setting", "status", "final_val_loss"])
+    table = seed_summary(runs)
+    assert list(table.columns) == ["variant", "depth", "setting", *SEED_COLUMNS]
+    got = {(r.variant, r.depth, r.setting): r for r in table.itertuples()}
+    assert len(got) == 4
+
+    pre = got[("pre", 2, "")]
+    assert (pre.runs, pre.finished, pre.diverged, pre.n) == (3, 3, 0, 3)
+    assert pre.mean == pytest.approx(2.2) and pre.ci95 == pytest.approx(4.302653 * 0.2 / math.sqrt(3), rel=1e-6)
+    assert pre.divergence_rate == 0.0 and (pre.divergence_low, pre.divergence_high) == pytest.approx((0, 0.5615),
+                                                                                                     abs=5e-5)
+    post = got[("post", 2, "")]
+    assert (post.runs, post.finished, post.diverged, post.n) == (4, 2, 1, 1)
+    assert post.divergence_rate == 0.5 and post.mean == 3.0 and math.isnan(post.ci95)
+    assert (post.divergence_low, post.divergence_high) == pytest.approx((0.0945, 0.9055), abs=5e-5)
+    deep = got[("post", 4, "")]
+    assert (deep.diverged, deep.divergence_rate, deep.n) == (2, 1.0, 0) and math.isnan(deep.mean)
+    other = got[("pre", 2, "optim.lr=0.1")]
+    assert (other.runs, other.mean) == (1, 9.0)
+
+    no_finished = seed_summary(runs[runs["status"].isin(["failed", "running"])])
+    assert no_finished["finished"].tolist() == [0] and math.isnan(no_finished["divergence_rate"].iloc[0])
+
+
+def test_seed_summary_csv_and_table_in_the_report(report):
+    out, _ = report
+    table = pd.read_csv(out / "seed_summary.csv", keep_default_na=False, na_values=[""])
+    # variant order, then depth: post 2, post 4, pre 2 (two seeds), pre 4, deepnorm 4 (failed)
+    assert list(zip(table["variant"], table["depth"])) == [("post", 2), ("post", 4), ("pre", 2), ("pre", 4),
+                                                           ("deepnorm", 4)]
+    pre2 = table.iloc[2]
+    assert (pre2["runs"], pre2["n"], pre2["diverged"]) == (2, 2, 0)
+    assert pre2["mean"] == pytest.approx(2.2) and pre2["ci95"] == pytest.approx(12.706205 * 0.1, rel=1e-6)
+    post4 = table.iloc[1]
+    assert (post4["diverged"], post4["finished"], post4["divergence_rate"], post4["n"]) == (1, 1, 1.0, 0)
+    assert table.iloc[4]["finished"] == 0 and math.isnan(table.iloc[4]["divergence_rate"])
+    text = (out / "report.md").read_text()
+    assert "| pre | 2 | 2 | 0/2 | 0.00 [0.00, 0.66] | 2.2 \u00b1 1.27 (n=2) |" in text
+    assert "| post | 4 | 1 | 1/1 | 1.00 [0.21, 1.00] | \u2013 |" in text
+
+
 def test_run_metrics_counts_spikes_per_run(sweep):
     from analysis.metrics import RUN_METRIC_COLUMNS, run_metrics
 
@@ -373,17 +476,111 @@ def test_layer_profile_combines_sublayers_and_picks_first_and_last_finite_step(s
     assert sorted(set(post4["step"])) == [0, 10]
 
 
+def test_block_values_combine_sublayers_per_quantity():
+    from analysis.plots import block_values
+
+    layers = pd.DataFrame({
+        "run_dir": "r", "step": 0, "layer": [0, 0, 0, 0, 0, 0, 1, 1],
+        "sublayer": ["attn", "mlp"] * 4, "quantity": ["grad_norm"] * 2 + ["act_rms"] * 2 + ["update_ratio"] * 2
+                                                     + ["act_rms"] * 2,
+        "value": [3.0, 4.0, 3.0, 4.0, 1e-3, 3e-3, 2.0, math.nan]})
+    assert block_values(layers, "grad_norm")["value"].tolist() == pytest.approx([5.0])  # sqrt(9 + 16)
+    act = block_values(layers, "act_rms")
+    assert act["value"].iloc[0] == pytest.approx(math.sqrt(12.5))  # RMS over the two streams
+    assert np.isinf(act["value"].iloc[1])  # a NaN sublayer spoils its block
+    assert block_values(layers, "update_ratio")["value"].tolist() == pytest.approx([math.sqrt(5e-6)])
+    assert block_values(layers, "branch_ratio").empty
+
+
+def test_layer_groups_cover_every_third_at_every_depth():
+    from analysis.plots import layer_groups
+
+    def groups(depth):
+        blocks = layer_groups(pd.DataFrame({"layer": range(depth), "depth": depth}))
+        return {g: rows["layer"].tolist() for g, rows in blocks.groupby("group", sort=False)}
+
+    assert groups(1) == {"first third": [0], "middle third": [0], "last third": [0]}
+    assert groups(2) == {"first third": [0], "middle third": [0, 1], "last third": [1]}
+    assert groups(4) == {"first third": [0, 1], "middle third": [1, 2], "last third": [2, 3]}
+    assert groups(6) == {"first third": [0, 1], "middle third": [2, 3], "last third": [4, 5]}  # a partition
+
+
+def build_lr_sweep(root: Path) -> Path:
+    """Two variants x depths 2, 4 x three learning rates x two seeds, initial loss 5.0. Pre-LN trains
+    everywhere; Post-LN at depth 2 diverges at 1e-1 on seed 1 only; at depth 4 it diverges at 1e-2
+    and 1e-1 and ends at 4.95 (less than 0.1 nat below the initial loss) at 1e-3."""
+    sweep = root / "lrsweep"
+    finals = {  # (variant, depth) -> per rate, the final loss of seeds 0 and 1 (None: diverged)
+        ("pre", 2): [(2.6, 2.62), (2.4, 2.42), (2.3, 2.32)], ("pre", 4): [(2.5, 2.52), (2.3, 2.32), (2.2, 2.22)],
+        ("post", 2): [(2.7, 2.72), (2.5, 2.52), (2.4, None)], ("post", 4): [(4.95, 4.97), (None, None), (None, None)]}
+    for (variant, depth), grid in finals.items():
+        for lr, per_seed in zip((1e-3, 1e-2, 1e-1), grid):
+            for seed, final in enumerate(per_seed):
+                if final is None:
+                    write_run(sweep, variant=variant, depth=depth, seed=seed, lr=lr, status="diverged",
+                              losses=losses_for(2.0)[:6] + [math.inf], diverged_step=6,
+                              extra_overrides=[f"optim.lr={lr}"])
+                else:
+                    write_run(sweep, variant=variant, depth=depth, seed=seed, lr=lr, losses=losses_for(2.0),
+                              final_val=final, extra_overrides=[f"optim.lr={lr}"])
+    return sweep
+
+
+def test_lr_grid_figures_and_tables(tmp_path):
+    from analysis import metrics, plots
+    from analysis.load import load_sweep
+    from analysis.report import make_report
+
+    sweep_dir = build_lr_sweep(tmp_path)
+    sweep = load_sweep(sweep_dir)
+    runs, keys = metrics.lr_sweep_runs(sweep)
+    assert keys == []
+    stable = {key: metrics.largest_stable_lr(g) for key, g in runs.groupby(["variant", "depth"])}
+    assert stable[("pre", 2)] == stable[("pre", 4)] == 1e-1
+    assert stable[("post", 2)] == 1e-2  # 1e-1 diverged on one of the two seeds
+    assert math.isnan(stable[("post", 4)])  # 4.95 is not 0.1 nat below 5.0; the rest diverged
+
+    written = make_report(sweep_dir, tmp_path / "out")
+    names = [p.name for p in written]
+    assert names == ["summary.csv", "depth_vs_val_loss.png", "divergence_rate.png", "stability_frontier.png",
+                     "lr_depth_heatmap.png", "lr_sensitivity_vs_depth.png", "loss_curves.png",
+                     "layer_profiles.png", "coord_check.png", "seed_summary.csv", "lr_sensitivity.csv", "report.md"]
+    assert set(names) >= {f"{name}.png" for name in plots.FIGURES}
+    for path in written:
+        assert path.stat().st_size > 0
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "Not drawn" not in text
+    seeds = pd.read_csv(tmp_path / "out" / "seed_summary.csv")
+    post2 = seeds[(seeds["variant"] == "post") & (seeds["depth"] == 2) & (seeds["setting"] == "optim.lr=0.1")]
+    assert post2[["runs", "diverged", "divergence_rate", "n"]].values.tolist() == [[2, 1, 0.5, 1]]
+    lrt = pd.read_csv(tmp_path / "out" / "lr_sensitivity.csv")
+    post4 = lrt[(lrt["variant"] == "post") & (lrt["depth"] == 4)]
+    # per seed: 4.95, 5.0 (diverged), 5.0 (diverged): l* = 4.95 (seed 0), 4.97 (seed 1)
+    assert post4["lr_sensitivity"].tolist() == pytest.approx([0.05 * 2 / 3, 0.03 * 2 / 3])
+    assert post4["largest_stable_lr"].isna().all()
+
+    one_depth = load_sweep(sweep_dir)
+    one_depth.runs = one_depth.runs[one_depth.runs["depth"] == 2]
+    for name in ("stability_frontier", "lr_depth_heatmap", "lr_sensitivity_vs_depth", "divergence_rate"):
+        assert plots.FIGURES[name](one_depth, tmp_path / f"{name}.png") is None, name
+        assert not (tmp_path / f"{name}.png").exists()
+
+
 # ---------------------------------------------------------------------------------- figures, report
+
+
+#: the figures of the standard fake sweep: one learning rate, so none of the LR-grid figures
+FAKE_FIGURES = ["depth_vs_val_loss.png", "divergence_rate.png", "loss_curves.png", "layer_profiles.png",
+                "coord_check.png"]
 
 
 def test_report_writes_every_file(report):
     out, written = report
     names = [p.name for p in written]
-    assert names == ["summary.csv", "depth_vs_val_loss.png", "loss_curves.png", "grad_norm_profile.png",
-                     "report.md"]
+    assert names == ["summary.csv", *FAKE_FIGURES, "seed_summary.csv", "report.md"]
     for path in written:
         assert path.parent == out and path.stat().st_size > 0
-    for name in names[1:4]:
+    for name in FAKE_FIGURES:
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left
 
@@ -409,12 +606,15 @@ def test_summary_csv_rows(report):
 def test_report_markdown_embeds_figures_and_table(report):
     out, _ = report
     text = (out / "report.md").read_text()
-    for name in ("depth_vs_val_loss.png", "loss_curves.png", "grad_norm_profile.png"):
+    for name in FAKE_FIGURES:
         assert f"]({name})" in text
+    for name in ("stability_frontier", "lr_depth_heatmap", "lr_sensitivity_vs_depth"):
+        assert (f"_Not drawn: {name}: skipped, needs at least 2 learning rates among the finished runs, "
+                "the sweep has 1._") in text
     # the run column keeps only the swept overrides (not the constant name=fake)
     assert "| model.norm=post,depth=4,seed=0 | post | 4 | 0 | 0.001 | diverged | 12 |" in text
     assert "6 runs (4 completed, 1 diverged, 1 failed)" in text
-    assert "LR sensitivity" not in text  # one learning rate only
+    assert "## LR sensitivity\n" not in text and "LR sensitivity** (Wortsman" not in text  # one LR only
 
 
 def test_figures_skip_without_data_and_report_says_so(tmp_path, caplog):
@@ -427,13 +627,17 @@ def test_figures_skip_without_data_and_report_says_so(tmp_path, caplog):
         write_run(sweep_dir, variant=variant, depth=2, losses=losses_for(2.0), final_val=2.1, layers=False)
     out = tmp_path / "out"
     (out).mkdir()
-    (out / "grad_norm_profile.png").write_bytes(b"stale")  # from an earlier report of other data
-    assert plots.grad_norm_profile(load_sweep(sweep_dir), out / "x.png") is None
+    (out / "layer_profiles.png").write_bytes(b"stale")  # from an earlier report of other data
+    assert plots.layer_profiles(load_sweep(sweep_dir), out / "x.png") is None
     assert "no run wrote layers.parquet" in caplog.text
     written = make_report(sweep_dir, out)
-    assert [p.name for p in written] == ["summary.csv", "depth_vs_val_loss.png", "loss_curves.png", "report.md"]
-    assert not (out / "grad_norm_profile.png").exists() and not (out / "x.png").exists()
-    assert "_Not drawn: grad_norm_profile: skipped, no run wrote layers.parquet._" in (out / "report.md").read_text()
+    assert [p.name for p in written] == ["summary.csv", "depth_vs_val_loss.png", "loss_curves.png",
+                                         "seed_summary.csv", "report.md"]
+    assert not (out / "layer_profiles.png").exists() and not (out / "x.png").exists()
+    text = (out / "report.md").read_text()
+    assert "_Not drawn: layer_profiles: skipped, no run wrote layers.parquet._" in text
+    assert "_Not drawn: coord_check: skipped, no run wrote layers.parquet._" in text
+    assert "_Not drawn: divergence_rate: skipped, needs at least 2 depths, the sweep has 1._" in text
 
 
 def test_lr_sweep_report_has_lr_sensitivity(tmp_path):
@@ -467,8 +671,7 @@ def test_cli_writes_results_under_cwd(sweep_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "results" / "fakesweep"
     printed = [tmp_path / p for p in proc.stdout.split()]  # relative to the cwd, as the default is
-    assert printed == [out / n for n in ("summary.csv", "depth_vs_val_loss.png", "loss_curves.png",
-                                              "grad_norm_profile.png", "report.md")]
+    assert printed == [out / n for n in ("summary.csv", *FAKE_FIGURES, "seed_summary.csv", "report.md")]
     assert all(Path(p).stat().st_size > 0 for p in printed)
 
 
@@ -492,8 +695,8 @@ def test_callback_on_a_real_omegaconf_config(sweep_dir, tmp_path, monkeypatch):
         warnings.simplefilter("ignore")
         AnalysisCallback(out_root="res").on_multirun_end(config=cfg)
     out = tmp_path / "res" / "fakesweep"
-    assert sorted(p.name for p in out.iterdir()) == [
-        "depth_vs_val_loss.png", "grad_norm_profile.png", "loss_curves.png", "report.md", "summary.csv"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(FAKE_FIGURES + ["report.md", "seed_summary.csv",
+                                                                           "summary.csv"])
     assert len(pd.read_csv(out / "summary.csv")) == 6
 
 

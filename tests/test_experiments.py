@@ -1,5 +1,7 @@
-"""The paper reproductions: the claim machinery, the stability metrics, and every init-time experiment
-at its reduced (``ci``) grid with its claims checked; the training-time ones at reduced size (slow)."""
+"""The paper reproductions: the claim machinery, the stability metrics they share with the sweep
+analysis (:mod:`analysis.metrics`), and every init-time experiment at its reduced (``ci``) grid with
+its claims checked; the training-time ones at reduced size (slow). Also the stability report of a
+small real sweep trained by ``resnorm.train``."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import experiments
 from conftest import ROOT
 from experiments.common import loglog_slope, spearman
 from experiments.core import FAIL, PASS, SKIPPED, Claim, Skip, run_experiment
-from experiments.stability import divergence_rate, largest_stable_lr, lr_sensitivity
+from analysis.metrics import largest_stable_lr_values, lr_sensitivity_values
 
 INIT = [n for n, e in experiments.REGISTRY.items() if e.kind == "init"]
 TRAIN = [n for n, e in experiments.REGISTRY.items() if e.kind == "train"]
@@ -45,12 +47,36 @@ def test_claim_pass_fail_and_skipped():
 
 def test_lr_sensitivity_by_hand():
     # Wortsman et al. eq.: mean over the grid of min(l, l0) - min l; NaN (diverged) counts as l0
-    assert lr_sensitivity([3.0, 2.0, 2.5, float("nan")], initial_loss=4.0) == pytest.approx((3 + 2 + 2.5 + 4) / 4 - 2)
-    assert lr_sensitivity([5.0, 2.0], initial_loss=4.0) == pytest.approx((4 + 2) / 2 - 2)
-    assert lr_sensitivity([2.0, 2.0], initial_loss=4.0) == 0.0
-    assert largest_stable_lr([1e-3, 1e-2, 1e-1], [2.0, 2.1, float("nan")], 4.0) == 1e-2
-    assert largest_stable_lr([1e-3], [4.5], 4.0) is None
-    assert divergence_rate([True, False, False, True]) == 0.5
+    assert lr_sensitivity_values([3.0, 2.0, 2.5, float("nan")], 4.0) == pytest.approx((3 + 2 + 2.5 + 4) / 4 - 2)
+    assert lr_sensitivity_values([5.0, 2.0], initial_loss=4.0) == pytest.approx((4 + 2) / 2 - 2)
+    assert lr_sensitivity_values([2.0, 2.0], initial_loss=4.0) == 0.0
+    # a diverged flag wins over a finite loss: the run counts as l0
+    assert lr_sensitivity_values([3.0, 2.0], 4.0, diverged=[False, True]) == pytest.approx((3 + 4) / 2 - 3)
+    assert largest_stable_lr_values([1e-3, 1e-2, 1e-1], [2.0, 2.1, float("nan")], 4.0) == 1e-2
+    assert math.isnan(largest_stable_lr_values([1e-3], [4.5], 4.0))
+    # stable means at least 0.1 nat below l0: 3.95 is not (a run stuck near ln|V| is not stable)
+    assert largest_stable_lr_values([1e-3, 1e-2], [2.0, 3.95], 4.0) == 1e-3
+    assert largest_stable_lr_values([1e-3, 1e-2], [2.0, 3.95], 4.0, margin=0.0) == 1e-2
+    # several runs (seeds) at one rate: stable only if all are; a run that did not complete is not
+    assert largest_stable_lr_values([1e-3, 1e-2, 1e-2], [2.0, 2.0, 3.99], 4.0) == 1e-3
+    assert largest_stable_lr_values([1e-3, 1e-2], [2.0, 2.0], 4.0, completed=[True, False]) == 1e-3
+
+
+def test_experiment_lr_metrics_reproduce_the_saved_results():
+    """The measured CSVs (written with the former list-based metrics of experiments/stability.py)
+    recompute to the same numbers, to the last bit, with analysis.metrics."""
+    from experiments.lr_sensitivity_depth import lr_metrics
+
+    l0 = math.log(64)  # both experiments train on vocab 64 and take l0 = ln|V|
+    saved = pd.read_csv(ROOT / "results" / "papers" / "wortsman_lr.csv")
+    for key, g in saved.groupby(["qk_norm", "seed"]):
+        assert lr_sensitivity_values(g.final_eval_loss, l0, g.diverged) == g.lr_sensitivity.iloc[0], key
+    saved = pd.read_csv(ROOT / "results" / "papers" / "lr_sensitivity_depth.csv")
+    for key, g in saved.groupby(["variant", "depth", "seed"]):
+        mine = lr_metrics(g, l0)
+        for column in ("lr_sensitivity", "best_loss", "largest_stable_lr"):
+            expected = g[column].iloc[0]
+            assert mine[column] == expected or (math.isnan(expected) and math.isnan(mine[column])), (key, column)
 
 
 def test_spearman_and_slope():
@@ -113,30 +139,39 @@ def test_training_time_experiment_runs_at_reduced_size_and_resumes(name, tmp_pat
 
 
 def test_loss_spikes_run_metrics_and_ci(tmp_path):
-    from experiments.stability import ci95, loss_spikes, run_metrics
+    from analysis.load import load_sweep
+    from analysis.metrics import count_loss_spikes, mean_ci, run_metrics
     from resnorm.store import RunStore
 
     flat = [2.0] * 20
-    assert loss_spikes(flat) == 0
-    assert loss_spikes(flat[:15] + [4.0] + flat[:4]) == 1
-    assert loss_spikes(flat[:12] + [float("nan")]) == 1
-    store = RunStore(tmp_path)
+    assert count_loss_spikes(flat) == 0
+    assert count_loss_spikes(flat[:15] + [4.0] + flat[:4]) == 1  # 4 > 1.25 x median 2
+    assert count_loss_spikes(flat[:15] + [2.4] + flat[:4]) == 0  # 2.4 < 2.5
+    assert count_loss_spikes(flat[:12] + [float("nan")]) == 0  # non-finite is divergence, not a spike
+    store = RunStore(tmp_path / "run")
     for step, v in enumerate(flat[:12] + [5.0, 2.0]):
         store.add_step(step, v, 1e-3, 1.0, 100.0)
     store.flush_tables()
     store.write_summary(dict(status="completed", diverged_step=None, final_val_loss=2.0, best_val_loss=1.9,
                              initial_loss=5.5))
-    m = run_metrics(tmp_path)
-    assert m == dict(status="completed", diverged_step=None, final_val_loss=2.0, best_val_loss=1.9,
-                     initial_loss=5.5, loss_spikes=1)
-    mean, half = ci95([1.0, 2.0, 3.0])
-    assert mean == 2.0 and half == pytest.approx(1.96 * 1.0 / math.sqrt(3))
+    (row,) = run_metrics(load_sweep(tmp_path)).to_dict("records")
+    assert (row["status"], row["final_val_loss"], row["best_val_loss"], row["loss_spikes"]) == (
+        "completed", 2.0, 1.9, 1)
+    assert pd.isna(row["diverged_step"])
+    mean, half = mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.302653 * 1.0 / math.sqrt(3), rel=1e-6)  # t(0.975, 2)
+
+
+#: every figure a sweep over variants x depths x learning rates with probes must get
+STABILITY_FIGURES = ("depth_vs_val_loss", "divergence_rate", "stability_frontier", "lr_depth_heatmap",
+                     "lr_sensitivity_vs_depth", "loss_curves", "layer_profiles", "coord_check")
 
 
 def test_stability_figures_from_run_folders(tmp_path):
-    """A small real sweep (variants x depths x LRs, trained by resnorm.train) -> every stability figure."""
-    from analysis.figures_stability import make_all
-    from analysis.stability import lr_table, runs_table, seed_table
+    """A small real sweep (variants x depths x LRs, trained by resnorm.train) -> every figure of the
+    report, each embedded in report.md, and the seed and LR tables."""
+    from analysis import plots
+    from analysis.report import make_report
     from conftest import TINY, compose
     from resnorm.train import JobInfo, train
 
@@ -147,19 +182,24 @@ def test_stability_figures_from_run_folders(tmp_path):
                 name = f"{norm}-{depth}-{lr}"
                 cfg = compose(*TINY, f"model.norm={norm}", f"depth={depth}", f"optim.lr={lr}", "train.probe_every=5")
                 train(cfg, JobInfo(run_dir=sweep / name, run_name=name, group="s", overrides=[]))
-    runs = runs_table(sweep)
-    assert len(runs) == 8 and set(runs.columns) >= {"status", "diverged_step", "final_val_loss", "best_val_loss",
-                                                    "loss_spikes", "lr", "loss"}
-    lrt = lr_table(runs)
-    assert len(lrt) == 4 and (lrt.lr_sensitivity >= 0).all() and (lrt.n_lrs == 2).all()
-    assert set(seed_table(runs).columns) >= {"mean", "ci95", "divergence_rate"}
-    written = make_all(sweep, tmp_path / "results")
-    for name in ("stability_depth_vs_loss.png", "stability_divergence_rate.png", "stability_frontier.png",
-                 "stability_lr_depth_heatmap.png", "stability_lr_sensitivity.png", "stability_layer_profiles.png",
-                 "stability_loss_curves.png", "stability_coord_check.png", "stability_report.md"):
-        assert name in written and (tmp_path / "results" / name).stat().st_size > 0, name
-    report = (tmp_path / "results" / "stability_report.md").read_text()
-    assert "![stability_frontier.png](stability_frontier.png)" in report and "| variant |" in report
+    out = tmp_path / "results" / "s"
+    written = make_report(sweep, out)
+    assert set(STABILITY_FIGURES) == set(plots.FIGURES)
+    report = (out / "report.md").read_text()
+    for name in STABILITY_FIGURES:
+        png = out / f"{name}.png"
+        assert png in written and png.stat().st_size > 0 and png.read_bytes()[:4] == b"\x89PNG", name
+        assert f"]({name}.png)" in report, name
+    assert "Not drawn" not in report
+    assert "| run | variant |" in report and "## Over seeds" in report and "## LR sensitivity" in report
+
+    runs = pd.read_csv(out / "summary.csv")
+    assert len(runs) == 8 and set(runs["lr"]) == {1e-3, 0.3}
+    seeds = pd.read_csv(out / "seed_summary.csv")
+    assert len(seeds) == 8 and (seeds["runs"] == 1).all()  # one seed per (variant, depth, lr)
+    assert seeds["divergence_rate"].between(0, 1).all()
+    lrt = pd.read_csv(out / "lr_sensitivity.csv")
+    assert len(lrt) == 4 and (lrt["lr_sensitivity"] >= 0).all() and (lrt["n_lr"] == 2).all()
 
 
 def test_seed_override_replaces_every_seed_list(tmp_path):

@@ -32,7 +32,7 @@ def test_multirun_trains_logs_and_plots(tmp_path):
     for summary in runs.values():
         assert list((tmp_path / "multirun" / "e2e" / summary["run_id"] / "wandb").glob("offline-run-*/run-*.wandb"))
     results = tmp_path / "results" / "e2e"
-    for figure in ("depth_vs_val_loss.png", "loss_curves.png", "grad_norm_profile.png"):
+    for figure in ("depth_vs_val_loss.png", "loss_curves.png", "layer_profiles.png"):
         assert (results / figure).stat().st_size > 5_000, figure
     table = pd.read_csv(results / "summary.csv")
     assert sorted(table["variant"]) == ["post", "pre"] and set(table["status"]) == {"completed"}
