@@ -9,26 +9,12 @@ import pandas as pd
 
 from .core import Skip
 
-# Fixed variant colours; analysis.style.palette() wins when that package is present, so the paper
-# figures and the sweep figures agree.
-_FALLBACK = {
-    "post": "#d62728", "pre": "#1f77b4", "rmsnorm": "#17becf", "deepnorm": "#2ca02c", "noresidual": "#7f7f7f",
-    "admin": "#9467bd", "lns": "#ff7f0e", "peri": "#8c564b", "sandwich": "#e377c2", "mixln": "#bcbd22",
-    "b2t": "#393b79", "depth_scaled": "#637939", "rezero": "#843c39", "dyt": "#7b4173", "scalenorm": "#3182bd",
-    "resi_dual": "#e6550d",
-}
-
-
 def colour(name: str) -> str:
-    try:
-        from analysis.style import palette  # type: ignore
+    """A variant's colour, the same as in every sweep figure (:mod:`analysis.style`); curves that are
+    not variants (e.g. attention-only paths) get a colour fixed by their name."""
+    from analysis.style import colour as style_colour
 
-        pal = palette()
-        if name in pal:
-            return pal[name]
-    except Exception:
-        pass
-    return _FALLBACK.get(name, "#333333")
+    return style_colour(name)
 
 
 def palette(names: Iterable[str]) -> Dict[str, str]:
