@@ -11,7 +11,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .identity import DONE, job_state, run_id
 from .store import read_summary
@@ -81,6 +81,27 @@ def model_size(cfg) -> Tuple[int, int]:
     embedding = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding)
                     for p in m.parameters(recurse=False))
     return total, total - embedding
+
+
+def longest_first(plans: Sequence[JobPlan]) -> List[JobPlan]:
+    """``plans`` ordered by estimated training FLOPs, largest first (ties keep their order).
+
+    With jobs in parallel on a few cores or GPUs, starting the long ones first shortens the sweep:
+    when the long ones go last (a depth grid written small to large), they run while the other
+    workers sit idle. Jobs with the same model shape share one size count.
+    """
+    from omegaconf import OmegaConf
+
+    sizes: Dict[str, int] = {}
+
+    def cost(plan: JobPlan) -> float:
+        key = OmegaConf.to_yaml(plan.cfg.model) + f"depth={plan.cfg.depth}"
+        if key not in sizes:
+            sizes[key] = model_size(plan.cfg)[1]
+        return train_flops(plan.cfg, sizes[key])
+
+    costs = {id(p): cost(p) for p in plans}
+    return sorted(plans, key=lambda p: -costs[id(p)])
 
 
 def train_flops(cfg, n_matmul: int) -> float:

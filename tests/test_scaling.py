@@ -433,3 +433,23 @@ def test_wandb_sweep_specs_match_the_hydra_grids_and_land_in_the_same_folders(tm
     assert "dry run: 6 jobs" in dry.stdout  # depth is pinned to 1: 2 variants x 3 learning rates
     (row,) = [line for line in dry.stdout.splitlines() if run_dir.name in line]
     assert "done: completed" in row and "model.norm=post" in row and "optim.lr=0.003" in row
+
+
+def test_jobs_launch_longest_first_unless_the_order_is_given(tmp_path):
+    """Parallel workers must not end on one long job: the sweeper launches the largest estimated FLOPs
+    first (Hydra numbers jobs in launch order: ``hydra.job.num``); ``order=given`` keeps the grid's order."""
+    def launch_order(order):
+        name = f"order_{order}"
+        proc = run_cli("-m", "hydra/launcher=basic", *TINY, "train.steps=2", "depth=1,3,2", f"name={name}",
+                       f"hydra.sweeper.order={order}", NO_ANALYSIS, cwd=tmp_path, env_extra=ONE_THREAD)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        nums = {}
+        for run_dir in find_runs(tmp_path / "multirun" / name):
+            hydra_cfg = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]
+            nums[hydra_cfg["job"]["num"]] = summary_of(run_dir)["config"]["depth"]
+        return [nums[i] for i in sorted(nums)]
+
+    assert launch_order("longest_first") == [3, 2, 1]
+    assert launch_order("given") == [1, 3, 2]
+    bad = run_cli("-m", *TINY, "depth=1,2", "hydra.sweeper.order=shortest", NO_ANALYSIS, cwd=tmp_path)
+    assert bad.returncode != 0 and "hydra.sweeper.order='shortest' is invalid" in bad.stderr, bad.stderr[-1000:]

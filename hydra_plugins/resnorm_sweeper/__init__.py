@@ -11,6 +11,9 @@ Hydra's basic sweeper (the same grid syntax, ``hydra.sweeper.params``, ``max_bat
   checkpoint in the task function;
 - ``dry_run=true`` (``run.py --dry-run``) prints the job table and exits without launching
   anything (nor the end-of-sweep analysis);
+- the jobs still to run are launched longest first (estimated FLOPs; ``order=longest_first``, the
+  default) so that parallel launchers do not end on one long job with idle workers; ``order=given``
+  keeps the grid's order;
 - the outcome of every job is counted in :data:`resnorm.sweeper.LAST_OUTCOME` (the exit code).
 """
 
@@ -29,7 +32,7 @@ from omegaconf import OmegaConf, open_dict
 from resnorm.config import validate
 from resnorm.errors import ConfigError
 from resnorm.identity import OPERATIONAL_KEYS, register_resolver
-from resnorm.sweeper import LAST_OUTCOME, JobPlan, duplicates, job_table, plan_job
+from resnorm.sweeper import LAST_OUTCOME, JobPlan, duplicates, job_table, longest_first, plan_job
 
 register_resolver()  # also in the launchers' workers, which unpickle Hydra's plugin registry
 log = logging.getLogger(__name__)
@@ -41,12 +44,19 @@ def _config_error(message: str) -> None:
     raise SystemExit(2)
 
 
+#: hydra.sweeper.order: the launch order of the jobs still to run
+ORDERS = ("longest_first", "given")
+
+
 class ValidatingSweeper(BasicSweeper):
     def __init__(self, max_batch_size: Optional[int], params: Optional[Dict[str, str]] = None,
-                 dry_run: bool = False, flops_per_s: float = 1e10) -> None:
+                 dry_run: bool = False, flops_per_s: float = 1e10, order: str = "longest_first") -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)
         self.dry_run = bool(dry_run)
         self.flops_per_s = float(flops_per_s)
+        if order not in ORDERS:
+            _config_error(f"hydra.sweeper.order={order!r} is invalid: choose one of {', '.join(ORDERS)}")
+        self.order = order
 
     def _compose(self, overrides: Sequence[str]):
         return self.hydra_context.config_loader.load_sweep_config(
@@ -99,7 +109,10 @@ class ValidatingSweeper(BasicSweeper):
         if done:
             log.info("%d of %d jobs already done in %s, not launched again: %s", len(done), len(plans),
                      sweep_dir, ", ".join(f"{p.run_id} ({p.state})" for p in done))
-        todo = [p.overrides for p in plans if not p.done]
+        todo_plans = [p for p in plans if not p.done]
+        if self.order == "longest_first" and len(todo_plans) > 1:
+            todo_plans = longest_first(todo_plans)
+        todo = [p.overrides for p in todo_plans]
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         returns = []
