@@ -19,7 +19,7 @@ from analysis.metrics import clipped_losses, largest_stable_lr_values, lr_sensit
 
 from .common import figure, palette, registered, save
 from .core import Experiment, Reference, register
-from .training import data_spec, run_grid
+from .training import data_label, data_name, data_spec, run_grid
 from .wortsman_lr import LRS
 
 REF = Reference("Small-scale proxies for large-scale Transformer training instabilities", "2309.14322",
@@ -33,7 +33,7 @@ def run(grid, ctx) -> pd.DataFrame:
     rows = []
     for r in run_grid(specs, ctx):
         sp = r["spec"]
-        rows.append(dict(variant=sp["variant"], depth=sp["depth"], lr=sp["lr"], seed=sp["seed"],
+        rows.append(dict(data=data_name(sp), variant=sp["variant"], depth=sp["depth"], lr=sp["lr"], seed=sp["seed"],
                          final_eval_loss=r["final_eval_loss"], initial_loss=r["initial_loss"], diverged=r["diverged"],
                          max_attn_logit=r["max_attn_logit"]))
     df = pd.DataFrame(rows)
@@ -66,7 +66,7 @@ def plot(df, path) -> None:
         ax.set_xticks(sorted(per.depth.unique()), [str(d) for d in sorted(per.depth.unique())])
         ax.minorticks_off()
     axes[2].set_yscale("log")
-    save(fig, path, "LR sensitivity vs depth per variant (Wortsman et al. 2023 harness, synthetic stream)")
+    save(fig, path, f"LR sensitivity vs depth per variant (Wortsman et al. 2023 harness, {data_label(df)})")
 
 
 register(Experiment(

@@ -38,6 +38,22 @@ def data_spec(grid: Dict[str, Any]) -> Dict[str, Any]:
     return dict(data="synthetic", data_path=None, vocab=64)
 
 
+def data_label(df) -> str:
+    """What the runs of ``df`` trained on, for a figure title: its ``data`` column (see :func:`run_grid`'s
+    callers), "synthetic stream" when absent (CSVs written before the column existed)."""
+    if "data" not in getattr(df, "columns", ()) or df["data"].isna().all():
+        return "synthetic stream"
+    names = sorted(set(df["data"].dropna().astype(str)))
+    return ", ".join("synthetic stream" if n == "synthetic" else f"text {n}" for n in names)
+
+
+def data_name(spec: Dict[str, Any]) -> str:
+    """``synthetic``, or the text file's name, of a run spec (the ``data`` column of the experiments)."""
+    from pathlib import Path
+
+    return "synthetic" if spec.get("data", "synthetic") == "synthetic" else Path(str(spec["data_path"])).name
+
+
 def spec_key(spec: Dict[str, Any]) -> str:
     text = json.dumps({k: spec[k] for k in sorted(spec)}, sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()[:16]

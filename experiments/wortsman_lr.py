@@ -13,7 +13,7 @@ from analysis.metrics import lr_sensitivity_values
 
 from .common import figure, save, select
 from .core import Claim, Experiment, Reference, register
-from .training import data_spec, run_grid
+from .training import data_label, data_name, data_spec, run_grid
 
 REF = Reference("Small-scale proxies for large-scale Transformer training instabilities", "2309.14322",
                 "Fig. 1 and Fig. 2", "Wortsman et al. 2023")
@@ -28,7 +28,8 @@ def run(grid, ctx) -> pd.DataFrame:
     rows = []
     for r in recs:
         s = r["spec"]
-        rows.append(dict(variant=s["variant"], depth=s["depth"], qk_norm=bool(s["qk_norm"]), lr=s["lr"],
+        rows.append(dict(data=data_name(s), variant=s["variant"], depth=s["depth"], qk_norm=bool(s["qk_norm"]),
+                         lr=s["lr"],
                          seed=s["seed"], steps=s["steps"], initial_loss=r["initial_loss"],
                          final_eval_loss=r["final_eval_loss"], diverged=r["diverged"],
                          max_attn_logit=r["max_attn_logit"], mean_log_z=r["mean_log_z"]))
@@ -76,7 +77,7 @@ def plot(df, path) -> None:
     sns.barplot(data=s, x="qk-layernorm", y="lr_sensitivity", hue="qk-layernorm", palette=pal, ax=axes[2],
                 errorbar="sd", legend=False)
     axes[2].set(ylabel="LR sensitivity (lower = more stable)", title="LR sensitivity, mean over seeds")
-    save(fig, path, f"{REF.authors}, {REF.figure}: qk-layernorm and LR sensitivity (d=64, L=4, synthetic)")
+    save(fig, path, f"{REF.authors}, {REF.figure}: qk-layernorm and LR sensitivity (d=64, L=4, {data_label(df)})")
 
 
 register(Experiment(

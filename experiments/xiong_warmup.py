@@ -14,7 +14,7 @@ import pandas as pd
 
 from .common import figure, palette, save, select
 from .core import Claim, Experiment, Reference, register
-from .training import data_spec, run_grid
+from .training import data_label, data_name, data_spec, run_grid
 
 REF = Reference("On Layer Normalization in the Transformer Architecture", "2002.04745", "Fig. 2",
                 "Xiong et al. 2020")
@@ -28,7 +28,7 @@ def run(grid, ctx) -> pd.DataFrame:
     for r in run_grid(specs, ctx):
         s = r["spec"]
         loss = r["final_eval_loss"]
-        rows.append(dict(variant=s["variant"], lr=s["lr"], warmup=s["warmup_frac"], seed=s["seed"],
+        rows.append(dict(data=data_name(s), variant=s["variant"], lr=s["lr"], warmup=s["warmup_frac"], seed=s["seed"],
                          final_eval_loss=loss, initial_loss=r["initial_loss"], diverged=r["diverged"],
                          loss=r["initial_loss"] if np.isnan(loss) else min(loss, r["initial_loss"])))
     return pd.DataFrame(rows)
@@ -56,7 +56,7 @@ def plot(df, path) -> None:
                       estimator="median", errorbar=("pi", 100), dodge=0.2, ax=ax)
         ax.set(title=f"peak LR {lr:g}", xlabel="warm-up (fraction of steps)",
                ylabel="final eval loss (median, range over seeds)")
-    save(fig, path, f"{REF.authors}, {REF.figure}: warm-up matters for Post-LN (L=8, synthetic stream)")
+    save(fig, path, f"{REF.authors}, {REF.figure}: warm-up matters for Post-LN (L=8, {data_label(df)})")
 
 
 register(Experiment(
