@@ -50,6 +50,10 @@ def _timing(saved: dict) -> str:
             text += f" (1-min load average {m['load_avg_start']:g} at the start, {m['load_avg_end']:g} at the end)"
     else:
         text += " on the shared 2-core machine"
+    if m.get("runs_cached") and not m.get("runs_trained"):
+        text += f"; all {m['runs_cached']} runs read from the cache of an earlier call"
+    elif m.get("runs_cached"):
+        text += f"; {m['runs_trained']} runs trained, {m['runs_cached']} read from the cache"
     return text
 
 

@@ -108,6 +108,8 @@ class Context:
     runs_dir: Path
     verbose: bool = True
     workers: int = 0  # processes for the training-time grids (0: one per core)
+    runs_trained: int = 0  # training-time grids: runs trained by this call
+    runs_cached: int = 0  # ... and runs read back from an earlier call's cache
 
     def log(self, msg: str) -> None:
         if self.verbose:
@@ -205,7 +207,8 @@ def run_experiment(name: str, size: str = "full", out: Path = RESULTS, runs_dir:
 
     machine = dict(cores=cpu_count(), load_avg_start=load_start, load_avg_end=_load_average(),
                    workers=workers or cpu_count(), seeds=list(seeds) if seeds is not None else None,
-                   text=str(text) if text is not None else None)
+                   text=str(text) if text is not None else None, runs_trained=ctx.runs_trained,
+                   runs_cached=ctx.runs_cached)
     p = paths(name, out)
     p["csv"].parent.mkdir(parents=True, exist_ok=True)
     _atomic_text(p["csv"], df.to_csv(index=False))
@@ -243,5 +246,6 @@ def claim_table(exp: Experiment, results: List[ClaimResult]) -> str:
     for r in results:
         v = "-" if r.value is None else f"{r.value:.3g}"
         res = r.status + (f" ({r.reason})" if r.reason else "")
-        rows.append(f"| {r.text} | {v} | {r.op} {r.threshold:g} | {res} |")
+        text = r.text.replace("|", "\\|")  # a norm's bars would end the cell
+        rows.append(f"| {text} | {v} | {r.op} {r.threshold:g} | {res} |")
     return "\n".join(rows)

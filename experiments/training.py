@@ -179,6 +179,8 @@ def run_grid(specs: List[Dict[str, Any]], ctx) -> List[Dict[str, Any]]:
     paths = [ctx.runs_dir / f"{spec_key(f)}.json" for f in full]
     out: List[Any] = [_cached(p) for p in paths]
     todo = [i for i, rec in enumerate(out) if rec is None]
+    ctx.runs_trained += len(todo)
+    ctx.runs_cached += len(specs) - len(todo)
     workers = max(1, min(int(getattr(ctx, "workers", 0) or cpu_count()), len(todo) or 1))
     if todo:
         ctx.log(f"{len(specs) - len(todo)} of {len(specs)} runs cached; training {len(todo)} "
