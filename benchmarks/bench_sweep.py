@@ -2,8 +2,8 @@
 
 ``python run.py -m model.norm=pre,post depth=6,24,48 train.steps=200 name=bench_sweep_<launcher>
 logger.mode=offline '~hydra.callbacks.analysis'`` in a fresh temporary folder, once per launcher.
-``basic`` is Hydra's default; any other name is ``hydra/launcher=<name>`` and is reported
-"not available" when ``conf/hydra/launcher/<name>.yaml`` does not exist in this checkout.
+Each runs with ``hydra/launcher=<name>`` (``basic`` is Hydra's own; any other is reported "not
+available" when ``conf/hydra/launcher/<name>.yaml`` does not exist in this checkout).
 The account splits the wall time into the jobs' own ``wall_s`` (from their ``summary.json``) and the
 rest (interpreter, imports, Hydra composition, validation of every job, launcher start-up).
 """
@@ -74,9 +74,8 @@ def launcher_available(name: str) -> Optional[str]:
 def sweep_args(launcher: str, norms: str, depths: str, steps: int, extra: List[str]) -> List[str]:
     args = ["-m", f"model.norm={norms}", f"depth={depths}", f"train.steps={steps}",
             f"name=bench_sweep_{launcher}", "logger.mode=offline", "~hydra.callbacks.analysis", *extra]
-    if launcher != "basic":
-        args.append(f"hydra/launcher={launcher}")
-    return args
+    # always named: the project's default launcher is not Hydra's (conf/config.yaml picks it)
+    return args + [f"hydra/launcher={launcher}"]
 
 
 def one_sweep(launcher: str, norms: str, depths: str, steps: int, extra: List[str], timeout: int) -> dict:

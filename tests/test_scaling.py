@@ -334,7 +334,8 @@ def test_kill_9_mid_sweep_then_the_same_command_finishes_every_run_once(tmp_path
     run again, the second resumes from its checkpoint (its curve equals an uninterrupted run's),
     the third starts; no run and no step appears twice."""
     steps = 400
-    sweep = ["hydra/launcher=basic", *TINY, f"train.steps={steps}", "train.eval_every=50",  # one job at a time
+    sweep = ["hydra/launcher=basic", "hydra.sweeper.order=given",  # one job at a time, in the grid's order
+             *TINY, f"train.steps={steps}", "train.eval_every=50",
              "train.checkpoint_every=20", "train.threads=1", "depth=1,2,3", "name=killed", NO_ANALYSIS]
     env = {**os.environ, **ONE_THREAD, "WANDB_SILENT": "true"}
     proc = subprocess.Popen([PYTHON, str(ROOT / "run.py"), "-m", *sweep], cwd=tmp_path, env=env,

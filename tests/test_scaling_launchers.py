@@ -173,7 +173,8 @@ def test_slurm_job_array_and_requeue_after_preemption(tmp_path):
     env = {**os.environ, **ONE_THREAD, **fake_slurm(tmp_path), "WANDB_SILENT": "true", "PYTHONPATH": pythonpath}
     steps = 400
     sweep = ["hydra/launcher=slurm", "hydra.launcher.partition=testq", "hydra.launcher.timeout_min=30",
-             "hydra.launcher.array_parallelism=1", *TINY, f"train.steps={steps}", "train.eval_every=50",
+             "hydra.launcher.array_parallelism=1", "hydra.sweeper.order=given",  # task 0 is depth=1
+             *TINY, f"train.steps={steps}", "train.eval_every=50",
              "train.checkpoint_every=20", "train.threads=1", "depth=1,2", "name=slurm", NO_ANALYSIS]
     proc = subprocess.Popen([PYTHON, str(ROOT / "run.py"), "-m", *sweep], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
