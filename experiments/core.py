@@ -107,7 +107,7 @@ class Context:
     size: str
     runs_dir: Path
     verbose: bool = True
-    workers: int = 0  # processes for the training-time grids (0: one per core)
+    workers: int = 1  # processes for the training-time grids
     runs_trained: int = 0  # training-time grids: runs trained by this call
     runs_cached: int = 0  # ... and runs read back from an earlier call's cache
 
@@ -197,16 +197,16 @@ def run_experiment(name: str, size: str = "full", out: Path = RESULTS, runs_dir:
         grid.update({k: list(seeds) for k in grid if k.startswith("seeds")})
     if text is not None:
         grid["text"] = str(text)
+    from resnorm.devices import cpu_count
+
     ctx = Context(name=name, size=size, runs_dir=Path(runs_dir) / size / name, verbose=verbose,
-                  workers=workers)
+                  workers=workers or cpu_count())
     load_start = _load_average()
     t0 = time.perf_counter()
     df = exp.run(grid, ctx)
     wall = time.perf_counter() - t0
-    from resnorm.devices import cpu_count
-
     machine = dict(cores=cpu_count(), load_avg_start=load_start, load_avg_end=_load_average(),
-                   workers=workers or cpu_count(), seeds=list(seeds) if seeds is not None else None,
+                   workers=ctx.workers, seeds=list(seeds) if seeds is not None else None,
                    text=str(text) if text is not None else None, runs_trained=ctx.runs_trained,
                    runs_cached=ctx.runs_cached)
     p = paths(name, out)

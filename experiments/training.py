@@ -164,15 +164,13 @@ def _cached(path) -> Any:
 def run_grid(specs: List[Dict[str, Any]], ctx) -> List[Dict[str, Any]]:
     """Train every spec not already cached under ``ctx.runs_dir``; return all records (cached ones included).
 
-    The missing runs go to ``ctx.workers`` processes (default: one per core this process may use), one
-    torch thread each; with one worker they train in this process. Each record is written (atomically)
+    The missing runs go to ``ctx.workers`` processes (:func:`experiments.core.run_experiment` makes it
+    one per core this process may use), one torch thread each; with one worker they train in this process. Each record is written (atomically)
     as soon as its run ends, so an interrupted grid resumes where it stopped. The workers are started
     with ``spawn`` (a fork of a process that already ran torch's thread pool can hang), so a script
     that calls this must guard its entry point with ``if __name__ == "__main__":``.
     """
-    import os
-
-    from resnorm.devices import cpu_count
+    from resnorm.devices import environ
 
     ctx.runs_dir.mkdir(parents=True, exist_ok=True)
     full = [{**DEFAULTS, **s} for s in specs]
@@ -181,7 +179,7 @@ def run_grid(specs: List[Dict[str, Any]], ctx) -> List[Dict[str, Any]]:
     todo = [i for i, rec in enumerate(out) if rec is None]
     ctx.runs_trained += len(todo)
     ctx.runs_cached += len(specs) - len(todo)
-    workers = max(1, min(int(getattr(ctx, "workers", 0) or cpu_count()), len(todo) or 1))
+    workers = max(1, min(ctx.workers, len(todo)))
     if todo:
         ctx.log(f"{len(specs) - len(todo)} of {len(specs)} runs cached; training {len(todo)} "
                 f"on {workers} worker{'s' * (workers > 1)}, 1 thread each")
@@ -201,9 +199,12 @@ def run_grid(specs: List[Dict[str, Any]], ctx) -> List[Dict[str, Any]]:
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    # OpenMP threads sleep instead of spinning when idle (a spinning one slowed a busy neighbour ~2x)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool:
+    # the workers' OpenMP threads sleep instead of spinning when idle (a spinning one slowed a busy
+    # neighbour ~2x); spawned workers inherit the environment as it is when they start
+    import os
+
+    with environ({"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}), \
+            ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool:
         futures = {pool.submit(_train_and_store, full[i], str(paths[i])): i for i in todo}
         for fut in as_completed(futures):
             i = futures[fut]

@@ -83,25 +83,32 @@ def model_size(cfg) -> Tuple[int, int]:
     return total, total - embedding
 
 
+def job_costs(plans: Sequence[JobPlan]) -> List[Tuple[int, float]]:
+    """``(parameters, estimated FLOPs)`` of each plan (:func:`train_flops`); jobs with the same model
+    shape share one size count (a grid of seeds or learning rates builds each model once)."""
+    from omegaconf import OmegaConf
+
+    sizes: Dict[str, Tuple[int, int]] = {}
+    out = []
+    for plan in plans:
+        key = OmegaConf.to_yaml(plan.cfg.model) + f"depth={plan.cfg.depth}"
+        if key not in sizes:
+            sizes[key] = model_size(plan.cfg)
+        n_params, n_matmul = sizes[key]
+        out.append((n_params, train_flops(plan.cfg, n_matmul)))
+    return out
+
+
 def longest_first(plans: Sequence[JobPlan]) -> List[JobPlan]:
     """``plans`` ordered by estimated training FLOPs, largest first (ties keep their order).
 
     With jobs in parallel on a few cores or GPUs, starting the long ones first shortens the sweep:
     when the long ones go last (a depth grid written small to large), they run while the other
-    workers sit idle. Jobs with the same model shape share one size count.
+    workers sit idle.
     """
-    from omegaconf import OmegaConf
-
-    sizes: Dict[str, int] = {}
-
-    def cost(plan: JobPlan) -> float:
-        key = OmegaConf.to_yaml(plan.cfg.model) + f"depth={plan.cfg.depth}"
-        if key not in sizes:
-            sizes[key] = model_size(plan.cfg)[1]
-        return train_flops(plan.cfg, sizes[key])
-
-    costs = {id(p): cost(p) for p in plans}
-    return sorted(plans, key=lambda p: -costs[id(p)])
+    costs = job_costs(plans)
+    order = sorted(range(len(plans)), key=lambda i: -costs[i][1])
+    return [plans[i] for i in order]
 
 
 def train_flops(cfg, n_matmul: int) -> float:
@@ -146,9 +153,7 @@ def job_table(plans: Sequence[JobPlan], flops_per_s: float, sweep_dir: str, laun
     header = ("#", "run_id", "state", "params", "FLOPs", "est. time", "overrides")
     common, own = _split_common(plans)
     rows, todo_flops, todo = [], 0.0, 0
-    for i, plan in enumerate(plans):
-        n_params, n_matmul = model_size(plan.cfg)
-        flops = train_flops(plan.cfg, n_matmul)
+    for i, (plan, (n_params, flops)) in enumerate(zip(plans, job_costs(plans))):
         if not plan.done:
             todo_flops += flops
             todo += 1
