@@ -62,6 +62,7 @@ class OptimConfig:
     schedule: str = "cosine"  # after warmup: cosine decay to min_lr_ratio * lr, or constant
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
+    weight_decay_coupling: str = "lr"  # TEMP until the config branch lands
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-8
@@ -76,7 +77,7 @@ class TrainConfig:
     eval_every: int = 50
     eval_batches: int = 4
     log_every: int = 1  # per-layer statistics and W&B logging interval, in steps
-    diverge_factor: float = 2.0  # diverged when the loss exceeds this multiple of the initial loss
+    diverge_factor: Optional[float] = 2.0  # diverged when the loss exceeds this multiple of the initial loss
     probes: bool = True
     probe_every: int = 50  # activation RMS, branch ratio, update ratio, max attention logit per sublayer; 0 = off
     device: str = "auto"  # auto | cpu | cuda | cuda:N

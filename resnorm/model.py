@@ -5,11 +5,10 @@ is the single place where a variant's norm placement, branch scaling and residua
 :class:`Block` is two sublayers; :class:`Transformer` adds embeddings, the optional embedding and
 final norms and the LM head. The model knows nothing of logging or probes.
 
-Streams (``Variant.stream``, see :data:`resnorm.variants.STREAMS`) are threaded in one place,
-:meth:`Transformer.hidden`: ``single`` calls the blocks in turn, ``b2t`` also hands each layer's
-input to its MLP sublayer, ``dual`` carries ResiDual's second stream. It only calls the sublayers
-(``forward``, or :meth:`Sublayer.branch_out` then :meth:`Sublayer.combine`), so the sublayer
-equation stays in :class:`Sublayer`.
+Streams (``Variant.stream``) are named functions in the registry :data:`STREAMS` at the end of
+this module: ``single`` calls the blocks in turn, ``b2t`` also hands each layer's input to its MLP
+sublayer, ``dual`` carries ResiDual's second stream. They only call the sublayers (``forward`` or
+:meth:`Sublayer.run`), so the sublayer equation stays in :class:`Sublayer`.
 """
 
 from __future__ import annotations
@@ -252,39 +251,22 @@ class Transformer(nn.Module):
         return [sub for block in self.blocks for sub in (block.attn, block.mlp)]
 
     def hidden(self, idx: torch.Tensor, parts: Optional[list] = None) -> torch.Tensor:
-        """The input of the head: the stream after the last block and the final norm.
+        """The input of the head: the embedding threaded through the layers by the variant's stream
+        (:data:`STREAMS`, keyed by ``Variant.stream``), final norm included.
 
-        The one place where ``Variant.stream`` is read (see :data:`resnorm.variants.STREAMS`).
         ``parts``: a list to which every sublayer appends its :class:`SublayerParts` (see :meth:`trace`).
         """
-        x = self.embed(idx)
-        stream = self.variant.stream
-        if stream == "dual":
-            # ResiDual: x is the Post-LN stream; y (scaled by s) accumulates every branch output.
-            s = self.shape.options.resi_dual_scale
-            y = x * s if s != 1.0 else x
-            for sub in self.sublayers():
-                p = sub.run(x)
-                if parts is not None:
-                    parts.append(p)
-                x, f = p.y, p.f
-                y = y + (f * s if s != 1.0 else f)
-            return x + self.final_norm(y)
-        for block in self.blocks:
-            if stream == "b2t":
-                # Takase et al.: the layer's input joins the MLP sublayer's sum before its norm
-                x = block.mlp(block.attn(x, parts=parts), bottom=x, parts=parts)
-            else:
-                x = block(x, parts)
-        return x if self.final_norm is None else self.final_norm(x)
+        return STREAMS[self.variant.stream](self, self.embed(idx), parts)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.head(self.hidden(idx))
 
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, z_loss: bool = True) -> torch.Tensor:
+        """Mean next-token cross-entropy, plus the z-loss term when ``model.z_loss`` > 0 and ``z_loss``
+        (evaluation passes ``z_loss=False``: a validation loss is the cross-entropy alone)."""
         logits = self(idx).reshape(-1, self.shape.vocab_size).float()
         loss = F.cross_entropy(logits, targets.reshape(-1))
-        if self.shape.z_loss:  # Wortsman et al. 2023 / PaLM: c * mean(log Z ^ 2)
+        if z_loss and self.shape.z_loss:  # Wortsman et al. 2023 / PaLM: c * mean(log Z ^ 2)
             loss = loss + self.shape.z_loss * torch.logsumexp(logits, dim=-1).pow(2).mean()
         return loss
 
@@ -326,6 +308,48 @@ class Transformer(nn.Module):
         d = self.shape.d_model
         return [w for block in self.blocks for w in (block.attn.branch.qkv.weight[:d],
                                                       block.attn.branch.qkv.weight[d:2 * d])]
+
+
+# --- streams: how the layers are threaded (keyed by Variant.stream) -----------------------------------
+# Each takes the model, the embedding x_0 and the optional ``parts`` list and returns the head's
+# input. A new way of threading layers (several streams, dense connections) is a new function here
+# plus its name in resnorm.variants.STREAMS (a test checks the two agree); the sublayer equation
+# stays in Sublayer.
+
+
+def _final(model: "Transformer", x: torch.Tensor) -> torch.Tensor:
+    return x if model.final_norm is None else model.final_norm(x)
+
+
+def single_stream(model: "Transformer", x: torch.Tensor, parts: Optional[list]) -> torch.Tensor:
+    """One residual stream: x_{l+1} = Block_l(x_l)."""
+    for block in model.blocks:
+        x = block(x, parts)
+    return _final(model, x)
+
+
+def b2t_stream(model: "Transformer", x: torch.Tensor, parts: Optional[list]) -> torch.Tensor:
+    """Takase et al. (arXiv:2206.00330): the layer's input joins the MLP sublayer's sum before its norm."""
+    for block in model.blocks:
+        x = block.mlp(block.attn(x, parts=parts), bottom=x, parts=parts)
+    return _final(model, x)
+
+
+def dual_stream(model: "Transformer", x: torch.Tensor, parts: Optional[list]) -> torch.Tensor:
+    """ResiDual (Xie et al., arXiv:2304.14802): x is the Post-LN stream; y (scaled by s) accumulates
+    every branch output; the head reads x_L + N_final(y_L)."""
+    s = model.shape.options.resi_dual_scale
+    y = x * s if s != 1.0 else x
+    for sub in model.sublayers():
+        p = sub.run(x)
+        if parts is not None:
+            parts.append(p)
+        x, f = p.y, p.f
+        y = y + (f * s if s != 1.0 else f)
+    return x + model.final_norm(y)
+
+
+STREAMS = {"single": single_stream, "b2t": b2t_stream, "dual": dual_stream}
 
 
 def build_model(cfg, data: Optional[torch.Tensor] = None) -> Transformer:

@@ -1,0 +1,335 @@
+"""The training loop, once: :func:`fit` trains one model as a config says, for every caller.
+
+``run.py`` (through :func:`resnorm.train.run_job`), the training-time paper reproductions
+(:mod:`experiments.training`), the tests and the benchmarks all train through :func:`fit`. What a
+caller adds (the run store, W&B, the progress bar, checkpoints, probes, extra read-outs) is a
+:class:`resnorm.callbacks.Callback`; what the loop itself does is named step by step in :func:`fit`,
+and its order is part of the study:
+
+1. set the learning rate (:func:`lr_at`: linear warm-up, then cosine or constant);
+2. forward and backward on the step's batch (this process's slice of the global batch under DDP);
+3. the probes read the raw gradients and the pre-update weights (``before_update``);
+4. **one host transfer**: the loss, the gradient norms and every probe's before-update values;
+5. the divergence guard (:func:`resnorm.guard.divergence`) on those numbers, *before* clipping;
+6. unless diverged: clip (``optim.grad_clip``, off by default) and the optimizer step, then the
+   probes' after-update reads (``after_update``, e.g. the update ratio);
+7. evaluation every ``train.eval_every`` steps and at the last (rank 0);
+8. the step's record goes to the callbacks (``on_step_end``); a checkpoint every
+   ``train.checkpoint_every`` steps (``on_checkpoint``).
+
+Everything a resumed run needs is in :class:`LoopState` (checkpointed as one object) plus the
+model, optimizer, sampler, random states and the callbacks' ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from . import devices
+from .guard import describe, divergence
+
+FINAL_LOSS_WINDOW = 10  # final_train_loss is the mean of the last 10 steps' finite losses
+
+
+@dataclass
+class LoopState:
+    """The loop's own state: what a checkpoint holds besides model, optimizer, sampler and RNG."""
+
+    step: int = 0  # the next step to train
+    initial_loss: Optional[float] = None  # the first step's loss: the guard's reference
+    val_loss: Optional[float] = None  # the last evaluation
+    best_val: float = math.inf
+    train_time: float = 0.0  # seconds spent in steps, over every attempt
+    wall_s: float = 0.0  # wall time of the earlier attempts
+    recent_losses: List[float] = field(default_factory=list)  # the last FINAL_LOSS_WINDOW losses
+    status: str = "running"  # running | completed | diverged
+    diverged_step: Optional[int] = None
+    diverge_reason: Optional[str] = None
+
+    def state_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, state: Dict[str, Any]) -> "LoopState":
+        return cls(**state)
+
+    def record_loss(self, loss: float) -> None:
+        self.recent_losses = list(deque(self.recent_losses + [loss], maxlen=FINAL_LOSS_WINDOW))
+
+
+@dataclass
+class StepRecord:
+    """One step as the callbacks see it (host numbers only)."""
+
+    step: int
+    lr: float
+    last: bool
+    loss: float = math.nan
+    grad_norm: float = math.nan
+    grad_layers: List[float] = field(default_factory=list)  # per-sublayer gradient norms
+    values: Dict[int, List[float]] = field(default_factory=dict)  # a callback's before-update values, by id
+    updated: bool = False  # the optimizer step was taken
+    diverged: Optional[str] = None  # the guard's verdict (resnorm.guard.divergence)
+    val_loss: Optional[float] = None  # set on evaluation steps
+    seconds: float = 0.0
+    tokens_per_s: float = 0.0
+    layer_rows: List[tuple] = field(default_factory=list)  # (quantity, labels, values) for layers.parquet
+
+
+@dataclass
+class Run:
+    """What :func:`setup` builds for one run and every callback may read."""
+
+    cfg: Any
+    job: Any  # resnorm.train.JobInfo
+    rank: int
+    world: int
+    device: torch.device
+    threads: int
+    slots: Optional[Sequence[Any]]
+    data: Any  # resnorm.data.TokenData
+    model: Any  # resnorm.model.Transformer
+    optimizer: torch.optim.Optimizer
+    sampler: Any  # resnorm.data.BatchSampler
+    val_batches: list
+    grad_probe: Any  # resnorm.probes.GradNormProbe
+    loss_fn: Callable
+    state: LoopState = field(default_factory=LoopState)
+    callbacks: Any = None  # the resnorm.callbacks.CallbackList fit runs (a checkpoint keeps their state)
+    summary: Dict[str, Any] = field(default_factory=dict)
+    wall0: float = field(default_factory=time.perf_counter)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.train.batch_size * self.cfg.train.seq_len
+
+    def autocast(self):
+        bf16 = self.cfg.train.precision == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def wall_s(self) -> float:
+        return self.state.wall_s + time.perf_counter() - self.wall0
+
+
+def fit(cfg, job, callbacks: Optional[Callable] = None, rank: int = 0, world: int = 1,
+        slots=None) -> Dict[str, Any]:
+    """Train one model as ``cfg`` says, resuming from the job folder's checkpoint if there is one;
+    return the run's summary. ``callbacks(run)`` gives the callbacks that see every step
+    (default: :func:`resnorm.callbacks.default_callbacks`, what ``run.py`` trains with)."""
+    from .callbacks import CallbackList, default_callbacks
+    from .checkpoint import restore
+    from .summary import start_summary
+
+    run = setup(cfg, job, rank, world, slots)
+    cbs = run.callbacks = CallbackList((callbacks or default_callbacks)(run))
+    try:
+        run.summary = start_summary(run)
+        restore(run, cbs)
+        cbs.on_fit_start(run)
+        for step in range(run.state.step, cfg.train.steps):
+            t0 = time.perf_counter()
+            rec = StepRecord(step, set_lr(run, step), last=step + 1 == cfg.train.steps)
+            x, y = next_batch(run)
+            loss = forward_backward(run, x, y)
+            grads = run.grad_probe.before_update(x)
+            extra = cbs.before_update(run, rec, x)
+            to_host(run, rec, loss, grads, extra)  # the step's one host transfer
+            rec.diverged = divergence(rec.loss, rec.grad_norm, run.state.initial_loss, cfg.train.diverge_factor)
+            if rec.diverged is None:
+                optimizer_step(run, rec, grads[0])
+                cbs.after_update(run, rec)
+            run.optimizer.zero_grad(set_to_none=True)
+            finish_step(run, rec, time.perf_counter() - t0)
+            if rec.diverged is not None:
+                mark_diverged(run, rec, x)
+            elif run.is_main and (rec.last or (step + 1) % cfg.train.eval_every == 0):
+                rec.val_loss = run_eval(run, step)
+            cbs.on_step_end(run, rec)
+            if rec.diverged is not None:
+                break
+            if not rec.last and cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0:
+                cbs.on_checkpoint(run)
+        summary = finish(run)
+        cbs.on_fit_end(run, summary)
+    finally:
+        cbs.teardown(run)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return run.summary
+
+
+# --- the steps fit names ----------------------------------------------------------------------------
+
+
+def setup(cfg, job, rank: int, world: int, slots) -> Run:
+    """Threads, device (and the DDP process group), seed, data, model, optimizer, sampler, probes."""
+    from .data import BatchSampler, fixed_batches, load_data
+    from .model import build_model
+    from .probes import GradNormProbe
+
+    wall0 = time.perf_counter()
+    threads = devices.job_threads(cfg.train.threads, world)
+    torch.set_num_threads(threads)
+    device = devices.job_device(cfg.train.device, rank, slots)
+    if world > 1:
+        devices.init_process_group(rank, world, device)
+    torch.manual_seed(cfg.seed)
+    data = load_data(cfg.data, cfg.train.seq_len, cfg.seed)
+    model = build_model(cfg).to(device)
+    optimizer = make_optimizer(model, cfg.optim)
+    # every process draws the same global batch and trains on its slice of it
+    sampler = BatchSampler(data.train, cfg.train.batch_size, cfg.train.seq_len, seed=cfg.seed)
+    val = fixed_batches(data.val, cfg.train.eval_batches, cfg.train.batch_size, cfg.train.seq_len)
+    grad_probe = GradNormProbe(model, per_layer=cfg.train.probes, log_every=cfg.train.log_every)
+    step_model = devices.data_parallel(model, device) if world > 1 else model.loss
+    loss_fn = torch.compile(step_model) if cfg.train.compile else step_model
+    return Run(cfg, job, rank, world, device, threads, slots, data, model, optimizer, sampler, val,
+               grad_probe, loss_fn, wall0=wall0)
+
+
+def set_lr(run: Run, step: int) -> float:
+    lr = lr_at(step, run.cfg.optim, run.cfg.train.steps)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def next_batch(run: Run):
+    x, y = run.sampler.sample()
+    if run.world > 1:
+        share = run.cfg.train.batch_size // run.world
+        x, y = x[run.rank * share:(run.rank + 1) * share], y[run.rank * share:(run.rank + 1) * share]
+    return x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+
+
+def forward_backward(run: Run, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    with run.autocast():
+        loss = run.loss_fn(x, y)
+    loss.backward()
+    return loss
+
+
+def to_host(run: Run, rec: StepRecord, loss: torch.Tensor, grads: torch.Tensor,
+            extra: Dict[int, torch.Tensor]) -> None:
+    """Move the loss (the global batch's, under DDP), the gradient norms and the probes' values to
+    the host in one transfer, into ``rec``. DDP has averaged the gradients: they agree on every process."""
+    loss_t = loss.detach().float().view(1)
+    if run.world > 1:
+        devices.all_mean(loss_t, run.world)
+    keys = list(extra)
+    host = torch.cat([loss_t, grads.float().view(-1)] + [extra[k].float().reshape(-1) for k in keys]).tolist()
+    rec.loss, rec.grad_norm = host[0], host[1]
+    rec.grad_layers = host[2:len(grads) + 1]
+    at = len(grads) + 1
+    for k in keys:
+        n = extra[k].numel()
+        rec.values[k] = host[at:at + n]
+        at += n
+    if run.state.initial_loss is None:
+        run.state.initial_loss = rec.loss
+
+
+def optimizer_step(run: Run, rec: StepRecord, grad_norm: torch.Tensor) -> None:
+    """Clip to ``optim.grad_clip`` (with the norm already measured) if set, then step."""
+    clip = run.cfg.optim.grad_clip
+    if clip:
+        torch.nn.utils.clip_grads_with_norm_(run.model.parameters(), clip, grad_norm)
+    run.optimizer.step()
+    rec.updated = True
+
+
+def finish_step(run: Run, rec: StepRecord, seconds: float) -> None:
+    rec.seconds = seconds
+    rec.tokens_per_s = run.tokens_per_step / seconds
+    run.state.train_time += seconds
+    run.state.step = rec.step + 1
+    run.state.record_loss(rec.loss)
+
+
+def mark_diverged(run: Run, rec: StepRecord, x: torch.Tensor) -> None:
+    s, f = run.state, run.cfg.train.diverge_factor
+    s.status, s.diverged_step = "diverged", rec.step
+    s.diverge_reason = describe(rec.diverged, rec.loss, s.initial_loss, f, run.model, x)
+
+
+def run_eval(run: Run, step: int) -> float:
+    val = evaluate(run.model, run.val_batches, run.device, run.autocast)
+    run.state.val_loss, run.state.best_val = val, min(run.state.best_val, val)
+    return val
+
+
+def finish(run: Run) -> Dict[str, Any]:
+    """The summary's end-of-run fields (status, final and best losses, throughput, wall time)."""
+    s = run.state
+    if s.status == "running":
+        s.status = "completed"
+    tail = [v for v in s.recent_losses if math.isfinite(v)]
+    run.summary.update(
+        status=s.status, diverged_step=s.diverged_step, diverge_reason=s.diverge_reason,
+        initial_loss=s.initial_loss, steps_done=s.step,
+        final_val_loss=s.val_loss if s.status == "completed" else None,
+        final_train_loss=sum(tail) / len(tail) if tail else None,
+        best_val_loss=s.best_val if math.isfinite(s.best_val) else None,
+        tokens_per_s=run.tokens_per_step * s.step / s.train_time if s.train_time else None,
+        wall_s=run.wall_s(), finished_at=time.time(),
+    )
+    return run.summary
+
+
+# --- the pieces -------------------------------------------------------------------------------------
+
+
+def lr_at(step: int, optim_cfg, total_steps: int) -> float:
+    """Linear warmup over ``warmup_steps``, then cosine decay to ``min_lr_ratio * lr`` or constant."""
+    peak, warmup = optim_cfg.lr, optim_cfg.warmup_steps
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if optim_cfg.schedule == "constant":
+        return peak
+    progress = (step - warmup) / max(total_steps - warmup - 1, 1)
+    floor = optim_cfg.min_lr_ratio * peak
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def make_optimizer(model, optim_cfg) -> torch.optim.Optimizer:
+    """AdamW; weight decay (if any) on matrices only, never on norms, biases or embeddings.
+
+    ``optim.weight_decay_coupling``: ``lr`` is PyTorch's AdamW (each step decays w by
+    lr_t * weight_decay); ``independent`` decays by weight_decay * lr_t / lr, i.e. by the schedule's
+    factor but not the peak LR (Wortsman et al. 2023, arXiv:2309.14322 §3.2.2), so the decay does
+    not change when an LR sweep changes the peak.
+    """
+    embeddings = {id(model.tok_emb.weight), id(model.pos_emb.weight)}
+    decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in embeddings]
+    no_decay = [p for p in model.parameters() if p.dim() < 2 or id(p) in embeddings]
+    wd = optim_cfg.weight_decay
+    if optim_cfg.weight_decay_coupling == "independent":
+        wd = wd / optim_cfg.lr
+    groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2),
+                             eps=optim_cfg.eps, foreach=True)
+
+
+@torch.no_grad()
+def evaluate(model, batches, device: torch.device, autocast) -> float:
+    """Mean validation cross-entropy (without the z-loss term) over fixed batches, in eval mode."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for x, y in batches:
+        with autocast():
+            total += model.loss(x.to(device), y.to(device), z_loss=False).item()
+    model.train(was_training)
+    return total / len(batches)
