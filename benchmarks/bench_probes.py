@@ -10,7 +10,7 @@ Two views, both at depth 48 (the reference config otherwise):
   counted too. Each loop iteration is timed through the progress bar's ``update`` (patched in this
   process only), and the trainer's own step time (``tokens_per_s`` in ``metrics.parquet``) is
   subtracted to give the bookkeeping per step. Runs alternate on, off, on, off.
-- ``activation``: the periodic probes (``resnorm.measure.ActivationProbe``: activation RMS, branch ratio,
+- ``activation``: the periodic probes (``resnorm.probes.ActivationProbe``: activation RMS, branch ratio,
   update ratio, max attention logit per sublayer, every ``train.probe_every`` steps): one probe call
   (``before_step`` + ``after_step`` + its host transfer) timed against the plain step, interleaved, and
   amortised over ``probe_every`` steps.
@@ -44,7 +44,7 @@ def step_overhead(depth: int, ref: dict, steps: int, warmup: int) -> dict:
     timed = common.interleave({"probes on": on.step, "probes off": off.step}, steps=steps, warmup=warmup)
     for impl in (on, off):
         impl.model.loss(*batches[0]).backward()
-    probes = {"per-layer": on.extra["probe"].compute, "total only": off.extra["probe"].compute}
+    probes = {"per-layer": on.extra["probe"].before_update, "total only": off.extra["probe"].before_update}
     probe_t = common.interleave(probes, steps=max(steps, 50), warmup=5)
     for impl in (on, off):
         impl.extra["optimizer"].zero_grad(set_to_none=True)
@@ -58,21 +58,9 @@ def step_overhead(depth: int, ref: dict, steps: int, warmup: int) -> dict:
 
 
 class _IterClock:
-    """Stands in for the tqdm bar of ``resnorm.train``: ``update`` marks the end of each loop iteration."""
+    """The end of each loop iteration (bookkeeping included), marked by a callback in :func:`_one_loop`."""
 
     marks: List[float] = []
-
-    def __init__(self, *args, **kwargs):
-        _IterClock.marks = [time.perf_counter()]
-
-    def update(self, n=1):
-        _IterClock.marks.append(time.perf_counter())
-
-    def set_postfix(self, *args, **kwargs):
-        pass
-
-    def close(self):
-        pass
 
 
 def _one_loop(depth: int, ref, steps: int, probes: bool, workdir: Path, threads: int) -> dict:
@@ -89,12 +77,15 @@ def _one_loop(depth: int, ref, steps: int, probes: bool, workdir: Path, threads:
         cfg = common.compose(f"depth={depth}", "data=synthetic", "train.progress=false", *extra)
     else:
         cfg = common.compose(*common.reference_overrides(depth, ref, extra=extra))
-    original = rt._progress
-    rt._progress = lambda cfg: _IterClock()
-    try:
-        summary = rt.train(cfg, rt.JobInfo(run_dir, "bench", "bench", []))
-    finally:
-        rt._progress = original
+    from resnorm.callbacks import Callback, default_callbacks
+
+    class Clock(Callback):  # marks the end of every iteration, bookkeeping included
+        def on_step_end(self, run, rec):
+            _IterClock.marks.append(time.perf_counter())
+
+    _IterClock.marks = [time.perf_counter()]
+    summary = rt.train(cfg, rt.JobInfo(run_dir, "bench", "bench", []),
+                       callbacks=lambda run: default_callbacks(run) + [Clock()])
     iters = [b - a for a, b in zip(_IterClock.marks, _IterClock.marks[1:])]
     metrics = pd.read_parquet(run_dir / "metrics.parquet")
     step_s = (cfg.train.batch_size * cfg.train.seq_len / metrics["tokens_per_s"]).tolist()
@@ -127,16 +118,15 @@ def loop_overhead(depth: int, ref, steps: int, reps: int, threads: int) -> dict:
 
 def activation_overhead(depth: int, ref: dict, steps: int, warmup: int, probe_every: int) -> dict:
     """The periodic activation/update probe's cost per call, and amortised over ``probe_every`` steps."""
-    from resnorm.measure import ActivationProbe
+    from resnorm.probes import ActivationProbe
 
     batches = peers.make_batches(4, ref["batch"], ref["seq"], ref["vocab"], "cpu")
     impl = peers.ours(depth, ref, batches=batches, probes=True)
-    probe = ActivationProbe(impl.model)
+    probe = ActivationProbe(impl.model, every=probe_every, total_steps=steps)
     x = batches[0][0]
 
     def call():
-        probe.before_step(x)
-        probe.after_step().tolist()  # its one host transfer
+        torch.cat([probe.before_update(x).view(-1), probe.after_update().view(-1)]).tolist()
 
     timed = common.interleave({"step": impl.step, "activation probe": call}, steps=steps, warmup=warmup)
     step_ms, probe_ms = timed.median("step") * 1e3, timed.median("activation probe") * 1e3

@@ -1,8 +1,8 @@
 """The implementations under test, each as a ready-to-call training step on the same batches.
 
 - ``ours``: ``resnorm.model.build_model(compose(...))`` (the real code path) with the optimizer of
-  ``resnorm.train.make_optimizer`` and :class:`resnorm.probes.GradNormProbe`; the step is what
-  ``resnorm.train.train`` does per step: set the lr, forward + loss, backward, ``probe.compute()``,
+  ``resnorm.loop.make_optimizer`` and :class:`resnorm.probes.GradNormProbe`; the step is what
+  ``resnorm.loop.fit`` does per step: set the lr, forward + loss, backward, ``probe.before_update()``,
   one host transfer of loss and statistics, AdamW step, ``zero_grad(set_to_none=True)``.
   ``probes=True`` is the default config (per-layer gradient norms every step); ``probes=False`` is
   ``GradNormProbe(model, per_layer=False)`` (the total gradient norm only).
@@ -61,7 +61,7 @@ def ours(depth: int, ref: dict, device="cpu", probes: bool = True, norm: str = "
     a prototype optimizer for a side-by-side measurement."""
     from resnorm.model import build_model
     from resnorm.probes import GradNormProbe
-    from resnorm.train import lr_at, make_optimizer
+    from resnorm.loop import lr_at, make_optimizer
 
     cfg = compose(*reference_overrides(depth, ref, norm=norm, extra=extra_overrides))
     torch.manual_seed(seed)
@@ -81,7 +81,7 @@ def ours(depth: int, ref: dict, device="cpu", probes: bool = True, norm: str = "
                             enabled=autocast_dtype is not None):
             loss = loss_fn(x, y)
         loss.backward()
-        stats = probe.compute()
+        stats = probe.before_update()
         host = torch.cat([loss.detach().float().view(1), stats]).tolist()  # one host transfer
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -42,7 +42,7 @@ def render(results: dict, header: bool = True, only_checks: bool = False) -> str
             out.append(f"\n### (2) Probe overhead at depth {st['depth']} ({st['groups']} per-layer groups)")
             out.append(fmt_table([
                 dict(view="train step", on_ms=st["on_ms"], off_ms=st["off_ms"], overhead=_pct(st["overhead"]),
-                     detail=f"probe.compute(): {st['compute_per_layer_ms']:.2f} ms per-layer vs "
+                     detail=f"probe.before_update(): {st['compute_per_layer_ms']:.2f} ms per-layer vs "
                             f"{st['compute_total_only_ms']:.2f} ms total-only, i.e. "
                             f"{_pct(st.get('direct_overhead'))} of the step (timed alone, less noisy)"),
                 dict(view="real loop (train.train, W&B offline)", on_ms=lp["iter_on_ms"], off_ms=lp["iter_off_ms"],

@@ -50,7 +50,7 @@ from . import common, peers
 
 def fused_make_optimizer(model, optim_cfg) -> torch.optim.Optimizer:
     """``resnorm.train.make_optimizer`` with ``fused=True`` instead of ``foreach=True`` (the proposal)."""
-    from resnorm.train import make_optimizer
+    from resnorm.loop import make_optimizer
 
     base = make_optimizer(model, optim_cfg)
     groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in base.param_groups]

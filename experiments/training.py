@@ -1,27 +1,26 @@
-"""In-process training for the training-time reproductions (Wortsman et al. 2023, Xiong et al. Fig. 2).
+"""The training-time reproductions (Wortsman et al. 2023, Xiong et al. 2020 Fig. 2) train through
+the shared loop.
 
-Why not ``run.py -m``: these runs need things the sweep's training loop does not do (independent weight
-decay, the max attention logit at the end, log Z) and their grid is a few dozen tiny runs, so they
-train here with the library's pieces (``build_model``, ``load_data``, ``BatchSampler``, ``lr_at``).
-Each run's result is a JSON file named by its spec's hash under the context's ``runs_dir``, written
-atomically when the run ends: re-running an experiment skips finished runs (resumable).
+Each run spec (the keys of :data:`DEFAULTS`) becomes the command-line overrides of the config
+``run.py`` would train with (:func:`overrides`), and the run trains through
+:func:`resnorm.train.execute`, that is :func:`resnorm.loop.fit` with the default callbacks plus
+:class:`resnorm.callbacks.FinalReadouts` (the final max attention logit and log Z). Each run is an
+ordinary run folder ``<runs_dir>/<run_id>/`` named by its identity (:func:`resnorm.identity.run_id`):
+re-running an experiment skips finished runs and resumes interrupted ones from their checkpoint.
 
-Recipe (PAPERS.md §10/§13.5): AdamW(beta1, beta2, eps), global grad-norm clip, linear warm-up then
-cosine decay to ``min_lr_ratio`` of the peak, **independent** weight decay ``wd`` (PyTorch's AdamW
-multiplies by lr, so it is passed as ``wd / lr``) on matrices only, optional z-loss and qk-layernorm.
-A non-finite loss stops the run (``diverged``); its final loss is then NaN and LR-sensitivity counts
-it as the initial loss.
+Recipe (Wortsman et al. 2023, arXiv:2309.14322 §2-3; docs/papers.md): AdamW(beta1, beta2, eps),
+global grad-norm clip, linear warm-up then cosine decay to ``min_lr_ratio`` of the peak,
+**independent** weight decay ``wd`` on matrices only (``optim.weight_decay_coupling=independent``),
+optional z-loss and qk-layernorm; the validation loss (cross-entropy alone, without the z-loss) on
+fixed held-out batches at the end. Only a non-finite loss or gradient norm counts as diverged
+(``train.diverge_factor=null``); a diverged run's final loss is NaN and LR-sensitivity counts it as
+the initial loss.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import time
 from typing import Any, Dict, List
-
-import torch
 
 DEFAULTS: Dict[str, Any] = dict(
     variant="pre", depth=4, d_model=64, n_heads=2, d_ff=256, vocab=64, activation="gelu", qk_norm=False,
@@ -54,111 +53,81 @@ def data_name(spec: Dict[str, Any]) -> str:
     return "synthetic" if spec.get("data", "synthetic") == "synthetic" else Path(str(spec["data_path"])).name
 
 
-def spec_key(spec: Dict[str, Any]) -> str:
-    text = json.dumps({k: spec[k] for k in sorted(spec)}, sort_keys=True)
-    return hashlib.sha1(text.encode()).hexdigest()[:16]
+def overrides(spec: Dict[str, Any]) -> List[str]:
+    """The command-line overrides of a run spec (keys of :data:`DEFAULTS`): the config ``run.py``
+    would train with the same settings. Operational keys (one thread, no W&B, no progress bar)
+    leave the run identity unchanged."""
+    s = {**DEFAULTS, **spec}
+    synthetic = s["data"] == "synthetic"
+    out = [f"depth={s['depth']}", f"seed={s['seed']}", "name=papers",
+           f"model.norm={s['variant']}", f"model.d_model={s['d_model']}", f"model.n_heads={s['n_heads']}",
+           f"model.d_ff={s['d_ff']}", f"model.vocab_size={s['vocab']}", f"model.activation={s['activation']}",
+           "model.init=xavier", f"model.qk_norm={str(bool(s['qk_norm'])).lower()}", f"model.z_loss={s['z_loss']!r}",
+           f"data={s['data']}", f"data.synthetic_vocab={min(s['vocab'], 64) if synthetic else 64}",
+           f"data.synthetic_tokens={s['synthetic_tokens']}",
+           f"optim.lr={s['lr']!r}", f"optim.warmup_steps={int(round(s['warmup_frac'] * s['steps']))}",
+           f"optim.min_lr_ratio={s['min_lr_ratio']!r}", f"optim.beta1={s['beta1']!r}", f"optim.beta2={s['beta2']!r}",
+           f"optim.eps={s['eps']!r}", f"optim.weight_decay={s['wd']!r}", "optim.weight_decay_coupling=independent",
+           f"optim.grad_clip={s['clip']!r}" if s["clip"] else "optim.grad_clip=null",
+           f"train.steps={s['steps']}", f"train.batch_size={s['batch']}", f"train.seq_len={s['seq_len']}",
+           f"train.eval_batches={s['eval_batches']}", f"train.eval_every={s['steps']}",
+           "train.diverge_factor=null", "train.probes=false", "train.probe_every=0",
+           "train.progress=false", "train.threads=1", "logger.mode=disabled"]
+    if not synthetic:
+        out.append(f"data.path={s['data_path']}")
+    return out
 
 
-def _config(spec):
-    from omegaconf import OmegaConf
-
-    from resnorm.config import Config, validate
-
-    cfg = OmegaConf.structured(Config)
-    cfg.depth, cfg.seed = spec["depth"], spec["seed"]
-    m = cfg.model
-    m.norm, m.d_model, m.n_heads, m.d_ff = spec["variant"], spec["d_model"], spec["n_heads"], spec["d_ff"]
-    m.vocab_size, m.activation, m.init = spec["vocab"], spec["activation"], "xavier"
-    m.qk_norm, m.z_loss = bool(spec["qk_norm"]), float(spec["z_loss"])
-    cfg.data.name = spec["data"]
-    cfg.data.path = spec["data_path"]
-    cfg.data.synthetic_vocab = min(spec["vocab"], 64) if spec["data"] == "synthetic" else 64
-    cfg.data.synthetic_tokens = spec["synthetic_tokens"]
-    o = cfg.optim
-    o.lr, o.warmup_steps = spec["lr"], int(round(spec["warmup_frac"] * spec["steps"]))
-    o.min_lr_ratio, o.beta1, o.beta2, o.eps = spec["min_lr_ratio"], spec["beta1"], spec["beta2"], spec["eps"]
-    o.weight_decay = spec["wd"] / spec["lr"]  # independent weight decay
-    o.grad_clip = spec["clip"]
-    cfg.train.steps, cfg.train.batch_size, cfg.train.seq_len = spec["steps"], spec["batch"], spec["seq_len"]
-    cfg.train.eval_batches = spec["eval_batches"]
-    validate(cfg)
-    return cfg
+def record(spec: Dict[str, Any], summary: Dict[str, Any]) -> Dict[str, Any]:
+    """The experiment's record of one run, from its ``summary.json``: a diverged run (a non-finite
+    loss or gradient, or a non-finite final loss) has ``final_eval_loss`` NaN."""
+    if summary.get("status") not in ("completed", "diverged"):
+        raise RuntimeError(f"run {summary.get('run_id')} ({spec}) {summary.get('status')}: {summary.get('error')}")
+    final = summary.get("final_val_loss")
+    diverged = summary["status"] == "diverged" or final is None or not math.isfinite(final)
+    nan = float("nan")
+    return dict(spec=spec, run_id=summary["run_id"], initial_loss=summary["initial_loss"],
+                final_eval_loss=nan if diverged else final, final_train_loss=summary.get("final_train_loss"),
+                diverged=diverged, diverged_step=summary.get("diverged_step"),
+                max_attn_logit=_number(summary.get("final_max_attn_logit")),
+                mean_log_z=_number(summary.get("final_mean_log_z")), steps_done=summary["steps_done"],
+                wall_s=summary.get("wall_s"))
 
 
-def train_once(spec: Dict[str, Any]) -> Dict[str, Any]:
-    """Train one model as ``spec`` (keys of :data:`DEFAULTS`) says; return its result record."""
-    from resnorm.data import BatchSampler, fixed_batches, load_data
-    from resnorm.model import build_model
-    from resnorm.train import lr_at, make_optimizer
+def _number(value) -> float:
+    return float("nan") if value is None else float(value)
 
-    spec = {**DEFAULTS, **spec}
-    cfg = _config(spec)
-    t0 = time.perf_counter()
-    torch.manual_seed(spec["seed"])
-    data = load_data(cfg.data, spec["seq_len"], spec["seed"])
-    model = build_model(cfg)
-    opt = make_optimizer(model, cfg.optim)
-    sampler = BatchSampler(data.train, spec["batch"], spec["seq_len"], seed=spec["seed"])
-    val = fixed_batches(data.val, spec["eval_batches"], spec["batch"], spec["seq_len"])
-    losses: List[float] = []
-    diverged_step = None
-    for step in range(spec["steps"]):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.optim, spec["steps"])
-        x, y = sampler.sample()
-        loss = model.loss(x, y)
-        loss.backward()
-        if spec["clip"]:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), spec["clip"])
-        lv = loss.item()
-        losses.append(lv)
-        if not math.isfinite(lv):
-            diverged_step = step
-            break
-        opt.step()
-        opt.zero_grad(set_to_none=True)
 
-    model.eval()
-    with torch.no_grad():
-        evals, logits, logz = [], [], []
-        for x, y in val:
-            tr = model.trace(x)
-            out = model.head(tr["hidden"]).float()
-            evals.append(torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1)))
-            logits.append(tr["max_logit"].max())
-            logz.append(torch.logsumexp(out, -1).mean())
-        final, max_logit, mean_logz = (torch.stack(t).mean().item() if i != 1 else torch.stack(t).max().item()
-                                       for i, t in enumerate((evals, logits, logz)))
-    if diverged_step is not None or not math.isfinite(final):
-        final = float("nan")
-    return dict(spec=spec, initial_loss=losses[0], final_eval_loss=final, final_train_loss=losses[-1],
-                diverged=diverged_step is not None or not math.isfinite(final), diverged_step=diverged_step,
-                max_attn_logit=max_logit, mean_log_z=mean_logz, steps_done=len(losses),
-                wall_s=time.perf_counter() - t0)
+def _train(spec: Dict[str, Any], runs_dir: str) -> Dict[str, Any]:
+    """Train (or find finished) one spec in ``runs_dir/<run_id>/`` through the shared loop."""
+    from pathlib import Path
+
+    from resnorm.callbacks import FinalReadouts, default_callbacks
+    from resnorm.config import compose
+    from resnorm.identity import run_id
+    from resnorm.train import JobInfo, execute
+
+    over = overrides(spec)
+    cfg = compose(over, validate=True)
+    rid = run_id(cfg)
+    job = JobInfo(Path(runs_dir) / rid, ",".join(over[:4]), "papers", over, rid)
+    return record(spec, execute(cfg, job, callbacks=lambda run: default_callbacks(run, [FinalReadouts()])))
+
+
+def _done(spec: Dict[str, Any], runs_dir) -> bool:
+    from resnorm.config import compose
+    from resnorm.identity import run_id
+    from resnorm.runfolder import DONE, read_summary
+
+    summary = read_summary(runs_dir / run_id(compose(overrides(spec))))
+    return bool(summary) and summary.get("status") in DONE
 
 
 def _worker_init() -> None:
     """Each worker process: one torch thread (parallel jobs on few cores must not oversubscribe them)."""
+    import torch
+
     torch.set_num_threads(1)
-
-
-def _train_and_store(spec: Dict[str, Any], path: str) -> Dict[str, Any]:
-    from pathlib import Path
-
-    from resnorm.store import atomic_write
-
-    rec = train_once(spec)
-    atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(rec, default=float)))
-    return rec
-
-
-def _cached(path) -> Any:
-    if path.is_file():
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError:  # a torn file from an old version: train again
-            return None
-    return None
 
 
 def run_grid(specs: List[Dict[str, Any]], ctx) -> List[Dict[str, Any]]:
@@ -174,9 +143,10 @@ def run_grid(specs: List[Dict[str, Any]], ctx) -> List[Dict[str, Any]]:
 
     ctx.runs_dir.mkdir(parents=True, exist_ok=True)
     full = [{**DEFAULTS, **s} for s in specs]
-    paths = [ctx.runs_dir / f"{spec_key(f)}.json" for f in full]
-    out: List[Any] = [_cached(p) for p in paths]
-    todo = [i for i, rec in enumerate(out) if rec is None]
+    out: List[Any] = [None] * len(full)
+    todo = [i for i, f in enumerate(full) if not _done(f, ctx.runs_dir)]
+    for i in set(range(len(full))) - set(todo):
+        out[i] = _train(full[i], str(ctx.runs_dir))  # finished: read from its run folder
     ctx.runs_trained += len(todo)
     ctx.runs_cached += len(specs) - len(todo)
     workers = max(1, min(ctx.workers, len(todo)))
@@ -192,7 +162,7 @@ def run_grid(specs: List[Dict[str, Any]], ctx) -> List[Dict[str, Any]]:
 
     if workers == 1:
         for i in todo:
-            out[i] = _train_and_store(full[i], str(paths[i]))
+            out[i] = _train(full[i], str(ctx.runs_dir))
             report(i, out[i])
         return out
 
@@ -205,7 +175,7 @@ def run_grid(specs: List[Dict[str, Any]], ctx) -> List[Dict[str, Any]]:
 
     with environ({"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}), \
             ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool:
-        futures = {pool.submit(_train_and_store, full[i], str(paths[i])): i for i in todo}
+        futures = {pool.submit(_train, full[i], str(ctx.runs_dir)): i for i in todo}
         for fut in as_completed(futures):
             i = futures[fut]
             out[i] = fut.result()

@@ -225,7 +225,7 @@ def validate(cfg: Any) -> None:
     for key in ("train.steps", "train.batch_size", "train.seq_len", "train.eval_every",
                 "train.eval_batches", "train.log_every"):
         _positive(key, g(key))
-    if not g("train.diverge_factor") > 1.0:
+    if g("train.diverge_factor") is not None and not g("train.diverge_factor") > 1.0:
         raise ConfigError("train.diverge_factor", g("train.diverge_factor"), "must be > 1")
     device = g("train.device")
     if device not in ("auto", "cpu", "cuda") and not (str(device).startswith("cuda:") and str(device)[5:].isdigit()):
@@ -245,3 +245,15 @@ def validate(cfg: Any) -> None:
                           "must be a non-negative integer (0: no checkpoints)")
 
     _choice("logger.mode", g("logger.mode"), LOGGER_MODES)
+
+
+def compose(overrides=(), *, validate: bool = False):  # TEMP until the config branch lands
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    register_schemas()
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    with initialize_config_dir(version_base="1.3", config_dir=str(conf)):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    if validate:
+        globals()["validate"](cfg)
+    return cfg

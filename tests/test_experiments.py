@@ -131,7 +131,7 @@ def test_training_time_experiment_runs_at_reduced_size_and_resumes(name, tmp_pat
     assert all(r.value is not None and math.isfinite(r.value) for r in results if r.status != SKIPPED)
     if name == "wortsman_lr":  # robust even at 60 steps, 2 layers, 4 LRs (xiong_warmup needs its full grid)
         assert not [r for r in results if r.status == FAIL], [r.line() for r in results]
-    cached = list((tmp_path / "runs" / "ci" / name).glob("*.json"))
+    cached = list((tmp_path / "runs" / "ci" / name).glob("*/summary.json"))  # one run folder per run
     assert len(cached) == len(df)
     # resumable: a second run trains nothing (every run is cached) and gives the same data
     df2, _ = run_experiment(name, size="ci", out=tmp_path, runs_dir=tmp_path / "runs", verbose=False)
@@ -215,6 +215,8 @@ def test_training_experiment_on_a_text_corpus(tmp_path):
     corpus.write_text("the quick brown fox jumps over the lazy dog. " * 400)
     df, results = run_experiment("xiong_warmup", size="ci", out=tmp_path, runs_dir=tmp_path / "runs", verbose=False,
                                  text=str(corpus))
-    recs = [json.loads(p.read_text()) for p in (tmp_path / "runs" / "ci" / "xiong_warmup").glob("*.json")]
-    assert recs and all(r["spec"]["data"] == "text" and r["spec"]["vocab"] == 256 for r in recs)
+    runs = [json.loads(p.read_text()) for p in (tmp_path / "runs" / "ci" / "xiong_warmup").glob("*/summary.json")]
+    assert runs and all(r["config"]["data"]["name"] == "text" and r["config"]["model"]["vocab_size"] == 256
+                        for r in runs)
+    assert all(r["data_source"].endswith("corpus.txt") for r in runs)
     assert (df.initial_loss > 5.0).all()  # ~ln(256) = 5.55 for a fresh 256-way head

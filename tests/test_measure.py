@@ -244,17 +244,20 @@ def test_periodic_probes_land_in_layers_parquet(tmp_path):
 
 def test_activation_probe_update_ratio_by_hand():
     model = small("pre", 1)
-    probe = M.ActivationProbe(model)
+    from resnorm.probes import ActivationProbe
+
+    probe = ActivationProbe(model, every=1, total_steps=1)
     x = M.random_tokens(256, 2, 8, seed=1)
-    probe.before_step(x)
+    before = probe.before_update(x)
     with torch.no_grad():
         for p in model.blocks[0].mlp.parameters():
             if p.dim() == 2:
                 p.mul_(1.1)  # every 2-D MLP weight grows by 10%: ||dW|| / ||W|| = 0.1
-    vals = probe.after_step()
-    assert vals.shape == (4, 2)
-    assert vals[2, 1].item() == pytest.approx(0.1, rel=1e-5) and vals[2, 0].item() == 0.0
-    assert math.isnan(vals[3, 1].item()) and vals[3, 0].item() > 0
+    after = probe.after_update()
+    assert probe.quantities_before == ("act_rms", "branch_ratio", "max_attn_logit")
+    assert before.shape == (3, 2) and after.shape == (1, 2)
+    assert after[0, 1].item() == pytest.approx(0.1, rel=1e-5) and after[0, 0].item() == 0.0
+    assert math.isnan(before[2, 1].item()) and before[2, 0].item() > 0
 
 
 def test_probe_every_is_validated():

@@ -12,11 +12,12 @@ import torch
 
 from conftest import TINY, compose
 from resnorm.data import fixed_batches, load_data, shakespeare_files
-from resnorm.diagnose import first_nonfinite
+from resnorm.guard import first_nonfinite
 from resnorm.errors import DataError
 from resnorm.model import build_model
 from resnorm.probes import GradNormProbe
-from resnorm.train import JobInfo, lr_at, train
+from resnorm.loop import lr_at
+from resnorm.train import JobInfo, train
 
 
 def job(tmp_path: Path, name: str = "run") -> JobInfo:
@@ -81,7 +82,7 @@ def test_grad_norm_probe_matches_per_parameter_norms():
     model = build_model(cfg)
     x = torch.randint(256, (2, 16))
     model.loss(x, x).backward()
-    stats = GradNormProbe(model).compute()
+    stats = GradNormProbe(model).before_update()
     total = math.sqrt(sum(p.grad.pow(2).sum().item() for p in model.parameters()))
     assert stats[0].item() == pytest.approx(total, rel=1e-5)
     for i, (layer, sub) in enumerate(GradNormProbe(model).labels):
@@ -96,7 +97,7 @@ def test_first_nonfinite_names_the_module():
     with torch.no_grad():
         model.blocks[1].mlp.branch.fc1.weight[0, 0] = float("inf")
     x = torch.randint(256, (2, 16))
-    assert "blocks.1.mlp.branch.fc1" in first_nonfinite(model, x, x)
+    assert "blocks.1.mlp.branch.fc1" in first_nonfinite(model, x)
 
 
 def test_lr_schedule_warmup_then_cosine_or_constant():
