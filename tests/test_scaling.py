@@ -49,7 +49,7 @@ class Interrupt(BaseException):
 
 
 def interrupt_at(monkeypatch, step: int) -> None:
-    import resnorm.train as rt
+    import resnorm.loop as rt
 
     original = rt.lr_at
 
@@ -187,7 +187,9 @@ def test_run_job_skips_done_runs_records_failures_and_respects_the_lock(tmp_path
     def broken_model(cfg):
         raise MemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(rt, "build_model", broken_model)
+    import resnorm.model
+
+    monkeypatch.setattr(resnorm.model, "build_model", broken_model)
     failed = run_job(cfg)
     on_disk = summary_of(other)
     assert failed["status"] == on_disk["status"] == "failed"
