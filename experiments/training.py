@@ -145,7 +145,7 @@ def _worker_init() -> None:
 def _train_and_store(spec: Dict[str, Any], path: str) -> Dict[str, Any]:
     from pathlib import Path
 
-    from resnorm.store import atomic_write
+    from resnorm.runfolder import atomic_write
 
     rec = train_once(spec)
     atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(rec, default=float)))

@@ -7,7 +7,7 @@ state). A resumed run continues from the checkpoint's step with the same:
 - model and optimizer state (AdamW moments and step counts), and hence the learning-rate schedule,
   which is a function of the step;
 - batch sampler generator, torch CPU (and CUDA) random states;
-- rows stored so far (metrics and per-layer tables; see :meth:`resnorm.store.RunStore.state_dict`),
+- rows stored so far (metrics and per-layer tables; see :meth:`resnorm.runfolder.RunStore.state_dict`),
   the probes' state (if a probe has any), the initial loss (the divergence guard's reference), best
   and last validation loss, training time and attempts so far.
 
@@ -23,7 +23,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .store import atomic_write
+from .runfolder import atomic_write
 
 log = logging.getLogger(__name__)
 FORMAT = 1

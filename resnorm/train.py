@@ -26,12 +26,12 @@ from . import checkpoint, devices
 from .config import validate
 from .data import BatchSampler, fixed_batches, load_data
 from .diagnose import first_nonfinite
-from .identity import DONE, checkpoint_path, job_lock, job_state, run_id
+from .identity import run_id
 from .model import Transformer, build_model
 from .probes import GradNormProbe
 from .measure import ActivationProbe
 from .provenance import git_commit
-from .store import RunStore, read_summary
+from .runfolder import DONE, RunStore, checkpoint_path, job_lock, job_state, read_summary
 from .tracking import WandbTracker
 
 log = logging.getLogger(__name__)
