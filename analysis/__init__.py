@@ -1,7 +1,9 @@
 """resnorm analysis: read what runs wrote, compute stability metrics, draw figures, write a report.
 
-The package never imports ``torch`` or ``resnorm``: it reads run folders (``summary.json``,
-``metrics.parquet``, ``layers.parquet``) so it works on runs copied from any machine.
+The package never imports ``torch``: it reads run folders (``summary.json``, ``metrics.parquet``,
+``layers.parquet``) so it works on runs copied from any machine. The folder's format (file names,
+statuses, :func:`~resnorm.runfolder.read_summary`, :func:`~resnorm.runfolder.atomic_write`) comes
+from the torch-free :mod:`resnorm.runfolder`, the module the training writes with.
 
 Modules, one job each:
 

@@ -1,10 +1,11 @@
 """Run folders -> tidy pandas DataFrames.
 
-Reads, per job folder (any folder under the sweep that holds a ``summary.json``):
+Reads, per job folder (any folder under the sweep that holds a ``summary.json``; the format is
+:mod:`resnorm.runfolder`'s, the one the training writes, and ``docs/run-folder.md`` describes it):
 
 - ``summary.json``: status, losses, throughput, versions, run name, overrides and the resolved
-  ``config`` (a nested dict). A file that is not valid JSON (half-written, corrupt) is skipped by
-  :func:`load_sweep` with a warning naming it.
+  ``config`` (a nested dict). A file that cannot be read or is not valid JSON (corrupt, or not
+  readable by this user) is skipped by :func:`load_sweep` with a warning naming it.
 - ``metrics.parquet``: one row per step (``step``, ``train_loss``, ``lr``, ``grad_norm``,
   ``tokens_per_s``, ``val_loss``, and any columns added later). May be missing.
 - ``layers.parquet``: tidy per-layer rows (``step``, ``layer``, ``sublayer``, ``quantity``,
@@ -33,7 +34,6 @@ keys of the same name, then from the job's Hydra overrides (``model.norm=pre``, 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -43,13 +43,14 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import pandas as pd
 
+from resnorm.runfolder import LAYERS, METRICS, SUMMARY, read_summary
+
 #: summary fields every row of the runs table has (NaN/None where the summary lacks them)
 SUMMARY_FIELDS = (
     "status", "diverged_step", "diverge_reason", "initial_loss", "final_train_loss", "final_val_loss",
     "best_val_loss", "tokens_per_s", "wall_s", "steps_done", "n_params", "torch_version", "git_commit",
     "run_name", "overrides",
 )
-STATUSES = ("completed", "diverged", "failed", "running")
 FLOAT_COLUMNS = ("initial_loss", "final_train_loss", "final_val_loss", "best_val_loss", "tokens_per_s",
                  "wall_s", "lr")
 INT_COLUMNS = ("diverged_step", "steps_done", "n_params", "depth", "seed")
@@ -152,21 +153,6 @@ def _hydra_config(run_dir: Path) -> Dict[str, Any]:
     return loaded if isinstance(loaded, dict) else {}
 
 
-def read_summary(run_dir: Path) -> Dict[str, Any]:
-    """Read ``run_dir/summary.json``; raise FileNotFoundError if absent, ValueError (naming the
-    file) if it is not a valid JSON object."""
-    path = Path(run_dir) / "summary.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no summary.json in {run_dir}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc}); is it half-written or corrupt?") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
 def run_info(run_dir: Path, summary: Dict[str, Any]) -> Dict[str, Any]:
     """One row of the runs table from a job folder and its parsed summary (see the module docstring)."""
     run_dir = Path(run_dir)
@@ -227,12 +213,13 @@ def load_run(run_dir) -> Run:
     """Load one job folder: its runs-table row and its step/layer tables (with key columns added).
 
     Raises FileNotFoundError if ``run_dir`` has no ``summary.json`` and ValueError (naming the file)
-    if the summary is not valid JSON. Missing or unreadable parquet files give ``None`` tables.
+    if the summary cannot be read or is not a JSON object (:func:`resnorm.runfolder.read_summary`
+    with ``strict=True``). Missing or unreadable parquet files give ``None`` tables.
     """
     run_dir = Path(run_dir).resolve()
-    info = run_info(run_dir, read_summary(run_dir))
-    steps = _with_keys(_read_table(run_dir / "metrics.parquet"), info)
-    layers = _with_keys(_read_table(run_dir / "layers.parquet"), info)
+    info = run_info(run_dir, read_summary(run_dir, strict=True))
+    steps = _with_keys(_read_table(run_dir / METRICS), info)
+    layers = _with_keys(_read_table(run_dir / LAYERS), info)
     return Run(run_dir, info, steps, layers)
 
 
@@ -244,7 +231,7 @@ def find_run_dirs(root: Path) -> List[Path]:
     """
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
-        if "summary.json" in filenames:
+        if SUMMARY in filenames:
             found.append(Path(dirpath))
             dirnames[:] = []
         else:
@@ -309,7 +296,7 @@ def load_sweep(path) -> Sweep:
     """Load every job under ``path`` (a Hydra multirun folder, or a single run folder).
 
     Raises FileNotFoundError if ``path`` does not exist, ValueError if it is not a folder or holds
-    no readable run. A job whose ``summary.json`` is not valid JSON is skipped with a warning.
+    no readable run. A job whose ``summary.json`` cannot be read or parsed is skipped with a warning.
     """
     root = Path(path)
     if not root.exists():

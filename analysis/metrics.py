@@ -47,12 +47,13 @@ import numpy as np
 import pandas as pd
 
 from analysis.load import PLOT_AXES, parse_overrides
+from resnorm.runfolder import DONE, STATUSES
 
 SPIKE_WINDOW = 20
 SPIKE_FACTOR = 1.25
 SPIKE_MIN_HISTORY = 5
-#: statuses left out of the LR-sweep metrics and of the divergence rate
-EXCLUDED_STATUSES = ("failed", "running")
+#: statuses left out of the LR-sweep metrics and of the divergence rate: the runs not over
+EXCLUDED_STATUSES = tuple(s for s in STATUSES if s not in DONE)
 #: nats below the initial loss a run must end to count as stable (see :func:`largest_stable_lr_values`)
 STABLE_MARGIN = 0.1
 #: confidence level of the intervals of :func:`seed_summary`

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import metrics, style
-from analysis.files import atomic_write
+from resnorm.runfolder import atomic_write
 
 log = logging.getLogger(__name__)
 

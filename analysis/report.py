@@ -30,8 +30,8 @@ from typing import Dict, List, Optional
 import pandas as pd
 
 from analysis import metrics, plots, style
-from analysis.files import atomic_write, write_text
 from analysis.load import load_sweep
+from resnorm.runfolder import atomic_write, write_text
 
 log = logging.getLogger(__name__)
 

@@ -198,9 +198,6 @@ def fmt_table(rows: List[dict], columns: Sequence[str]) -> str:
 
 
 def write_json(payload: dict, name: str) -> Path:
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    path = OUT_DIR / name
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str))
-    os.replace(tmp, path)
-    return path
+    from resnorm.runfolder import write_text
+
+    return write_text(OUT_DIR / name, json.dumps(payload, indent=2, sort_keys=False, default=str))

@@ -235,7 +235,7 @@ def attention(ref: dict, rounds: int) -> List[dict]:
 # --- per-layer bookkeeping ------------------------------------------------------------------------
 
 def _fast_store_cls():
-    from resnorm.store import RunStore
+    from resnorm.runfolder import RunStore
 
     class FastLayerStore(RunStore):
         """Prototype: per-layer rows appended with ``extend`` on columns built once per label list."""
@@ -257,7 +257,7 @@ def _fast_store_cls():
 
 
 def layer_bookkeeping(depth: int, rounds: int) -> dict:
-    from resnorm.store import RunStore
+    from resnorm.runfolder import RunStore
 
     labels = [(i, s) for i in range(depth) for s in ("attn", "mlp")]
     host = [float(i) for i in range(2 + len(labels))]
@@ -286,7 +286,7 @@ def layer_bookkeeping(depth: int, rounds: int) -> dict:
         timed = common.interleave({"before": current, "after": proposed}, steps=rounds, warmup=10)
         wandb_ms = _wandb_log_ms(current(), Path(tmp), min(rounds, 200))
     before, after = timed.median("before") * 1e3, timed.median("after") * 1e3
-    return dict(change="layer_bookkeeping", where="resnorm/store.py add_layers (extend) + resnorm/train.py "
+    return dict(change="layer_bookkeeping", where="resnorm/runfolder.py add_layers (extend) + resnorm/train.py "
                                                   "(per-layer W&B keys built once before the loop)",
                 depth=depth, before_ms=before, after_ms=after, after_over_before=timed.ratio("after", "before"),
                 wandb_log_ms=wandb_ms,

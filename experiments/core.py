@@ -26,6 +26,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import pandas as pd
 
+from resnorm.runfolder import write_text
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results" / "papers"
 RUNS = ROOT / "multirun" / "papers"  # per-run caches of the training-time experiments (resumable)
@@ -163,17 +165,11 @@ def paths(name: str, out: Path) -> Dict[str, Path]:
     return dict(csv=out / f"{name}.csv", png=out / f"{name}.png", claims=out / f"{name}.claims.json")
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    from resnorm.store import atomic_write
-
-    atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
 def save_claims(exp: Experiment, results: List[ClaimResult], path: Path, size: str, wall_s: Optional[float],
                 machine: Optional[Dict[str, Any]] = None) -> None:
     payload = dict(experiment=exp.name, reference=exp.reference.__dict__, size=size, wall_s=wall_s,
                    machine=machine, claims=[r.__dict__ for r in results])
-    _atomic_text(path, json.dumps(payload, indent=2))
+    write_text(path, json.dumps(payload, indent=2))
 
 
 def run_experiment(name: str, size: str = "full", out: Path = RESULTS, runs_dir: Path = RUNS,
@@ -211,7 +207,7 @@ def run_experiment(name: str, size: str = "full", out: Path = RESULTS, runs_dir:
                    runs_cached=ctx.runs_cached)
     p = paths(name, out)
     p["csv"].parent.mkdir(parents=True, exist_ok=True)
-    _atomic_text(p["csv"], df.to_csv(index=False))
+    write_text(p["csv"], df.to_csv(index=False))
     exp.plot(df, p["png"])
     results = exp.evaluate(df)
     save_claims(exp, results, p["claims"], size, wall, machine)

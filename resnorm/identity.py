@@ -1,4 +1,4 @@
-"""A job's identity, and the job folder it is kept in.
+"""A job's identity, and the name of the job folder it is kept in.
 
 The identity (``run_id``) is the first 12 hex digits of the SHA-256 of the job's resolved config as
 canonical JSON, without the keys in :data:`OPERATIONAL_KEYS`: those say where, how fast or how
@@ -14,23 +14,17 @@ in ``conf/config.yaml``): re-running a sweep finds every job where it left it. T
 ``summary.json`` and the W&B run's display name; ``python run.py -m ... --dry-run`` prints the table
 of both.
 
-A job folder holds one job: :func:`job_lock` takes an exclusive lock on ``<job>/.lock`` while the
-job runs (released by the OS when the process dies, even by ``kill -9``), so two sweeps started
-on the same folder (twice the same command, a requeued SLURM task) never train the same run at once.
+What the folder holds, its lock and what a re-run does with it (skip, resume, retry) are the run
+folder's contract, :mod:`resnorm.runfolder`.
 
 This module imports no torch.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-from pathlib import Path
-from typing import Any, Dict, Iterator
-
-from .store import read_summary
+from typing import Any, Dict
 
 #: dotted keys that do not change what a job computes, so not part of its identity
 OPERATIONAL_KEYS = (
@@ -45,8 +39,6 @@ OPERATIONAL_KEYS = (
 )
 ID_LENGTH = 12
 RESOLVER = "run_id"
-#: statuses after which a run is over: a re-run of the sweep skips it
-DONE = ("completed", "diverged")
 
 
 def _plain(cfg: Any) -> Dict[str, Any]:
@@ -93,44 +85,3 @@ def register_resolver() -> None:
 
     if not OmegaConf.has_resolver(RESOLVER):
         OmegaConf.register_new_resolver(RESOLVER, _resolve_run_id)
-
-
-def checkpoint_path(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoint.pt"
-
-
-def job_state(run_dir: Path, rid: str) -> str:
-    """What a re-run would do with the job folder: ``new``, ``completed``/``diverged`` (skip),
-    ``resume`` (a checkpoint is there), ``retry`` (failed or interrupted before a checkpoint), or
-    ``foreign`` (the folder holds another run)."""
-    summary = read_summary(run_dir)
-    if summary is None:
-        return "resume" if checkpoint_path(run_dir).exists() else "new"
-    if summary.get("run_id") not in (None, rid):
-        return "foreign"
-    status = summary.get("status")
-    if status in DONE:
-        return status
-    return "resume" if checkpoint_path(run_dir).exists() else "retry"
-
-
-@contextlib.contextmanager
-def job_lock(run_dir: Path) -> Iterator[bool]:
-    """Hold an exclusive, non-blocking lock on ``<run_dir>/.lock``; yields False if another process has it."""
-    import fcntl
-
-    path = Path(run_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .identity import DONE, job_state, run_id
-from .store import read_summary
+from .identity import run_id
+from .runfolder import DONE, job_state, read_summary
 
 #: statuses of the jobs of the last sweep run in this process (read by run.py for the exit code),
 #: the jobs skipped because their folder says they are done included
@@ -28,7 +28,7 @@ class JobPlan:
     overrides: List[str]
     run_id: str
     run_dir: Optional[Path]  # None when the job folder cannot be known before the job runs
-    state: str  # see resnorm.identity.job_state; "unknown" without a run_dir
+    state: str  # see resnorm.runfolder.job_state; "unknown" without a run_dir
     cfg: Any  # the composed job config, without the hydra node
 
     @property

@@ -141,7 +141,7 @@ def test_training_time_experiment_runs_at_reduced_size_and_resumes(name, tmp_pat
 def test_loss_spikes_run_metrics_and_ci(tmp_path):
     from analysis.load import load_sweep
     from analysis.metrics import count_loss_spikes, mean_ci, run_metrics
-    from resnorm.store import RunStore
+    from resnorm.runfolder import RunStore
 
     flat = [2.0] * 20
     assert count_loss_spikes(flat) == 0

@@ -19,8 +19,9 @@ import yaml
 from analysis.load import find_run_dirs as find_runs  # job folders as the analysis finds them
 from conftest import PYTHON, ROOT, TINY, compose, run_cli
 from resnorm import devices
-from resnorm.identity import OPERATIONAL_KEYS, job_lock, run_id
+from resnorm.identity import OPERATIONAL_KEYS, run_id
 from resnorm.model import build_model
+from resnorm.runfolder import job_lock
 from resnorm.train import JobInfo, run_job, train
 
 NO_ANALYSIS = "~hydra.callbacks.analysis"

@@ -56,7 +56,7 @@ def test_run_folder_contents(tmp_path):
     layers = layers[layers["quantity"] == "grad_norm"]  # the activation probes are tested in test_measure.py
     assert len(layers) == 6 * 2 * 2  # steps x layers x sublayers
     assert set(layers["sublayer"]) == {"attn", "mlp"} and (layers["value"] > 0).all()
-    assert not list(run.glob(".*.tmp")), "temporary files left behind"
+    assert not list(run.glob(".*.tmp*")), "temporary files left behind"
 
 
 def test_loss_goes_down_on_synthetic_data(tmp_path):
