@@ -44,12 +44,12 @@ NONE_STABLE_Y = 0.04
 NUDGE_PTS = 5
 #: per-layer quantities of layer_profiles, in row order
 PROFILE_QUANTITIES = ("grad_norm", "act_rms", "update_ratio")
-#: how a quantity's attention and MLP values make one value per block (layer_profile)
+#: how a quantity's attention and MLP values make one value per block (block_profile)
 BLOCK_COMBINE = {"grad_norm": "norm"}  # the block's gradient norm; any other quantity: "rms"
 PROFILE_LABELS = {"grad_norm": "gradient norm\nsqrt(attn² + mlp²)",
                   "act_rms": "activation RMS\nRMS over attn, mlp",
                   "update_ratio": "update ratio ||ΔW||/||W||\nRMS over attn, mlp"}
-#: layer groups of coord_check: the thirds of the stack (see layer_groups)
+#: layer groups of coord_check: the thirds of the stack (see depth_thirds)
 LAYER_GROUPS = ("first third", "middle third", "last third")
 
 
@@ -197,6 +197,41 @@ def _lr_axis(ax, rates: List[float]) -> None:
     ax.set_ylim(min(rates) / 2, max(rates) * 2)
 
 
+def _mark_failures(fig, ax, panel_marked, variants, colours) -> None:
+    """An ``x`` at the top of the panel for each (variant, depth) with a diverged run, a hollow
+    square below it for a failed one, with the count when more than one seed did."""
+    from matplotlib.transforms import blended_transform_factory
+
+    top = blended_transform_factory(ax.transData, ax.transAxes)
+    for k, variant in enumerate(variants):
+        shift = _nudge(fig, top, k, len(variants))
+        for status, y, marker in (("diverged", DIVERGED_Y, "x"), ("failed", FAILED_Y, "s")):
+            rows = panel_marked[(panel_marked["variant"] == variant) & (panel_marked["status"] == status)]
+            for depth, count in rows.groupby("depth").size().items():
+                ax.plot([depth], [y], transform=shift, ls="none", marker=marker, ms=8, mew=2,
+                        color=colours[variant], mfc="none" if marker == "s" else colours[variant],
+                        clip_on=False, zorder=5)
+                if count > 1:
+                    ax.annotate(f"{count}", (depth, y), xycoords=shift, xytext=(5, -3),
+                                textcoords="offset points", fontsize=7, color=colours[variant])
+
+
+def _loss_limits(ax, ok, several_seeds: bool) -> None:
+    """The shared y range: the finite final losses (+- one sd with several seeds), room on top for
+    the failure markers."""
+    finite = ok["final_val_loss"]
+    if finite.empty:
+        ax.set_ylim(0.0, 1.0)
+        return
+    low, high = float(finite.min()), float(finite.max())
+    if several_seeds:
+        sd = ok.groupby(["setting", "variant", "depth"])["final_val_loss"].std().fillna(0.0)
+        high += float(sd.max())
+        low -= float(sd.max())
+    pad = 0.1 * (high - low) if high > low else 0.05 * abs(high) or 0.1
+    ax.set_ylim(low - pad, high + 3 * pad)
+
+
 def depth_vs_val_loss(sweep, path) -> Optional[Path]:
     """Final validation loss against depth, one line per variant, one panel per setting.
 
@@ -209,7 +244,6 @@ def depth_vs_val_loss(sweep, path) -> Optional[Path]:
     """
     import seaborn as sns
     from matplotlib.lines import Line2D
-    from matplotlib.transforms import blended_transform_factory
 
     runs = _plottable_runs(sweep.runs)
     if runs.empty:
@@ -240,19 +274,7 @@ def depth_vs_val_loss(sweep, path) -> Optional[Path]:
         else:
             ax.text(0.5, 0.5, "no completed run", transform=ax.transAxes, ha="center", va="center",
                     color="grey")
-        top = blended_transform_factory(ax.transData, ax.transAxes)
-        panel_marked = marked[marked["setting"] == setting]
-        for k, variant in enumerate(variants):
-            shift = _nudge(fig, top, k, len(variants))
-            for status, y, marker in (("diverged", DIVERGED_Y, "x"), ("failed", FAILED_Y, "s")):
-                rows = panel_marked[(panel_marked["variant"] == variant) & (panel_marked["status"] == status)]
-                for depth, count in rows.groupby("depth").size().items():
-                    ax.plot([depth], [y], transform=shift, ls="none", marker=marker, ms=8, mew=2,
-                            color=colours[variant], mfc="none" if marker == "s" else colours[variant],
-                            clip_on=False, zorder=5)
-                    if count > 1:
-                        ax.annotate(f"{count}", (depth, y), xycoords=shift, xytext=(5, -3),
-                                    textcoords="offset points", fontsize=7, color=colours[variant])
+        _mark_failures(fig, ax, marked[marked["setting"] == setting], variants, colours)
         _depth_axis(ax, depths)
         ax.set_xlabel("depth (blocks)")
         ax.set_ylabel("" if panel % ncols else
@@ -260,18 +282,7 @@ def depth_vs_val_loss(sweep, path) -> Optional[Path]:
         if setting:
             ax.set_title(setting)
 
-    finite = ok["final_val_loss"]
-    if finite.empty:
-        axes.flat[0].set_ylim(0.0, 1.0)
-    else:
-        low, high = float(finite.min()), float(finite.max())
-        if several_seeds:
-            sd = ok.groupby(["setting", "variant", "depth"])["final_val_loss"].std().fillna(0.0)
-            high += float(sd.max())
-            low -= float(sd.max())
-        pad = 0.1 * (high - low) if high > low else 0.05 * abs(high) or 0.1
-        axes.flat[0].set_ylim(low - pad, high + 3 * pad)  # room at the top for the markers
-
+    _loss_limits(axes.flat[0], ok, several_seeds)
     handles = _variant_handles(variants, marker="o")
     if (marked["status"] == "diverged").any():
         handles.append(Line2D([], [], ls="none", marker="x", ms=8, mew=2, color=style.NEUTRAL,
@@ -381,7 +392,7 @@ def block_values(layers: pd.DataFrame, quantity: str) -> pd.DataFrame:
     return combined.pow(0.5).rename("value").reset_index()
 
 
-def layer_profile(layers: pd.DataFrame, quantity: str = "grad_norm") -> pd.DataFrame:
+def block_profile(layers: pd.DataFrame, quantity: str = "grad_norm") -> pd.DataFrame:
     """Per run, the per-block profile of ``quantity`` at its first and its last usable step.
 
     Blocks as in :func:`block_values`. The first step is the run's first logged step; the last is its
@@ -426,7 +437,7 @@ def layer_profiles(sweep, path) -> Optional[Path]:
     runs = _plottable_runs(sweep.runs)
     parts = []
     for quantity in PROFILE_QUANTITIES:
-        profile = layer_profile(layers, quantity).merge(
+        profile = block_profile(layers, quantity).merge(
             runs[["run_dir", "variant", "depth", "setting"]], on="run_dir", how="inner")
         value = profile["value"].astype(float)
         parts.append(profile[np.isfinite(value) & (value > 0)].assign(quantity=quantity))
@@ -681,7 +692,7 @@ def lr_sensitivity_vs_depth(sweep, path) -> Optional[Path]:
     return _save(fig, path)
 
 
-def layer_groups(blocks: pd.DataFrame) -> pd.DataFrame:
+def depth_thirds(blocks: pd.DataFrame) -> pd.DataFrame:
     """``blocks`` (with ``layer`` and ``depth`` columns) with a ``group`` column: a row per third of
     the stack (:data:`LAYER_GROUPS`) that its block overlaps. Block ``l`` of ``L`` spans
     ``[l / L, (l + 1) / L]`` of the stack; it is in a third when that span overlaps the open third.
@@ -700,7 +711,7 @@ def coord_check(sweep, path) -> Optional[Path]:
     group, at initialisation (left) and after t steps (right), t the last logged probe step.
 
     Reads the ``act_rms`` rows of ``sweep.layers`` (per block as in :func:`block_values`) and
-    ``sweep.runs``. The groups are the thirds of the stack (:func:`layer_groups`); a point is the
+    ``sweep.runs``. The groups are the thirds of the stack (:func:`depth_thirds`); a point is the
     mean over the group's blocks and the seeds. Hue = variant, line style = group; one
     row per setting. A run without a finite value at step t (it diverged before) is left out of the
     right panel, which says how many were. Flat lines mean activations that keep their size as depth
@@ -718,7 +729,7 @@ def coord_check(sweep, path) -> Optional[Path]:
         return _skip("coord_check", "layers.parquet has no 'act_rms' rows (train.probe_every=0?)")
     if blocks["depth"].nunique() < 2:
         return _skip("coord_check", f"needs act_rms at 2 or more depths, the sweep has {blocks['depth'].nunique()}")
-    blocks = layer_groups(blocks)
+    blocks = depth_thirds(blocks)
     first = blocks.groupby("run_dir")["step"].transform("min")
     t = int(blocks["step"].max())
     times = [(f"step {int(first.min())}" if first.nunique() == 1 else "first logged step", blocks["step"] == first),

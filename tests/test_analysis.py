@@ -462,9 +462,9 @@ def test_run_metrics_counts_spikes_per_run(sweep):
 
 
 def test_layer_profile_combines_sublayers_and_picks_first_and_last_finite_step(sweep):
-    from analysis.plots import layer_profile
+    from analysis.plots import block_profile
 
-    profile = layer_profile(sweep.layers)
+    profile = block_profile(sweep.layers)
     pre4 = profile[profile["run_dir"].str.endswith("depth=4,model.norm=pre,seed=0")]
     assert sorted(set(pre4["step"])) == [0, 19]
     # attn 3*(l+1)*(s+1), mlp 4*(l+1)*(s+1): block norm 5*(l+1)*(s+1)
@@ -492,11 +492,11 @@ def test_block_values_combine_sublayers_per_quantity():
     assert block_values(layers, "branch_ratio").empty
 
 
-def test_layer_groups_cover_every_third_at_every_depth():
-    from analysis.plots import layer_groups
+def test_depth_thirds_cover_every_third_at_every_depth():
+    from analysis.plots import depth_thirds
 
     def groups(depth):
-        blocks = layer_groups(pd.DataFrame({"layer": range(depth), "depth": depth}))
+        blocks = depth_thirds(pd.DataFrame({"layer": range(depth), "depth": depth}))
         return {g: rows["layer"].tolist() for g, rows in blocks.groupby("group", sort=False)}
 
     assert groups(1) == {"first third": [0], "middle third": [0], "last third": [0]}
