@@ -306,10 +306,12 @@ def leaves(schema: type = Config, prefix: str = "") -> Tuple[Leaf, ...]:
 
 def leaf(dotted: str) -> Leaf:
     """The schema leaf of a dotted key (KeyError if there is none)."""
-    for lf in leaves():
-        if lf.key == dotted:
-            return lf
-    raise KeyError(dotted)
+    return _leaf_index()[dotted]
+
+
+@functools.lru_cache(maxsize=None)
+def _leaf_index() -> Mapping[str, Leaf]:
+    return {lf.key: lf for lf in leaves()}
 
 
 def variant_option_fields() -> Tuple[Field, ...]:
@@ -322,24 +324,27 @@ def variant_option_fields() -> Tuple[Field, ...]:
 _ABSENT = object()
 
 
-def _tree(cfg: Any) -> Any:
-    """What the leaves are read from: a DictConfig resolved to plain dicts; a dataclass or a dict as is."""
+def reader(cfg: Any) -> Callable[[str], Any]:
+    """``get(dotted)``: the value at a dotted key of ``cfg`` (DictConfig, dataclass or nested dict),
+    or the schema default where the key is absent (a config written before the key existed). A
+    DictConfig is read leaf by leaf (a ``hydra`` node or a missing ``???`` elsewhere is never resolved)."""
     from omegaconf import DictConfig, OmegaConf
 
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-    return cfg
+    def raw(dotted: str) -> Any:
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.select(cfg, dotted, default=_ABSENT, throw_on_missing=False)
+        node = cfg
+        for part in dotted.split("."):
+            node = node.get(part, _ABSENT) if isinstance(node, Mapping) else getattr(node, part, _ABSENT)
+            if node is _ABSENT:
+                break
+        return node
 
+    def get(dotted: str) -> Any:
+        value = raw(dotted)
+        return leaf(dotted).default if value is _ABSENT else value
 
-def _read(tree: Any, dotted: str) -> Any:
-    """The value at ``dotted`` in a nested dict / object, or the schema default where a key is absent
-    (a config written before the key existed)."""
-    node = tree
-    for part in dotted.split("."):
-        node = node.get(part, _ABSENT) if isinstance(node, Mapping) else getattr(node, part, _ABSENT)
-        if node is _ABSENT:
-            return leaf(dotted).default
-    return node
+    return get
 
 
 def _type_reason(lf: Leaf, value: Any) -> Optional[str]:
@@ -444,11 +449,11 @@ RULES: Tuple[Callable[[Callable[[str], Any]], None], ...] = (
 def validate(cfg: Any) -> None:
     """Check a config (DictConfig, dataclass or nested dict; an absent key takes its schema default):
     every leaf of the schema, then every rule in :data:`RULES`. Raises ConfigError on the first problem."""
-    tree = _tree(cfg)
+    get = reader(cfg)
     for lf in leaves():
-        check_leaf(lf, _read(tree, lf.key))
+        check_leaf(lf, get(lf.key))
     for rule in RULES:
-        rule(lambda dotted: _read(tree, dotted))
+        rule(get)
 
 
 _validate = validate  # compose's keyword argument ``validate`` hides the function
@@ -495,14 +500,15 @@ def _is_value_override(o) -> bool:
     """Whether Hydra applies this parsed override to the composed config (``key=value``, ``+key=``,
     ``~key``) rather than to the defaults list (a group choice, ``hydra.*``, a sweep)."""
     name = o.key_or_group
-    if o.is_sweep_override() or o.package is not None or name.startswith("hydra") or "/" in name:
+    if o.is_sweep_override() or o.package is not None or name.split(".")[0] == "hydra" or "/" in name:
         return False
     return "." in name or not (CONF_DIR / name).is_dir()
 
 
 def compose(overrides: Sequence[str] = (), *, validate: bool = False):
     """The DictConfig a user's command line ``python run.py OVERRIDES`` gives (``conf/`` composed by
-    Hydra, the schema applied), without the ``hydra`` node; validated first if ``validate``.
+    Hydra, the schema applied), without the ``hydra`` node; with ``validate``, :func:`validate` checks
+    it before it is returned (raises ConfigError). Works from any current directory (:data:`CONF_DIR`).
 
     Fast: Hydra composes once per set of group choices (kept), and the value overrides are applied
     to a copy the way Hydra applies them (its own parser and ``_apply_overrides_to_config``), so the

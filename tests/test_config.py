@@ -187,6 +187,8 @@ def test_validate_takes_a_dataclass_or_a_nested_dict_with_absent_keys():
     validate(Config())
     validate({})  # every key absent: the schema's defaults
     validate({"model": {"norm": "post"}, "optim": {"lr": 3e-3}})
+    # a DictConfig is read leaf by leaf: Hydra's node (resolvers unknown here) is never resolved
+    validate(OmegaConf.create({"hydra": {"dir": "${now:%Y}", "id": "${run_id:}"}, "depth": 2}))
     for bad, message in [({"depth": "6"}, "depth='6' is invalid: must be a positive integer"),
                          ({"model": {"qk_norm": 1}}, "model.qk_norm=1 is invalid: must be true or false"),
                          ({"train": {"threads": 1.5}}, "train.threads=1.5 is invalid: must be a positive integer"),
