@@ -32,21 +32,12 @@ def ensure_root_on_path() -> None:
 
 
 def compose(*overrides: str):
-    """The config a user's command line would give (conf/ composed by Hydra, schema applied).
-
-    The same few lines as ``tests/conftest.py::compose`` (copied, not imported: benchmarks do not
-    depend on the test tree).
-    """
+    """:func:`resnorm.config.compose` with the overrides as arguments (the config a user's command
+    line would give)."""
     ensure_root_on_path()
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from resnorm.config import compose as config_compose
 
-    from resnorm.config import register_schemas
-
-    register_schemas()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+    return config_compose(overrides)
 
 
 def reference_overrides(depth: int, ref: dict = REFERENCE, norm: str = "pre", extra: Sequence[str] = ()) -> List[str]:

@@ -30,20 +30,12 @@ def registered(names: Iterable[str]) -> List[str]:
 def model_config(variant: str, depth: int, d_model: int = 128, n_heads: int = 4, d_ff: Optional[int] = 512,
                  activation: str = "relu", seq_len: int = 64, vocab: int = 256, **model_extra):
     """A validated config for the papers' setting: Xavier-normal weights, N(0,1) token embeddings (pinned)."""
-    from omegaconf import OmegaConf
+    from resnorm.config import compose, override
 
-    from resnorm.config import Config, validate
-
-    cfg = OmegaConf.structured(Config)
-    cfg.depth = depth
-    cfg.model.norm = variant
-    cfg.model.d_model, cfg.model.n_heads, cfg.model.d_ff = d_model, n_heads, d_ff
-    cfg.model.activation, cfg.model.vocab_size, cfg.model.init = activation, vocab, "xavier"
-    cfg.train.seq_len = seq_len
-    for k, v in model_extra.items():
-        setattr(cfg.model, k, v)
-    validate(cfg)
-    return cfg
+    model = dict(norm=variant, d_model=d_model, n_heads=n_heads, d_ff=d_ff, activation=activation,
+                 vocab_size=vocab, init="xavier", **model_extra)
+    return compose([f"depth={depth}", f"train.seq_len={seq_len}",
+                    *(override(f"model.{k}", v) for k, v in model.items())], validate=True)
 
 
 def make_model(variant: str, depth: int, seed: int, **kw):

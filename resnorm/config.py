@@ -1,108 +1,246 @@
-"""Config schemas (structured configs for Hydra) and the one place configs are validated.
+"""The config schema, the one source of every key's type, default, help and allowed values.
 
-The dataclasses give every key a type, so Hydra rejects a typo'd key or a wrong type when it composes
-the config. :func:`validate` then checks values and combinations once, at the edge, before any
-training, and raises :class:`resnorm.errors.ConfigError` with one line naming the key, the bad value
-and what is allowed. This module imports no torch.
+- The dataclasses below are Hydra's structured schema (``conf/config.yaml`` lists ``resnorm_schema``
+  first), so Hydra rejects a typo'd key or a wrong type when it composes; ``conf/`` only chooses
+  between group options and holds no defaults of its own (``tests/test_config.py`` checks it).
+- Each leaf field's ``metadata`` (keys: :data:`METADATA_KEYS`) says what it means and what values it
+  allows; nullability is its type (``Optional[...]``). :func:`validate` loops over the leaves
+  (:func:`leaves`), then runs :data:`RULES`, the named checks that involve more than one key. It
+  raises :class:`resnorm.errors.ConfigError`: one line naming the key, the bad value and what is allowed.
+- The fields marked ``variant_option`` are also the fields of :class:`resnorm.variants.VariantOptions`
+  (:func:`variant_option_fields`).
+- :func:`compose` gives the config a user's command line gives (Hydra over the repository's ``conf/``).
+
+This module imports no torch; it imports :mod:`resnorm.variants` only inside functions (variants
+imports this module to build ``VariantOptions``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+import functools
+import math
+import re
+from dataclasses import Field, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union, get_args, get_origin, get_type_hints
 
 from .errors import ConfigError
-from .variants import ADMIN_MODES, NORM_LAYERS
+
+#: the repository's Hydra config tree (found from the package, whatever the current directory is)
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+#: what a schema field's ``metadata`` may hold
+METADATA_KEYS = {
+    "help": "what the key means, one line",
+    "choices": "the allowed values: a tuple, or a zero-argument callable returning a registry's names",
+    "range": "a Range the number must lie in (POSITIVE, NON_NEGATIVE or interval('(0, 1]'))",
+    "pattern": "(regex, reason): a string must match regex as a whole; reason is the error text",
+    "note": "appended in parentheses to a range error, e.g. what 0 means",
+    "variant_option": "True: also a field of resnorm.variants.VariantOptions (read by one variant)",
+}
+
+
+@dataclass(frozen=True)
+class Range:
+    """An interval of allowed numbers; a ``None`` end is unbounded."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, x: float) -> bool:
+        above = self.low is None or (x > self.low if self.low_open else x >= self.low)
+        below = self.high is None or (x < self.high if self.high_open else x <= self.high)
+        return above and below
+
+    def relation(self) -> str:
+        """The range as a short phrase: ``> 0``, ``>= 0``, ``in [0, 1]``, ``strictly between 0 and 1``."""
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.low_open and self.high_open:
+            return f"strictly between {self.low:g} and {self.high:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+    def reason(self, integer: bool) -> str:
+        """The error text for a value outside the range (or of the wrong type)."""
+        if self.high is None and self.low == 0:
+            if integer:
+                return "must be a positive integer" if self.low_open else "must be a non-negative integer"
+            return "must be a positive number" if self.low_open else "must be a finite number >= 0"
+        if self.high is None:
+            return f"must be an integer {self.relation()}" if integer else f"must be {self.relation()}"
+        return f"must lie {self.relation()}"
+
+
+def interval(text: str) -> Range:
+    """A Range from interval notation: ``"[0, 1]"``, ``"(0, 1]"``, ``"[2, inf)"``."""
+    m = re.fullmatch(r"\s*([\[(])\s*([^,\s]+)\s*,\s*([^,\s]+)\s*([\])])\s*", text)
+    if not m:
+        raise ValueError(f"interval({text!r}): write it as [a, b], (a, b], [a, inf), ...")
+    low, high = float(m.group(2)), float(m.group(3))
+    return Range(low=low, high=None if math.isinf(high) else high,
+                 low_open=m.group(1) == "(", high_open=m.group(4) == ")")
+
+
+POSITIVE = interval("(0, inf)")
+NON_NEGATIVE = interval("[0, inf)")
+
+
+def key(default: Any, help: str, **checks: Any) -> Any:
+    """A schema field: its default and its metadata (``help`` plus any of :data:`METADATA_KEYS`)."""
+    unknown = set(checks) - set(METADATA_KEYS)
+    if unknown:
+        raise TypeError(f"unknown schema metadata {sorted(unknown)}; known: {', '.join(METADATA_KEYS)}")
+    return field(default=default, metadata={"help": help, **checks})
+
+
+# --- registries the choices are read from (lazily: resnorm.variants imports this module) ----------
+
+def variant_names() -> Tuple[str, ...]:
+    """The registered variants, the choices of ``model.norm``."""
+    from .variants import VARIANTS
+
+    return tuple(VARIANTS)
+
+
+def norm_layer_names() -> Tuple[str, ...]:
+    """The norm layers a variant's norm slots can hold, the choices of ``model.norm_layer``."""
+    from .variants import NORM_LAYERS
+
+    return NORM_LAYERS
+
+
+def admin_modes() -> Tuple[str, ...]:
+    from .variants import ADMIN_MODES
+
+    return ADMIN_MODES
+
+
+# Torch-free copies of registries that live in torch modules; tests/test_config.py checks they agree:
+# resnorm.initialization.INIT_SCHEMES, resnorm.model.ACTIVATIONS, resnorm.data.DATASETS.
 INIT_SCHEMES = ("xavier", "gpt2")
 ACTIVATIONS = ("gelu", "relu")
-SCHEDULES = ("cosine", "constant")
 DATASETS = ("shakespeare", "text", "synthetic")
-LOGGER_MODES = ("offline", "online", "disabled")
-PRECISIONS = ("fp32", "bf16")
 
+
+# --- the schema -----------------------------------------------------------------------------------
 
 @dataclass
 class ModelConfig:
-    norm: str = "pre"  # the variant, see resnorm.variants.VARIANTS
-    d_model: int = 64
-    n_heads: int = 2
-    d_ff: Optional[int] = None  # None: 4 * d_model
-    vocab_size: int = 256  # byte-level tokens
-    norm_layer: Optional[str] = None  # None: the variant's own norm layer
-    norm_eps: float = 1e-5
-    activation: str = "gelu"
-    bias: bool = True
-    tie_weights: bool = False
-    init: str = "xavier"  # xavier: the papers' init; gpt2: N(0, 0.02) with 1/sqrt(2L) projections
-    # Variant parameters (resnorm.variants.VariantOptions; each used only by its variant or norm layer)
-    mixln_fraction: float = 0.25  # mixln: the first floor(fraction * depth) layers are Post-LN
-    dyt_alpha0: float = 0.5  # DyT norm layer: initial alpha
-    resi_dual_scale: float = 1.0  # resi_dual: scale of the dual stream, in (0, 1]
-    admin_mode: str = "profile"  # admin: profile (omega from one batch) | closed_form (omega_i = sqrt(i))
-    depth_scale_a: float = 1.0  # depth_scaled: branch multiplier a / sqrt(depth)
-    b2t_rescale_init: bool = False  # b2t: every block weight x depth^-1/2 at init (the official code)
-    qk_norm: bool = False  # LayerNorm of queries and keys over the head dim (Wortsman et al. 2023)
-    z_loss: float = 0.0  # c * mean(logsumexp(logits)^2) added to the loss (1e-4 in Wortsman et al.); 0 = off
+    """The variant and the model's shape (README "Variants", docs/variants.md)."""
+
+    norm: str = key("pre", "the variant (resnorm.variants.VARIANTS)", choices=variant_names)
+    d_model: int = key(64, "width of the residual stream", range=POSITIVE)
+    n_heads: int = key(2, "attention heads (must divide d_model)", range=POSITIVE)
+    d_ff: Optional[int] = key(None, "MLP width; null: 4 * d_model", range=POSITIVE)
+    vocab_size: int = key(256, "vocabulary size (256: byte-level tokens)", range=POSITIVE)
+    norm_layer: Optional[str] = key(None, "null: the variant's own norm layer; else this one in every norm slot "
+                                          "(rejected for a variant without norms)", choices=norm_layer_names)
+    norm_eps: float = key(1e-5, "epsilon of every norm layer", range=POSITIVE)
+    activation: str = key("gelu", "MLP activation", choices=ACTIVATIONS)
+    bias: bool = key(True, "biases in the linear layers")
+    tie_weights: bool = key(False, "tie the LM head to the token embedding")
+    init: str = key("xavier", "xavier: the papers' init (Xavier-normal, N(0,1) token embeddings); gpt2: "
+                              "N(0, 0.02) with 1/sqrt(2L) projections", choices=INIT_SCHEMES)
+    mixln_fraction: float = key(0.25, "mixln: the first floor(fraction * depth) layers are Post-LN",
+                                range=interval("[0, 1]"), variant_option=True)
+    dyt_alpha0: float = key(0.5, "DyT norm layer (model.norm=dyt or model.norm_layer=dyt): initial alpha",
+                            range=POSITIVE, variant_option=True)
+    resi_dual_scale: float = key(1.0, "resi_dual: scale s of the dual stream (s < 1 keeps fp16 in range)",
+                                 range=interval("(0, 1]"), variant_option=True)
+    admin_mode: str = key("profile", "admin: profile (omega from one batch of the training data) | "
+                                     "closed_form (omega_i = sqrt(i))", choices=admin_modes, variant_option=True)
+    depth_scale_a: float = key(1.0, "depth_scaled: branch multiplier a / sqrt(depth)", range=POSITIVE,
+                               variant_option=True)
+    b2t_rescale_init: bool = key(False, "b2t: every block weight x depth^-1/2 at init (the official code)",
+                                 variant_option=True)
+    qk_norm: bool = key(False, "LayerNorm of queries and keys over the head dim (Wortsman et al. 2023)")
+    z_loss: float = key(0.0, "c in c * mean(logsumexp(logits)^2) added to the loss (1e-4 in Wortsman et al.)",
+                        range=NON_NEGATIVE, note="0 turns it off")
 
 
 @dataclass
 class DataConfig:
-    name: str = "shakespeare"
-    path: Optional[str] = None  # required for data=text
-    val_fraction: float = 0.1
-    synthetic_tokens: int = 200_000  # length of the synthetic stream
-    synthetic_vocab: int = 64  # symbols the synthetic stream uses (< model.vocab_size)
+    """What the model trains on (the ``data`` group chooses ``name``)."""
+
+    name: str = key("shakespeare", "the dataset (resnorm.data.DATASETS)", choices=DATASETS)
+    path: Optional[str] = key(None, "the text file of data=text")
+    val_fraction: float = key(0.1, "held-out tail of the token stream", range=interval("(0, 1)"))
+    synthetic_tokens: int = key(200_000, "length of the synthetic stream", range=POSITIVE)
+    synthetic_vocab: int = key(64, "symbols the synthetic stream uses (<= model.vocab_size)", range=interval("[2, inf)"))
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    warmup_steps: int = 20
-    schedule: str = "cosine"  # after warmup: cosine decay to min_lr_ratio * lr, or constant
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    weight_decay_coupling: str = "lr"  # TEMP until the config branch lands
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-8
-    grad_clip: Optional[float] = None  # off by default: clipping hides the instability under study
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = key(1e-3, "peak learning rate", range=POSITIVE)
+    warmup_steps: int = key(20, "linear warmup from 0 to lr", range=NON_NEGATIVE)
+    schedule: str = key("cosine", "after warmup: cosine decay to min_lr_ratio * lr, or constant",
+                        choices=("cosine", "constant"))
+    min_lr_ratio: float = key(0.1, "the cosine schedule's final lr / lr", range=interval("[0, 1]"))
+    weight_decay: float = key(0.0, "AdamW weight decay (matrices only)", range=NON_NEGATIVE)
+    weight_decay_coupling: str = key("lr", "lr: PyTorch AdamW, each step decays w by lr * weight_decay; independent: "
+                                           "by weight_decay alone, not scaled by the LR (Wortsman et al. 2023, "
+                                           "arXiv:2309.14322)", choices=("lr", "independent"))
+    beta1: float = key(0.9, "AdamW beta1", range=interval("[0, 1)"))
+    beta2: float = key(0.98, "AdamW beta2", range=interval("[0, 1)"))
+    eps: float = key(1e-8, "AdamW epsilon", range=POSITIVE)
+    grad_clip: Optional[float] = key(None, "clip the gradient norm to this; null: off (clipping hides the "
+                                           "instability under study)", range=POSITIVE)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
-    batch_size: int = 16
-    seq_len: int = 64
-    eval_every: int = 50
-    eval_batches: int = 4
-    log_every: int = 1  # per-layer statistics and W&B logging interval, in steps
-    diverge_factor: Optional[float] = 2.0  # diverged when the loss exceeds this multiple of the initial loss
-    probes: bool = True
-    probe_every: int = 50  # activation RMS, branch ratio, update ratio, max attention logit per sublayer; 0 = off
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "fp32"  # fp32 | bf16 (autocast, GPU)
-    threads: Optional[int] = None  # torch threads; None: all cores (1 per job under hydra/launcher=local)
-    compile: bool = False
-    progress: bool = True
-    devices: int = 1  # data-parallel processes (DDP), one per device; batch_size is the global batch
-    checkpoint_every: int = 50  # steps between checkpoints (0: none); an interrupted run resumes from it
-    keep_checkpoint: bool = False  # keep checkpoint.pt (the final state) once the run is over
+    """The training loop: length, batch, evaluation, probes, where and how it runs."""
+
+    steps: int = key(300, "optimizer steps", range=POSITIVE)
+    batch_size: int = key(16, "sequences per step (the global batch)", range=POSITIVE)
+    seq_len: int = key(64, "tokens per sequence", range=POSITIVE)
+    eval_every: int = key(50, "steps between validation losses", range=POSITIVE)
+    eval_batches: int = key(4, "fixed held-out batches per validation loss", range=POSITIVE)
+    log_every: int = key(1, "per-layer statistics and W&B logging interval, in steps", range=POSITIVE)
+    diverge_factor: Optional[float] = key(2.0, "diverged when the loss exceeds this multiple of the initial loss; "
+                                               "null: only a non-finite loss or gradient norm counts as diverged",
+                                          range=interval("(1, inf)"))
+    probes: bool = key(True, "per-layer gradient norms every log_every steps")
+    probe_every: int = key(50, "activation RMS, branch ratio, update ratio, max attention logit per sublayer, "
+                               "every K steps (and the last)", range=NON_NEGATIVE, note="0 turns the probes off")
+    device: str = key("auto", "auto | cpu | cuda | cuda:N",
+                      pattern=(r"auto|cpu|cuda(:\d+)?", "choose auto, cpu, cuda or cuda:N"))
+    precision: str = key("fp32", "fp32 | bf16 (autocast, GPU)", choices=("fp32", "bf16"))
+    threads: Optional[int] = key(None, "torch threads; null: all cores (1 per job under hydra/launcher=local)",
+                                 range=POSITIVE)
+    compile: bool = key(False, "torch.compile the model")
+    progress: bool = key(True, "the progress bar (loss, tokens/s)")
+    devices: int = key(1, "data-parallel processes (DDP), one per device; batch_size is the global batch",
+                       range=POSITIVE)
+    checkpoint_every: int = key(50, "steps between checkpoints; an interrupted run resumes from the last",
+                                range=NON_NEGATIVE, note="0: no checkpoints")
+    keep_checkpoint: bool = key(False, "keep checkpoint.pt (the final state) once the run is over")
 
 
 @dataclass
 class LoggerConfig:
-    wandb: bool = True
-    mode: str = "offline"  # offline | online | disabled
-    project: str = "resnorm"
-    entity: Optional[str] = None
+    """Weights & Biases."""
+
+    wandb: bool = key(True, "log to W&B")
+    mode: str = key("offline", "offline (no account needed) | online | disabled",
+                    choices=("offline", "online", "disabled"))
+    project: str = key("resnorm", "the W&B project")
+    entity: Optional[str] = key(None, "the W&B entity (user or team); null: the default")
 
 
 @dataclass
 class Config:
-    depth: int = 6
-    seed: int = 0
-    name: str = "main"  # the sweep's name: multirun/<name>/ and results/<name>/
+    """One job's config (``python run.py key=value ...``)."""
+
+    depth: int = key(6, "number of blocks (attention + MLP)", range=POSITIVE)
+    seed: int = key(0, "seeds the init, the batch order and the synthetic data", range=NON_NEGATIVE)
+    name: str = key("main", "the sweep's name: multirun/<name>/ and results/<name>/",
+                    pattern=(r"(?!\.)[^/]+", "must be a non-empty folder name without '/'"))
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -114,146 +252,276 @@ def register_schemas() -> None:
     """Put the schemas in Hydra's ConfigStore (``conf/config.yaml`` lists ``resnorm_schema`` first)."""
     from hydra.core.config_store import ConfigStore
 
-    cs = ConfigStore.instance()
-    cs.store(name="resnorm_schema", node=Config)
+    ConfigStore.instance().store(name="resnorm_schema", node=Config)
 
 
-def _choice(key: str, value: Any, choices) -> None:
-    if value not in choices:
-        raise ConfigError(key, value, f"choose one of {', '.join(map(str, choices))}")
+# --- the leaves -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Leaf:
+    """One key of the schema: its dotted name, its type (bool, int, float or str), whether null is
+    allowed, and its dataclass field (default and metadata)."""
+
+    key: str
+    kind: type
+    nullable: bool
+    field: Field
+
+    @property
+    def default(self) -> Any:
+        return self.field.default
+
+    @property
+    def meta(self) -> Mapping[str, Any]:
+        return self.field.metadata
+
+    @property
+    def choices(self) -> Optional[Tuple[Any, ...]]:
+        """The allowed values (a registry's, read now), or None if any value of the type will do."""
+        choices = self.meta.get("choices")
+        return tuple(choices()) if callable(choices) else choices
 
 
-def _positive(key: str, value: Any, integer: bool = True) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) if integer else isinstance(value, (int, float))
-    if not ok or value <= 0:
-        raise ConfigError(key, value, f"must be a positive {'integer' if integer else 'number'}")
+def _unwrap(hint: Any) -> Tuple[Any, bool]:
+    """``Optional[X]`` -> ``(X, True)``; ``X`` -> ``(X, False)``."""
+    if get_origin(hint) is Union:
+        args = [a for a in get_args(hint) if a is not type(None)]
+        return args[0], len(args) < len(get_args(hint))
+    return hint, False
 
 
-def _get(cfg: Any, dotted: str) -> Any:
-    node = cfg
-    for part in dotted.split("."):
-        node = node[part] if isinstance(node, dict) else getattr(node, part)
-    return node
+@functools.lru_cache(maxsize=None)
+def leaves(schema: type = Config, prefix: str = "") -> Tuple[Leaf, ...]:
+    """Every leaf key of ``schema``, depth first, in declaration order (``depth``, ..., ``model.norm``, ...)."""
+    hints = get_type_hints(schema)
+    out = []
+    for f in fields(schema):
+        hint, nullable = _unwrap(hints[f.name])
+        if is_dataclass(hint):
+            out.extend(leaves(hint, f"{prefix}{f.name}."))
+        else:
+            out.append(Leaf(f"{prefix}{f.name}", hint, nullable, f))
+    return tuple(out)
 
 
-def _get_or(cfg: Any, dotted: str, default: Any) -> Any:
-    try:
-        return _get(cfg, dotted)
-    except (KeyError, AttributeError):
-        return default
+def leaf(dotted: str) -> Leaf:
+    """The schema leaf of a dotted key (KeyError if there is none)."""
+    return _leaf_index()[dotted]
+
+
+@functools.lru_cache(maxsize=None)
+def _leaf_index() -> Mapping[str, Leaf]:
+    return {lf.key: lf for lf in leaves()}
+
+
+def variant_option_fields() -> Tuple[Field, ...]:
+    """The ModelConfig fields marked ``variant_option`` (the fields of resnorm.variants.VariantOptions)."""
+    return tuple(f for f in fields(ModelConfig) if f.metadata.get("variant_option"))
+
+
+# --- validation -----------------------------------------------------------------------------------
+
+_ABSENT = object()
+
+
+def reader(cfg: Any) -> Callable[[str], Any]:
+    """``get(dotted)``: the value at a dotted key of ``cfg`` (DictConfig, dataclass or nested dict),
+    or the schema default where the key is absent (a config written before the key existed). A
+    DictConfig is read leaf by leaf (a ``hydra`` node or a missing ``???`` elsewhere is never resolved)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    def raw(dotted: str) -> Any:
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.select(cfg, dotted, default=_ABSENT, throw_on_missing=False)
+        node = cfg
+        for part in dotted.split("."):
+            node = node.get(part, _ABSENT) if isinstance(node, Mapping) else getattr(node, part, _ABSENT)
+            if node is _ABSENT:
+                break
+        return node
+
+    def get(dotted: str) -> Any:
+        value = raw(dotted)
+        return leaf(dotted).default if value is _ABSENT else value
+
+    return get
+
+
+def _type_reason(lf: Leaf, value: Any) -> Optional[str]:
+    """Why ``value`` is not of the leaf's type (None if it is)."""
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    rng = lf.meta.get("range")
+    if lf.kind is bool:
+        return None if isinstance(value, bool) else "must be true or false"
+    if lf.kind is int and not (numeric and isinstance(value, int)):
+        return rng.reason(integer=True) if rng else "must be an integer"
+    if lf.kind is float and not numeric:
+        return rng.reason(integer=False) if rng else "must be a number"
+    if lf.kind is str and not isinstance(value, str):
+        return "must be a string"
+    return None
+
+
+def _value_reason(lf: Leaf, value: Any) -> Optional[str]:
+    """Why ``value`` (of the right type) is not allowed: not finite, out of range, not a choice, no match."""
+    rng, note = lf.meta.get("range"), lf.meta.get("note")
+    suffix = f" ({note})" if note else ""
+    if lf.kind is float and not math.isfinite(value):
+        return f"must be a finite number{' ' + rng.relation() if rng else ''}{suffix}"
+    if rng is not None and value not in rng:
+        return rng.reason(integer=lf.kind is int) + suffix
+    choices = lf.choices
+    if choices is not None and value not in choices:
+        return f"choose one of {', '.join(map(str, choices))}"
+    if "pattern" in lf.meta:
+        regex, reason = lf.meta["pattern"]
+        if not re.fullmatch(regex, value):
+            return reason
+    return None
+
+
+def check_leaf(lf: Leaf, value: Any) -> None:
+    """Raise ConfigError if ``value`` is not allowed at ``lf`` (type, null, finiteness, range, choices, pattern)."""
+    if value is None:
+        if not lf.nullable:
+            raise ConfigError(lf.key, value, "must be set (null is not allowed)")
+        return
+    reason = _type_reason(lf, value) or _value_reason(lf, value)
+    if reason:
+        raise ConfigError(lf.key, value, reason)
+
+
+# The cross-field rules: each reads the config through ``get(dotted)`` (leaves already checked).
+
+def heads_divide_width(get: Callable[[str], Any]) -> None:
+    """model.n_heads divides model.d_model (each head gets d_model / n_heads channels)."""
+    if get("model.d_model") % get("model.n_heads"):
+        raise ConfigError("model.n_heads", get("model.n_heads"), f"must divide model.d_model={get('model.d_model')}")
+
+
+def norm_layer_needs_norms(get: Callable[[str], Any]) -> None:
+    """A model.norm_layer override needs a variant with norm slots to put it in."""
+    from .variants import VARIANTS
+
+    layer, variant = get("model.norm_layer"), VARIANTS[get("model.norm")]
+    if layer is not None and not variant.has_norm:
+        raise ConfigError("model.norm_layer", layer,
+                          f"model.norm={variant.name} has no norm to replace; leave model.norm_layer "
+                          f"unset (null), or pick a variant with norms")
+
+
+def text_data_needs_a_file(get: Callable[[str], Any]) -> None:
+    """data=text reads data.path: an existing, non-empty file."""
+    if get("data.name") != "text":
+        return
+    raw = get("data.path")
+    if not raw:
+        raise ConfigError("data.path", raw, "data=text needs data.path=FILE (a UTF-8 or byte text file)")
+    path = Path(raw).expanduser()
+    if path.is_dir():
+        raise ConfigError("data.path", raw, "a directory, not a file")
+    if not path.is_file():
+        raise ConfigError("data.path", raw, "no such file")
+    if path.stat().st_size == 0:
+        raise ConfigError("data.path", raw, "the file is empty")
+
+
+def synthetic_vocab_fits_vocab(get: Callable[[str], Any]) -> None:
+    """data=synthetic: its symbols are tokens of the model's vocabulary."""
+    voc, size = get("data.synthetic_vocab"), get("model.vocab_size")
+    if get("data.name") == "synthetic" and voc > size:
+        raise ConfigError("data.synthetic_vocab", voc, f"must lie in [2, model.vocab_size={size}]")
+
+
+def devices_divide_batch(get: Callable[[str], Any]) -> None:
+    """train.devices divides train.batch_size (the global batch is split evenly)."""
+    if get("train.batch_size") % get("train.devices"):
+        raise ConfigError("train.devices", get("train.devices"),
+                          f"must divide train.batch_size={get('train.batch_size')} (the global batch)")
+
+
+#: the checks that involve more than one key, run in this order after every leaf passed
+RULES: Tuple[Callable[[Callable[[str], Any]], None], ...] = (
+    heads_divide_width, norm_layer_needs_norms, text_data_needs_a_file, synthetic_vocab_fits_vocab,
+    devices_divide_batch)
 
 
 def validate(cfg: Any) -> None:
-    """Check a composed config (DictConfig, dataclass or nested dict); raise ConfigError on the first problem."""
-    from .variants import VARIANTS
-
-    g = lambda k: _get(cfg, k)  # noqa: E731
-
-    _positive("depth", g("depth"))
-    if not isinstance(g("seed"), int) or g("seed") < 0:
-        raise ConfigError("seed", g("seed"), "must be a non-negative integer")
-    name = g("name")
-    if not name or "/" in str(name) or str(name).startswith("."):
-        raise ConfigError("name", name, "must be a non-empty folder name without '/'")
-
-    _choice("model.norm", g("model.norm"), tuple(VARIANTS))
-    for key in ("model.d_model", "model.n_heads", "model.vocab_size"):
-        _positive(key, g(key))
-    if g("model.d_model") % g("model.n_heads"):
-        raise ConfigError("model.n_heads", g("model.n_heads"),
-                          f"must divide model.d_model={g('model.d_model')}")
-    if g("model.d_ff") is not None:
-        _positive("model.d_ff", g("model.d_ff"))
-    if g("model.norm_layer") is not None:
-        _choice("model.norm_layer", g("model.norm_layer"), NORM_LAYERS)
-        variant = VARIANTS[g("model.norm")]
-        if not variant.has_norm:
-            # the override swaps the norm layer in the variant's norm slots; this variant has none
-            raise ConfigError("model.norm_layer", g("model.norm_layer"),
-                              f"model.norm={variant.name} has no norm to replace; leave model.norm_layer "
-                              f"unset (null), or pick a variant with norms")
-    # variant parameters (a config written before they existed lacks them: their defaults apply)
-    opt = lambda k: _get_or(cfg, f"model.{k}", getattr(ModelConfig, k))  # noqa: E731
-    if not 0.0 <= opt("mixln_fraction") <= 1.0:
-        raise ConfigError("model.mixln_fraction", opt("mixln_fraction"), "must lie in [0, 1]")
-    _positive("model.dyt_alpha0", opt("dyt_alpha0"), integer=False)
-    if not 0.0 < opt("resi_dual_scale") <= 1.0:
-        raise ConfigError("model.resi_dual_scale", opt("resi_dual_scale"), "must lie in (0, 1]")
-    _choice("model.admin_mode", opt("admin_mode"), ADMIN_MODES)
-    _positive("model.depth_scale_a", opt("depth_scale_a"), integer=False)
-    _positive("model.norm_eps", g("model.norm_eps"), integer=False)
-    _choice("model.activation", g("model.activation"), ACTIVATIONS)
-    _choice("model.init", g("model.init"), INIT_SCHEMES)
-    if not isinstance(g("model.qk_norm"), bool):
-        raise ConfigError("model.qk_norm", g("model.qk_norm"), "must be true or false")
-    z = g("model.z_loss")
-    if isinstance(z, bool) or not isinstance(z, (int, float)) or not z >= 0 or z != z or z == float("inf"):
-        raise ConfigError("model.z_loss", z, "must be a finite number >= 0 (0 turns it off)")
-
-    _choice("data", g("data.name"), DATASETS)
-    if not 0.0 < g("data.val_fraction") < 1.0:
-        raise ConfigError("data.val_fraction", g("data.val_fraction"), "must lie strictly between 0 and 1")
-    if g("data.name") == "text":
-        path = g("data.path")
-        if not path:
-            raise ConfigError("data.path", path, "data=text needs data.path=FILE (a UTF-8 or byte text file)")
-        if not Path(path).expanduser().is_file():
-            raise ConfigError("data.path", path, "no such file")
-        if Path(path).expanduser().stat().st_size == 0:
-            raise ConfigError("data.path", path, "the file is empty")
-    if g("data.name") == "synthetic":
-        _positive("data.synthetic_tokens", g("data.synthetic_tokens"))
-        voc = g("data.synthetic_vocab")
-        if not isinstance(voc, int) or not 2 <= voc <= g("model.vocab_size"):
-            raise ConfigError("data.synthetic_vocab", voc, f"must lie in [2, model.vocab_size={g('model.vocab_size')}]")
-
-    _positive("optim.lr", g("optim.lr"), integer=False)
-    if not isinstance(g("optim.warmup_steps"), int) or g("optim.warmup_steps") < 0:
-        raise ConfigError("optim.warmup_steps", g("optim.warmup_steps"), "must be a non-negative integer")
-    _choice("optim.schedule", g("optim.schedule"), SCHEDULES)
-    if not 0.0 <= g("optim.min_lr_ratio") <= 1.0:
-        raise ConfigError("optim.min_lr_ratio", g("optim.min_lr_ratio"), "must lie in [0, 1]")
-    if g("optim.weight_decay") < 0:
-        raise ConfigError("optim.weight_decay", g("optim.weight_decay"), "must be >= 0")
-    for key in ("optim.beta1", "optim.beta2"):
-        if not 0.0 <= g(key) < 1.0:
-            raise ConfigError(key, g(key), "must lie in [0, 1)")
-    _positive("optim.eps", g("optim.eps"), integer=False)
-    if g("optim.grad_clip") is not None:
-        _positive("optim.grad_clip", g("optim.grad_clip"), integer=False)
-
-    for key in ("train.steps", "train.batch_size", "train.seq_len", "train.eval_every",
-                "train.eval_batches", "train.log_every"):
-        _positive(key, g(key))
-    if g("train.diverge_factor") is not None and not g("train.diverge_factor") > 1.0:
-        raise ConfigError("train.diverge_factor", g("train.diverge_factor"), "must be > 1")
-    device = g("train.device")
-    if device not in ("auto", "cpu", "cuda") and not (str(device).startswith("cuda:") and str(device)[5:].isdigit()):
-        raise ConfigError("train.device", device, "choose auto, cpu, cuda or cuda:N")
-    _choice("train.precision", g("train.precision"), PRECISIONS)
-    pe = g("train.probe_every")
-    if isinstance(pe, bool) or not isinstance(pe, int) or pe < 0:
-        raise ConfigError("train.probe_every", pe, "must be a non-negative integer (0 turns the probes off)")
-    if g("train.threads") is not None:
-        _positive("train.threads", g("train.threads"))
-    _positive("train.devices", g("train.devices"))
-    if g("train.batch_size") % g("train.devices"):
-        raise ConfigError("train.devices", g("train.devices"),
-                          f"must divide train.batch_size={g('train.batch_size')} (the global batch)")
-    if not isinstance(g("train.checkpoint_every"), int) or g("train.checkpoint_every") < 0:
-        raise ConfigError("train.checkpoint_every", g("train.checkpoint_every"),
-                          "must be a non-negative integer (0: no checkpoints)")
-
-    _choice("logger.mode", g("logger.mode"), LOGGER_MODES)
+    """Check a config (DictConfig, dataclass or nested dict; an absent key takes its schema default):
+    every leaf of the schema, then every rule in :data:`RULES`. Raises ConfigError on the first problem."""
+    get = reader(cfg)
+    for lf in leaves():
+        check_leaf(lf, get(lf.key))
+    for rule in RULES:
+        rule(get)
 
 
-def compose(overrides=(), *, validate: bool = False):  # TEMP until the config branch lands
+_validate = validate  # compose's keyword argument ``validate`` hides the function
+
+
+# --- composing ------------------------------------------------------------------------------------
+
+def override(dotted: str, value: Any) -> str:
+    """The command-line override that sets ``dotted`` to ``value`` (``null``, ``true``, quoted strings)."""
+    if value is None:
+        return f"{dotted}=null"
+    if isinstance(value, bool):
+        return f"{dotted}={str(value).lower()}"
+    if isinstance(value, str):
+        # Hydra's quoted strings: a run of backslashes before a quote or the end is doubled
+        escaped = re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), value)
+        return f"{dotted}='{escaped}'"
+    return f"{dotted}={value!r}"
+
+
+def _hydra_compose(overrides: Tuple[str, ...]):
+    """Hydra's compose API over :data:`CONF_DIR` (inside a running Hydra app too: its GlobalHydra is
+    put aside and back)."""
     from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
     register_schemas()
-    conf = Path(__file__).resolve().parent.parent / "conf"
-    with initialize_config_dir(version_base="1.3", config_dir=str(conf)):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    outer = GlobalHydra.instance().hydra
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+            return hydra_compose(config_name="config", overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().hydra = outer
+
+
+@functools.lru_cache(maxsize=32)
+def _base(group_overrides: Tuple[str, ...]):
+    """Hydra's composition for these group overrides, kept (callers get a deep copy)."""
+    return _hydra_compose(group_overrides)
+
+
+def _is_value_override(o) -> bool:
+    """Whether Hydra applies this parsed override to the composed config (``key=value``, ``+key=``,
+    ``~key``) rather than to the defaults list (a group choice, ``hydra.*``, a sweep)."""
+    name = o.key_or_group
+    if o.is_sweep_override() or o.package is not None or name.split(".")[0] == "hydra" or "/" in name:
+        return False
+    return "." in name or not (CONF_DIR / name).is_dir()
+
+
+def compose(overrides: Sequence[str] = (), *, validate: bool = False):
+    """The DictConfig a user's command line ``python run.py OVERRIDES`` gives (``conf/`` composed by
+    Hydra, the schema applied), without the ``hydra`` node; with ``validate``, :func:`validate` checks
+    it before it is returned (raises ConfigError). Works from any current directory (:data:`CONF_DIR`).
+
+    Fast: Hydra composes once per set of group choices (kept), and the value overrides are applied
+    to a copy the way Hydra applies them (its own parser and ``_apply_overrides_to_config``), so the
+    result and the errors are Hydra's; tests/test_config.py checks it against a plain Hydra compose.
+    """
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    values = [o for o in parsed if _is_value_override(o)]
+    groups = tuple(o.input_line for o in parsed if not _is_value_override(o))
+    cfg = copy.deepcopy(_base(groups))
+    ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
     if validate:
-        globals()["validate"](cfg)
+        _validate(cfg)
     return cfg

@@ -19,8 +19,6 @@ import time
 from pathlib import Path
 from typing import List
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def _expand(overrides: List[str]) -> List[List[str]]:
     axes = []
@@ -30,18 +28,6 @@ def _expand(overrides: List[str]) -> List[List[str]]:
         key, value = o.split("=", 1)
         axes.append([f"{key}={v}" for v in value.split(",")] if "," in value and not value.startswith("[") else [o])
     return [list(c) for c in itertools.product(*axes)] or [[]]
-
-
-def compose(overrides: List[str]):
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    from .config import register_schemas, validate
-
-    register_schemas()
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        cfg = hydra_compose(config_name="config", overrides=overrides)
-    validate(cfg)
-    return cfg
 
 
 def diagnose(cfg, batch: int = 8, use_data: bool = False):
@@ -84,13 +70,14 @@ def main(argv=None) -> int:
     import pandas as pd
     import torch
 
+    from .config import compose
     from .errors import ConfigError
 
     torch.set_num_threads(args.threads)
     rows, t0 = [], time.perf_counter()
     try:
         for combo in _expand(args.overrides):
-            rows += diagnose(compose(combo), args.batch, args.data)
+            rows += diagnose(compose(combo, validate=True), args.batch, args.data)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2

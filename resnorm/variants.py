@@ -12,7 +12,8 @@ The forward pass that reads these records lives in one place: :class:`resnorm.mo
 (per sublayer) and, for the two variants whose stream is not one residual stream (``b2t``,
 ``resi_dual``), :meth:`resnorm.model.Transformer.hidden`, the only reader of ``Variant.stream``.
 Variant parameters a user may change (Mix-LN's fraction, DyT's alpha0, ...) arrive as
-:class:`VariantOptions`, built from the typed ``model.*`` config keys. The full table, with each
+:class:`VariantOptions`, whose fields are the ``model.*`` schema fields marked ``variant_option``
+in :mod:`resnorm.config` (declared there once). The full table, with each
 paper's equation and the choices made where a paper is ambiguous, is in ``docs/variants.md``.
 
 This module imports no torch, so configs can be validated before anything heavy is loaded.
@@ -21,8 +22,10 @@ This module imports no torch, so configs can be validated before anything heavy 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Callable, Dict, List, Optional, Tuple, Union
+
+from .config import variant_option_fields
 
 RESIDUALS = ("identity", "none")
 #: How the layers are threaded (read in resnorm.model.Transformer.hidden, nowhere else):
@@ -82,26 +85,27 @@ class SublayerSpec:
         return int(self.pre_norm) + int(self.out_norm) + int(self.sum_norm)
 
 
-@dataclass(frozen=True)
-class VariantOptions:
-    """The variant parameters a user may set, one typed ``model.<name>`` config key each.
+def _options_from_config(cls, model_cfg) -> "VariantOptions":
+    """Read the options from a ``model`` config node (DictConfig, dataclass or dict); an absent key
+    (a config written before the option existed) takes its default."""
+    get = model_cfg.get if isinstance(model_cfg, dict) else lambda k, d: getattr(model_cfg, k, d)
+    return cls(**{f.name: get(f.name, f.default) for f in fields(cls)})
 
-    Each applies only where its variant (or norm layer) is used and is ignored elsewhere, so one
-    sweep can vary ``model.norm`` with the others fixed. Defaults are the papers' values.
-    """
 
-    mixln_fraction: float = 0.25  # Mix-LN: the first floor(fraction * L) layers are Post-LN
-    dyt_alpha0: float = 0.5  # DyT: initial alpha of every DyT layer (any variant with norm_layer=dyt)
-    resi_dual_scale: float = 1.0  # ResiDual: scale s of the dual stream (s < 1 for fp16 range)
-    admin_mode: str = "profile"  # Admin: omega from the profiling pass, or the closed form sqrt(i)
-    depth_scale_a: float = 1.0  # depth_scaled: branch multiplier a / sqrt(L)
-    b2t_rescale_init: bool = False  # b2t: multiply every block weight by L^(-1/2) (official code)
+_OPTIONS_DOC = """The variant parameters a user may set, one typed ``model.<name>`` config key each.
 
-    @classmethod
-    def from_config(cls, model_cfg) -> "VariantOptions":
-        """Read the options from a ``model`` config node (DictConfig, dataclass or dict)."""
-        get = model_cfg.get if isinstance(model_cfg, dict) else lambda k, d: getattr(model_cfg, k, d)
-        return cls(**{f.name: get(f.name, f.default) for f in fields(cls)})
+Its fields are the :class:`resnorm.config.ModelConfig` fields marked ``variant_option``, with their
+types, defaults (the papers' values) and metadata (``help``, ``range``, ...): declared there, once.
+Each applies only where its variant (or norm layer) is used and is ignored elsewhere, so one sweep
+can vary ``model.norm`` with the others fixed. ``VariantOptions.from_config(cfg.model)`` reads them.
+"""
+
+VariantOptions = make_dataclass(
+    "VariantOptions",
+    [(f.name, f.type, field(default=f.default, metadata=f.metadata)) for f in variant_option_fields()],
+    frozen=True,
+    namespace={"__module__": __name__, "__doc__": _OPTIONS_DOC, "from_config": classmethod(_options_from_config)},
+)
 
 
 DEFAULTS = VariantOptions()

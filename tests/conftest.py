@@ -14,14 +14,11 @@ PYTHON = sys.executable
 
 
 def compose(*overrides: str):
-    """The config a user's command line would give (conf/ composed by Hydra, schema applied)."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    """:func:`resnorm.config.compose` with the overrides as arguments (the config a user's command
+    line would give)."""
+    from resnorm.config import compose as config_compose
 
-    from resnorm.config import register_schemas
-
-    register_schemas()
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+    return config_compose(overrides)
 
 
 TINY = ("model.d_model=16", "model.n_heads=2", "train.seq_len=16", "train.batch_size=4",

@@ -25,38 +25,11 @@ import math
 import pytest
 import torch
 
-import functools
-
-from omegaconf import OmegaConf
-
-from conftest import compose as hydra_compose
+from conftest import compose
 from resnorm.admin import profile_batch
 from resnorm.model import build_model
 from resnorm.norms import DyT, ScaleNorm
 from resnorm.variants import VARIANTS, deepnorm_alpha, deepnorm_beta, deepnorm_constants
-
-GROUPS = ("data", "optim", "train", "logger")
-
-
-@functools.lru_cache(maxsize=None)
-def _base(groups):
-    return hydra_compose(*groups)
-
-
-def compose(*overrides: str):
-    """``conftest.compose`` at a fortieth of the cost (Hydra composes once per group choice, the
-    value overrides are merged into the structured config, which type-checks them);
-    test_fast_compose_is_hydras_compose pins the equivalence."""
-    groups = tuple(o for o in overrides if o.split("=", 1)[0] in GROUPS)
-    values = [o for o in overrides if o.split("=", 1)[0] not in GROUPS]
-    return OmegaConf.merge(_base(groups), OmegaConf.from_dotlist(values))
-
-
-def test_fast_compose_is_hydras_compose():
-    overrides = ("model.norm=b2t", "depth=3", "model.d_model=16", "model.norm_layer=dyt", "data=synthetic",
-                 "model.b2t_rescale_init=true", "model.mixln_fraction=0.5", "train.seq_len=8")
-    assert compose(*overrides) == hydra_compose(*overrides)
-
 
 D, H, T, B = 8, 2, 5, 3
 SMALL = ("model.n_heads=2", "data=synthetic", "data.synthetic_tokens=3000")

@@ -13,7 +13,6 @@ from conftest import ROOT, compose, run_cli
 from resnorm.config import validate
 from resnorm.errors import ConfigError
 from resnorm.variants import NORM_LAYERS, VARIANTS, VariantOptions
-from test_variants import compose as fast_compose
 
 NO_ANALYSIS = "~hydra.callbacks.analysis"
 
@@ -44,10 +43,10 @@ def test_every_norm_layer_fits_every_variant_with_norms(norm):
     for layer in NORM_LAYERS:
         overrides = [f"model.norm={norm}", f"model.norm_layer={layer}"]
         if VARIANTS[norm].has_norm:
-            validate(fast_compose(*overrides))
+            validate(compose(*overrides))
         else:
             with pytest.raises(ConfigError):
-                validate(fast_compose(*overrides))
+                validate(compose(*overrides))
 
 
 def test_variant_options_are_typed_config_keys_with_the_papers_defaults():
