@@ -101,3 +101,9 @@ def main(argv=None) -> int:
         print(f"{len(df)} per-layer rows -> {args.out}")
     print(f"({time.perf_counter() - t0:.1f} s)")
     return 0
+
+
+if __name__ == "__main__":  # python -m resnorm.diagnose ...
+    import sys
+
+    sys.exit(main())
