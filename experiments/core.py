@@ -1,7 +1,7 @@
 """The experiment record, its claims, the registry, and running/checking an experiment.
 
 An :class:`Experiment` is data: its paper (:class:`Reference`), its grids (``full``: the grid of
-PAPERS.md §13; ``ci``: a reduced grid for the test suite), a ``run(grid, ctx)`` that returns a tidy
+docs/papers.md §13; ``ci``: a reduced grid for the test suite), a ``run(grid, ctx)`` that returns a tidy
 DataFrame (the plotted data), a ``plot(df, path)`` and its :class:`Claim` list. Running one writes,
 under the output folder (``results/papers/`` by default):
 

@@ -2,7 +2,7 @@
 
 The harness of ``wortsman_lr`` (AdamW 0.9/0.95, clip 1, independent WD 1e-4, z-loss 1e-4, 5% warm-up,
 cosine to 10%, synthetic stream, vocab 64, no qk-layernorm) over every registered variant of the grid
-and several depths. No calibrated claim yet (PAPERS.md §13 note: only one depth was calibrated), so the
+and several depths. No calibrated claim yet (docs/papers.md §13 note: only one depth was calibrated), so the
 experiment reports numbers and draws the figure; LR-sensitivity is shown next to the best loss l*,
 because a low LR-sensitivity with a bad l* (a model that never learns) is not "stable". The metrics are
 :mod:`analysis.metrics`' (the sweep report's), with l0 = ln|V|; the largest stable LR needs a run to end

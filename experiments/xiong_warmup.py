@@ -1,7 +1,7 @@
 """Xiong et al. 2020 Fig. 2: Post-LN needs learning-rate warm-up, Pre-LN does not (L=8, two peak LRs).
 
 Where warm-up decides depends on the data, so the claims take the largest gap over the grid's peak
-LRs. PAPERS.md's calibration (synthetic stream, another harness) saw the Post-LN gap at lr 1e-3 (3.56 vs
+LRs. docs/papers.md's calibration (synthetic stream, another harness) saw the Post-LN gap at lr 1e-3 (3.56 vs
 2.92) and Post-LN stuck at ln V at 3e-3 with or without warm-up. Measured here: on the Hamlet text
 (bytes) the same (gap 0.21 at 1e-3, stuck either way at 3e-3); on our synthetic stream Post-LN fails at
 ~3x that LR (gap ~0.09 at 1e-3, ~1.3 at 3e-3: stuck without warm-up, trains with it). At depth 12 on the

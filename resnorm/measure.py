@@ -66,7 +66,7 @@ def rank1_residual(x: torch.Tensor) -> torch.Tensor:
     """||X - 1 mu^T||_F / ||X||_F with mu the token mean, averaged over the batch (Dong et al. 2021).
 
     The token mean is the Frobenius-optimal token-uniform (rank-1 ``1 x^T``) approximation; Dong et al.
-    use the composite l1/l-inf norm, this is the Frobenius proxy of PAPERS.md §6.
+    use the composite l1/l-inf norm, this is the Frobenius proxy of docs/papers.md §6.
     """
     x = x.float()
     if x.dim() == 2:

@@ -186,7 +186,7 @@ def get_variant(name: str) -> Variant:
         raise KeyError(f"model.norm={name!r}: unknown variant; choose one of {', '.join(VARIANTS)}") from None
 
 
-# --- DeepNet constants (Wang et al. 2022, arXiv 2203.00555, Sec. 4 table / PAPERS.md §2) -----------
+# --- DeepNet constants (Wang et al. 2022, arXiv 2203.00555, Sec. 4 table / docs/papers.md §2) -----------
 
 @dataclass(frozen=True)
 class DeepNormConstants:
@@ -207,7 +207,7 @@ def deepnorm_constants(encoder_layers: int = 0, decoder_layers: int = 0) -> Deep
                                 decoder alpha = (3M)^(1/4),    beta = (12M)^(-1/4)
 
     The enc-dec encoder beta follows the paper (0.87). torchscale's code divides the weights by
-    ``(N^4 M)^(1/16) / 1.15``, i.e. beta = 1.15 (N^4 M)^(-1/16), which does not match (PAPERS.md §2).
+    ``(N^4 M)^(1/16) / 1.15``, i.e. beta = 1.15 (N^4 M)^(-1/16), which does not match (docs/papers.md §2).
     """
     n, m = int(encoder_layers), int(decoder_layers)
     if n < 0 or m < 0 or n + m == 0:
@@ -235,7 +235,7 @@ def deepnorm_beta(depth: int) -> float:
 def admin_omega_closed_form(index: int) -> float:
     """Admin's omega of sublayer ``index`` (1-based, attention and MLP counted separately) when every
     branch output and the embedding have unit variance: omega_1 = 1, omega_{i+1}^2 = omega_i^2 + 1,
-    i.e. omega_i = sqrt(i) (PAPERS.md §3, from Var(omega_i x_i) = omega_i^2 after a LayerNorm)."""
+    i.e. omega_i = sqrt(i) (docs/papers.md §3, from Var(omega_i x_i) = omega_i^2 after a LayerNorm)."""
     return math.sqrt(index)
 
 

@@ -14,7 +14,7 @@ its equation and init are written down here):
 
 The reference is written independently of resnorm.model: attention with an explicit causal mask and
 softmax, every norm from its formula, each variant's block as the paper writes it, constants typed
-in from the papers (PAPERS.md), in float64. It reads only parameter values from the model.
+in from the papers (docs/papers.md), in float64. It reads only parameter values from the model.
 """
 
 from __future__ import annotations

@@ -1,0 +1,65 @@
+"""The shape of the code the issue asked for, held by tests: short functions, one copy of each
+piece of plumbing (the training loop, the config builder, the atomic write, the summary reader)."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("resnorm", "analysis", "experiments")
+MAX_FUNCTION_LINES = 80
+
+
+def _sources(*dirs: str):
+    for d in dirs:
+        yield from sorted((ROOT / d).rglob("*.py"))
+
+
+def test_no_function_is_longer_than_80_lines():
+    long = []
+    for path in _sources(*PACKAGES):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long
+
+
+@pytest.mark.parametrize("pattern, home", [
+    (r"^def atomic_write\(", ["resnorm/runfolder.py"]),
+    (r"^def read_summary\(", ["resnorm/runfolder.py"]),
+    (r"^def compose\(", ["resnorm/config.py"]),
+    (r"^def fit\(", ["resnorm/loop.py"]),
+    # optimizer steps: the one training loop, and DeepNet's one-step model-update measurement at init
+    (r"optimizer\.step\(\)|opt\.step\(\)", ["resnorm/loop.py", "resnorm/measure.py"]),
+])
+def test_one_copy_of_each_piece_of_plumbing(pattern, home):
+    found = [str(p.relative_to(ROOT)) for p in _sources(*PACKAGES, "hydra_plugins")
+             if re.search(pattern, p.read_text(), re.M)]
+    assert found == [home], found
+
+
+def test_the_compose_helpers_of_tests_and_benchmarks_delegate():
+    for path in ("tests/conftest.py", "benchmarks/common.py"):
+        text = (ROOT / path).read_text()
+        body = text[text.index("def compose("):].split("\ndef ", 1)[0]
+        assert "resnorm.config import compose" in body, path
+
+
+def test_configs_are_built_only_by_compose():
+    """Nothing builds a run config by hand (``OmegaConf.structured(Config)`` + setattr) or composes
+    Hydra's conf/ itself, except resnorm.config and the test that checks Hydra's own run-dir
+    resolution (it needs the ``hydra`` node, which compose leaves out)."""
+    builders = []
+    for path in _sources(*PACKAGES, "benchmarks", "tests", "hydra_plugins"):
+        if path.name == "test_layout.py":
+            continue
+        text = path.read_text()
+        if "OmegaConf.structured(Config)" in text or "initialize_config_dir" in text:
+            builders.append(str(path.relative_to(ROOT)))
+    assert set(builders) <= {"resnorm/config.py", "tests/test_config.py", "tests/test_scaling.py"}, builders
