@@ -41,7 +41,7 @@ def test_no_function_is_longer_than_80_lines():
 def test_one_copy_of_each_piece_of_plumbing(pattern, home):
     found = [str(p.relative_to(ROOT)) for p in _sources(*PACKAGES, "hydra_plugins")
              if re.search(pattern, p.read_text(), re.M)]
-    assert found == [home], found
+    assert found == home, found
 
 
 def test_the_compose_helpers_of_tests_and_benchmarks_delegate():
