@@ -148,11 +148,11 @@ def fit(cfg, job, callbacks: Optional[Callable] = None, rank: int = 0, world: in
             if rec.diverged is None:
                 optimizer_step(run, rec, grads[0])
                 cbs.after_update(run, rec)
+            else:
+                mark_diverged(run, rec, x)  # while the gradients are there to name the first non-finite one
             run.optimizer.zero_grad(set_to_none=True)
             finish_step(run, rec, time.perf_counter() - t0)
-            if rec.diverged is not None:
-                mark_diverged(run, rec, x)
-            elif run.is_main and (rec.last or (step + 1) % cfg.train.eval_every == 0):
+            if rec.diverged is None and run.is_main and (rec.last or (step + 1) % cfg.train.eval_every == 0):
                 rec.val_loss = run_eval(run, step)
             cbs.on_step_end(run, rec)
             if rec.diverged is not None:

@@ -145,3 +145,21 @@ def test_experiment_runs_are_ordinary_run_folders_of_the_shared_loop(tmp_path):
     assert summary["config"]["train"]["diverge_factor"] is None
     assert math.isfinite(summary["final_max_attn_logit"]) and math.isfinite(summary["final_mean_log_z"])
     assert _train(spec, str(tmp_path)) == rec  # finished: read back, not trained again
+
+
+def test_a_nonfinite_gradient_is_named_while_the_gradients_are_there(tmp_path):
+    """The guard fires on the gradient norm before clipping and the optimizer step; the reason names
+    the first parameter whose gradient is non-finite (read before the gradients are zeroed)."""
+    from resnorm.callbacks import Callback, default_callbacks
+
+    class PoisonGradient(Callback):
+        def on_fit_start(self, run):
+            w = run.model.blocks[0].mlp.branch.fc2.weight
+            w.register_hook(lambda g: g * float("inf") if run.state.step == 2 else g)
+
+    cfg = compose(*TINY, "depth=1")
+    summary = train(cfg, JobInfo(tmp_path, "r", "g", []),
+                    callbacks=lambda run: default_callbacks(run, [PoisonGradient()]))
+    assert summary["status"] == "diverged" and summary["diverged_step"] == 2
+    assert "non-finite gradient norm" in summary["diverge_reason"]
+    assert "blocks.0.mlp.branch.fc2.weight" in summary["diverge_reason"], summary["diverge_reason"]
