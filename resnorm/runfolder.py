@@ -46,8 +46,16 @@ LOCK = ".lock"
 STATUSES = ("running", "completed", "diverged", "failed")
 #: statuses after which a run is over: a re-run of the sweep skips it (``failed`` is retried)
 DONE = ("completed", "diverged")
-#: the columns of ``metrics.parquet``, one row per step
-STEP_COLUMNS = ("step", "train_loss", "lr", "grad_norm", "tokens_per_s", "val_loss")
+#: the columns of ``metrics.parquet``, one row per step: ``val_*`` are NaN except on evaluation steps
+#: (``val_log_z``: mean log-sum-exp of the validation logits; ``val_logit_rms``: their RMS);
+#: ``spike``: the loss or the gradient norm was a spike (:mod:`resnorm.spikes`); ``skipped``: the
+#: step's update was not applied (``optim.skip_spikes``)
+STEP_COLUMNS = ("step", "train_loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "val_log_z",
+                "val_logit_rms", "spike", "skipped")
+#: the scientific verdict on a finished run (``outcome`` in its summary, :func:`classify_outcome`):
+#: it learned; it stayed within ``train.stall_margin`` of the data's unigram loss; its loss blew up
+#: (``train.diverge_factor``); a loss, gradient or validation loss went non-finite
+OUTCOMES = ("trained", "stalled", "diverged", "nonfinite")
 #: the columns of ``layers.parquet``, one row per (step, layer, sublayer, quantity)
 LAYER_COLUMNS = ("step", "layer", "sublayer", "quantity", "value")
 
@@ -131,6 +139,39 @@ def read_summary(run_dir: Path, strict: bool = False) -> Optional[Dict[str, Any]
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+def classify_outcome(status: Optional[str], diverge_kind: Optional[str], final_val_loss: Optional[float],
+                     unigram_loss: Optional[float], stall_margin: float) -> Optional[str]:
+    """The run's outcome (one of :data:`OUTCOMES`), or None while it runs or when it failed.
+
+    ``diverge_kind`` is the guard's verdict (``nonfinite_loss``, ``nonfinite_grad`` or
+    ``loss_factor``, :func:`resnorm.guard.divergence`). A completed run is ``stalled`` when its final
+    validation loss is above ``unigram_loss - stall_margin`` (it did not get meaningfully below the
+    data's trivial baseline; without a known baseline it counts as ``trained``), ``nonfinite`` when
+    that loss is not finite.
+    """
+    if status == "diverged":
+        return "diverged" if diverge_kind == "loss_factor" else "nonfinite"
+    if status != "completed":
+        return None
+    if final_val_loss is None or not math.isfinite(final_val_loss):
+        return "nonfinite"
+    if unigram_loss is not None and final_val_loss > unigram_loss - stall_margin:
+        return "stalled"
+    return "trained"
+
+
+def diverge_kind_of(reason: Optional[str]) -> Optional[str]:
+    """The guard's verdict recovered from a ``diverge_reason`` text (summaries written before
+    ``diverge_kind`` was recorded)."""
+    if not reason:
+        return None
+    if reason.startswith("non-finite loss"):
+        return "nonfinite_loss"
+    if reason.startswith("non-finite gradient"):
+        return "nonfinite_grad"
+    return "loss_factor"
 
 
 def checkpoint_path(run_dir: Path) -> Path:
@@ -219,9 +260,14 @@ class RunStore:
         self.layers = {k: list(state["layers"][k]) for k in LAYER_COLUMNS}
 
     def add_step(self, step: int, train_loss: float, lr: float, grad_norm: float, tokens_per_s: float,
-                 val_loss: Optional[float] = None) -> None:
+                 val_loss: Optional[float] = None, val_log_z: Optional[float] = None,
+                 val_logit_rms: Optional[float] = None, spike: bool = False, skipped: bool = False) -> None:
+        nan = float("nan")
         row = dict(step=step, train_loss=train_loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
-                   val_loss=float("nan") if val_loss is None else val_loss)
+                   val_loss=nan if val_loss is None else val_loss,
+                   val_log_z=nan if val_log_z is None else val_log_z,
+                   val_logit_rms=nan if val_logit_rms is None else val_logit_rms,
+                   spike=bool(spike), skipped=bool(skipped))
         for k in STEP_COLUMNS:
             self.steps[k].append(row[k])
 
