@@ -180,12 +180,12 @@ class WandbLogger(Callback):
 
     def on_step_end(self, run, rec) -> None:
         record = {"train/loss": rec.loss, "train/lr": rec.lr, "train/grad_norm": rec.grad_norm,
-                  "train/tokens_per_s": rec.tokens_per_s}
-        if run.grad_probe.due(rec.step, rec.last):
-            record.update({f"grad_norm/{sub}/{layer:03d}": v
-                           for (layer, sub), v in zip(run.grad_probe.labels, rec.grad_layers)})
+                  "train/tokens_per_s": rec.tokens_per_s, "train/spike": int(rec.spike),
+                  "train/skipped": int(rec.skipped)}
+        for quantity, labels, values in rec.layer_rows:  # every probe's rows: <quantity>/<sublayer>/<layer>
+            record.update({f"{quantity}/{sub}/{layer:03d}": v for (layer, sub), v in zip(labels, values)})
         if rec.val_loss is not None:
-            record["val/loss"] = rec.val_loss
+            record.update({"val/loss": rec.val_loss, "val/log_z": rec.val_log_z, "val/logit_rms": rec.val_logit_rms})
         self.tracker.log(record, step=rec.step)
 
     def on_fit_end(self, run, summary) -> None:
@@ -251,7 +251,8 @@ class RunStoreWriter(Callback):
         self.store.write_summary(run.summary)
 
     def on_step_end(self, run, rec) -> None:
-        self.store.add_step(rec.step, rec.loss, rec.lr, rec.grad_norm, rec.tokens_per_s, rec.val_loss)
+        self.store.add_step(rec.step, rec.loss, rec.lr, rec.grad_norm, rec.tokens_per_s, rec.val_loss,
+                            rec.val_log_z, rec.val_logit_rms, rec.spike, rec.skipped)
         for quantity, labels, values in rec.layer_rows:
             self.store.add_layers(rec.step, labels, quantity, values)
         run.summary["steps_done"] = rec.step + 1

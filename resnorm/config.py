@@ -182,14 +182,18 @@ class OptimConfig:
                         choices=("cosine", "constant"))
     min_lr_ratio: float = key(0.1, "the cosine schedule's final lr / lr", range=interval("[0, 1]"))
     weight_decay: float = key(0.0, "AdamW weight decay (matrices only)", range=NON_NEGATIVE)
-    weight_decay_coupling: str = key("lr", "lr: PyTorch AdamW, each step decays w by lr * weight_decay; independent: "
-                                           "by weight_decay alone, not scaled by the LR (Wortsman et al. 2023, "
-                                           "arXiv:2309.14322)", choices=("lr", "independent"))
+    weight_decay_coupling: str = key("lr", "lr: PyTorch AdamW, each step decays w by lr_t * weight_decay; "
+                                           "independent: by weight_decay * lr_t / lr, the schedule's factor but not "
+                                           "the peak LR (Wortsman et al. 2023, arXiv:2309.14322 §3.2.2)",
+                                     choices=("lr", "independent"))
     beta1: float = key(0.9, "AdamW beta1", range=interval("[0, 1)"))
     beta2: float = key(0.98, "AdamW beta2", range=interval("[0, 1)"))
     eps: float = key(1e-8, "AdamW epsilon", range=POSITIVE)
     grad_clip: Optional[float] = key(None, "clip the gradient norm to this; null: off (clipping hides the "
                                            "instability under study)", range=POSITIVE)
+    skip_spikes: bool = key(False, "skip the update of a step whose loss or gradient norm is a spike "
+                                   "(train.spike_window, train.spike_sigma; OLMo-core's SkipStepAdamW); off: "
+                                   "skipping hides the instability under study")
 
 
 @dataclass
@@ -205,6 +209,12 @@ class TrainConfig:
     diverge_factor: Optional[float] = key(2.0, "diverged when the loss exceeds this multiple of the initial loss; "
                                                "null: only a non-finite loss or gradient norm counts as diverged",
                                           range=interval("(1, inf)"))
+    stall_margin: float = key(0.1, "a completed run is 'stalled' when its final validation loss is above the "
+                                   "training split's unigram loss minus this margin, in nats (README: how it was "
+                                   "chosen)", range=NON_NEGATIVE)
+    spike_window: int = key(128, "a spike is a loss or gradient norm above mean + spike_sigma * sd of the previous "
+                                 "spike_window finite values (OLMo-core's rule)", range=POSITIVE)
+    spike_sigma: float = key(6.0, "see spike_window", range=POSITIVE)
     probes: bool = key(True, "per-layer gradient norms every log_every steps")
     probe_every: int = key(50, "activation RMS, branch ratio, update ratio, max attention logit per sublayer, "
                                "every K steps (and the last)", range=NON_NEGATIVE, note="0 turns the probes off")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -29,6 +29,19 @@ class TokenData:
     train: torch.Tensor  # uint8 or int64 1-D stream
     val: torch.Tensor
     source: str  # where the tokens came from, recorded in the run summary
+    #: the trivial baseline: the unigram entropy of the training split, nats per token (the loss of a
+    #: model that predicts every token from the training split's token frequencies alone)
+    unigram_loss: Optional[float] = None
+    #: data=synthetic only: the generating process's entropy rate, nats per token (see
+    #: :func:`synthetic_entropy_rate`); None for text
+    entropy_rate: Optional[float] = None
+
+
+def unigram_entropy(stream: torch.Tensor) -> float:
+    """-sum_v p_v ln p_v of the token frequencies p_v of ``stream``, in nats per token (exact, in float64)."""
+    counts = torch.bincount(stream.long()).double()
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log()).sum())
 
 
 def _split(stream: torch.Tensor, val_fraction: float, source: str, min_len: int) -> TokenData:
@@ -38,7 +51,7 @@ def _split(stream: torch.Tensor, val_fraction: float, source: str, min_len: int)
         if len(part) < min_len:
             raise DataError(f"{source}: the {name} split has {len(part)} tokens, fewer than one sequence of "
                             f"{min_len}; use a larger corpus or change data.val_fraction")
-    return TokenData(train=train, val=val, source=source)
+    return TokenData(train=train, val=val, source=source, unigram_loss=unigram_entropy(train))
 
 
 def _bytes_stream(raw: bytes, source: str) -> torch.Tensor:
@@ -94,9 +107,31 @@ def synthetic_stream(n_tokens: int, vocab: int, segment: int, seed: int) -> torc
     return torch.from_numpy(out.reshape(-1)[:n_tokens].copy())
 
 
+def synthetic_entropy_rate(vocab: int, segment: int, seed: int) -> float:
+    """The entropy rate of :func:`synthetic_stream`'s process, nats per token, given each token's place
+    in its segment: the first token is uniform (ln V), each of the next ``half - 1`` follows the
+    bigram row of the one before (its entropy averaged over the chain's distribution at that
+    position, which starts uniform), and the copied half costs nothing. A lower bound on the loss a
+    model can reach: it must also find where the segments start."""
+    import numpy as np
+
+    trans = np.random.default_rng(seed).dirichlet(np.full(vocab, 0.1), size=vocab)  # the stream's first draw
+    with np.errstate(divide="ignore", invalid="ignore"):
+        row_entropy = -np.nansum(np.where(trans > 0, trans * np.log(trans), 0.0), axis=1)
+    half = max(segment // 2, 1)
+    p = np.full(vocab, 1.0 / vocab)
+    total = np.log(vocab)
+    for _ in range(half - 1):
+        total += float(p @ row_entropy)
+        p = p @ trans
+    return float(total / (2 * half))
+
+
 def load_synthetic(cfg, seq_len: int, seed: int = 0) -> TokenData:
     stream = synthetic_stream(cfg.synthetic_tokens, cfg.synthetic_vocab, seq_len, seed)
-    return _split(stream, cfg.val_fraction, f"synthetic (vocab {cfg.synthetic_vocab}, seed {seed})", seq_len + 1)
+    data = _split(stream, cfg.val_fraction, f"synthetic (vocab {cfg.synthetic_vocab}, seed {seed})", seq_len + 1)
+    data.entropy_rate = synthetic_entropy_rate(cfg.synthetic_vocab, seq_len, seed)
+    return data
 
 
 DATASETS: Dict[str, Callable[..., TokenData]] = {

@@ -33,6 +33,8 @@ import torch
 
 from . import devices
 from .guard import describe, divergence
+from .runfolder import classify_outcome
+from .spikes import SpikeTracker
 
 FINAL_LOSS_WINDOW = 10  # final_train_loss is the mean of the last 10 steps' finite losses
 
@@ -51,13 +53,15 @@ class LoopState:
     status: str = "running"  # running | completed | diverged
     diverged_step: Optional[int] = None
     diverge_reason: Optional[str] = None
+    diverge_kind: Optional[str] = None  # the guard's verdict (resnorm.guard.divergence)
+    spikes: SpikeTracker = field(default_factory=SpikeTracker)
 
     def state_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_state_dict(cls, state: Dict[str, Any]) -> "LoopState":
-        return cls(**state)
+        return cls(**{**state, "spikes": SpikeTracker(**state["spikes"])})
 
     def record_loss(self, loss: float) -> None:
         self.recent_losses = list(deque(self.recent_losses + [loss], maxlen=FINAL_LOSS_WINDOW))
@@ -76,7 +80,11 @@ class StepRecord:
     values: Dict[int, List[float]] = field(default_factory=dict)  # a callback's before-update values, by id
     updated: bool = False  # the optimizer step was taken
     diverged: Optional[str] = None  # the guard's verdict (resnorm.guard.divergence)
+    spike: bool = False  # the loss or the gradient norm was a spike (resnorm.spikes)
+    skipped: bool = False  # a spike whose update was skipped (optim.skip_spikes)
     val_loss: Optional[float] = None  # set on evaluation steps
+    val_log_z: Optional[float] = None  # mean log-sum-exp of the validation logits
+    val_logit_rms: Optional[float] = None
     seconds: float = 0.0
     tokens_per_s: float = 0.0
     layer_rows: List[tuple] = field(default_factory=list)  # (quantity, labels, values) for layers.parquet
@@ -145,15 +153,18 @@ def fit(cfg, job, callbacks: Optional[Callable] = None, rank: int = 0, world: in
             extra = cbs.before_update(run, rec, x)
             to_host(run, rec, loss, grads, extra)  # the step's one host transfer
             rec.diverged = divergence(rec.loss, rec.grad_norm, run.state.initial_loss, cfg.train.diverge_factor)
-            if rec.diverged is None:
+            rec.spike = run.state.spikes.observe(step, rec.loss, rec.grad_norm)
+            if rec.diverged is not None:
+                mark_diverged(run, rec, x)  # while the gradients are there to name the first non-finite one
+            elif rec.spike and cfg.optim.skip_spikes:
+                skip_step(run, rec)
+            else:
                 optimizer_step(run, rec, grads[0])
                 cbs.after_update(run, rec)
-            else:
-                mark_diverged(run, rec, x)  # while the gradients are there to name the first non-finite one
             run.optimizer.zero_grad(set_to_none=True)
             finish_step(run, rec, time.perf_counter() - t0)
             if rec.diverged is None and run.is_main and (rec.last or (step + 1) % cfg.train.eval_every == 0):
-                rec.val_loss = run_eval(run, step)
+                run_eval(run, rec)
             cbs.on_step_end(run, rec)
             if rec.diverged is not None:
                 break
@@ -195,8 +206,9 @@ def setup(cfg, job, rank: int, world: int, slots) -> Run:
     grad_probe = GradNormProbe(model, per_layer=cfg.train.probes, log_every=cfg.train.log_every)
     step_model = devices.data_parallel(model, device) if world > 1 else model.loss
     loss_fn = torch.compile(step_model) if cfg.train.compile else step_model
+    state = LoopState(spikes=SpikeTracker(window=cfg.train.spike_window, sigma=cfg.train.spike_sigma))
     return Run(cfg, job, rank, world, device, threads, slots, data, model, optimizer, sampler, val,
-               grad_probe, loss_fn, wall0=wall0)
+               grad_probe, loss_fn, state=state, wall0=wall0)
 
 
 def set_lr(run: Run, step: int) -> float:
@@ -250,6 +262,12 @@ def optimizer_step(run: Run, rec: StepRecord, grad_norm: torch.Tensor) -> None:
     rec.updated = True
 
 
+def skip_step(run: Run, rec: StepRecord) -> None:
+    """A spike under ``optim.skip_spikes``: no update, the optimizer state untouched."""
+    rec.skipped = True
+    run.state.spikes.skipped_steps.append(rec.step)
+
+
 def finish_step(run: Run, rec: StepRecord, seconds: float) -> None:
     rec.seconds = seconds
     rec.tokens_per_s = run.tokens_per_step / seconds
@@ -260,14 +278,14 @@ def finish_step(run: Run, rec: StepRecord, seconds: float) -> None:
 
 def mark_diverged(run: Run, rec: StepRecord, x: torch.Tensor) -> None:
     s, f = run.state, run.cfg.train.diverge_factor
-    s.status, s.diverged_step = "diverged", rec.step
+    s.status, s.diverged_step, s.diverge_kind = "diverged", rec.step, rec.diverged
     s.diverge_reason = describe(rec.diverged, rec.loss, s.initial_loss, f, run.model, x)
 
 
-def run_eval(run: Run, step: int) -> float:
-    val = evaluate(run.model, run.val_batches, run.device, run.autocast)
-    run.state.val_loss, run.state.best_val = val, min(run.state.best_val, val)
-    return val
+def run_eval(run: Run, rec: StepRecord) -> None:
+    rec.val_loss, rec.val_log_z, rec.val_logit_rms = evaluate(run.model, run.val_batches, run.device,
+                                                              run.autocast, logit_stats=True)
+    run.state.val_loss, run.state.best_val = rec.val_loss, min(run.state.best_val, rec.val_loss)
 
 
 def finish(run: Run) -> Dict[str, Any]:
@@ -283,8 +301,12 @@ def finish(run: Run) -> Dict[str, Any]:
         final_train_loss=sum(tail) / len(tail) if tail else None,
         best_val_loss=s.best_val if math.isfinite(s.best_val) else None,
         tokens_per_s=run.tokens_per_step * s.step / s.train_time if s.train_time else None,
-        wall_s=run.wall_s(), finished_at=time.time(),
+        wall_s=run.wall_s(), finished_at=time.time(), diverge_kind=s.diverge_kind,
+        spike_count=len(s.spikes.spike_steps), spike_steps=list(s.spikes.spike_steps),
+        skipped_steps=list(s.spikes.skipped_steps),
     )
+    run.summary["outcome"] = classify_outcome(s.status, s.diverge_kind, run.summary["final_val_loss"],
+                                              run.data.unigram_loss, run.cfg.train.stall_margin)
     return run.summary
 
 
@@ -323,13 +345,25 @@ def make_optimizer(model, optim_cfg) -> torch.optim.Optimizer:
 
 
 @torch.no_grad()
-def evaluate(model, batches, device: torch.device, autocast) -> float:
-    """Mean validation cross-entropy (without the z-loss term) over fixed batches, in eval mode."""
+def evaluate(model, batches, device: torch.device, autocast, logit_stats: bool = False):
+    """Mean validation cross-entropy (without the z-loss term) over fixed batches, in eval mode.
+
+    With ``logit_stats``: ``(loss, log Z, logit RMS)``, where log Z is the mean over tokens of the
+    log-sum-exp of the output logits (Wortsman et al. 2023's output-logit divergence) and the RMS is
+    over all logit values, from the same forward pass.
+    """
     was_training = model.training
     model.eval()
-    total = 0.0
+    total, log_z, sq = 0.0, 0.0, 0.0
     for x, y in batches:
+        x, y = x.to(device), y.to(device)
         with autocast():
-            total += model.loss(x.to(device), y.to(device), z_loss=False).item()
+            logits = model(x).float()
+        flat = logits.reshape(-1, logits.shape[-1])
+        total += torch.nn.functional.cross_entropy(flat, y.reshape(-1)).item()
+        if logit_stats:
+            log_z += torch.logsumexp(flat, dim=-1).mean().item()
+            sq += flat.pow(2).mean().item()
     model.train(was_training)
-    return total / len(batches)
+    n = len(batches)
+    return (total / n, log_z / n, math.sqrt(sq / n)) if logit_stats else total / n

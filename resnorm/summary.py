@@ -35,5 +35,7 @@ def start_summary(run) -> Dict[str, Any]:
         config=OmegaConf.to_container(cfg, resolve=True), run_id=rid, attempts=attempts + 1,
         resumed_from_step=None, checkpoint_step=None, threads=run.threads, world_size=run.world,
         device_slots=[s.name for s in run.slots] if run.slots else None,
-        started_at=time.time(), finished_at=None,
+        started_at=time.time(), finished_at=None, outcome=None, diverge_kind=None,
+        unigram_loss=run.data.unigram_loss, entropy_rate=run.data.entropy_rate,
+        stall_margin=float(cfg.train.stall_margin), spike_count=0, spike_steps=[], skipped_steps=[],
     )
