@@ -225,3 +225,25 @@ def test_forward_probes_builder_and_cadence():
     assert probes[1].due(7, True)
     assert forward_probes(model, compose(*TINY, "train.probe_every=0").train) == []
     assert forward_probes(model, compose(*TINY, "train.probes=false").train) == []
+
+
+def test_probes_rows_reach_layers_parquet_through_fit(tmp_path):
+    import pandas as pd
+
+    from resnorm.callbacks import ProbeCallback, default_callbacks
+    from resnorm.train import JobInfo, train
+
+    def callbacks(run):
+        return default_callbacks(run, [ProbeCallback(p) for p in forward_probes(run.model, run.cfg.train)])
+
+    cfg = compose(*TINY, "depth=1", "train.steps=4", "train.eval_every=2", "train.probe_every=2")
+    train(cfg, JobInfo(tmp_path, "r", "g", []), callbacks=callbacks)
+    t = pd.read_parquet(tmp_path / "layers.parquet")
+    names = ForwardStatsProbe.quantities_before + StreamGradProbe.quantities_before
+    for q in names:
+        rows = t[t.quantity == q]
+        assert sorted(set(rows.step)) == [0, 2, 3], q
+        assert len(rows) == 3 * 2  # (0, attn), (0, mlp) per probe step
+    attn = t[t.quantity.isin(names) & (t.sublayer == "attn")]
+    assert attn.value.map(math.isfinite).all()
+    assert t[(t.quantity == "attn_sink_mass") & (t.sublayer == "mlp")].value.isna().all()
