@@ -4,7 +4,8 @@ Two layers, both hook-free:
 
 - tensor math on activations, each the formula of a paper (tested against hand-computed values):
   :func:`rms`, :func:`branch_ratio`, :func:`update_ratio`, :func:`output_change`,
-  :func:`token_cosine`, :func:`rank1_residual`, :func:`angular_distance`, :func:`dependency`;
+  :func:`token_cosine`, :func:`rank1_residual`, :func:`angular_distance`, :func:`dependency`,
+  :func:`absmax`, :func:`kurtosis`, :func:`attention_entropy`, :func:`sink_mass`, :func:`log_partition`;
 - model-level measurements built on :meth:`resnorm.model.Transformer.trace`:
   :func:`layer_profile` (per layer: activation RMS, branch-to-skip ratio, token cosine, rank-1
   residual, angular distance to the previous layer, max attention logit), :func:`grad_norms`
@@ -91,6 +92,37 @@ def dependency(components: Sequence[torch.Tensor]) -> torch.Tensor:
     """beta^2_j = Var(c_j) / sum_k Var(c_k) for additive components of one stream (Liu et al. 2020, Fig. 7)."""
     v = torch.stack([variance(c) for c in components])
     return v / v.sum()
+
+
+def absmax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| over all elements (the "massive activations" of Sun et al. 2024, arXiv:2402.17762)."""
+    return x.float().abs().amax()
+
+
+def kurtosis(x: torch.Tensor) -> torch.Tensor:
+    """Plain (not excess) kurtosis over all elements: E[(x - mu)^4] / sigma^4, mu and sigma the mean
+    and population standard deviation of all elements (3 for a Gaussian; outlier features raise it,
+    Bondarenko et al. 2023, arXiv:2306.12929). A constant tensor gives NaN (0 / 0)."""
+    x = x.float()
+    z = (x - x.mean()) / x.std(unbiased=False)
+    return z.pow(4).mean()
+
+
+def attention_entropy(p: torch.Tensor) -> torch.Tensor:
+    """-sum_j p_ij log p_ij in nats, per query: ``p`` (..., T_q, T_k) attention probabilities, rows
+    summing to 1 (masked keys have p = 0 and add 0); returns (..., T_q)."""
+    return -torch.special.xlogy(p, p).sum(-1)
+
+
+def sink_mass(p: torch.Tensor) -> torch.Tensor:
+    """Mean attention probability on the first key (the "attention sink", Xiao et al. 2023,
+    arXiv:2309.17453), over every other dimension of ``p`` (..., T_q, T_k)."""
+    return p[..., 0].float().mean()
+
+
+def log_partition(logits: torch.Tensor) -> torch.Tensor:
+    """log Z = logsumexp over the last (vocabulary) dimension, per token (Wortsman et al. 2023, §3.2)."""
+    return torch.logsumexp(logits.float(), dim=-1)
 
 
 # --- model-level measurements ------------------------------------------------------------------------
@@ -289,4 +321,4 @@ def attention_only(model, idx: torch.Tensor, path: str = "san") -> List[torch.Te
 __all__ = ["rms", "branch_ratio", "update_ratio", "output_change", "token_cosine", "rank1_residual",
            "angular_distance", "variance", "dependency", "random_tokens", "set_causal", "layer_profile",
            "grad_norms", "branch_matrices", "perturbation_change", "model_update", "dependency_matrix",
-           "attention_only"]
+           "attention_only", "absmax", "kurtosis", "attention_entropy", "sink_mass", "log_partition"]

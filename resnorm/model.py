@@ -106,6 +106,17 @@ class Attention(nn.Module):
             z = z.masked_fill(torch.triu(torch.ones(t, t, dtype=torch.bool, device=z.device), 1), 0.0)
         return z.amax()
 
+    def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """The (batch, heads, T, T) attention probabilities of :meth:`forward`, in float32:
+        softmax(q k^T / sqrt(d_head) + M) with M = -inf above the diagonal when ``causal`` (the mask
+        and default scale of ``F.scaled_dot_product_attention(..., is_causal=True)``); rows sum to 1."""
+        q, k, _ = self._qkv(x)
+        s = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        if self.causal:
+            t = s.shape[-1]
+            s = s.masked_fill(torch.triu(torch.ones(t, t, dtype=torch.bool, device=s.device), 1), float("-inf"))
+        return s.softmax(dim=-1)
+
 
 class MLP(nn.Module):
     def __init__(self, d_model: int, d_ff: int, activation: str, bias: bool):
