@@ -116,6 +116,8 @@ class ProbeCallback(Callback):
     def before_update(self, run, rec, x):
         if self.measured_by_loop or not self.probe.due(rec.step, rec.last):
             return None
+        if hasattr(self.probe, "set_targets"):  # probes that differentiate the step's loss
+            self.probe.set_targets(rec.targets)
         return self.probe.before_update(x)
 
     def after_update(self, run, rec) -> None:
@@ -292,14 +294,16 @@ class FinalReadouts(Callback):
 
 
 def probe_callbacks(run) -> List[Callback]:
-    """The gradient-norm rows (``train.probes``) and the periodic activation/update probe
-    (``train.probe_every``)."""
+    """The gradient-norm rows (``train.probes``), the periodic activation/update probe and the
+    forward/backward monitors (:mod:`resnorm.monitors`, ``train.probe_every``)."""
+    from .monitors.forward import forward_probes
     from .probes import ActivationProbe
 
     cfg = run.cfg.train
     cbs: List[Callback] = [ProbeCallback(run.grad_probe, measured_by_loop=True)]
     if cfg.probes and cfg.probe_every:
         cbs.append(ProbeCallback(ActivationProbe(run.model, cfg.probe_every, cfg.steps)))
+    cbs += [ProbeCallback(p) for p in forward_probes(run.model, cfg)]
     return cbs
 
 

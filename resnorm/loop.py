@@ -88,6 +88,7 @@ class StepRecord:
     seconds: float = 0.0
     tokens_per_s: float = 0.0
     layer_rows: List[tuple] = field(default_factory=list)  # (quantity, labels, values) for layers.parquet
+    targets: Any = None  # the step's targets on the device, for probes that need them (not stored)
 
 
 @dataclass
@@ -148,6 +149,7 @@ def fit(cfg, job, callbacks: Optional[Callable] = None, rank: int = 0, world: in
             t0 = time.perf_counter()
             rec = StepRecord(step, set_lr(run, step), last=step + 1 == cfg.train.steps)
             x, y = next_batch(run)
+            rec.targets = y
             loss = forward_backward(run, x, y)
             grads = run.grad_probe.before_update(x)
             extra = cbs.before_update(run, rec, x)
@@ -352,6 +354,8 @@ def evaluate(model, batches, device: torch.device, autocast, logit_stats: bool =
     log-sum-exp of the output logits (Wortsman et al. 2023's output-logit divergence) and the RMS is
     over all logit values, from the same forward pass.
     """
+    from .measure import log_partition
+
     was_training = model.training
     model.eval()
     total, log_z, sq = 0.0, 0.0, 0.0
@@ -362,7 +366,7 @@ def evaluate(model, batches, device: torch.device, autocast, logit_stats: bool =
         flat = logits.reshape(-1, logits.shape[-1])
         total += torch.nn.functional.cross_entropy(flat, y.reshape(-1)).item()
         if logit_stats:
-            log_z += torch.logsumexp(flat, dim=-1).mean().item()
+            log_z += log_partition(flat).mean().item()
             sq += flat.pow(2).mean().item()
     model.train(was_training)
     n = len(batches)

@@ -36,7 +36,8 @@ def test_fit_is_bit_for_bit_the_loop_it_replaced(name, tmp_path):
     steps = pd.read_parquet(tmp_path / "metrics.parquet")
     assert [v.hex() for v in steps.train_loss] == ref["train_loss"]
     assert [v.hex() for v in steps.grad_norm] == ref["grad_norm"]
-    assert _layers(tmp_path) == ref["layers"]
+    layers = _layers(tmp_path)  # the quantities recorded then, value for value (monitors added since add rows)
+    assert {k: layers.get(k) for k in ref["layers"]} == ref["layers"]
     if not any(o.startswith("model.z_loss") for o in ref["overrides"]):
         assert [v.hex() for v in steps.val_loss] == ref["val_loss"]
         assert summary["final_val_loss"].hex() == ref["final_val_loss"]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import TINY, compose
 from resnorm import measure as M
 from resnorm.model import Attention, build_model
-from resnorm.monitors.forward import (ForwardStatsProbe, StreamGradProbe, forward_probes, logit_stats,
+from resnorm.monitors.forward import (ForwardStatsProbe, StreamGradProbe, forward_probes,
                                       training_loss)
 
 T = 8
@@ -195,6 +195,15 @@ def test_probes_leave_parameter_grads_and_mode_as_they_were(training):
 
 
 # --- logit_stats, builder -----------------------------------------------------------------------------
+
+def logit_stats(model, batches, device):
+    """The validation logits' (log Z, RMS), as the loop's evaluate computes them at every evaluation."""
+    import contextlib
+
+    from resnorm.loop import evaluate
+
+    return evaluate(model, batches, device, contextlib.nullcontext, logit_stats=True)[1:]
+
 
 def test_logit_stats_by_hand():
     model, _ = tiny()

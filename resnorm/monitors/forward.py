@@ -39,8 +39,8 @@ The three ``attn_*`` quantities are NaN on MLP sublayers (as ``max_attn_logit`` 
   ``before_update``; they are used once). Without them the probe uses next-token targets from ``x``
   itself: the logits at positions 0..T-2 against ``x[:, 1:]`` (one position fewer than training).
 
-:func:`logit_stats` (for ``evaluate``): the mean log partition function log Z (mean over tokens of
-logsumexp of the output logits, nats) and the RMS of all logit values, over the validation batches.
+The output logits' log Z and RMS are read at every evaluation by :func:`resnorm.loop.evaluate`
+(``val_log_z``, ``val_logit_rms`` in ``metrics.parquet``), not here.
 
 :func:`forward_probes` builds the two probes from ``train`` (off when ``train.probes`` is false or
 ``train.probe_every`` is 0). Formulas live in :mod:`resnorm.measure` (``absmax``, ``kurtosis``,
@@ -50,7 +50,7 @@ logsumexp of the output logits, nats) and the RMS of all logit values, over the 
 from __future__ import annotations
 
 import contextlib
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -146,25 +146,6 @@ class StreamGradProbe(_Periodic):
 
 
 @torch.no_grad()
-def logit_stats(model, batches, device, autocast=contextlib.nullcontext) -> Tuple[float, float]:
-    """(mean log Z, logit RMS) of the output logits over ``batches`` ((x, y) pairs), in eval mode:
-    log Z = logsumexp over the vocabulary per token, averaged over every token of every batch; RMS
-    over every logit value. ``autocast``: the context the logits are computed under (as ``evaluate``'s)."""
-    logz_sum = sq_sum = torch.zeros((), device=device)
-    tokens = values = 0
-    with _eval_mode(model):
-        for x, _ in batches:
-            with autocast():
-                logits = model(x.to(device))
-            logits = logits.float()
-            logz_sum = logz_sum + log_partition(logits).sum()
-            sq_sum = sq_sum + logits.pow(2).sum()
-            tokens += logits[..., 0].numel()
-            values += logits.numel()
-    logz, sq = torch.stack([logz_sum, sq_sum]).tolist()  # one host transfer
-    return logz / tokens, (sq / values) ** 0.5
-
-
 def forward_probes(model, train_cfg) -> List[Probe]:
     """[ForwardStatsProbe, StreamGradProbe] every ``train_cfg.probe_every`` steps (and the last), or
     [] when ``train_cfg.probes`` is false or ``probe_every`` is 0."""
