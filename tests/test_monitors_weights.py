@@ -205,3 +205,20 @@ def test_rows_reach_the_run_folder_through_probe_callbacks(tmp_path):
         assert steps[q] == [0, 1, 2]
     assert steps["update_norm"] == steps["update_grad_cos"] == [0, 2]
     assert t[t.quantity == "adam_v_norm"].value.notna().all()
+
+
+def test_the_cuda_branch_reads_the_table_by_device_name(monkeypatch):
+    """No GPU here: the device name and the allocator's peak are stand-ins."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 123)
+    was = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert cost.device_peak_flops("cuda:0", "fp32")[0] == pytest.approx(66.9e12)
+        assert cost.device_peak_flops("cuda:0", "bf16")[0] == pytest.approx(989.4e12)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        flops, source = cost.device_peak_flops("cuda:0", "fp32")
+        assert flops == pytest.approx(494.7e12) and "tf32" in source
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = was
+    assert cost.peak_memory_bytes("cuda:0") == 123
