@@ -7,24 +7,24 @@ by the attention and MLP sublayers of a block) counts once, in the later (MLP) s
 :class:`resnorm.probes.GradNormProbe`, so the groups partition the block parameters. All norms are
 Frobenius norms of the group's tensors concatenated, computed in float32 on the device.
 
-==================  =====================================================  ========  ==================
-quantity            what                                                   unit      cadence
-==================  =====================================================  ========  ==================
-``param_norm``      ||W||_F of the sublayer's parameters, before the step  weight    every ``log_every``
-``adam_m_norm``     ||m||_F of AdamW's ``exp_avg``, after the step         grad      every ``log_every``
-``adam_v_norm``     ||v||_F of AdamW's ``exp_avg_sq``, after the step      grad^2    every ``log_every``
-``update_norm``     ||W_after - W_before||_F over the optimizer step       weight    every ``probe_every``
-                    (weight decay included; clipping too, if on)                     and the last step
-``update_grad_cos`` cos(W_after - W_before, g), g the raw (pre-clip)       1         as ``update_norm``
-                    gradient; about -1 for SGD, AdamW's sign-like update
-                    makes it less negative
-``rezero_alpha``    ReZero's learned branch scalar (the gate) the          1         every ``log_every``
-                    sublayer multiplies its branch by (shared: both
-                    sublayers of a block show the same value)
-``admin_omega_*``   mean / min / max of Admin's per-channel skip vector    1         every ``log_every``
-                    omega (``admin_omega_mean``, ``_min``, ``_max``)
-``dyt_alpha``       mean of the learned alpha of the sublayer's DyT norms  1         every ``log_every``
-==================  =====================================================  ========  ==================
+Quantities (name: definition [unit], cadence):
+
+- ``param_norm``: ||W||_F of the sublayer's parameters, read before the optimizer step [weight
+  units], every ``train.log_every`` steps.
+- ``adam_m_norm``: ||m||_F of AdamW's first moment ``exp_avg``, after the step [gradient units],
+  every ``train.log_every`` steps.
+- ``adam_v_norm``: ||v||_F of AdamW's second moment ``exp_avg_sq``, after the step [gradient
+  units squared], every ``train.log_every`` steps.
+- ``update_norm``: ||W_after - W_before||_F over the step (learning rate, weight decay and, if on,
+  clipping included) [weight units], every ``train.probe_every`` steps and on the last.
+- ``update_grad_cos``: cos(W_after - W_before, g), g the raw (pre-clip) gradient [1, in -1..1;
+  -1 for plain SGD without decay; AdamW's sign-like update is less aligned], as ``update_norm``.
+- ``rezero_alpha``: ReZero's learned branch scalar (the gate) [1], every ``train.log_every``
+  steps; the gate is shared by a block's two sublayers, which both show it.
+- ``admin_omega_mean``, ``admin_omega_min``, ``admin_omega_max``: mean, min and max over the
+  channels of Admin's learned skip vector omega [1], every ``train.log_every`` steps.
+- ``dyt_alpha``: mean of the learned alpha of the sublayer's DyT norms (pre, out and sum norms
+  that are DyT) [1], every ``train.log_every`` steps.
 
 The probes (the update needs a weight and gradient snapshot, so it has its own, sparser cadence):
 
@@ -41,7 +41,10 @@ The probes (the update needs a weight and gradient snapshot, so it has its own, 
   has are kept; a sublayer without one reads NaN. A new scheme registers its scalars with
   :func:`register_scalar`.
 
-:func:`weight_probes` builds the ones that apply (none when ``train.probes`` is false).
+:func:`weight_probes` builds the ones that apply (none when ``train.probes`` is false). Through
+:class:`resnorm.callbacks.ProbeCallback`, before-update values ride the step's one host transfer;
+after-update values (moments, update) cost one more host read on their due steps. As for every
+probe, a step whose update was not taken (diverged) keeps no rows.
 """
 
 from __future__ import annotations
@@ -215,7 +218,7 @@ class LearnedScalarProbe(Probe):
     """The registered learned scalars (:data:`SCALARS`) the model has, per sublayer, before the
     step, every ``every`` steps; NaN where a sublayer lacks one the model has elsewhere."""
 
-    def __init__(self, model: nn.Module, every: int, scalars: Sequence[LearnedScalar] = None):
+    def __init__(self, model: nn.Module, every: int, scalars: Optional[Sequence[LearnedScalar]] = None):
         subs = sublayer_modules(model)
         self.labels = [(layer, sub) for layer, sub, _ in subs]
         self.every = every
