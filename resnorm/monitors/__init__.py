@@ -1,0 +1,23 @@
+"""Monitors: what a run measures beyond its loss, as :class:`resnorm.probes.Probe` subclasses (rows
+of ``layers.parquet``, one per (layer, sublayer) and quantity) or as summary fields.
+
+Weight and optimizer side (:mod:`resnorm.monitors.weights`; builder
+``weight_probes(model, optimizer, train_cfg)``, all off with ``train.probes=false``):
+
+- :class:`~resnorm.monitors.weights.ParamNormProbe`: ``param_norm`` (every ``train.log_every``);
+- :class:`~resnorm.monitors.weights.OptimizerStateProbe`: ``adam_m_norm``, ``adam_v_norm`` (every
+  ``train.log_every``, after the step);
+- :class:`~resnorm.monitors.weights.UpdateProbe`: ``update_norm``, ``update_grad_cos`` (every
+  ``train.probe_every`` and the last step);
+- :class:`~resnorm.monitors.weights.LearnedScalarProbe`: ``rezero_alpha``, ``admin_omega_mean``,
+  ``admin_omega_min``, ``admin_omega_max``, ``dyt_alpha`` (every ``train.log_every``; only those the
+  variant has; more with :func:`~resnorm.monitors.weights.register_scalar`).
+
+Cost (:mod:`resnorm.monitors.cost`, summary fields, not per layer): ``flops_per_token``,
+``peak_flops``, ``peak_flops_source``, ``mfu``, ``peak_memory_bytes``
+(:func:`~resnorm.monitors.cost.cost_summary`).
+
+Forward side: :mod:`resnorm.monitors.forward` (its own docstring lists its quantities).
+
+Units and the exact definitions are in each module's docstring.
+"""
