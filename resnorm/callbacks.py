@@ -297,6 +297,7 @@ def probe_callbacks(run) -> List[Callback]:
     """The gradient-norm rows (``train.probes``), the periodic activation/update probe and the
     forward/backward monitors (:mod:`resnorm.monitors`, ``train.probe_every``)."""
     from .monitors.forward import forward_probes
+    from .monitors.weights import weight_probes
     from .probes import ActivationProbe
 
     cfg = run.cfg.train
@@ -304,6 +305,7 @@ def probe_callbacks(run) -> List[Callback]:
     if cfg.probes and cfg.probe_every:
         cbs.append(ProbeCallback(ActivationProbe(run.model, cfg.probe_every, cfg.steps)))
     cbs += [ProbeCallback(p) for p in forward_probes(run.model, cfg)]
+    cbs += [ProbeCallback(p) for p in weight_probes(run.model, run.optimizer, cfg)]
     return cbs
 
 

@@ -307,6 +307,11 @@ def finish(run: Run) -> Dict[str, Any]:
         spike_count=len(s.spikes.spike_steps), spike_steps=list(s.spikes.spike_steps),
         skipped_steps=list(s.spikes.skipped_steps),
     )
+    if run.is_main:  # model FLOPs utilisation against the device's peak, and peak memory
+        from .monitors.cost import cost_summary
+
+        run.summary.update(cost_summary(run.model.shape, run.summary["tokens_per_s"], run.device,
+                                        run.cfg.train.precision, run.world))
     run.summary["outcome"] = classify_outcome(s.status, s.diverge_kind, run.summary["final_val_loss"],
                                               run.data.unigram_loss, run.cfg.train.stall_margin)
     return run.summary

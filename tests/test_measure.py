@@ -239,7 +239,8 @@ def test_periodic_probes_land_in_layers_parquet(tmp_path):
     assert logits[logits.sublayer == "attn"].value.gt(0).all() and logits[logits.sublayer == "mlp"].value.isna().all()
     off = compose(*TINY, "depth=2", "train.probe_every=0")
     train(off, JobInfo(run_dir=tmp_path / "off", run_name="r", group="t", overrides=[]))
-    assert set(pd.read_parquet(tmp_path / "off" / "layers.parquet").quantity) == {"grad_norm"}
+    every_step = {"grad_norm", "param_norm", "adam_m_norm", "adam_v_norm"}  # log_every, not probe_every
+    assert set(pd.read_parquet(tmp_path / "off" / "layers.parquet").quantity) == every_step
 
 
 def test_activation_probe_update_ratio_by_hand():

@@ -239,14 +239,10 @@ def test_forward_probes_builder_and_cadence():
 def test_probes_rows_reach_layers_parquet_through_fit(tmp_path):
     import pandas as pd
 
-    from resnorm.callbacks import ProbeCallback, default_callbacks
     from resnorm.train import JobInfo, train
 
-    def callbacks(run):
-        return default_callbacks(run, [ProbeCallback(p) for p in forward_probes(run.model, run.cfg.train)])
-
     cfg = compose(*TINY, "depth=1", "train.steps=4", "train.eval_every=2", "train.probe_every=2")
-    train(cfg, JobInfo(tmp_path, "r", "g", []), callbacks=callbacks)
+    train(cfg, JobInfo(tmp_path, "r", "g", []))  # the default callbacks include these probes
     t = pd.read_parquet(tmp_path / "layers.parquet")
     names = ForwardStatsProbe.quantities_before + StreamGradProbe.quantities_before
     for q in names:

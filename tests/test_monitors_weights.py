@@ -190,15 +190,10 @@ def test_the_probes_do_not_change_training():
 
 
 def test_rows_reach_the_run_folder_through_probe_callbacks(tmp_path):
-    from resnorm.callbacks import ProbeCallback, default_callbacks
     from resnorm.train import JobInfo, train
 
-    def callbacks(run):
-        extra = [ProbeCallback(p) for p in weight_probes(run.model, run.optimizer, run.cfg.train)]
-        return default_callbacks(run, extra)
-
     cfg = compose(*TINY, "depth=1", "train.steps=3", "train.probe_every=2", "model.norm=rezero", "train.threads=1")
-    train(cfg, JobInfo(tmp_path, "r", "g", []), callbacks=callbacks)
+    train(cfg, JobInfo(tmp_path, "r", "g", []))  # the default callbacks include these probes
     t = pd.read_parquet(tmp_path / "layers.parquet")
     steps = t.groupby("quantity").step.apply(lambda s: sorted(set(s))).to_dict()
     for q in ("param_norm", "adam_m_norm", "adam_v_norm", "rezero_alpha"):
