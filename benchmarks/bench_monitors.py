@@ -1,0 +1,103 @@
+"""The issue-11 monitors' cost: every default monitor against the plain step, same process, interleaved.
+
+``python benchmarks/bench_monitors.py [--depth 48] [--rounds 6] [--threads N]`` on the reference config
+(``benchmarks.common.REFERENCE``: vocab 256, seq 128, batch 16, d_model 128, 4 heads, Pre-LN).
+
+- ``step``: the training step as :mod:`benchmarks.peers` times it (forward, backward, the gradient-norm
+  probe with per-layer norms, one host transfer, AdamW);
+- ``step + every-step monitors``: the same step with the monitors due every ``train.log_every`` step
+  (``param_norm`` before the update, ``adam_m_norm``/``adam_v_norm`` after it, learned scalars where
+  the variant has them) and their host transfer;
+- ``periodic monitors``: one call of every monitor due every ``train.probe_every`` steps
+  (:class:`resnorm.probes.ActivationProbe`, :class:`resnorm.monitors.forward.ForwardStatsProbe`,
+  :class:`resnorm.monitors.forward.StreamGradProbe`, :class:`resnorm.monitors.weights.UpdateProbe`),
+  timed as its own entry in the same interleaved rounds and amortised over ``probe_every``.
+
+Printed: the medians, the every-step ratio, the amortised periodic share and their sum against the
+issue's target (all default monitors together <= 3% of the step at depth 48).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+TARGET = 0.03
+
+
+def measure(depth: int, rounds: int, warmup: int) -> dict:
+    import torch
+
+    from benchmarks import common, peers
+    from resnorm.config import TrainConfig
+    from resnorm.monitors.forward import forward_probes
+    from resnorm.monitors.weights import weight_probes
+    from resnorm.probes import ActivationProbe
+
+    ref = common.REFERENCE
+    batches = peers.make_batches(4, ref["batch"], ref["seq"], ref["vocab"], "cpu")
+    plain = peers.ours(depth, ref, batches=batches, probes=True, name="step")
+    watched = peers.ours(depth, ref, batches=batches, probes=True, name="step + every-step monitors")
+    cfg = watched.extra["cfg"].train
+    probes = weight_probes(watched.model, watched.extra["optimizer"], cfg)
+    every_step = [p for p in probes if p.due(1, False)]  # due on a step that is not a probe step
+    periodic = [ActivationProbe(watched.model, cfg.probe_every, cfg.steps), *forward_probes(watched.model, cfg),
+                *[p for p in probes if p not in every_step]]
+    x = batches[0][0]
+
+    def monitored_step():
+        before = [p.before_update(x) for p in every_step]
+        watched.step()  # the model's own step (the probes read around it as fit does)
+        after = [p.after_update() for p in every_step]
+        torch.cat([t.reshape(-1) for t in before + after if t is not None]).tolist()
+
+    def periodic_call():
+        vals = [p.before_update(x) for p in periodic]
+        vals += [p.after_update() for p in periodic]
+        torch.cat([t.reshape(-1) for t in vals if t is not None]).tolist()
+
+    timed = common.interleave({"step": plain.step, "step + every-step monitors": monitored_step,
+                               "periodic monitors": periodic_call}, steps=rounds, warmup=warmup)
+    step = timed.median("step")
+    every = timed.median("step + every-step monitors") / step - 1.0
+    probe_every = TrainConfig().probe_every
+    amortised = timed.median("periodic monitors") / (probe_every * step)
+    return dict(depth=depth, rounds=rounds, threads=torch.get_num_threads(), step_ms=step * 1e3,
+                monitored_ms=timed.median("step + every-step monitors") * 1e3,
+                periodic_call_ms=timed.median("periodic monitors") * 1e3, probe_every=probe_every,
+                every_step_overhead=every, periodic_amortised=amortised, total=every + amortised,
+                every_step=[type(p).__name__ for p in every_step], periodic=[type(p).__name__ for p in periodic])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--depth", type=int, default=48)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    r = measure(args.depth, args.rounds, args.warmup)
+    print(f"depth {r['depth']}, {r['threads']} threads, {r['rounds']} interleaved rounds (medians)")
+    print(f"  step                         {r['step_ms']:9.1f} ms")
+    print(f"  step + every-step monitors   {r['monitored_ms']:9.1f} ms  ({r['every_step_overhead']:+.2%}): "
+          f"{', '.join(r['every_step'])}")
+    print(f"  periodic monitors, one call  {r['periodic_call_ms']:9.1f} ms  (/{r['probe_every']} steps = "
+          f"{r['periodic_amortised']:+.2%}): {', '.join(r['periodic'])}")
+    ok = r["total"] <= TARGET
+    print(f"  all default monitors         {r['total']:+.2%} of the step  (target <= {TARGET:.0%}: "
+          f"{'met' if ok else 'MISSED'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
