@@ -171,3 +171,52 @@ def job_table(plans: Sequence[JobPlan], flops_per_s: float, sweep_dir: str, laun
                  f"one after the other at {flops_per_s:.2g} FLOP/s per job (hydra.sweeper.flops_per_s); "
                  f"already done: {done}")
     return "\n".join(lines)
+
+
+# --- the sweep's progress line ----------------------------------------------------------------------
+
+PLAN_FILE = ".sweep.json"  # in the sweep folder: the launched jobs and their estimated FLOPs
+
+
+def write_plan(sweep_dir: Path, plans: Sequence[JobPlan]) -> None:
+    """Record the jobs of this launch (run id, estimated FLOPs) and its start, for :func:`progress_line`."""
+    import json
+    import time
+
+    from .runfolder import write_text
+
+    jobs = [dict(run_id=p.run_id, flops=c) for p, (_, c) in zip(plans, job_costs(plans))]
+    write_text(Path(sweep_dir) / PLAN_FILE, json.dumps(dict(started_at=time.time(), jobs=jobs)))
+
+
+def progress_line(sweep_dir: Path) -> Optional[str]:
+    """``sweep NAME: k/N finished (outcomes so far), about T left``, or None outside a planned sweep.
+
+    T extrapolates the wall time so far over the estimated FLOPs of the jobs still to finish (so
+    parallel workers are accounted for), from the plan :func:`write_plan` wrote at the launch.
+    """
+    import json
+    import time
+
+    try:
+        plan = json.loads((Path(sweep_dir) / PLAN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    counts: Counter = Counter()
+    done_flops = left_flops = 0.0
+    for job in plan.get("jobs", []):
+        summary = read_summary(Path(sweep_dir) / job["run_id"]) or {}
+        status = summary.get("status")
+        if status in DONE or status == "failed":
+            counts[summary.get("outcome") or status] += 1
+            done_flops += job["flops"]
+        else:
+            left_flops += job["flops"]
+    finished, total = sum(counts.values()), len(plan.get("jobs", []))
+    text = f"sweep {Path(sweep_dir).name}: {finished}/{total} finished"
+    if counts:
+        text += " (" + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + ")"
+    if done_flops and left_flops:
+        text += f", about {_duration((time.time() - plan['started_at']) * left_flops / done_flops)} left"
+    return text
+

@@ -102,6 +102,18 @@ def _record_failure(job: JobInfo, exc: Exception) -> Dict[str, Any]:
     return summary
 
 
+def _print_progress(job: JobInfo) -> None:
+    """The sweep-level line (jobs finished / total, outcomes so far, time left) after each job of a
+    multirun, on stderr beside the per-run bars (:func:`resnorm.sweeper.progress_line`)."""
+    import sys
+
+    from .sweeper import progress_line
+
+    line = progress_line(Path(job.run_dir).parent)
+    if line:
+        print(line, file=sys.stderr, flush=True)
+
+
 def run_job(cfg) -> Dict[str, Any]:
     """Hydra's task function: validate (raises ConfigError), then skip, resume or train the job."""
     from .config import validate
@@ -109,6 +121,8 @@ def run_job(cfg) -> Dict[str, Any]:
     validate(cfg)
     job = JobInfo.from_hydra(cfg)
     summary = execute(cfg, job)
-    log.info("run %s: %s (final val loss %s)", job.run_name, summary["status"], summary.get("final_val_loss"))
+    log.info("run %s: %s, %s (final val loss %s)", job.run_name, summary["status"], summary.get("outcome"),
+             summary.get("final_val_loss"))
+    _print_progress(job)
     extra = {k: summary[k] for k in ("skipped", "note") if k in summary}
     return _result(summary, **extra)

@@ -186,3 +186,23 @@ def test_resume_keeps_the_spike_state(tmp_path, monkeypatch):
     assert done["spike_steps"] == ref["spike_steps"] == [8]  # the window before step 8 straddles the cut
     assert pd.read_parquet(tmp_path / "cut" / "metrics.parquet")["grad_norm"].tolist() == \
         pd.read_parquet(tmp_path / "ref" / "metrics.parquet")["grad_norm"].tolist()
+
+
+def test_sweep_progress_line_counts_outcomes_and_extrapolates_time(tmp_path):
+    import time
+
+    from resnorm.runfolder import write_summary
+    from resnorm.sweeper import PLAN_FILE, progress_line
+
+    sweep = tmp_path / "grid"
+    sweep.mkdir()
+    (sweep / PLAN_FILE).write_text(json.dumps(dict(started_at=time.time() - 60, jobs=[
+        dict(run_id="a", flops=1.0), dict(run_id="b", flops=1.0), dict(run_id="c", flops=2.0)])))
+    assert progress_line(sweep) == "sweep grid: 0/3 finished"
+    write_summary(sweep / "a", dict(status="completed", outcome="trained"))
+    write_summary(sweep / "b", dict(status="completed", outcome="stalled"))
+    write_summary(sweep / "c", dict(status="running"))
+    line = progress_line(sweep)
+    assert line.startswith("sweep grid: 2/3 finished (1 stalled, 1 trained), about ")
+    assert line.endswith("min left") or line.endswith("s left")  # 60 s for 2 FLOPs: ~120 s for the last 2
+    assert progress_line(tmp_path / "nowhere") is None

@@ -32,7 +32,7 @@ from omegaconf import OmegaConf, open_dict
 from resnorm.config import validate
 from resnorm.errors import ConfigError
 from resnorm.identity import OPERATIONAL_KEYS, register_resolver
-from resnorm.sweeper import LAST_OUTCOME, JobPlan, duplicates, job_table, longest_first, plan_job
+from resnorm.sweeper import LAST_OUTCOME, JobPlan, duplicates, job_table, longest_first, plan_job, write_plan
 
 register_resolver()  # also in the launchers' workers, which unpickle Hydra's plugin registry
 log = logging.getLogger(__name__)
@@ -115,6 +115,7 @@ class ValidatingSweeper(BasicSweeper):
         todo = [p.overrides for p in todo_plans]
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        write_plan(sweep_dir, plans)  # each finished job prints the sweep's progress line from it
         returns = []
         initial_job_idx = 0
         for batch in self.split_overrides_to_chunks(todo, self.max_batch_size) if todo else []:
