@@ -59,7 +59,7 @@ from resnorm.runfolder import DONE, OUTCOMES, STATUSES, classify_outcome, diverg
 SPIKE_WINDOW = 20
 SPIKE_FACTOR = 1.25
 SPIKE_MIN_HISTORY = 5
-#: statuses left out of the LR-sweep metrics and of the divergence rate: the runs not over
+#: statuses left out of the LR-sweep metrics and of the failure rate: the runs not over (no outcome)
 EXCLUDED_STATUSES = tuple(s for s in STATUSES if s not in DONE)
 #: nats below the initial loss a run must end to count as stable (see :func:`largest_stable_lr_values`)
 STABLE_MARGIN = 0.1
