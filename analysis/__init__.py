@@ -10,8 +10,8 @@ Modules, one job each:
 - :mod:`analysis.load`: run folders -> tidy pandas DataFrames (:class:`~analysis.load.Sweep`).
 - :mod:`analysis.style`: fixed colours and display labels per variant.
 - :mod:`analysis.metrics`: per-run stability metrics, loss spikes, LR sensitivity, largest stable LR,
-  seed statistics (mean with a 95% CI, divergence rate); the one implementation of each definition,
-  also used by :mod:`experiments`.
+  outcomes, spike rates, seed statistics (mean with a 95% CI, failure rate per outcome); the one
+  implementation of each definition, also used by :mod:`experiments`.
 - :mod:`analysis.plots`: the figures (seaborn/matplotlib, Agg), registered in ``plots.FIGURES``.
 - :mod:`analysis.report`: ``make_report(sweep_dir, out_dir)`` writes summary.csv, seed_summary.csv,
   lr_sensitivity.csv (LR sweeps), every figure and report.md.

@@ -20,8 +20,12 @@ tables), ``run_name``, the summary fields (:data:`SUMMARY_FIELDS`, missing ones 
 other scalar the summary holds), the config flattened to dotted columns (``model.norm``,
 ``optim.lr``, ``depth``, ...; a config key that collides with a summary field is stored as
 ``config.<key>``), the first-class columns ``variant`` (= ``model.norm``), ``depth``, ``seed``, ``lr``
-(= ``optim.lr``, the configured peak rate), and ``setting``: a label of the other swept keys (see :func:`sweep_axes`), empty
-when the sweep varies only variant, depth and seed.
+(= ``optim.lr``, the configured peak rate), ``setting``: a label of the other swept keys (see
+:func:`sweep_axes`), empty when the sweep varies only variant, depth and seed, and ``outcome`` (one
+of :data:`resnorm.runfolder.OUTCOMES`, None for a failed or running run) with ``outcome_derived``:
+the summary's own ``outcome`` when it records one (False), else derived from its status, divergence
+reason, final validation loss and ``unigram_loss`` (True; see :func:`outcome_of`). Summaries from
+before ``unigram_loss`` was recorded have no baseline: their completed runs count as trained.
 
 The ``steps`` and ``layers`` tables are the parquet rows of all jobs, each prefixed with
 :data:`KEY_COLUMNS` (``run_dir``, ``run_name``, ``variant``, ``depth``, ``seed``, ``lr``). Because
@@ -39,21 +43,25 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
-from resnorm.runfolder import LAYERS, METRICS, SUMMARY, read_summary
+from resnorm.runfolder import (LAYERS, METRICS, OUTCOMES, SUMMARY, classify_outcome, diverge_kind_of,
+                                read_summary)
 
 #: summary fields every row of the runs table has (NaN/None where the summary lacks them)
 SUMMARY_FIELDS = (
-    "status", "diverged_step", "diverge_reason", "initial_loss", "final_train_loss", "final_val_loss",
-    "best_val_loss", "tokens_per_s", "wall_s", "steps_done", "n_params", "torch_version", "git_commit",
-    "run_name", "overrides",
+    "status", "diverged_step", "diverge_reason", "diverge_kind", "initial_loss", "final_train_loss",
+    "final_val_loss", "best_val_loss", "unigram_loss", "entropy_rate", "stall_margin", "spike_count",
+    "tokens_per_s", "wall_s", "steps_done", "n_params", "mfu", "peak_memory_bytes", "torch_version",
+    "git_commit", "run_name", "overrides",
 )
-FLOAT_COLUMNS = ("initial_loss", "final_train_loss", "final_val_loss", "best_val_loss", "tokens_per_s",
-                 "wall_s", "lr")
-INT_COLUMNS = ("diverged_step", "steps_done", "n_params", "depth", "seed")
+FLOAT_COLUMNS = ("initial_loss", "final_train_loss", "final_val_loss", "best_val_loss", "unigram_loss",
+                 "entropy_rate", "stall_margin", "tokens_per_s", "wall_s", "mfu", "lr")
+INT_COLUMNS = ("diverged_step", "steps_done", "n_params", "spike_count", "peak_memory_bytes", "depth", "seed")
+#: ``train.stall_margin``'s default, for summaries and configs that do not record it
+DEFAULT_STALL_MARGIN = 0.1
 #: first-class column -> the dotted config key it comes from
 FIRST_CLASS = {"variant": "model.norm", "depth": "depth", "seed": "seed", "lr": "optim.lr"}
 #: columns added to every row of the steps and layers tables
@@ -153,6 +161,33 @@ def _hydra_config(run_dir: Path) -> Dict[str, Any]:
     return loaded if isinstance(loaded, dict) else {}
 
 
+def _float_or_none(value: Any) -> Optional[float]:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(value) else value
+
+
+def outcome_of(summary: Dict[str, Any], flat_config: Dict[str, Any]) -> Tuple[Optional[str], bool]:
+    """``(outcome, derived)``: the summary's ``outcome`` when it has the key (None for a failed or
+    running run), else :func:`resnorm.runfolder.classify_outcome` of its status, ``diverge_kind``
+    (or the kind recovered from ``diverge_reason``), final validation loss, ``unigram_loss`` (None
+    when not recorded: a completed run then counts as trained) and ``stall_margin`` (the summary's,
+    the config's ``train.stall_margin``, else :data:`DEFAULT_STALL_MARGIN`); ``derived`` says which."""
+    if "outcome" in summary:
+        given = summary["outcome"]
+        return (given if given in OUTCOMES else None), False
+    kind = summary.get("diverge_kind") or diverge_kind_of(summary.get("diverge_reason"))
+    margin = _float_or_none(summary.get("stall_margin"))
+    if margin is None:
+        margin = _float_or_none(flat_config.get("train.stall_margin"))
+    outcome = classify_outcome(summary.get("status"), kind, _float_or_none(summary.get("final_val_loss")),
+                               _float_or_none(summary.get("unigram_loss")),
+                               DEFAULT_STALL_MARGIN if margin is None else margin)
+    return outcome, True
+
+
 def run_info(run_dir: Path, summary: Dict[str, Any]) -> Dict[str, Any]:
     """One row of the runs table from a job folder and its parsed summary (see the module docstring)."""
     run_dir = Path(run_dir)
@@ -185,6 +220,7 @@ def run_info(run_dir: Path, summary: Dict[str, Any]) -> Dict[str, Any]:
             if value is not None:
                 break
         info[column] = value
+    info["outcome"], info["outcome_derived"] = outcome_of(summary, flat)
     return info
 
 

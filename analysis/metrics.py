@@ -22,19 +22,26 @@ Definitions (parameters are explicit arguments with the defaults named here):
   Lower is more stable; report ``l*`` (:func:`best_loss`) beside it (a low LRsens with a bad ``l*``
   is not "stable").
 - **Largest stable LR** (:func:`largest_stable_lr_values`, :func:`largest_stable_lr`): the largest
-  rate all of whose runs are stable. A run is stable when it completed (not diverged) and its final
-  loss is finite and at least ``margin`` (:data:`STABLE_MARGIN`, 0.1 nat) below ``l0``. The margin
-  keeps a run that is stuck near the initial loss (at ln|V| after a collapse, say) from counting as
-  stable; a rate with several runs (seeds) is stable only if every one of them is.
+  rate all of whose runs are stable. A run is stable when its outcome is ``trained`` (it completed,
+  not diverged, not non-finite, and not **stalled**: a run whose final loss stayed within
+  ``train.stall_margin`` of the data's unigram loss learned nothing beyond byte frequencies, see
+  :func:`resnorm.runfolder.classify_outcome`) and its final loss is finite and at least ``margin``
+  (:data:`STABLE_MARGIN`, 0.1 nat) below ``l0``. The margin keeps a run that is stuck near the
+  initial loss (at ln|V| after a collapse, say) from counting as stable where no unigram baseline is
+  known; a rate with several runs (seeds) is stable only if every one of them is. The LR
+  sensitivity stays numeric: a stalled run counts with its own final loss (already near the
+  unigram loss, so it is penalised without a special case).
 - **Seed statistics** (:func:`seed_summary`): per (variant, depth, setting), over seeds, the mean of
   the completed runs' final loss with a 95% confidence interval from Student's t
   (:func:`mean_ci`: ``mean +- t(0.975, n-1) * sd / sqrt(n)``, sd with ``n - 1``; none for one run),
-  and the **divergence rate**: diverged runs over the runs that finished (completed or diverged),
-  with a 95% Wilson score interval (:func:`wilson_interval`), which stays inside [0, 1] and is
-  not empty at 0 of 3 or 3 of 3.
+  the count of each outcome (:data:`resnorm.runfolder.OUTCOMES`: trained, stalled, diverged,
+  nonfinite) and the **failure rate**: the runs with an outcome other than ``trained`` over the runs
+  with an outcome (completed or diverged), with a 95% Wilson score interval
+  (:func:`wilson_interval`), which stays inside [0, 1] and is not empty at 0 of 3 or 3 of 3.
 
-Runs with status ``failed`` (a crash) or ``running`` (unfinished) say nothing about stability and are
-left out of the LR metrics and of the divergence rate.
+Runs with status ``failed`` (a crash) or ``running`` (unfinished) have no outcome, say nothing about
+stability and are left out of the LR metrics and of the failure rate. A table without an ``outcome``
+column (a hand-made one) gets it from :func:`outcomes`.
 """
 
 from __future__ import annotations
@@ -47,12 +54,12 @@ import numpy as np
 import pandas as pd
 
 from analysis.load import PLOT_AXES, parse_overrides
-from resnorm.runfolder import DONE, STATUSES
+from resnorm.runfolder import DONE, OUTCOMES, STATUSES, classify_outcome, diverge_kind_of
 
 SPIKE_WINDOW = 20
 SPIKE_FACTOR = 1.25
 SPIKE_MIN_HISTORY = 5
-#: statuses left out of the LR-sweep metrics and of the divergence rate: the runs not over
+#: statuses left out of the LR-sweep metrics and of the failure rate: the runs not over (no outcome)
 EXCLUDED_STATUSES = tuple(s for s in STATUSES if s not in DONE)
 #: nats below the initial loss a run must end to count as stable (see :func:`largest_stable_lr_values`)
 STABLE_MARGIN = 0.1
@@ -60,12 +67,15 @@ STABLE_MARGIN = 0.1
 CONFIDENCE = 0.95
 #: columns of :func:`run_metrics`, in order (the columns of summary.csv)
 RUN_METRIC_COLUMNS = (
-    "run_name", "variant", "depth", "seed", "lr", "status", "diverged_step", "final_train_loss",
-    "final_val_loss", "best_val_loss", "loss_spikes", "tokens_per_s", "wall_s", "n_params", "run_dir",
+    "run_name", "variant", "depth", "seed", "lr", "status", "outcome", "diverged_step", "final_train_loss",
+    "final_val_loss", "best_val_loss", "unigram_loss", "loss_spikes", "tokens_per_s", "wall_s", "n_params",
+    "run_dir",
 )
+#: the outcomes that are failures (every outcome but ``trained``), in the order figures stack them
+FAILURES = tuple(o for o in OUTCOMES if o != "trained")
 #: columns of :func:`seed_summary` after the grouping keys (the columns of seed_summary.csv)
-SEED_COLUMNS = ("runs", "finished", "diverged", "divergence_rate", "divergence_low", "divergence_high", "n",
-                "mean", "ci95")
+SEED_COLUMNS = ("runs", "finished", *OUTCOMES, "failure_rate", "failure_low", "failure_high", "n", "mean",
+                "ci95")
 
 
 def spike_steps(losses: Iterable[float], window: int = SPIKE_WINDOW, factor: float = SPIKE_FACTOR,
@@ -111,6 +121,48 @@ def run_metrics(sweep, spike_window: int = SPIKE_WINDOW, spike_factor: float = S
     return table[list(RUN_METRIC_COLUMNS) + ["setting"]].reset_index(drop=True)
 
 
+def outcomes(runs: pd.DataFrame) -> pd.Series:
+    """Each run's outcome: the ``outcome`` column when ``runs`` has one (the runs table always does,
+    :func:`analysis.load.outcome_of`), else :func:`resnorm.runfolder.classify_outcome` of ``status``
+    and ``final_val_loss`` with no baseline (a hand-made table): a diverged run is ``nonfinite`` or
+    ``diverged`` by its ``diverge_kind`` or ``diverge_reason`` column, ``diverged`` without either."""
+    if "outcome" in runs.columns:
+        return runs["outcome"].where(runs["outcome"].isin(OUTCOMES), None)
+    values = []
+    for _, row in runs.iterrows():
+        kind = row.get("diverge_kind")
+        if not isinstance(kind, str):
+            reason = row.get("diverge_reason")
+            kind = diverge_kind_of(reason) if isinstance(reason, str) else "loss_factor"
+        loss = pd.to_numeric(pd.Series([row.get("final_val_loss")]), errors="coerce").iloc[0]
+        values.append(classify_outcome(row.get("status"), kind, None if pd.isna(loss) else float(loss), None, 0.0))
+    return pd.Series(values, index=runs.index, dtype=object)
+
+
+def spike_rates(sweep) -> pd.DataFrame:
+    """Per run with spike data, ``run_dir`` and ``spike_rate``: spikes per 1000 steps, from the
+    summary's ``spike_count`` over ``steps_done`` (the training's own spike detector), else the
+    number of rows flagged in the ``spike`` column of ``metrics.parquet`` over its rows. Runs that
+    recorded neither (written before spike detection) are left out."""
+    runs = sweep.runs
+    steps = sweep.steps
+    flagged = {}
+    if len(steps) and "spike" in steps.columns:
+        for run_dir, rows in steps.groupby("run_dir", sort=False):
+            spike = pd.to_numeric(rows["spike"], errors="coerce")
+            if spike.notna().any():
+                flagged[run_dir] = (float(spike.fillna(0).astype(bool).sum()), float(len(rows)))
+    rows = []
+    for _, run in runs.iterrows():
+        count, done = run.get("spike_count"), run.get("steps_done")
+        if pd.notna(count) and pd.notna(done) and done > 0:
+            rows.append((run["run_dir"], 1000.0 * float(count) / float(done)))
+        elif run["run_dir"] in flagged and flagged[run["run_dir"]][1] > 0:
+            count, done = flagged[run["run_dir"]]
+            rows.append((run["run_dir"], 1000.0 * count / done))
+    return pd.DataFrame(rows, columns=["run_dir", "spike_rate"])
+
+
 # ------------------------------------------------------------------------------- LR sweeps: values
 
 
@@ -144,7 +196,7 @@ def largest_stable_lr_values(lrs: Iterable[float], final_losses: Iterable[float]
     """The largest rate in ``lrs`` all of whose runs are stable, NaN if none is (module docstring).
 
     One entry per run (several runs may share a rate); ``completed`` (optional, one flag per run) is
-    False for a run that diverged or did not finish; ``initial_loss`` is one number or one per run.
+    False for a run that is not stable whatever its loss (diverged, stalled, unfinished); ``initial_loss`` is one number or one per run.
     """
     rates = np.asarray(list(lrs), dtype=float)
     values = np.asarray(list(final_losses), dtype=float)
@@ -187,6 +239,14 @@ def _losses(df: pd.DataFrame, loss: str) -> np.ndarray:
 def _status_is(df: pd.DataFrame, status: str) -> Optional[np.ndarray]:
     """``df.status == status`` as a boolean array, None without a status column."""
     return (df["status"] == status).to_numpy() if "status" in df.columns else None
+
+
+def _trained(df: pd.DataFrame) -> Optional[np.ndarray]:
+    """Per run, whether its outcome is ``trained`` (:func:`outcomes`); None without an ``outcome``
+    or a ``status`` column (then only the losses decide)."""
+    if "outcome" not in df.columns and "status" not in df.columns:
+        return None
+    return (outcomes(df) == "trained").to_numpy()
 
 
 def lr_sensitivity(df: pd.DataFrame, loss: str = "final_val_loss", lr: str = "lr",
@@ -235,16 +295,17 @@ def largest_stable_lr(df: pd.DataFrame, loss: str = "final_val_loss", lr: str = 
     """The largest learning rate all of whose runs are stable (:func:`largest_stable_lr_values`),
     NaN if none is.
 
-    A run is stable when its status is ``completed`` (if ``df`` has a ``status`` column) and its
-    final ``loss`` is finite and at least ``margin`` below ``l0`` (``initial_loss``, or the median of
-    the column). Several runs per rate (seeds) are allowed: the rate is stable only if every one of
-    them is. Failed and running runs are left out.
+    A run is stable when its outcome is ``trained`` (:func:`outcomes`: completed and not stalled; if
+    ``df`` has an ``outcome`` or ``status`` column) and its final ``loss`` is finite and at least
+    ``margin`` below ``l0`` (``initial_loss``, or the median of the column). Several runs per rate
+    (seeds) are allowed: the rate is stable only if every one of them is. Failed and running runs are
+    left out.
     """
     grid = _lr_grid(df, lr, None)
     if grid.empty:
         return math.nan
     return largest_stable_lr_values(grid[lr], _losses(grid, loss), _initial_loss(grid, initial_loss),
-                                    _status_is(grid, "completed"), margin)
+                                    _trained(grid), margin)
 
 
 def lr_sweep_runs(sweep) -> Tuple[pd.DataFrame, List[str]]:
@@ -353,27 +414,31 @@ def seed_summary(runs: pd.DataFrame, value: str = "final_val_loss",
     """Per group of ``runs`` (the seeds of one variant, depth and setting): the by-columns, then
     :data:`SEED_COLUMNS`:
 
-    - ``runs``: the group's runs, any status; ``finished``: how many completed or diverged;
-      ``diverged``: how many diverged;
-    - ``divergence_rate``: diverged over completed-or-diverged (failed and running runs are left
-      out; NaN when none finished), with its 95% Wilson interval ``divergence_low``/``divergence_high``;
-    - ``n``, ``mean``, ``ci95``: the completed runs with a finite ``value``, their mean and the
-      half-width of its 95% Student-t interval (:func:`mean_ci`; NaN for fewer than two).
+    - ``runs``: the group's runs, any status; ``finished``: how many have an outcome (completed or
+      diverged); ``trained``, ``stalled``, ``diverged``, ``nonfinite``: how many have each outcome
+      (:func:`outcomes`);
+    - ``failure_rate``: the finished runs whose outcome is not ``trained`` over the finished runs
+      (failed and running runs are left out; NaN when none finished), with its 95% Wilson interval
+      ``failure_low``/``failure_high``;
+    - ``n``, ``mean``, ``ci95``: the completed runs (stalled ones included) with a finite ``value``,
+      their mean and the half-width of its 95% Student-t interval (:func:`mean_ci`; NaN for fewer
+      than two).
 
     Groups come in the sort order of the by-columns.
     """
     by = list(by)
+    runs = runs.assign(_outcome=outcomes(runs))
     rows = []
     for key, group in runs.groupby(by, sort=True, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
-        status = group["status"]
-        diverged = int((status == "diverged").sum())
-        finished = int(status.isin(["completed", "diverged"]).sum())
-        low, high = wilson_interval(diverged, finished)
-        values = pd.to_numeric(group.loc[status == "completed", value], errors="coerce").astype(float)
+        counts = {o: int((group["_outcome"] == o).sum()) for o in OUTCOMES}
+        finished = sum(counts.values())
+        failed = finished - counts["trained"]
+        low, high = wilson_interval(failed, finished)
+        values = pd.to_numeric(group.loc[group["status"] == "completed", value], errors="coerce").astype(float)
         mean, half = mean_ci(values)
-        rows.append(dict(zip(by, key), runs=len(group), finished=finished, diverged=diverged,
-                         divergence_rate=diverged / finished if finished else math.nan,
-                         divergence_low=low, divergence_high=high, n=int(np.isfinite(values).sum()),
+        rows.append(dict(zip(by, key), runs=len(group), finished=finished, **counts,
+                         failure_rate=failed / finished if finished else math.nan,
+                         failure_low=low, failure_high=high, n=int(np.isfinite(values).sum()),
                          mean=mean, ci95=half))
     return pd.DataFrame(rows, columns=by + list(SEED_COLUMNS))

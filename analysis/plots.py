@@ -42,13 +42,24 @@ DIVERGED_Y, FAILED_Y = 0.95, 0.87
 NONE_STABLE_Y = 0.04
 #: horizontal offset (points) between variants whose markers would coincide
 NUDGE_PTS = 5
-#: per-layer quantities of layer_profiles, in row order
-PROFILE_QUANTITIES = ("grad_norm", "act_rms", "update_ratio")
-#: how a quantity's attention and MLP values make one value per block (block_profile)
-BLOCK_COMBINE = {"grad_norm": "norm"}  # the block's gradient norm; any other quantity: "rms"
-PROFILE_LABELS = {"grad_norm": "gradient norm\nsqrt(attn² + mlp²)",
-                  "act_rms": "activation RMS\nRMS over attn, mlp",
-                  "update_ratio": "update ratio ||ΔW||/||W||\nRMS over attn, mlp"}
+#: per-layer quantities of layer_profiles (the training probes), in row order; every other quantity
+#: of layers.parquet is drawn by monitor_profiles
+PROFILE_QUANTITIES = ("grad_norm", "act_rms", "update_ratio", "branch_ratio", "max_attn_logit")
+#: row order of the monitor quantities monitor_profiles knows; others follow, sorted by name
+MONITOR_ORDER = ("param_norm", "update_norm", "update_grad_cos", "adam_m_norm", "adam_v_norm", "act_absmax",
+                 "act_kurtosis", "stream_grad_rms", "attn_entropy_mean", "attn_entropy_min_head",
+                 "attn_sink_mass", "rezero_alpha", "admin_omega_mean", "dyt_alpha")
+#: how a quantity's sublayer values (attn, mlp) make one value per block (block_values): "norm"
+#: sqrt(sum of squares) for norms over parameters, "rms" sqrt(mean of squares), "max"; any quantity
+#: not listed: "mean" (right for signed and bounded ones: cosines, entropies, gates)
+BLOCK_COMBINE = {"grad_norm": "norm", "param_norm": "norm", "update_norm": "norm", "adam_m_norm": "norm",
+                 "adam_v_norm": "norm", "act_rms": "rms", "update_ratio": "rms", "branch_ratio": "rms",
+                 "stream_grad_rms": "rms", "max_attn_logit": "max", "act_absmax": "max"}
+_COMBINE_TEXT = {"norm": "sqrt(attn² + mlp²)", "rms": "RMS over attn, mlp", "max": "max over sublayers",
+                 "mean": "mean over sublayers"}
+PROFILE_LABELS = {"grad_norm": "gradient norm", "act_rms": "activation RMS",
+                  "update_ratio": "update ratio ||ΔW||/||W||", "branch_ratio": "branch ratio",
+                  "max_attn_logit": "max attention logit"}
 #: layer groups of coord_check: the thirds of the stack (see depth_thirds)
 LAYER_GROUPS = ("first third", "middle third", "last third")
 
@@ -85,6 +96,8 @@ def _plottable_runs(runs: pd.DataFrame) -> pd.DataFrame:
     """Runs that have both a variant and a depth (the two axes every figure needs)."""
     runs = runs[runs["variant"].notna() & runs["depth"].notna()].copy()
     runs["setting"] = runs["setting"].fillna("")
+    if "unigram_loss" not in runs.columns:  # a hand-made table
+        runs["unigram_loss"] = math.nan
     return runs
 
 
@@ -216,14 +229,36 @@ def _mark_failures(fig, ax, panel_marked, variants, colours) -> None:
                                 textcoords="offset points", fontsize=7, color=colours[variant])
 
 
-def _loss_limits(ax, ok, several_seeds: bool) -> None:
-    """The shared y range: the finite final losses (+- one sd with several seeds), room on top for
-    the failure markers."""
+def _unigram_values(values) -> List[float]:
+    """The distinct finite values of ``values`` (unigram losses), sorted (rounded to 1e-6 nat)."""
+    numbers = pd.to_numeric(pd.Series(list(values), dtype=object), errors="coerce").astype(float)
+    return sorted({round(float(v), 6) for v in numbers if np.isfinite(v)})
+
+
+def _unigram_lines(ax, values) -> bool:
+    """A dashed grey horizontal line at each distinct finite unigram loss in ``values`` (the runs
+    of one panel); True when one was drawn."""
+    levels = _unigram_values(values)
+    for level in levels:
+        ax.axhline(level, color=style.REFERENCE, ls="--", lw=1.1, zorder=1)
+    return bool(levels)
+
+
+def _unigram_handle():
+    from matplotlib.lines import Line2D
+
+    return Line2D([], [], color=style.REFERENCE, ls="--", lw=1.1, label="unigram loss")
+
+
+def _loss_limits(ax, ok, several_seeds: bool, unigram=()) -> None:
+    """The shared y range: the finite final losses (+- one sd with several seeds) and the unigram
+    losses, room on top for the failure markers."""
     finite = ok["final_val_loss"]
-    if finite.empty:
+    levels = _unigram_values(unigram)
+    if finite.empty and not levels:
         ax.set_ylim(0.0, 1.0)
         return
-    low, high = float(finite.min()), float(finite.max())
+    low, high = min([*finite.tolist(), *levels]), max([*finite.tolist(), *levels])
     if several_seeds:
         sd = ok.groupby(["setting", "variant", "depth"])["final_val_loss"].std().fillna(0.0)
         high += float(sd.max())
@@ -237,7 +272,9 @@ def depth_vs_val_loss(sweep, path) -> Optional[Path]:
 
     Reads ``sweep.runs`` (status, final_val_loss, variant, depth, seed, setting). A line is the mean
     over seeds of the completed runs' final validation loss, with error bars of one standard
-    deviation where a depth has several seeds. Diverged runs have no valid final loss: each
+    deviation where a depth has several seeds; a dashed grey line at the runs' ``unigram_loss``
+    (where known: a run at it learned only byte frequencies, a stalled run). Diverged runs have no
+    valid final loss: each
     (variant, depth) with a diverged run gets an ``x`` at the top of the panel in the variant's
     colour (with the count when more than one seed diverged); failed runs a hollow square below it.
     Runs still ``running`` have no final loss yet and are not shown.
@@ -262,7 +299,7 @@ def depth_vs_val_loss(sweep, path) -> Optional[Path]:
     ncols = min(len(settings), 3)
     fig, axes = _grid(len(settings), ncols, PANEL_W * 1.3, PANEL_H * 1.3, sharey=True)
     several_seeds = bool((ok.groupby(["setting", "variant", "depth"]).size() > 1).any())
-
+    reference = False
     for panel, (ax, setting) in enumerate(zip(axes.flat, settings)):
         panel_ok = ok[ok["setting"] == setting]
         if not panel_ok.empty:
@@ -275,6 +312,7 @@ def depth_vs_val_loss(sweep, path) -> Optional[Path]:
             ax.text(0.5, 0.5, "no completed run", transform=ax.transAxes, ha="center", va="center",
                     color="grey")
         _mark_failures(fig, ax, marked[marked["setting"] == setting], variants, colours)
+        reference |= _unigram_lines(ax, runs.loc[runs["setting"] == setting, "unigram_loss"])
         _depth_axis(ax, depths)
         ax.set_xlabel("depth (blocks)")
         ax.set_ylabel("" if panel % ncols else
@@ -282,8 +320,8 @@ def depth_vs_val_loss(sweep, path) -> Optional[Path]:
         if setting:
             ax.set_title(setting)
 
-    _loss_limits(axes.flat[0], ok, several_seeds)
-    handles = _variant_handles(variants, marker="o")
+    _loss_limits(axes.flat[0], ok, several_seeds, runs["unigram_loss"])
+    handles = _variant_handles(variants, marker="o") + ([_unigram_handle()] if reference else [])
     if (marked["status"] == "diverged").any():
         handles.append(Line2D([], [], ls="none", marker="x", ms=8, mew=2, color=style.NEUTRAL,
                               label="diverged"))
@@ -300,7 +338,8 @@ def loss_curves(sweep, path) -> Optional[Path]:
 
     Reads ``sweep.steps`` (step, train_loss, val_loss) and ``sweep.runs`` (status, diverged_step).
     The y axis is shared, from the lowest finite loss to 1.1x the highest initial loss (a diverging
-    loss leaves the top); a dashed vertical line marks the step a run diverged at. Seeds of one cell
+    loss leaves the top); a dashed vertical line marks the step a run diverged at, a dashed grey
+    horizontal one the cell's ``unigram_loss`` (where the runs recorded it). Seeds of one cell
     are overlaid in the variant's colour; several settings are drawn in shades of it, light to dark.
     """
     from matplotlib.lines import Line2D
@@ -332,11 +371,13 @@ def loss_curves(sweep, path) -> Optional[Path]:
 
     fig, axes = _figure(len(depths), len(variants), max(PANEL_W * len(variants) + 1.8, MIN_WIDTH),
                         PANEL_H * len(depths) + 0.6, sharex=True, sharey=True)
+    reference = False
     for r, depth in enumerate(depths):
         for c, variant in enumerate(variants):
             ax = axes[r, c]
             cell = runs[(runs["depth"] == depth) & (runs["variant"] == variant)]
             drawn = 0
+            reference |= _unigram_lines(ax, cell["unigram_loss"])
             for _, run in cell.iterrows():
                 colour = _shade(style.colour(variant), shade_of[run["setting"]])
                 rows = by_run.get(run["run_dir"])
@@ -365,6 +406,8 @@ def loss_curves(sweep, path) -> Optional[Path]:
                Line2D([], [], color="grey", ls="none", marker="o", ms=3.5, label="val loss")]
     if (runs["status"] == "diverged").any():
         handles.append(Line2D([], [], color=style.NEUTRAL, ls="--", lw=1, label="diverged"))
+    if reference:
+        handles.append(_unigram_handle())
     if len(settings) > 1:
         handles += [Line2D([], [], color=_shade("#444444", shade_of[s]), lw=2, label=s) for s in settings]
     _legend(fig, handles)
@@ -379,26 +422,40 @@ def block_values(layers: pd.DataFrame, quantity: str) -> pd.DataFrame:
     The combination is :data:`BLOCK_COMBINE`'s: ``"norm"``, ``sqrt(sum of squares)`` (for gradient
     norms, the norm of the whole block's gradient, ``sqrt(attn^2 + mlp^2)``); ``"rms"``,
     ``sqrt(mean of squares)`` (for activation RMS, the RMS over the block's attention and MLP output
-    streams, which have the same size; for update ratios, their quadratic mean). A non-finite
+    streams, which have the same size; for update ratios, their quadratic mean); ``"max"``; ``"mean"``
+    (any quantity not listed). A sublayer that has no finite value of the quantity at any step of a
+    run does not have it (``max_attn_logit`` of an MLP) and is left out; otherwise a non-finite
     sublayer value makes its block's value inf.
     """
     rows = layers[layers["quantity"] == quantity]
     if rows.empty:
         return pd.DataFrame(columns=["run_dir", "step", "layer", "value"])
     value = rows["value"].astype(float)
-    squared = value.where(np.isfinite(value), np.inf) ** 2  # one bad sublayer spoils its block
-    grouped = rows.assign(squared=squared).groupby(["run_dir", "step", "layer"], sort=True)["squared"]
-    combined = grouped.sum() if BLOCK_COMBINE.get(quantity, "rms") == "norm" else grouped.mean()
-    return combined.pow(0.5).rename("value").reset_index()
+    present = np.isfinite(value).groupby([rows["run_dir"], rows["sublayer"]]).transform("any")
+    rows, value = rows[present], value[present]
+    if rows.empty:
+        return pd.DataFrame(columns=["run_dir", "step", "layer", "value"])
+    how = BLOCK_COMBINE.get(quantity, "mean")
+    bad = ~np.isfinite(value)
+    keys = ["run_dir", "step", "layer"]
+    spoiled = bad.groupby([rows[k] for k in keys]).any()
+    if how in ("norm", "rms"):
+        grouped = (value ** 2).groupby([rows[k] for k in keys], sort=True)
+        combined = (grouped.sum() if how == "norm" else grouped.mean()).pow(0.5)
+    else:
+        grouped = value.groupby([rows[k] for k in keys], sort=True)
+        combined = grouped.max() if how == "max" else grouped.mean()
+    combined[spoiled.reindex(combined.index).to_numpy()] = np.inf  # one bad sublayer spoils its block
+    return combined.rename("value").reset_index()
 
 
 def block_profile(layers: pd.DataFrame, quantity: str = "grad_norm") -> pd.DataFrame:
     """Per run, the per-block profile of ``quantity`` at its first and its last usable step.
 
-    Blocks as in :func:`block_values`. The first step is the run's first logged step; the last is its
-    last logged step at which every block's value is finite (a diverged run's final step often holds
-    inf/NaN). Returns ``run_dir, step, layer, value, when`` with ``when`` in ``"step 0"`` (or
-    ``"first logged step"`` if that is not 0) and ``"last logged step"``.
+    Blocks as in :func:`block_values`. The first step is the run's first logged step of the
+    quantity; the last is its last logged step at which every block's value is finite (a diverged
+    run's final step often holds inf/NaN). Returns ``run_dir, step, layer, value, when`` with
+    ``when`` in ``"step 0"`` (or ``"first logged step"`` if that is not 0) and ``"last logged step"``.
     """
     blocks = block_values(layers, quantity)
     if blocks.empty:
@@ -406,7 +463,7 @@ def block_profile(layers: pd.DataFrame, quantity: str = "grad_norm") -> pd.DataF
     parts = []
     for run_dir, run in blocks.groupby("run_dir", sort=False):
         first = int(run["step"].min())
-        finite_steps = np.isfinite(run["value"]).groupby(run["step"]).all()
+        finite_steps = np.isfinite(run["value"].astype(float)).groupby(run["step"]).all()
         finite_steps = finite_steps[finite_steps].index
         chosen = {first: "step 0" if first == 0 else "first logged step"}
         if len(finite_steps) and int(finite_steps.max()) != first:
@@ -417,42 +474,59 @@ def block_profile(layers: pd.DataFrame, quantity: str = "grad_norm") -> pd.DataF
     return pd.concat(parts, ignore_index=True)
 
 
-def layer_profiles(sweep, path) -> Optional[Path]:
-    """Per-layer gradient norm, activation RMS and update ratio (log y) against block index: one
-    row per quantity (and setting), one column per depth; hue = variant, dashed = the run's first
-    logged step (step 0), solid = its last.
+def _profile_rows(sweep, quantities: List[str]) -> pd.DataFrame:
+    """:func:`block_profile` of each of ``quantities`` for the runs with a variant and a depth, their
+    finite values only, with ``quantity``, ``variant``, ``depth`` and ``setting`` columns."""
+    runs = _plottable_runs(sweep.runs)[["run_dir", "variant", "depth", "setting"]]
+    parts = []
+    for quantity in quantities:
+        profile = block_profile(sweep.layers, quantity).merge(runs, on="run_dir", how="inner")
+        value = profile["value"].astype(float)
+        parts.append(profile[np.isfinite(value)].assign(quantity=quantity, value=value))
+    parts = [p for p in parts if len(p)]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
-    Reads ``sweep.layers`` (the :data:`PROFILE_QUANTITIES` it has; ``act_rms`` and ``update_ratio``
-    come from the training probes, ``train.probe_every``) and ``sweep.runs``. Sublayers are combined
-    per block as in :func:`block_values`; seeds are averaged. Non-positive or non-finite values
-    cannot be drawn on the log scale and are left out.
-    """
+
+def _profile_label(quantity: str) -> str:
+    name = PROFILE_LABELS.get(quantity, quantity.replace("_", " "))
+    return f"{name}\n{_COMBINE_TEXT[BLOCK_COMBINE.get(quantity, 'mean')]}"
+
+
+def _profile_panel(ax, panel: pd.DataFrame, variants: List[str], whens: List[str], log_scale: bool) -> None:
     import seaborn as sns
+
+    if panel.empty:
+        ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="grey")
+    else:
+        present = [v for v in variants if v in set(panel["variant"])]
+        dashes = {w: ("" if w == "last logged step" else (4, 2)) for w in whens}
+        sns.lineplot(data=panel.assign(layer=panel["layer"].astype(int)), x="layer", y="value",
+                     hue="variant", hue_order=present, palette={v: style.colour(v) for v in present},
+                     style="when", style_order=[w for w in whens if w in set(panel["when"])],
+                     dashes=dashes, estimator="mean", errorbar=None, legend=False, ax=ax,
+                     marker="o", ms=3, mew=0)  # markers: a depth-1 profile is a single point
+    if log_scale:
+        ax.set_yscale("log")
+
+
+def _profiles_figure(sweep, path, figure: str, quantities: List[str], title: str) -> Optional[Path]:
+    """Per-block profiles of ``quantities`` (those with a finite value) against block index: one row
+    per quantity (and setting), one column per depth; hue = variant, dashed = the run's first logged
+    step of the quantity, solid = its last finite one. A row is on a log scale when all its values
+    are positive, else linear. Seeds are averaged."""
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
-    layers = sweep.layers
-    if layers.empty or "quantity" not in layers.columns:
-        return _skip("layer_profiles", "no run wrote layers.parquet")
-    runs = _plottable_runs(sweep.runs)
-    parts = []
-    for quantity in PROFILE_QUANTITIES:
-        profile = block_profile(layers, quantity).merge(
-            runs[["run_dir", "variant", "depth", "setting"]], on="run_dir", how="inner")
-        value = profile["value"].astype(float)
-        parts.append(profile[np.isfinite(value) & (value > 0)].assign(quantity=quantity))
-    profile = pd.concat(parts, ignore_index=True)
+    profile = _profile_rows(sweep, quantities)
     if profile.empty:
-        return _skip("layer_profiles", f"no positive finite {' / '.join(PROFILE_QUANTITIES)} value in a "
-                     "run with a variant and a depth")
-
-    quantities = [q for q in PROFILE_QUANTITIES if q in set(profile["quantity"])]
+        return _skip(figure, f"no finite {' / '.join(quantities)} value in a run with a variant and a depth")
+    quantities = [q for q in quantities if q in set(profile["quantity"])]
     variants = style.order(profile["variant"])
-    colours = style.palette(variants)
     depths = sorted(int(d) for d in profile["depth"].unique())
+    runs = _plottable_runs(sweep.runs)
     settings = setting_order(runs[runs["run_dir"].isin(set(profile["run_dir"]))])
     whens = [w for w in ("step 0", "first logged step", "last logged step") if w in set(profile["when"])]
-    dashes = {w: ("" if w == "last logged step" else (4, 2)) for w in whens}
+    positive = profile.groupby("quantity")["value"].apply(lambda v: bool((v > 0).all()))
 
     rows = [(quantity, setting) for quantity in quantities for setting in settings]
     fig, axes = _figure(len(rows), len(depths), max(PANEL_W * 1.2 * len(depths) + 1.0, MIN_WIDTH),
@@ -462,65 +536,179 @@ def layer_profiles(sweep, path) -> Optional[Path]:
             ax = axes[r, c]
             panel = profile[(profile["quantity"] == quantity) & (profile["setting"] == setting)
                             & (profile["depth"] == depth)]
-            if panel.empty:
-                ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="grey")
-            else:
-                present = [v for v in variants if v in set(panel["variant"])]
-                sns.lineplot(data=panel.assign(layer=panel["layer"].astype(int)), x="layer", y="value",
-                             hue="variant", hue_order=present, palette={v: colours[v] for v in present},
-                             style="when", style_order=[w for w in whens if w in set(panel["when"])],
-                             dashes=dashes, estimator="mean", errorbar=None, legend=False, ax=ax,
-                             marker="o", ms=3, mew=0)  # markers: a depth-1 profile is a single point
-            ax.set_yscale("log")
+            _profile_panel(ax, panel, variants, whens, bool(positive[quantity]))
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_title(f"depth {depth}" + (f", {setting}" if setting else ""))
             ax.set_xlabel("layer (block index)" if r == len(rows) - 1 else "")
-            ax.set_ylabel(PROFILE_LABELS.get(quantity, quantity) if c == 0 else "")
+            ax.set_ylabel(_profile_label(quantity) if c == 0 else "")
 
     handles = _variant_handles(variants, lw=2)
     handles += [Line2D([], [], color="grey", lw=1.5, ls="-" if w == "last logged step" else "--", label=w)
                 for w in whens]
     _legend(fig, handles)
-    fig.suptitle(f"{sweep.name}: per-layer profiles (mean over seeds)")
+    fig.suptitle(f"{sweep.name}: {title} (mean over seeds)")
     return _save(fig, path)
 
 
-def divergence_rate(sweep, path) -> Optional[Path]:
-    """The fraction of runs that diverged against depth, one line per variant, one panel per setting.
+def _layer_quantities(sweep) -> Optional[List[str]]:
+    layers = sweep.layers
+    if layers.empty or "quantity" not in layers.columns:
+        return None
+    return [str(q) for q in layers["quantity"].dropna().unique()]
 
-    Reads ``sweep.runs``; the rate and its 95% Wilson interval over seeds come from
-    :func:`analysis.metrics.seed_summary` (diverged over completed-or-diverged runs; failed and
-    running runs are left out). Error bars are drawn where a point has more than one finished run.
-    Needs at least two depths.
+
+def layer_profiles(sweep, path) -> Optional[Path]:
+    """Per-layer profiles of the training probes' quantities (:data:`PROFILE_QUANTITIES`: gradient
+    norm, activation RMS, update ratio, branch ratio, max attention logit, those the sweep recorded)
+    against block index, at each run's first and last probe step (:func:`_profiles_figure`).
+
+    Reads ``sweep.layers`` (``grad_norm`` every logged step with ``train.probes``, the others every
+    ``train.probe_every`` steps) and ``sweep.runs``. Sublayers are combined per block as in
+    :func:`block_values`. Every other quantity is drawn by :func:`monitor_profiles`.
     """
+    present = _layer_quantities(sweep)
+    if present is None:
+        return _skip("layer_profiles", "no run wrote layers.parquet")
+    quantities = [q for q in PROFILE_QUANTITIES if q in present]
+    if not quantities:
+        return _skip("layer_profiles", f"layers.parquet has none of {', '.join(PROFILE_QUANTITIES)}")
+    return _profiles_figure(sweep, path, "layer_profiles", quantities, "per-layer profiles")
+
+
+def monitor_profiles(sweep, path) -> Optional[Path]:
+    """Per-layer profiles of every quantity of ``layers.parquet`` not drawn by
+    :func:`layer_profiles` (the training monitor's: parameter, Adam-moment and update norms, the
+    update/gradient cosine, activation max and kurtosis, attention entropy and sink mass, residual
+    stream gradient RMS, the variants' gates such as ``rezero_alpha``; the set is open, any quantity
+    present is drawn), one row each (:data:`MONITOR_ORDER` first, then by name), at each run's first
+    and last logged step of that quantity. Quantities with no finite value are left out; skipped
+    when there is none (runs written before the monitor).
+    """
+    present = _layer_quantities(sweep)
+    if present is None:
+        return _skip("monitor_profiles", "no run wrote layers.parquet")
+    others = [q for q in present if q not in PROFILE_QUANTITIES]
+    quantities = [q for q in MONITOR_ORDER if q in others] + sorted(q for q in others if q not in MONITOR_ORDER)
+    if not quantities:
+        return _skip("monitor_profiles", "layers.parquet has no quantity beyond the probes' "
+                     f"({', '.join(PROFILE_QUANTITIES)})")
+    return _profiles_figure(sweep, path, "monitor_profiles", quantities, "per-layer monitor quantities")
+
+
+def _failure_table(sweep) -> Optional[Tuple[pd.DataFrame, pd.DataFrame]]:
+    """``(runs, table)`` for :func:`failure_rate`: the plottable runs and their
+    :func:`analysis.metrics.seed_summary` per (setting, variant, depth) with at least one finished
+    run; None (logged) with fewer than two depths or no finished run."""
     runs = _plottable_runs(sweep.runs)
     if runs["depth"].nunique() < 2:
-        return _skip("divergence_rate", f"needs at least 2 depths, the sweep has {runs['depth'].nunique()}")
+        return _skip("failure_rate", f"needs at least 2 depths, the sweep has {runs['depth'].nunique()}")
     table = metrics.seed_summary(runs, by=("setting", "variant", "depth"))
-    table = table[table["finished"] > 0]
+    table = table[table["finished"] > 0].copy()
     if table.empty:
-        return _skip("divergence_rate", "no run completed or diverged")
-    table["depth"] = table["depth"].astype(float)
-    seeded = table["finished"] > 1
-    table.loc[~seeded, ["divergence_low", "divergence_high"]] = np.nan
+        return _skip("failure_rate", "no run completed or diverged")
+    return runs, table
 
+
+def _failure_panel(ax, part: pd.DataFrame, depths: List[int]) -> None:
+    """Stacked bars at each depth of ``part`` (one variant's seed table): the failure outcomes from
+    the bottom (so the failure fraction is the top of the coloured stack), ``trained`` on top; the
+    failure fraction's Wilson interval where a depth has several finished runs; ``k/n`` above."""
+    x = np.arange(len(depths), dtype=float)
+    bottom = np.zeros(len(depths))
+    part = part.set_index(part["depth"].astype(int)).reindex(depths)
+    finished = part["finished"].fillna(0).to_numpy(dtype=float)
+    for outcome in (*metrics.FAILURES, "trained"):
+        share = np.divide(part[outcome].fillna(0).to_numpy(dtype=float), finished, out=np.zeros(len(depths)),
+                          where=finished > 0)
+        ax.bar(x, share, bottom=bottom, width=0.7, color=style.OUTCOME_STYLE[outcome][1], edgecolor="white",
+               lw=0.5)
+        bottom += share
+    rate = part["failure_rate"].to_numpy(dtype=float)
+    several = finished > 1
+    if several.any():
+        low, high = part["failure_low"].to_numpy(dtype=float), part["failure_high"].to_numpy(dtype=float)
+        ax.errorbar(x[several], rate[several], yerr=np.vstack([rate - low, high - rate])[:, several],
+                    ls="none", color=style.NEUTRAL, capsize=4, lw=1.2)
+    for xi, n, failed in zip(x, finished, part["finished"].fillna(0) - part["trained"].fillna(0)):
+        label = f"{int(failed)}/{int(n)}" if n else "no run"
+        ax.text(xi, 1.02, label, ha="center", va="bottom", fontsize=7, color="grey")
+    ax.set_xticks(x, [str(d) for d in depths])
+    ax.set_ylim(0.0, 1.12)
+    ax.set_xlim(-0.6, len(depths) - 0.4)
+
+
+def failure_rate(sweep, path) -> Optional[Path]:
+    """The fraction of runs per outcome (trained / stalled / diverged / nonfinite) against depth,
+    stacked, one panel per variant (columns) and setting (rows).
+
+    Reads ``sweep.runs`` (``outcome``); counts and the failure rate (every outcome but trained) with
+    its 95% Wilson interval over seeds come from :func:`analysis.metrics.seed_summary` (failed and
+    running runs have no outcome and are left out). The interval is drawn where a depth has more
+    than one finished run; ``k/n`` above a bar: failed of finished runs. Needs at least two depths.
+    """
+    from matplotlib.patches import Patch
+
+    found = _failure_table(sweep)
+    if found is None:
+        return None
+    runs, table = found
     settings = setting_order(runs[runs["setting"].isin(set(table["setting"]))])
     variants = style.order(table["variant"])
     depths = sorted(int(d) for d in runs["depth"].unique())
+    panel_w = max(PANEL_W * 0.9, 0.55 * len(depths) + 1.0)
+    fig, axes = _figure(len(settings), len(variants), max(panel_w * len(variants) + 1.0, MIN_WIDTH),
+                        PANEL_H * 1.2 * len(settings) + 0.9, sharey=True)
+    seeded = bool((table["finished"] > 1).any())
+    for r, setting in enumerate(settings):
+        for c, variant in enumerate(variants):
+            ax = axes[r, c]
+            _failure_panel(ax, table[(table["setting"] == setting) & (table["variant"] == variant)], depths)
+            ax.set_title(style.label(variant) + (f"\n{setting}" if setting else ""), color=style.colour(variant),
+                         fontweight="bold")
+            ax.set_xlabel("depth (blocks)")
+            ax.set_ylabel("" if c else "fraction of runs" + ("\n(failures: 95% Wilson CI)" if seeded else ""))
+    handles = [Patch(facecolor=style.OUTCOME_STYLE[o][1], label=style.OUTCOME_STYLE[o][0])
+               for o in ("trained", *metrics.FAILURES)]
+    _legend(fig, handles)
+    fig.suptitle(f"{sweep.name}: outcome of the runs vs depth (failure rate)")
+    return _save(fig, path)
+
+
+def spike_rate(sweep, path) -> Optional[Path]:
+    """Loss spikes per 1000 steps against depth, one line per variant (mean over seeds, error bars
+    of one sd where there are several), one panel per setting.
+
+    Reads ``sweep.runs`` and ``sweep.steps``: the rate is :func:`analysis.metrics.spike_rates` (the
+    training's own spike detector: ``spike_count`` over ``steps_done``, or the ``spike`` column).
+    Skipped when no run recorded spike data (runs written before spike detection).
+    """
+    rates = metrics.spike_rates(sweep)
+    if rates.empty:
+        return _skip("spike_rate", "no run recorded spike data (spike_count or a spike column)")
+    runs = _plottable_runs(sweep.runs).merge(rates, on="run_dir", how="inner")
+    if runs.empty:
+        return _skip("spike_rate", "no run with spike data has both a variant and a depth")
+    grouped = runs.groupby(["setting", "variant", "depth"])["spike_rate"]
+    table = grouped.agg(["mean", "std", "size"]).reset_index()
+    table["depth"] = table["depth"].astype(float)
+    table["low"], table["high"] = table["mean"] - table["std"], table["mean"] + table["std"]
+    settings = setting_order(runs)
+    variants = style.order(table["variant"])
+    depths = sorted(int(d) for d in runs["depth"].unique())
+    seeded = bool((table["size"] > 1).any())
     ncols = min(len(settings), 3)
     fig, axes = _grid(len(settings), ncols, PANEL_W * 1.3, PANEL_H * 1.3, sharey=True)
     for panel, (ax, setting) in enumerate(zip(axes.flat, settings)):
-        _variant_lines(fig, ax, table[table["setting"] == setting], "depth", "divergence_rate", variants,
-                       "divergence_low", "divergence_high")
+        _variant_lines(fig, ax, table[table["setting"] == setting], "depth", "mean", variants, "low", "high")
         _depth_axis(ax, depths)
-        ax.set_ylim(-0.05, 1.05)
+        ax.set_ylim(bottom=min(0.0, ax.get_ylim()[0]))
         ax.set_xlabel("depth (blocks)")
         ax.set_ylabel("" if panel % ncols else
-                      "fraction of runs diverged" + ("\n(95% Wilson CI over seeds)" if seeded.any() else ""))
+                      "loss spikes per 1000 steps" + ("\n(mean ± sd over seeds)" if seeded else ""))
         if setting:
             ax.set_title(setting)
     _legend(fig, _variant_handles(variants, marker="o"))
-    fig.suptitle(f"{sweep.name}: divergence rate vs depth")
+    fig.suptitle(f"{sweep.name}: loss spikes per 1000 steps vs depth")
     return _save(fig, path)
 
 
@@ -774,11 +962,13 @@ def coord_check(sweep, path) -> Optional[Path]:
 #: figure name -> function, in report order
 FIGURES: Dict[str, object] = {
     "depth_vs_val_loss": depth_vs_val_loss,
-    "divergence_rate": divergence_rate,
+    "failure_rate": failure_rate,
+    "spike_rate": spike_rate,
     "stability_frontier": stability_frontier,
     "lr_depth_heatmap": lr_depth_heatmap,
     "lr_sensitivity_vs_depth": lr_sensitivity_vs_depth,
     "loss_curves": loss_curves,
     "layer_profiles": layer_profiles,
+    "monitor_profiles": monitor_profiles,
     "coord_check": coord_check,
 }

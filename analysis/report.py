@@ -6,17 +6,20 @@ every file atomically (temporary file in the same folder, then ``os.replace``):
 - ``summary.csv``: one row per run, :data:`analysis.metrics.RUN_METRIC_COLUMNS`; ``run_dir`` is
   relative to the sweep folder so the file reads the same on any machine.
 - ``seed_summary.csv``: one row per (variant, depth, setting): the final validation loss over seeds
-  (mean, 95% CI) and the divergence rate (with its 95% CI), see :func:`analysis.metrics.seed_summary`.
+  (mean, 95% CI), the count of each outcome and the failure rate (with its 95% CI), see
+  :func:`analysis.metrics.seed_summary`.
 - one PNG per figure of :data:`analysis.plots.FIGURES` (``depth_vs_val_loss.png``,
-  ``divergence_rate.png``, ``stability_frontier.png``, ``lr_depth_heatmap.png``,
+  ``failure_rate.png``, ``spike_rate.png``, ``stability_frontier.png``, ``lr_depth_heatmap.png``,
   ``lr_sensitivity_vs_depth.png``, ``loss_curves.png``, ``layer_profiles.png``,
-  ``coord_check.png``); a figure the data cannot support is skipped (report.md says why), and a
+  ``monitor_profiles.png``, ``coord_check.png``); a figure the data cannot support is skipped (report.md says why), and a
   stale file of that name from an earlier report is removed so the folder never shows a figure of
   other data.
 - ``lr_sensitivity.csv``: only when the sweep has several learning rates; one row per LR sweep
   (variant, depth, seed and any other swept key), see :func:`analysis.metrics.lr_sensitivity_table`.
-- ``report.md``: every figure embedded (or why it was not drawn), the run table, the seed table, the
-  LR-sensitivity table when there is one, the metric definitions.
+- ``report.md``: the sweep's path relative to the current directory (absolute, and said so, when
+  the sweep is outside it), how the outcomes were decided when older summaries lack them, every
+  figure embedded (or why it was not drawn), the run table, the seed table, the LR-sensitivity table
+  when there is one, the metric definitions.
 """
 
 from __future__ import annotations
@@ -31,25 +34,28 @@ import pandas as pd
 
 from analysis import metrics, plots, style
 from analysis.load import load_sweep
-from resnorm.runfolder import atomic_write, write_text
+from resnorm.runfolder import OUTCOMES, atomic_write, write_text
 
 log = logging.getLogger(__name__)
 
 #: figure name (a key of analysis.plots.FIGURES) -> its section title in report.md
 FIGURE_TITLES = {
     "depth_vs_val_loss": "Final validation loss vs depth",
-    "divergence_rate": "Divergence rate vs depth",
+    "failure_rate": "Outcome of the runs vs depth (failure rate)",
+    "spike_rate": "Loss spikes per 1000 steps vs depth",
     "stability_frontier": "Stability frontier: largest stable learning rate vs depth",
     "lr_depth_heatmap": "Final loss over learning rate x depth",
     "lr_sensitivity_vs_depth": "LR sensitivity vs depth",
     "loss_curves": "Loss curves",
     "layer_profiles": "Per-layer profiles at step 0 and at the last logged step",
+    "monitor_profiles": "Per-layer monitor quantities at the first and the last logged step",
     "coord_check": "Depth coord check",
 }
 _MD_COLUMNS = (
     ("short_name", "run"), ("variant", "variant"), ("depth", "depth"), ("seed", "seed"), ("lr", "lr"),
-    ("status", "status"), ("diverged_step", "diverged at"), ("final_train_loss", "final train"),
-    ("final_val_loss", "final val"), ("best_val_loss", "best val"), ("loss_spikes", "spikes"),
+    ("status", "status"), ("outcome", "outcome"), ("diverged_step", "diverged at"), ("final_train_loss", "final train"),
+    ("final_val_loss", "final val"), ("best_val_loss", "best val"), ("unigram_loss", "unigram"),
+    ("loss_spikes", "spikes"),
     ("tokens_per_s", "tokens/s"),
 )
 
@@ -130,11 +136,12 @@ def _seed_table(sweep) -> pd.DataFrame:
 
 
 def _seed_markdown(table: pd.DataFrame) -> str:
-    """The seed table as markdown: rate with its interval, mean +- half-width with n."""
+    """The seed table as markdown: outcome counts, failure rate with its interval, mean +- half-width
+    with n."""
     def interval(row) -> str:
-        if math.isnan(row["divergence_rate"]):
+        if math.isnan(row["failure_rate"]):
             return "\u2013"
-        return f"{row['divergence_rate']:.2f} [{row['divergence_low']:.2f}, {row['divergence_high']:.2f}]"
+        return f"{row['failure_rate']:.2f} [{row['failure_low']:.2f}, {row['failure_high']:.2f}]"
 
     def mean(row) -> str:
         if row["n"] == 0:
@@ -142,14 +149,41 @@ def _seed_markdown(table: pd.DataFrame) -> str:
         half = "" if math.isnan(row["ci95"]) else f" \u00b1 {row['ci95']:.3g}"
         return f"{row['mean']:.4g}{half} (n={row['n']})"
 
-    shown = table.assign(diverged_of=[f"{d}/{f}" for d, f in zip(table["diverged"], table["finished"])],
-                         rate=table.apply(interval, axis=1), loss=table.apply(mean, axis=1))
+    counts = ["/".join(str(int(row[o])) for o in OUTCOMES) for _, row in table.iterrows()]
+    shown = table.assign(outcomes=counts, rate=table.apply(interval, axis=1), loss=table.apply(mean, axis=1))
     columns = [("variant", "variant"), ("depth", "depth")]
     if (table["setting"] != "").any():
         columns.append(("setting", "setting"))
-    columns += [("runs", "runs"), ("diverged_of", "diverged / finished"),
-                ("rate", "divergence rate [95% CI]"), ("loss", "final val loss, mean \u00b1 95% CI")]
+    columns += [("runs", "runs"), ("outcomes", " / ".join(OUTCOMES)),
+                ("rate", "failure rate [95% CI]"), ("loss", "final val loss, mean \u00b1 95% CI")]
     return markdown_table(shown, columns)
+
+
+def sweep_source(path: Path, cwd: Optional[Path] = None) -> str:
+    """How report.md names the sweep: its path relative to ``cwd`` (the current directory when the
+    report is written), or the absolute path, said to be outside it, when it is not under ``cwd``."""
+    cwd = Path.cwd() if cwd is None else Path(cwd)
+    try:
+        return f"`{Path(path).resolve().relative_to(cwd.resolve()).as_posix() or '.'}`"
+    except ValueError:
+        return f"`{Path(path).resolve()}` (outside the directory the report was made in)"
+
+
+def _outcome_note(sweep) -> List[str]:
+    """A line saying how the outcomes were decided when some were derived (older summaries)."""
+    runs = sweep.runs
+    derived = runs["outcome_derived"].fillna(False).astype(bool) & runs["outcome"].notna()
+    if not derived.any():
+        return []
+    no_baseline = derived & runs["unigram_loss"].isna() & (runs["status"] == "completed")
+    text = (f"Outcomes: {int(derived.sum())} of {len(runs)} runs predate the recorded `outcome`; theirs "
+            "is derived from the status, the divergence reason and the final validation loss")
+    if no_baseline.any():
+        text += (f". {int(no_baseline.sum())} completed run(s) recorded no `unigram_loss`: without a "
+                 "baseline a stalled run cannot be told apart, so they count as trained")
+    else:
+        text += " against the recorded `unigram_loss`"
+    return [text + ".", ""]
 
 
 def _markdown(sweep, table: pd.DataFrame, figures: Dict[str, Optional[Path]], skipped: Dict[str, str],
@@ -158,9 +192,13 @@ def _markdown(sweep, table: pd.DataFrame, figures: Dict[str, Optional[Path]], sk
     status = ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: -kv[1]))
     commits = sorted({str(c)[:10] for c in sweep.runs["git_commit"].dropna()})
     torches = sorted({str(t) for t in sweep.runs["torch_version"].dropna()})
+    outcomes = Counter(o for o in table["outcome"] if isinstance(o, str))
+    outcome_text = ", ".join(f"{outcomes[o]} {o}" for o in OUTCOMES if outcomes[o])
     lines = [f"# Sweep `{sweep.name}`", "",
-             f"Source: `{sweep.path}`: {len(table)} runs ({status}).",
+             f"Source: {sweep_source(sweep.path)}: {len(table)} runs ({status}"
+             + (f"; outcomes: {outcome_text}" if outcome_text else "") + ").",
              f"Code: git {', '.join(commits) or 'unknown'}; torch {', '.join(torches) or 'unknown'}.", ""]
+    lines += _outcome_note(sweep)
     if sweep.axes:
         lines += [f"Swept keys: {', '.join(f'`{a}`' for a in sweep.axes)}.", ""]
     for name in figures:
@@ -171,7 +209,7 @@ def _markdown(sweep, table: pd.DataFrame, figures: Dict[str, Optional[Path]], sk
         else:
             lines += [f"_Not drawn: {skipped.get(name, 'see the log')}._", ""]
     lines += ["## Runs", "", markdown_table(table, _MD_COLUMNS), ""]
-    lines += ["## Over seeds: final loss and divergence per variant and depth", "",
+    lines += ["## Over seeds: final loss and outcomes per variant and depth", "",
               _seed_markdown(seed_table), ""]
     if lr_table is not None:
         columns = [(c, c) for c in lr_table.columns[:-5]] + [
@@ -185,18 +223,25 @@ def _markdown(sweep, table: pd.DataFrame, figures: Dict[str, Optional[Path]], sk
         f"{spike_params['min_history']} of them); consecutive spike steps count once.",
         "- **final train**: as the run's summary reports it; **final val**: the last evaluation of a "
         "completed run (none for a diverged run); **best val**: the lowest evaluation.",
+        "- **outcome**: trained; stalled (completed with a final val loss above the unigram loss "
+        "minus `train.stall_margin`: it learned nothing beyond byte frequencies); diverged (the loss "
+        "blew up past `train.diverge_factor` x the initial loss); nonfinite (a loss or gradient went "
+        "NaN/inf). **unigram**: the training split's unigram entropy (nats per token).",
         "- **over seeds**: the mean of the completed runs' final val loss with a 95% Student-t "
-        "confidence interval (none for one run); **divergence rate**: diverged runs over the runs "
-        "that completed or diverged, with a 95% Wilson score interval. Failed and running runs are "
-        "left out.",
+        "confidence interval (none for one run); **failure rate**: the runs whose outcome is not "
+        "trained over the runs that completed or diverged, with a 95% Wilson score interval. Failed "
+        "and running runs are left out.",
         f"- **largest stable lr** (frontier figure, LR table): the largest rate all of whose runs "
-        f"completed with a finite final val loss at least {metrics.STABLE_MARGIN:g} nat below the "
-        f"initial loss.",
+        f"trained (completed, not stalled) with a finite final val loss at least "
+        f"{metrics.STABLE_MARGIN:g} nat below the initial loss.",
+        "- **spike rate**: the training's own loss spikes (`spike_count` in the summary, or the "
+        "`spike` column of metrics.parquet) per 1000 steps done.",
     ]
     if lr_table is not None:
         lines.append("- **LR sensitivity** (Wortsman et al. 2023, arXiv:2309.14322): mean over the LR "
                      "grid of min(final val loss, initial loss) minus the best such loss l*; a diverged "
-                     "run counts as the initial loss. Failed and running runs are left out.")
+                     "run counts as the initial loss, a stalled one as its own final loss (near the "
+                     "unigram loss). Failed and running runs are left out.")
     return "\n".join(lines) + "\n"
 
 

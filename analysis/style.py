@@ -46,6 +46,15 @@ _COLOURS: Dict[str, str] = {name: colour for name, _, colour in _TABLE}
 
 #: colour of markers that are not a variant (diverged, failed, divergence lines)
 NEUTRAL = "#222222"
+#: colour of the unigram-loss reference lines of the loss figures
+REFERENCE = "#888888"
+#: outcome (resnorm.runfolder.OUTCOMES) -> (display label, colour) in the failure-rate figure
+OUTCOME_STYLE = {
+    "trained": ("trained", "#c7e3c0"),
+    "stalled": ("stalled (at the unigram loss)", "#f4a340"),
+    "diverged": ("diverged (loss blew up)", "#d6604d"),
+    "nonfinite": ("non-finite (NaN/inf)", "#67001f"),
+}
 
 
 def _is_name(value) -> bool:

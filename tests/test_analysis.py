@@ -418,19 +418,19 @@ def test_seed_summary_by_hand():
     pre = got[("pre", 2, "")]
     assert (pre.runs, pre.finished, pre.diverged, pre.n) == (3, 3, 0, 3)
     assert pre.mean == pytest.approx(2.2) and pre.ci95 == pytest.approx(4.302653 * 0.2 / math.sqrt(3), rel=1e-6)
-    assert pre.divergence_rate == 0.0 and (pre.divergence_low, pre.divergence_high) == pytest.approx((0, 0.5615),
-                                                                                                     abs=5e-5)
+    assert pre.failure_rate == 0.0 and (pre.failure_low, pre.failure_high) == pytest.approx((0, 0.5615), abs=5e-5)
     post = got[("post", 2, "")]
     assert (post.runs, post.finished, post.diverged, post.n) == (4, 2, 1, 1)
-    assert post.divergence_rate == 0.5 and post.mean == 3.0 and math.isnan(post.ci95)
-    assert (post.divergence_low, post.divergence_high) == pytest.approx((0.0945, 0.9055), abs=5e-5)
+    assert post.failure_rate == 0.5 and post.mean == 3.0 and math.isnan(post.ci95)
+    assert (post.trained, post.stalled, post.nonfinite) == (1, 0, 0)  # no reason column: a loss blow-up
+    assert (post.failure_low, post.failure_high) == pytest.approx((0.0945, 0.9055), abs=5e-5)
     deep = got[("post", 4, "")]
-    assert (deep.diverged, deep.divergence_rate, deep.n) == (2, 1.0, 0) and math.isnan(deep.mean)
+    assert (deep.diverged, deep.failure_rate, deep.n) == (2, 1.0, 0) and math.isnan(deep.mean)
     other = got[("pre", 2, "optim.lr=0.1")]
     assert (other.runs, other.mean) == (1, 9.0)
 
     no_finished = seed_summary(runs[runs["status"].isin(["failed", "running"])])
-    assert no_finished["finished"].tolist() == [0] and math.isnan(no_finished["divergence_rate"].iloc[0])
+    assert no_finished["finished"].tolist() == [0] and math.isnan(no_finished["failure_rate"].iloc[0])
 
 
 def test_seed_summary_csv_and_table_in_the_report(report):
@@ -440,14 +440,16 @@ def test_seed_summary_csv_and_table_in_the_report(report):
     assert list(zip(table["variant"], table["depth"])) == [("post", 2), ("post", 4), ("pre", 2), ("pre", 4),
                                                            ("deepnorm", 4)]
     pre2 = table.iloc[2]
-    assert (pre2["runs"], pre2["n"], pre2["diverged"]) == (2, 2, 0)
+    assert (pre2["runs"], pre2["n"], pre2["trained"], pre2["diverged"]) == (2, 2, 2, 0)
     assert pre2["mean"] == pytest.approx(2.2) and pre2["ci95"] == pytest.approx(12.706205 * 0.1, rel=1e-6)
     post4 = table.iloc[1]
-    assert (post4["diverged"], post4["finished"], post4["divergence_rate"], post4["n"]) == (1, 1, 1.0, 0)
-    assert table.iloc[4]["finished"] == 0 and math.isnan(table.iloc[4]["divergence_rate"])
+    # its reason is a non-finite loss: a nonfinite outcome, not a loss blow-up
+    assert (post4["nonfinite"], post4["diverged"], post4["finished"], post4["failure_rate"], post4["n"]) == (
+        1, 0, 1, 1.0, 0)
+    assert table.iloc[4]["finished"] == 0 and math.isnan(table.iloc[4]["failure_rate"])
     text = (out / "report.md").read_text()
-    assert "| pre | 2 | 2 | 0/2 | 0.00 [0.00, 0.66] | 2.2 \u00b1 1.27 (n=2) |" in text
-    assert "| post | 4 | 1 | 1/1 | 1.00 [0.21, 1.00] | \u2013 |" in text
+    assert "| pre | 2 | 2 | 2/0/0/0 | 0.00 [0.00, 0.66] | 2.2 \u00b1 1.27 (n=2) |" in text
+    assert "| post | 4 | 1 | 0/0/0/1 | 1.00 [0.21, 1.00] | \u2013 |" in text
 
 
 def test_run_metrics_counts_spikes_per_run(sweep):
@@ -542,17 +544,21 @@ def test_lr_grid_figures_and_tables(tmp_path):
 
     written = make_report(sweep_dir, tmp_path / "out")
     names = [p.name for p in written]
-    assert names == ["summary.csv", "depth_vs_val_loss.png", "divergence_rate.png", "stability_frontier.png",
+    assert names == ["summary.csv", "depth_vs_val_loss.png", "failure_rate.png", "stability_frontier.png",
                      "lr_depth_heatmap.png", "lr_sensitivity_vs_depth.png", "loss_curves.png",
                      "layer_profiles.png", "coord_check.png", "seed_summary.csv", "lr_sensitivity.csv", "report.md"]
-    assert set(names) >= {f"{name}.png" for name in plots.FIGURES}
+    # no spike data and no monitor quantity in these runs
+    assert set(names) >= {f"{name}.png" for name in plots.FIGURES} - {"spike_rate.png", "monitor_profiles.png"}
     for path in written:
         assert path.stat().st_size > 0
     text = (tmp_path / "out" / "report.md").read_text()
-    assert "Not drawn" not in text
+    assert [line for line in text.splitlines() if "Not drawn" in line] == [
+        "_Not drawn: spike_rate: skipped, no run recorded spike data (spike_count or a spike column)._",
+        "_Not drawn: monitor_profiles: skipped, layers.parquet has no quantity beyond the probes' "
+        "(grad_norm, act_rms, update_ratio, branch_ratio, max_attn_logit)._"]
     seeds = pd.read_csv(tmp_path / "out" / "seed_summary.csv")
     post2 = seeds[(seeds["variant"] == "post") & (seeds["depth"] == 2) & (seeds["setting"] == "optim.lr=0.1")]
-    assert post2[["runs", "diverged", "divergence_rate", "n"]].values.tolist() == [[2, 1, 0.5, 1]]
+    assert post2[["runs", "nonfinite", "failure_rate", "n"]].values.tolist() == [[2, 1, 0.5, 1]]
     lrt = pd.read_csv(tmp_path / "out" / "lr_sensitivity.csv")
     post4 = lrt[(lrt["variant"] == "post") & (lrt["depth"] == 4)]
     # per seed: 4.95, 5.0 (diverged), 5.0 (diverged): l* = 4.95 (seed 0), 4.97 (seed 1)
@@ -561,7 +567,7 @@ def test_lr_grid_figures_and_tables(tmp_path):
 
     one_depth = load_sweep(sweep_dir)
     one_depth.runs = one_depth.runs[one_depth.runs["depth"] == 2]
-    for name in ("stability_frontier", "lr_depth_heatmap", "lr_sensitivity_vs_depth", "divergence_rate"):
+    for name in ("stability_frontier", "lr_depth_heatmap", "lr_sensitivity_vs_depth", "failure_rate"):
         assert plots.FIGURES[name](one_depth, tmp_path / f"{name}.png") is None, name
         assert not (tmp_path / f"{name}.png").exists()
 
@@ -570,7 +576,7 @@ def test_lr_grid_figures_and_tables(tmp_path):
 
 
 #: the figures of the standard fake sweep: one learning rate, so none of the LR-grid figures
-FAKE_FIGURES = ["depth_vs_val_loss.png", "divergence_rate.png", "loss_curves.png", "layer_profiles.png",
+FAKE_FIGURES = ["depth_vs_val_loss.png", "failure_rate.png", "loss_curves.png", "layer_profiles.png",
                 "coord_check.png"]
 
 
@@ -589,8 +595,9 @@ def test_summary_csv_rows(report):
     out, _ = report
     table = pd.read_csv(out / "summary.csv")
     assert list(table.columns) == [
-        "run_name", "variant", "depth", "seed", "lr", "status", "diverged_step", "final_train_loss",
-        "final_val_loss", "best_val_loss", "loss_spikes", "tokens_per_s", "wall_s", "n_params", "run_dir"]
+        "run_name", "variant", "depth", "seed", "lr", "status", "outcome", "diverged_step", "final_train_loss",
+        "final_val_loss", "best_val_loss", "unigram_loss", "loss_spikes", "tokens_per_s", "wall_s", "n_params",
+        "run_dir"]
     assert len(table) == 6
     # sorted by variant order (post before pre before deepnorm), then depth and seed
     assert list(zip(table["variant"], table["depth"], table["seed"])) == [
@@ -612,8 +619,10 @@ def test_report_markdown_embeds_figures_and_table(report):
         assert (f"_Not drawn: {name}: skipped, needs at least 2 learning rates among the finished runs, "
                 "the sweep has 1._") in text
     # the run column keeps only the swept overrides (not the constant name=fake)
-    assert "| model.norm=post,depth=4,seed=0 | post | 4 | 0 | 0.001 | diverged | 12 |" in text
-    assert "6 runs (4 completed, 1 diverged, 1 failed)" in text
+    assert "| model.norm=post,depth=4,seed=0 | post | 4 | 0 | 0.001 | diverged | nonfinite | 12 |" in text
+    assert "6 runs (4 completed, 1 diverged, 1 failed; outcomes: 4 trained, 1 nonfinite)" in text
+    # these summaries predate outcome and unigram_loss: the report says how outcomes were decided
+    assert "4 completed run(s) recorded no `unigram_loss`" in text and "count as trained" in text
     assert "## LR sensitivity\n" not in text and "LR sensitivity** (Wortsman" not in text  # one LR only
 
 
@@ -637,7 +646,7 @@ def test_figures_skip_without_data_and_report_says_so(tmp_path, caplog):
     text = (out / "report.md").read_text()
     assert "_Not drawn: layer_profiles: skipped, no run wrote layers.parquet._" in text
     assert "_Not drawn: coord_check: skipped, no run wrote layers.parquet._" in text
-    assert "_Not drawn: divergence_rate: skipped, needs at least 2 depths, the sweep has 1._" in text
+    assert "_Not drawn: failure_rate: skipped, needs at least 2 depths, the sweep has 1._" in text
 
 
 def test_lr_sweep_report_has_lr_sensitivity(tmp_path):
@@ -660,6 +669,178 @@ def test_lr_sweep_report_has_lr_sensitivity(tmp_path):
     assert table["lr_sensitivity"].tolist() == pytest.approx([(0.4 + 0 + (l0 - 2.2)) / 3, (0.2 + 0.1) / 3])
     assert table["largest_stable_lr"].tolist() == pytest.approx([1e-2, 1e-1])
     assert "## LR sensitivity" in (tmp_path / "out" / "report.md").read_text()
+
+
+# ------------------------------------------------------ outcomes, failure rate, spikes, monitor profiles
+
+UNIGRAM = 3.3
+
+
+def store_run(root: Path, name: str, *, variant="post", depth=2, seed=0, lr=1e-3, status="completed",
+              final_val=2.0, steps=10, spikes=(), layers=(), **summary) -> Path:
+    """A run folder written through resnorm.runfolder.RunStore, as the training writes it: ``steps``
+    step rows (``spike`` set at ``spikes``), ``layers`` as (quantity, {sublayer: value}) per block at
+    steps 0 and steps - 1, and a summary with ``summary``'s extra keys (outcome, unigram_loss, ...)."""
+    from resnorm.runfolder import RunStore
+
+    store = RunStore(root / name)
+    for step in range(steps):
+        store.add_step(step, 5.0 - 0.2 * step, lr, 1.0, 1000.0, val_loss=final_val if step == steps - 1 else None,
+                       spike=step in spikes)
+    for step in (0, steps - 1):
+        for quantity, per_sub in layers:
+            labels = [(layer, sub) for layer in range(depth) for sub in per_sub]
+            store.add_layers(step, labels, quantity, [per_sub[sub] * (layer + 1) for layer, sub in labels])
+    store.flush_tables()
+    store.write_summary(dict(status=status, final_val_loss=final_val if status == "completed" else None,
+                             initial_loss=5.0, steps_done=steps, run_name=name, config=config(variant, depth, seed, lr),
+                             overrides=[f"model.norm={variant}", f"depth={depth}", f"seed={seed}"], **summary))
+    return root / name
+
+
+def test_outcome_column_given_and_derived(tmp_path):
+    from analysis.load import load_sweep
+
+    sweep_dir = tmp_path / "outcomes"
+    store_run(sweep_dir, "given", outcome="stalled", unigram_loss=UNIGRAM, final_val=3.0)  # the writer's word
+    store_run(sweep_dir, "derived_stalled", seed=1, unigram_loss=UNIGRAM, final_val=3.25)  # > 3.3 - 0.1
+    store_run(sweep_dir, "derived_margin", seed=2, unigram_loss=UNIGRAM, stall_margin=0.5, final_val=3.0)
+    store_run(sweep_dir, "derived_trained", seed=3, unigram_loss=UNIGRAM, final_val=3.1)  # 0.2 below
+    store_run(sweep_dir, "no_baseline", seed=4, final_val=3.29)  # no unigram_loss: counts as trained
+    store_run(sweep_dir, "blew_up", seed=5, status="diverged", diverge_reason="loss 11.2 > 2 x initial 5.0")
+    store_run(sweep_dir, "nan", seed=6, status="diverged", diverge_reason="non-finite loss (nan) at blocks.1")
+    store_run(sweep_dir, "grad", seed=7, status="diverged", diverge_kind="nonfinite_grad")
+    store_run(sweep_dir, "crashed", seed=8, status="failed", outcome=None)
+    runs = load_sweep(sweep_dir).runs.set_index("run_name")
+    assert runs["outcome"].drop("crashed").to_dict() == {
+        "given": "stalled", "derived_stalled": "stalled", "derived_margin": "stalled", "derived_trained": "trained",
+        "no_baseline": "trained", "blew_up": "diverged", "nan": "nonfinite", "grad": "nonfinite"}
+    assert pd.isna(runs.loc["crashed", "outcome"])  # a failed run has no outcome
+    assert not runs.loc["given", "outcome_derived"] and not runs.loc["crashed", "outcome_derived"]
+    assert runs.loc["derived_stalled", "outcome_derived"] and runs.loc["no_baseline", "outcome_derived"]
+    assert runs.loc["given", "unigram_loss"] == UNIGRAM and math.isnan(runs.loc["no_baseline", "unigram_loss"])
+
+
+def build_outcome_sweep(root: Path) -> Path:
+    """Post-LN over seeds 0-2 at depths 2 and 4: at 2, one seed stalled and two trained; at 4, one
+    stalled, one diverged, one non-finite; plus a failed run (no outcome). Pre-LN trains everywhere
+    and records spikes (3 in 10 steps at depth 2, 1 at depth 4); Post-LN has a spike column only."""
+    sweep = root / "outcomes"
+    for depth, kinds in ((2, ("stalled", "trained", "trained")), (4, ("stalled", "diverged", "nonfinite"))):
+        for seed, outcome in enumerate(kinds):
+            status = "completed" if outcome in ("stalled", "trained") else "diverged"
+            store_run(sweep, f"post-{depth}-{seed}", depth=depth, seed=seed, status=status, outcome=outcome,
+                      unigram_loss=UNIGRAM, final_val=3.29 if outcome == "stalled" else 2.0,
+                      spikes=(4,) if seed == 0 else ())
+        store_run(sweep, f"pre-{depth}", variant="pre", depth=depth, outcome="trained", unigram_loss=UNIGRAM,
+                  spike_count=3 if depth == 2 else 1, spike_steps=[3, 5, 7] if depth == 2 else [4])
+    store_run(sweep, "post-4-crash", depth=4, seed=3, status="failed", outcome=None)
+    return sweep
+
+
+def test_failure_rate_per_depth_with_wilson_bounds_by_hand(tmp_path):
+    from analysis import plots
+    from analysis.load import load_sweep
+    from analysis.report import make_report
+
+    sweep = load_sweep(build_outcome_sweep(tmp_path))
+    found = plots._failure_table(sweep)
+    assert found is not None
+    table = found[1].set_index(["variant", "depth"])
+    post2, post4 = table.loc[("post", 2)], table.loc[("post", 4)]
+    assert (post2["runs"], post2["finished"], post2["trained"], post2["stalled"]) == (3, 3, 2, 1)
+    assert (post4["runs"], post4["finished"], post4["stalled"], post4["diverged"], post4["nonfinite"]) == (4, 3, 1, 1, 1)
+    # Wilson, z = 1.959964: 1 of 3 -> (0.0615, 0.7923); 3 of 3 -> (0.4385, 1)
+    z2 = 1.959964 ** 2
+    centre = (1 / 3 + z2 / 6) / (1 + z2 / 3)
+    half = 1.959964 / (1 + z2 / 3) * math.sqrt((1 / 3) * (2 / 3) / 3 + z2 / 36)
+    assert post2["failure_rate"] == pytest.approx(1 / 3)
+    assert (post2["failure_low"], post2["failure_high"]) == pytest.approx((centre - half, centre + half), abs=1e-6)
+    assert (post2["failure_low"], post2["failure_high"]) == pytest.approx((0.0615, 0.7923), abs=5e-5)
+    assert post4["failure_rate"] == 1.0
+    assert (post4["failure_low"], post4["failure_high"]) == pytest.approx((3 / (3 + z2), 1.0), abs=1e-6)
+    assert table.loc[("pre", 4), "failure_rate"] == 0.0
+
+    out = tmp_path / "out"
+    written = [p.name for p in make_report(sweep.path, out)]
+    assert "failure_rate.png" in written and "divergence_rate.png" not in written
+    seeds = pd.read_csv(out / "seed_summary.csv")
+    assert {"trained", "stalled", "diverged", "nonfinite", "failure_rate", "failure_low", "failure_high"} <= set(
+        seeds.columns)
+    assert "| post | 4 | 4 | 0/1/1/1 | 1.00 [0.44, 1.00] |" in (out / "report.md").read_text()
+
+
+def test_stalled_run_is_not_stable_but_lr_sensitivity_keeps_its_loss():
+    from analysis.metrics import largest_stable_lr, lr_sensitivity
+
+    grid = pd.DataFrame({"lr": [1e-3, 1e-2, 1e-1], "final_val_loss": [2.5, 2.2, 3.25], "initial_loss": 5.0,
+                         "status": "completed", "outcome": ["trained", "trained", "stalled"]})
+    # 3.25 is well below 5.0 - 0.1, but the run sits at the unigram loss: not stable
+    assert largest_stable_lr(grid) == 1e-2
+    assert largest_stable_lr(grid.drop(columns="outcome")) == 1e-1  # without outcomes only the losses decide
+    assert lr_sensitivity(grid) == pytest.approx((0.3 + 0.0 + 1.05) / 3)  # the stalled run's own loss
+    nonfinite = grid.assign(final_val_loss=[2.5, 2.2, 2.1], outcome=["trained", "trained", "nonfinite"])
+    assert largest_stable_lr(nonfinite) == 1e-2
+
+
+def test_spike_rate_figure_drawn_from_spike_data_and_skipped_without(tmp_path, caplog):
+    from analysis import metrics, plots
+    from analysis.load import load_sweep
+
+    sweep = load_sweep(build_outcome_sweep(tmp_path))
+    rates = metrics.spike_rates(sweep).merge(sweep.runs[["run_dir", "run_name"]], on="run_dir")
+    got = dict(zip(rates["run_name"], rates["spike_rate"]))
+    assert got["pre-2"] == pytest.approx(300.0) and got["pre-4"] == pytest.approx(100.0)  # spike_count / 10 steps
+    assert got["post-2-0"] == pytest.approx(100.0) and got["post-2-1"] == 0.0  # from the spike column
+    assert plots.spike_rate(sweep, tmp_path / "spike_rate.png") == tmp_path / "spike_rate.png"
+    assert (tmp_path / "spike_rate.png").read_bytes()[:8] == PNG_MAGIC
+
+    old = tmp_path / "old"  # written before spike detection: no spike column, no spike_count
+    for depth in (2, 4):
+        write_run(old, variant="pre", depth=depth, losses=losses_for(2.0), final_val=2.1)
+    assert metrics.spike_rates(load_sweep(old)).empty
+    assert plots.spike_rate(load_sweep(old), tmp_path / "none.png") is None
+    assert "spike_rate: skipped, no run recorded spike data" in caplog.text and not (tmp_path / "none.png").exists()
+
+
+def test_profiles_draw_every_recorded_quantity(tmp_path):
+    from analysis import plots
+    from analysis.load import load_sweep
+
+    sweep_dir = tmp_path / "monitor"
+    layers = [("grad_norm", {"attn": 3.0, "mlp": 4.0}), ("act_rms", {"attn": 1.0, "mlp": 1.0}),
+              ("update_grad_cos", {"attn": -0.2, "mlp": -0.4}),  # signed: a linear axis, mean per block
+              ("attn_entropy_mean", {"attn": 1.5, "mlp": math.nan}),  # attention only: the MLP is left out
+              ("dyt_alpha", {"attn": math.nan, "mlp": math.nan})]  # NaN only: no row
+    for depth in (2, 3):
+        store_run(sweep_dir, f"pre-{depth}", variant="pre", depth=depth, outcome="trained", layers=layers)
+    sweep = load_sweep(sweep_dir)
+    monitor = ["update_grad_cos", "attn_entropy_mean", "dyt_alpha"]
+    rows = plots._profile_rows(sweep, monitor)
+    assert sorted(set(rows["quantity"])) == ["attn_entropy_mean", "update_grad_cos"]
+    cos = rows[(rows["quantity"] == "update_grad_cos") & rows["run_dir"].str.endswith("pre-2")]
+    assert sorted(set(cos["step"])) == [0, 9]  # the first and the last logged step
+    assert cos[cos["step"] == 9].sort_values("layer")["value"].tolist() == pytest.approx([-0.3, -0.6])
+    entropy = rows[(rows["quantity"] == "attn_entropy_mean") & rows["run_dir"].str.endswith("pre-3")]
+    assert entropy[entropy["step"] == 9].sort_values("layer")["value"].tolist() == pytest.approx([1.5, 3.0, 4.5])
+    assert plots.layer_profiles(sweep, tmp_path / "layer_profiles.png") is not None
+    assert plots.monitor_profiles(sweep, tmp_path / "monitor_profiles.png") == tmp_path / "monitor_profiles.png"
+    assert "monitor_profiles" in plots.FIGURES
+
+
+def test_report_names_the_sweep_relative_to_the_cwd(sweep_dir, tmp_path, monkeypatch):
+    from analysis.report import make_report, sweep_source
+
+    assert sweep_source(tmp_path / "a" / "b", cwd=tmp_path) == "`a/b`"
+    assert sweep_source(tmp_path, cwd=tmp_path) == "`.`"
+    outside = sweep_source(tmp_path, cwd=tmp_path / "a")
+    assert outside == f"`{tmp_path.resolve()}` (outside the directory the report was made in)"
+    monkeypatch.chdir(sweep_dir.parent.parent)  # the folder holding multirun/
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_report(sweep_dir, tmp_path / "out")
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "Source: `multirun/fakesweep`: 6 runs" in text and str(sweep_dir.parent) not in text
 
 
 # ------------------------------------------------------------------------------- CLI and callback
