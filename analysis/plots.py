@@ -777,8 +777,8 @@ def lr_depth_heatmap(sweep, path) -> Optional[Path]:
     Reads ``sweep.runs``. A cell is the mean over seeds of :func:`analysis.metrics.clipped_losses`
     (``min(final loss, l0)``, a diverged run counting as its initial loss ``l0``, the sweep's
     median initial loss where a run has none), the same numbers the LR sensitivity averages; a cell
-    with a diverged run says how many of its runs diverged. Needs at least two learning rates and
-    two depths.
+    with a failed run (outcome stalled, diverged or nonfinite) says how many of its runs failed
+    ("k/n fail"). Needs at least two learning rates and two depths.
     """
     import seaborn as sns
     from matplotlib.cm import ScalarMappable
@@ -793,7 +793,9 @@ def lr_depth_heatmap(sweep, path) -> Optional[Path]:
         return _skip("lr_depth_heatmap", "no run has a finite initial loss")
     runs["loss"] = metrics.clipped_losses(runs["final_val_loss"], initial.fillna(initial.median()),
                                           runs["status"] == "diverged")
-    runs["diverged"] = runs["status"] == "diverged"
+    # a cell counts its failed runs (any outcome but trained: stalled, diverged, nonfinite)
+    runs["diverged"] = runs["outcome"].notna() & (runs["outcome"] != "trained") if "outcome" in runs \
+        else runs["status"] == "diverged"
     cells = (runs.groupby(["panel", "variant", "lr", "depth"])
              .agg(loss=("loss", "mean"), diverged=("diverged", "sum"), runs=("loss", "size")).reset_index())
 
@@ -814,7 +816,7 @@ def lr_depth_heatmap(sweep, path) -> Optional[Path]:
             n = part.pivot(index="lr", columns="depth", values="runs").reindex(index=rates, columns=depths)
             text = loss.map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
             text = text.where(div.fillna(0) == 0, text + "\n" + div.fillna(0).astype(int).astype(str)
-                              + "/" + n.fillna(0).astype(int).astype(str) + " div")
+                              + "/" + n.fillna(0).astype(int).astype(str) + " fail")
             sns.heatmap(loss, ax=ax, cmap=cmap, norm=norm, cbar=False, annot=text.to_numpy(), fmt="",
                         annot_kws={"fontsize": 7}, xticklabels=[str(d) for d in depths],
                         yticklabels=[f"{x:g}" for x in rates], linewidths=0.5, linecolor="white")
