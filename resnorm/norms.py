@@ -47,13 +47,16 @@ class ScaleNorm(nn.Module):
         return f"{self.d}, eps={self.eps}"
 
 
-class DyT(nn.Module):
-    """Dynamic Tanh: ``weight * tanh(alpha * x) + bias``, one learned scalar ``alpha`` (init alpha0)."""
+class _Pointwise(nn.Module):
+    """``weight * phi(alpha * x [+ shift]) + bias``: a learned scalar ``alpha`` (init alpha0), with
+    ``shift`` a learned scalar (init 0) if asked, per-channel ``weight`` (1) and ``bias`` (0).
+    Subclasses give ``phi`` in ``forward``; DyT and Derf are distinct classes (neither is the other)."""
 
-    def __init__(self, d: int, alpha0: float = 0.5):
+    def __init__(self, d: int, alpha0: float, shift: bool):
         super().__init__()
         self.d, self.alpha0 = d, alpha0
         self.alpha = nn.Parameter(torch.empty(1))
+        self.shift = nn.Parameter(torch.empty(1)) if shift else None
         self.weight = nn.Parameter(torch.empty(d))
         self.bias = nn.Parameter(torch.empty(d))
         self.reset_parameters()
@@ -61,41 +64,34 @@ class DyT(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         self.alpha.fill_(self.alpha0)
+        if self.shift is not None:
+            self.shift.zero_()
         self.weight.fill_(1.0)
         self.bias.zero_()
+
+    def extra_repr(self) -> str:
+        return f"{self.d}, alpha0={self.alpha0}"
+
+
+class DyT(_Pointwise):
+    """Dynamic Tanh: ``weight * tanh(alpha * x) + bias``, one learned scalar ``alpha`` (init alpha0)."""
+
+    def __init__(self, d: int, alpha0: float = 0.5):
+        super().__init__(d, alpha0, shift=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.alpha * x) * self.weight + self.bias
 
-    def extra_repr(self) -> str:
-        return f"{self.d}, alpha0={self.alpha0}"
 
-
-class Derf(nn.Module):
+class Derf(_Pointwise):
     """Dynamic erf: ``weight * erf(alpha * x + shift) + bias``; learned scalars ``alpha`` (init alpha0)
     and ``shift`` (init 0), per-channel ``weight`` (1) and ``bias`` (0), as the authors' code."""
 
     def __init__(self, d: int, alpha0: float = 0.5):
-        super().__init__()
-        self.d, self.alpha0 = d, alpha0
-        self.alpha = nn.Parameter(torch.empty(1))
-        self.shift = nn.Parameter(torch.empty(1))
-        self.weight = nn.Parameter(torch.empty(d))
-        self.bias = nn.Parameter(torch.empty(d))
-        self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        self.alpha.fill_(self.alpha0)
-        self.shift.zero_()
-        self.weight.fill_(1.0)
-        self.bias.zero_()
+        super().__init__(d, alpha0, shift=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.erf(self.alpha * x + self.shift) * self.weight + self.bias
-
-    def extra_repr(self) -> str:
-        return f"{self.d}, alpha0={self.alpha0}"
 
 
 # each factory: (d, eps, dyt_alpha0, derf_alpha0) -> a fresh layer

@@ -39,12 +39,7 @@ SMALL = ("model.d_model=16", "model.n_heads=2", "depth=2", "train.seq_len=16", "
          "data.synthetic_tokens=3000")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(*overrides: str, seed: int = 0):
