@@ -123,6 +123,8 @@ def admin_modes() -> Tuple[str, ...]:
 INIT_SCHEMES = ("xavier", "gpt2")
 ACTIVATIONS = ("gelu", "relu")
 DATASETS = ("shakespeare", "text", "synthetic")
+QK_NORM_AXES = ("head", "flat")
+QK_NORM_KINDS = ("layernorm", "rmsnorm")  # resnorm.model.QK_NORMS (tests/test_model_options.py)
 
 
 # --- the schema -----------------------------------------------------------------------------------
@@ -156,7 +158,18 @@ class ModelConfig:
                                variant_option=True)
     b2t_rescale_init: bool = key(False, "b2t: every block weight x depth^-1/2 at init (the official code)",
                                  variant_option=True)
-    qk_norm: bool = key(False, "LayerNorm of queries and keys over the head dim (Wortsman et al. 2023)")
+    derf_alpha0: float = key(0.5, "Derf norm layer (model.norm_layer=derf): initial alpha (the paper's default; "
+                                  "its GPT-2 recipe uses 1.0)", range=POSITIVE, variant_option=True)
+    qk_norm: bool = key(False, "normalise queries and keys (qk_norm_kind over qk_norm_axis; Wortsman et al. 2023)")
+    qk_norm_axis: str = key("head", "head: one norm over the head dim, shared by the heads; flat: one norm over "
+                                    "all heads flattened (d_model), as OLMo 2", choices=QK_NORM_AXES)
+    qk_norm_kind: str = key("layernorm", "the qk-norm's layer: layernorm | rmsnorm", choices=QK_NORM_KINDS)
+    attn_gate: bool = key(False, "gated attention (Qiu et al. 2025, arXiv:2505.06708): SDPA output * "
+                                 "sigmoid(h W_g + b_g), elementwise and head-specific, before the output projection")
+    attn_softcap: Optional[float] = key(None, "attention logits -> C * tanh(logits / C) before the softmax (Gemma 2: "
+                                              "50); null: off", range=POSITIVE)
+    logit_softcap: Optional[float] = key(None, "output logits -> C * tanh(logits / C) in the LM head (Gemma 2: 30); "
+                                               "null: off", range=POSITIVE)
     z_loss: float = key(0.0, "c in c * mean(logsumexp(logits)^2) added to the loss (1e-4 in Wortsman et al.)",
                         range=NON_NEGATIVE, note="0 turns it off")
 

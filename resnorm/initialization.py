@@ -14,7 +14,8 @@ After either scheme the variant's own initialisation follows (it is part of the 
   projections (b2t's optional L^-1/2). With ``xavier`` this is exactly ``xavier_normal_(w, gain=g)``
   as in DeepNet's pseudo-code.
 - every norm layer is reset to its initial values (LayerNorm/RMSNorm gains 1 and biases 0,
-  ScaleNorm g = sqrt(d), DyT alpha = alpha0, gamma 1, beta 0);
+  ScaleNorm g = sqrt(d), DyT alpha = alpha0, gamma 1, beta 0, Derf alpha = alpha0, s = 0, gamma 1,
+  beta 0);
 - every sublayer's learned scalars are reset to the spec's values (ReZero alpha = 0, Admin omega =
   the closed form sqrt(i); Admin's profiling pass, when selected, runs afterwards in
   :func:`resnorm.model.build_model`).

@@ -44,8 +44,13 @@ class ModelShape:
     bias: bool = True
     tie_weights: bool = False
     options: VariantOptions = field(default_factory=VariantOptions)
-    qk_norm: bool = False  # LayerNorm over the head dim of queries and keys (Wortsman et al. 2023)
+    qk_norm: bool = False  # normalise queries and keys (Wortsman et al. 2023)
     z_loss: float = 0.0  # c in c * mean(logsumexp(logits)^2), added to the loss; 0 = off
+    qk_norm_axis: str = "head"  # head: over the head dim, shared by the heads; flat: over d_model (OLMo 2)
+    qk_norm_kind: str = "layernorm"  # the qk-norm layer (QK_NORMS)
+    attn_gate: bool = False  # Y * sigmoid(h W_g + b_g) before the output projection (Qiu et al. 2025)
+    attn_softcap: Optional[float] = None  # attention logits -> C tanh(logits / C); None = off
+    logit_softcap: Optional[float] = None  # output logits -> C tanh(logits / C); None = off
 
     @classmethod
     def from_config(cls, cfg) -> "ModelShape":
@@ -57,65 +62,138 @@ class ModelShape:
             norm_layer=m.norm_layer or variant.norm_layer, norm_eps=m.norm_eps,
             activation=m.activation, bias=m.bias, tie_weights=m.tie_weights,
             options=VariantOptions.from_config(m),
-            qk_norm=bool(m.qk_norm), z_loss=float(m.z_loss),
+            qk_norm=bool(m.qk_norm), z_loss=float(m.z_loss), **_attention_options(m),
         )
 
     def norm(self) -> nn.Module:
         """A fresh norm layer of the configured kind."""
-        return make_norm(self.norm_layer, self.d_model, self.norm_eps, self.options.dyt_alpha0)
+        return make_norm(self.norm_layer, self.d_model, self.norm_eps, self.options.dyt_alpha0,
+                         self.options.derf_alpha0)
+
+    def attention(self) -> "Attention":
+        """A fresh attention branch with the configured options (qk-norm, gate, soft-cap)."""
+        return Attention(self.d_model, self.n_heads, self.bias, self.qk_norm, self.norm_eps,
+                         qk_norm_axis=self.qk_norm_axis, qk_norm_kind=self.qk_norm_kind,
+                         gate=self.attn_gate, softcap=self.attn_softcap)
+
+
+def _attention_options(m) -> dict:
+    """The model options every variant can use (README "Defaults"); a config written before a key
+    existed gets the key's default (off)."""
+    get = m.get if hasattr(m, "get") else lambda k, d: getattr(m, k, d)
+    cap = lambda v: None if v is None else float(v)  # noqa: E731
+    return dict(qk_norm_axis=get("qk_norm_axis", "head"), qk_norm_kind=get("qk_norm_kind", "layernorm"),
+                attn_gate=bool(get("attn_gate", False)), attn_softcap=cap(get("attn_softcap", None)),
+                logit_softcap=cap(get("logit_softcap", None)))
+
+
+def softcap(x: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
+    """Gemma 2's soft-cap (arXiv:2408.00118 §2): ``cap * tanh(x / cap)``; ``x`` itself when ``cap`` is None."""
+    return x if cap is None else cap * torch.tanh(x / cap)
+
+
+#: the qk-norm layers (``model.qk_norm_kind``; resnorm.config.QK_NORM_KINDS is the torch-free copy)
+QK_NORMS = {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm}
+QK_NORM_AXES = ("head", "flat")
+
+
+class SoftcapLinear(nn.Linear):
+    """The LM head with Gemma 2's final-logit soft-cap, ``cap * tanh((x W^T) / cap)``: every caller of
+    ``model.head`` (forward, loss, evaluation, the probes) sees the capped logits."""
+
+    def __init__(self, d_in: int, d_out: int, cap: float):
+        super().__init__(d_in, d_out, bias=False)
+        self.cap = cap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return softcap(super().forward(x), self.cap)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, cap={self.cap}"
 
 
 class Attention(nn.Module):
     """Causal multi-head self-attention with one fused QKV projection.
 
-    ``qk_norm``: LayerNorm over the head dimension of queries and keys, shared by all heads
-    (qk-layernorm, Wortsman et al. 2023). ``causal`` is an attribute, not a config key: the
-    rank-collapse reproduction sets it to False for bidirectional attention.
+    ``qk_norm``: a norm (``qk_norm_kind``: LayerNorm or RMSNorm) of queries and keys, over the head
+    dimension and shared by all heads (``qk_norm_axis="head"``, qk-layernorm, Wortsman et al. 2023),
+    or over all heads flattened, one norm of size d_model on q and one on k before the split into
+    heads (``"flat"``, OLMo 2). ``gate``: gated attention (Qiu et al. 2025, arXiv:2505.06708), the
+    SDPA output Y (heads concatenated) times ``sigmoid(gate(h))``, elementwise, so each head's channels
+    have their own gate, before the output projection; h is the branch input. ``softcap``: attention
+    logits ``C * tanh(s / C)`` before the softmax (Gemma 2), computed explicitly (SDPA has no hook).
+    ``causal`` is an attribute, not a config key: the rank-collapse reproduction sets it to False for
+    bidirectional attention.
     """
 
-    def __init__(self, d_model: int, n_heads: int, bias: bool, qk_norm: bool = False, eps: float = 1e-5):
+    def __init__(self, d_model: int, n_heads: int, bias: bool, qk_norm: bool = False, eps: float = 1e-5, *,
+                 qk_norm_axis: str = "head", qk_norm_kind: str = "layernorm", gate: bool = False,
+                 softcap: Optional[float] = None):
         super().__init__()
+        if qk_norm_axis not in QK_NORM_AXES:
+            raise ValueError(f"qk_norm_axis={qk_norm_axis!r}: choose one of {', '.join(QK_NORM_AXES)}")
         self.n_heads = n_heads
         self.causal = True
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
         self.out = nn.Linear(d_model, d_model, bias=bias)
-        head_dim = d_model // n_heads
-        self.q_norm = nn.LayerNorm(head_dim, eps=eps) if qk_norm else None
-        self.k_norm = nn.LayerNorm(head_dim, eps=eps) if qk_norm else None
+        norm_dim = d_model // n_heads if qk_norm_axis == "head" else d_model
+        self.qk_norm_axis = qk_norm_axis
+        self.q_norm = QK_NORMS[qk_norm_kind](norm_dim, eps=eps) if qk_norm else None
+        self.k_norm = QK_NORMS[qk_norm_kind](norm_dim, eps=eps) if qk_norm else None
+        self.gate = nn.Linear(d_model, d_model, bias=bias) if gate else None
+        self.softcap = softcap
 
     def _qkv(self, x: torch.Tensor):
         b, t, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=2)
+        if self.q_norm is not None and self.qk_norm_axis == "flat":
+            q, k = self.q_norm(q), self.k_norm(k)
         # split then transpose: no copy of the whole QKV gradient in backward (benchmarks/speedups.py)
-        q, k, v = (z.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2) for z in self.qkv(x).split(d, dim=2))
-        if self.q_norm is not None:
+        q, k, v = (z.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2) for z in (q, k, v))
+        if self.q_norm is not None and self.qk_norm_axis == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
+
+    def _mask(self, s: torch.Tensor, value: float) -> torch.Tensor:
+        """``s`` with ``value`` above the diagonal when ``causal`` (SDPA's ``is_causal`` mask)."""
+        if not self.causal:
+            return s
+        t = s.shape[-1]
+        return s.masked_fill(torch.triu(torch.ones(t, t, dtype=torch.bool, device=s.device), 1), value)
+
+    def scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """The masked pre-softmax logits ``softcap(q k^T / sqrt(d_head)) + M`` (M = -inf above the
+        diagonal when ``causal``), at least in float32."""
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        s = (q.to(dtype) @ k.to(dtype).transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        return self._mask(softcap(s, self.softcap), float("-inf"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self._qkv(x)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-        return self.out(y.transpose(1, 2).reshape(b, t, d))
+        if self.softcap is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        else:
+            y = self.scores(q, k).softmax(dim=-1).to(v.dtype) @ v
+        y = y.transpose(1, 2).reshape(b, t, d)
+        if self.gate is not None:
+            y = y * torch.sigmoid(self.gate(x))
+        return self.out(y)
 
     def max_logit(self, x: torch.Tensor) -> torch.Tensor:
-        """max |q_i . k_j| / sqrt(d_head) over batch, heads and the (causally) visible pairs i, j."""
+        """max |q_i . k_j| / sqrt(d_head) over batch, heads and the (causally) visible pairs i, j: the
+        raw logit, before any soft-cap (the quantity that grows; the cap bounds what the softmax sees)."""
         q, k, _ = self._qkv(x)
         z = (q @ k.transpose(-1, -2)).abs() / math.sqrt(q.shape[-1])
-        if self.causal:
-            t = z.shape[-1]
-            z = z.masked_fill(torch.triu(torch.ones(t, t, dtype=torch.bool, device=z.device), 1), 0.0)
-        return z.amax()
+        return self._mask(z, 0.0).amax()
 
     def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
         """The (batch, heads, T, T) attention probabilities of :meth:`forward`, in float32:
-        softmax(q k^T / sqrt(d_head) + M) with M = -inf above the diagonal when ``causal`` (the mask
-        and default scale of ``F.scaled_dot_product_attention(..., is_causal=True)``); rows sum to 1."""
+        softmax(softcap(q k^T / sqrt(d_head)) + M) with M = -inf above the diagonal when ``causal``
+        (the mask and default scale of ``F.scaled_dot_product_attention(..., is_causal=True)``); rows
+        sum to 1."""
         q, k, _ = self._qkv(x)
-        s = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
-        if self.causal:
-            t = s.shape[-1]
-            s = s.masked_fill(torch.triu(torch.ones(t, t, dtype=torch.bool, device=s.device), 1), float("-inf"))
-        return s.softmax(dim=-1)
+        return self.scores(q.float(), k.float()).softmax(dim=-1)
 
 
 class MLP(nn.Module):
@@ -221,8 +299,7 @@ class Block(nn.Module):
 
     def __init__(self, specs: Tuple[SublayerSpec, SublayerSpec], shape: ModelShape):
         super().__init__()
-        self.attn = Sublayer(Attention(shape.d_model, shape.n_heads, shape.bias, shape.qk_norm, shape.norm_eps),
-                             specs[0], shape)
+        self.attn = Sublayer(shape.attention(), specs[0], shape)
         self.mlp = Sublayer(MLP(shape.d_model, shape.d_ff, shape.activation, shape.bias), specs[1], shape)
         if specs[0].share_gate and specs[1].share_gate:
             self.mlp.gate = self.attn.gate  # one learned branch scalar per layer (ReZero)
@@ -245,7 +322,10 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(specs, shape)
                                     for specs in self.variant.layer_specs(shape.depth, shape.options))
         self.final_norm = shape.norm() if self.variant.final_norm else None
-        self.head = nn.Linear(shape.d_model, shape.vocab_size, bias=False)
+        if shape.logit_softcap is None:
+            self.head = nn.Linear(shape.d_model, shape.vocab_size, bias=False)
+        else:
+            self.head = SoftcapLinear(shape.d_model, shape.vocab_size, shape.logit_softcap)
         if shape.tie_weights:
             self.head.weight = self.tok_emb.weight
 
@@ -270,6 +350,7 @@ class Transformer(nn.Module):
         return STREAMS[self.variant.stream](self, self.embed(idx), parts)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """The output logits (soft-capped by the head when ``model.logit_softcap`` is set)."""
         return self.head(self.hidden(idx))
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, z_loss: bool = True) -> torch.Tensor:

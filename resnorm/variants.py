@@ -36,7 +36,7 @@ RESIDUALS = ("identity", "none")
 #:   accumulates every branch output; the head reads x_L + N_final(y_L).
 STREAMS = ("single", "b2t", "dual")
 #: Norm layers behind resnorm.norms.make_norm; ``none`` marks a variant without any norm (ReZero).
-NORM_LAYERS = ("layernorm", "rmsnorm", "scalenorm", "dyt")
+NORM_LAYERS = ("layernorm", "rmsnorm", "scalenorm", "dyt", "derf")
 ADMIN_MODES = ("profile", "closed_form")
 
 

