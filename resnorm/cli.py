@@ -51,7 +51,7 @@ def preflight(argv: List[str]) -> None:
     line and exit status 2. A command with other flags (``--help``, ``--cfg``, ``-cn``) is left to Hydra."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from .config import composition_error, compose, validate
+    from .config import check_override, composition_error, compose, validate
 
     args = argv[1:]
     multirun = any(a in ("-m", "--multirun") for a in args)
@@ -73,6 +73,8 @@ def preflight(argv: List[str]) -> None:
                                   "several values: add -m to sweep them (one job each), or write a list "
                                   "[a,b] or a quoted string 'a,b'")
         for job in _job_lines(parsed, multirun):
+            for o in OverridesParser.create().parse_overrides(job):
+                check_override(o)
             try:
                 cfg = compose(job)
             except Exception as exc:  # noqa: BLE001  # Hydra's composition errors

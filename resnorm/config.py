@@ -653,12 +653,25 @@ def explain_override(o, exc: BaseException) -> ConfigError:
     if _is_value_override(o) and name not in _leaf_index():
         return unknown_key_error(name, value)
     if name in _leaf_index():
-        lf = leaf(name)
-        reason = _type_reason(lf, value) if lf.kind is not str else None
-        return ConfigError(name, value, reason or str(exc).strip().splitlines()[0])
+        parsed = value if o.is_sweep_override() else o.value()
+        try:
+            check_leaf(leaf(name), parsed)
+        except ConfigError as err:
+            return err
+        return ConfigError(name, value, str(exc).strip().splitlines()[0])
     if (CONF_DIR / name).is_dir():
         return ConfigError(name, value, f"choose one of {', '.join(group_options(name))}")
     return ConfigError(name, value, str(exc).strip().splitlines()[0])
+
+
+def check_override(o) -> None:
+    """What Hydra converts silently: a bool key given a number (``model.bias=3`` would be true)."""
+    name = o.key_or_group
+    if o.is_sweep_override() or name not in _leaf_index() or leaf(name).kind is not bool:
+        return
+    value = o.value()
+    if value is not None and not isinstance(value, bool):
+        raise ConfigError(name, value, "must be true or false")
 
 
 def composition_error(overrides: Sequence[str], exc: BaseException) -> ConfigError:

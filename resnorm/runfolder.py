@@ -159,6 +159,15 @@ def summary_problem(summary: Dict[str, Any]) -> Optional[str]:
     return None
 
 
+def remove_stale_temporaries(run_dir: Path) -> List[Path]:
+    """Remove the temporary files of :func:`atomic_write` that a killed process left in ``run_dir``
+    (call it holding the job's lock: no other writer is then at work); returns them."""
+    stale = [p for p in Path(run_dir).glob(".*.tmp*") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def checkpoint_path(run_dir: Path) -> Path:
     return Path(run_dir) / CHECKPOINT
 

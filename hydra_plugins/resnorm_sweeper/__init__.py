@@ -29,7 +29,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf, open_dict
 
-from resnorm.config import composition_error, validate
+from resnorm.config import check_override, composition_error, validate
 from resnorm.errors import ConfigError
 from resnorm.identity import OPERATIONAL_KEYS, register_resolver
 from resnorm.sweeper import LAST_OUTCOME, JobPlan, duplicates, job_table, longest_first, plan_job
@@ -83,6 +83,11 @@ class ValidatingSweeper(BasicSweeper):
 
     def plan(self, overrides: Sequence[str]) -> JobPlan:
         """Compose one job (as Hydra does), validate its values, find its folder and state."""
+        try:
+            for o in OverridesParser.create().parse_overrides(list(overrides)):
+                check_override(o)
+        except ConfigError as err:
+            _config_error(f"{err} (job: {' '.join(overrides)})")
         try:
             cfg = self._compose(overrides)
         except Exception as exc:  # noqa: BLE001  # Hydra's composition errors: one line too
