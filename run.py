@@ -9,7 +9,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import hydra  # noqa: E402
 
-from resnorm.cli import expand_flags, exit_code, report_config_errors
+from resnorm.cli import expand_flags, exit_code, preflight, record_single, report_config_errors
 from resnorm.config import register_schemas
 
 register_schemas()
@@ -20,10 +20,11 @@ def main(cfg):
     from resnorm.train import run_job
 
     with report_config_errors():
-        return run_job(cfg)
+        return record_single(run_job(cfg))
 
 
 if __name__ == "__main__":
     sys.argv = expand_flags(sys.argv)
+    preflight(sys.argv)  # a bad config stops here, before Hydra writes anything
     main()
     sys.exit(exit_code())

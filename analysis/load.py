@@ -5,9 +5,11 @@ Reads, per job folder (any folder under the sweep that holds a ``summary.json``;
 
 - ``summary.json``: status, losses, throughput, versions, run name, overrides and the resolved
   ``config`` (a nested dict). A file that cannot be read or is not valid JSON (corrupt, or not
-  readable by this user) is skipped by :func:`load_sweep` with a warning naming it.
+  readable by this user), or whose fields have the wrong types (:func:`resnorm.runfolder.summary_problem`),
+  is skipped by :func:`load_sweep` with a warning naming it, and listed in ``Sweep.skipped``.
 - ``metrics.parquet``: one row per step (``step``, ``train_loss``, ``lr``, ``grad_norm``,
-  ``tokens_per_s``, ``val_loss``, and any columns added later). May be missing.
+  ``tokens_per_s``, ``val_loss``, and any columns added later). May be missing: a warning says so
+  and ``Sweep.skipped`` lists the run.
 - ``layers.parquet``: tidy per-layer rows (``step``, ``layer``, ``sublayer``, ``quantity``,
   ``value``). May be missing.
 - ``.hydra/config.yaml``: only when the summary has no ``config`` (a job that failed before it wrote
@@ -48,7 +50,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import pandas as pd
 
 from resnorm.runfolder import (LAYERS, METRICS, OUTCOMES, SUMMARY, classify_outcome, diverge_kind_of,
-                                read_summary)
+                                read_summary, summary_problem)
 
 #: summary fields every row of the runs table has (NaN/None where the summary lacks them)
 SUMMARY_FIELDS = (
@@ -92,6 +94,8 @@ class Sweep:
     steps: pd.DataFrame
     layers: pd.DataFrame
     axes: List[str] = field(default_factory=list)
+    #: (run folder relative to the sweep, why): runs left out, and runs loaded without their metrics
+    skipped: List[Tuple[str, str]] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -253,7 +257,11 @@ def load_run(run_dir) -> Run:
     with ``strict=True``). Missing or unreadable parquet files give ``None`` tables.
     """
     run_dir = Path(run_dir).resolve()
-    info = run_info(run_dir, read_summary(run_dir, strict=True))
+    summary = read_summary(run_dir, strict=True)
+    problem = summary_problem(summary)
+    if problem:
+        raise ValueError(f"{run_dir / SUMMARY}: malformed: {problem}")
+    info = run_info(run_dir, summary)
     steps = _with_keys(_read_table(run_dir / METRICS), info)
     layers = _with_keys(_read_table(run_dir / LAYERS), info)
     return Run(run_dir, info, steps, layers)
@@ -341,11 +349,20 @@ def load_sweep(path) -> Sweep:
         raise ValueError(f"not a sweep folder: {root} is a file")
     root = root.resolve()
     loaded: List[Run] = []
+    skipped: List[Tuple[str, str]] = []
     for run_dir in find_run_dirs(root):
+        where = run_dir.relative_to(root).as_posix() or "."
         try:
-            loaded.append(load_run(run_dir))
+            run = load_run(run_dir)
         except (ValueError, FileNotFoundError) as exc:
             warnings.warn(f"skipping a run: {exc}", stacklevel=2)  # the message names the file
+            skipped.append((where, f"skipped: {exc}"))
+            continue
+        loaded.append(run)
+        if run.steps is None:
+            why = f"no readable {METRICS} (status {run.info['status']}): no curves"
+            warnings.warn(f"{run_dir}: {why}", stacklevel=2)
+            skipped.append((where, why))
     if not loaded:
         raise ValueError(f"no run in {root}: no folder under it holds a readable summary.json")
 
@@ -358,4 +375,4 @@ def load_sweep(path) -> Sweep:
         for column in ("depth", "seed"):
             table[column] = pd.to_numeric(table[column], errors="coerce").astype("Int64")
         table["lr"] = pd.to_numeric(table["lr"], errors="coerce").astype(float)
-    return Sweep(path=root, runs=runs, steps=steps, layers=layers, axes=axes)
+    return Sweep(path=root, runs=runs, steps=steps, layers=layers, axes=axes, skipped=skipped)

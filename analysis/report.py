@@ -209,6 +209,8 @@ def _markdown(sweep, table: pd.DataFrame, figures: Dict[str, Optional[Path]], sk
         else:
             lines += [f"_Not drawn: {skipped.get(name, 'see the log')}._", ""]
     lines += ["## Runs", "", markdown_table(table, _MD_COLUMNS), ""]
+    if sweep.skipped:
+        lines += ["## Runs left out or incomplete", ""] + [f"- `{where}`: {why}" for where, why in sweep.skipped] + [""]
     lines += ["## Over seeds: final loss and outcomes per variant and depth", "",
               _seed_markdown(seed_table), ""]
     if lr_table is not None:

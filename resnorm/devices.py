@@ -9,9 +9,10 @@ and across sweeps run at the same time by the same user. The OS drops the locks 
 A pool of fake GPUs (``fake:0,fake:1``: the launcher's ``fake_gpus=N``) is scheduled the same way
 but trains on the CPU: that is how the scheduling is tested on machines without GPUs.
 
-Threads. ``train.threads`` if set; else ``RESNORM_THREADS`` (set by the parallel launcher: one per
-job on a CPU machine, where oversubscription made identical runs 10-40x slower); else
-``OMP_NUM_THREADS`` or all cores, split evenly between the processes of a DDP run.
+Threads. ``train.threads`` if set, else 1, for each process of a job, under every launcher
+(:func:`job_threads`): the thread count changes the last bits of a CPU run, so it is the config's,
+not the launcher's. The ``local`` launcher sets ``OMP_NUM_THREADS`` (for the libraries other than
+torch) to match and runs as many jobs at once as there are cores for them.
 
 DDP. ``train.devices=N`` trains one model on N processes (spawned by the job, torchrun-style: one
 per device, ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` set): each takes its slice of the same global
@@ -60,13 +61,12 @@ def cpu_count() -> int:
 
 
 def job_threads(configured: Optional[int], world: int = 1) -> int:
-    """Torch threads for each of the ``world`` processes of a job."""
-    if configured:
-        return int(configured)
-    for var in (THREADS_ENV, "OMP_NUM_THREADS"):  # the launcher's choice, then the user's
-        if os.environ.get(var, "").isdigit() and int(os.environ[var]) > 0:
-            return max(1, int(os.environ[var]) // (world if var == "OMP_NUM_THREADS" else 1))
-    return max(1, cpu_count() // world)
+    """Torch threads for each of the ``world`` processes of a job: ``train.threads``, else 1.
+
+    Fixed by the config alone, never by the launcher, the environment or the number of cores: the
+    last bits of a CPU run depend on the thread count, and a run (a resumed one too) must compute the
+    same whichever launcher runs it and however many jobs are left."""
+    return int(configured) if configured else 1
 
 
 @dataclass(frozen=True)

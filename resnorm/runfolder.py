@@ -174,6 +174,43 @@ def diverge_kind_of(reason: Optional[str]) -> Optional[str]:
     return "loss_factor"
 
 
+#: the JSON types of the summary's fields that readers rely on (null is allowed for every one)
+SUMMARY_TYPES: Dict[str, tuple] = {
+    "status": (str,), "run_id": (str,), "run_name": (str,), "group": (str,), "overrides": (list, str),
+    "config": (dict,), "diverge_reason": (str,), "error": (str,), "torch_version": (str,), "git_commit": (str,),
+    "diverged_step": (int,), "steps_done": (int,), "n_params": (int,), "checkpoint_step": (int,),
+    **{k: (int, float) for k in ("initial_loss", "final_train_loss", "final_val_loss", "best_val_loss",
+                                 "tokens_per_s", "wall_s", "unigram_loss", "entropy_rate", "stall_margin", "mfu")},
+    "outcome": (str,), "diverge_kind": (str,), "spike_count": (int,), "spike_steps": (list,),
+    "skipped_steps": (list,),
+}
+
+
+def summary_problem(summary: Dict[str, Any]) -> Optional[str]:
+    """What is wrong with the types of a parsed summary (a number where a list belongs, a list where
+    the status belongs, ...; see :data:`SUMMARY_TYPES`), or None."""
+    for key, types in SUMMARY_TYPES.items():
+        value = summary.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, types):
+            want = " or ".join({str: "a string", list: "a list", dict: "an object", int: "an integer",
+                                float: "a number"}[t] for t in types)
+            return f"{key} is {type(value).__name__} {json.dumps(value)[:40]}, not {want}"
+        if key == "overrides" and isinstance(value, list) and not all(isinstance(o, str) for o in value):
+            return "overrides holds a non-string"
+    return None
+
+
+def remove_stale_temporaries(run_dir: Path) -> List[Path]:
+    """Remove the temporary files of :func:`atomic_write` that a killed process left in ``run_dir``
+    (call it holding the job's lock: no other writer is then at work); returns them."""
+    stale = [p for p in Path(run_dir).glob(".*.tmp*") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def checkpoint_path(run_dir: Path) -> Path:
     return Path(run_dir) / CHECKPOINT
 

@@ -39,12 +39,28 @@ class JobPlan:
         if self.done:
             return f"done: {self.state}"
         if self.state == "resume":
-            step = (read_summary(self.run_dir) or {}).get("checkpoint_step")
-            return f"resume @{step}" if step is not None else "resume"
+            step = checkpoint_step(self.run_dir, self.run_id)
+            return "resume? (checkpoint unreadable: restarts)" if step is None else f"resume @{step}"
         if self.state == "retry":
             status = (read_summary(self.run_dir) or {}).get("status")
             return f"retry ({status})" if status else "retry"
         return self.state
+
+
+def checkpoint_step(run_dir: Path, rid: str) -> Optional[int]:
+    """The step the run folder's checkpoint resumes from; None if it does not open or is not run
+    ``rid``'s (then the job restarts: :func:`resnorm.checkpoint.load`, its warning kept quiet)."""
+    import logging
+
+    from . import checkpoint
+
+    quiet = logging.getLogger(checkpoint.__name__)
+    level, quiet.level = quiet.level, logging.ERROR
+    try:
+        state = checkpoint.load(checkpoint.checkpoint_path(run_dir), rid)
+        return None if state is None else int(state["step"])
+    finally:
+        quiet.setLevel(level)
 
 
 def plan_job(overrides: Sequence[str], cfg: Any, run_dir: Optional[Path]) -> JobPlan:

@@ -3,6 +3,9 @@
 ``logger.mode=offline`` (the default) needs no account or network: runs are written under the job's
 folder (``<job>/wandb/``) and can be uploaded later with ``wandb sync``. ``online`` logs live;
 ``disabled`` (or ``logger.wandb=false``) turns W&B off. The run store is written either way.
+``online`` waits at most ``logger.init_timeout`` seconds for the server (one line when it starts
+waiting, one if it gives up); a server that does not answer, or refuses, gets the run offline in the
+job folder instead, to be uploaded later with ``wandb sync``: training never waits on W&B longer.
 
 Hydra's launchers reuse processes, so the run is opened with ``reinit="finish_previous"``: an
 unfinished run never swallows the next job. If W&B fails (not installed, unreachable, broken), the
@@ -23,6 +26,19 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 log = logging.getLogger(__name__)
+DEFAULT_INIT_TIMEOUT = 30.0  # seconds; the schema's logger.init_timeout
+
+
+def answers(url: str, timeout: float) -> None:
+    """Raise (URLError, TimeoutError, OSError) unless the server at ``url`` answers an HTTP request
+    within ``timeout`` seconds; any HTTP status counts as an answer."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        pass
 
 
 class WandbTracker:
@@ -49,17 +65,44 @@ class WandbTracker:
             import wandb
 
             os.environ.setdefault("WANDB_SILENT", "true")
-            self.run = wandb.init(
-                project=self.cfg.project, entity=self.cfg.entity, group=self.group, name=self.name,
-                config=self.config, dir=str(self.run_dir), mode=self.cfg.mode, id=self.requested_id,
-                resume="allow" if self.requested_id else None, tags=self.tags, job_type=self.job_type,
-                reinit="finish_previous",
-                settings=wandb.Settings(console="off", x_disable_stats=True, x_disable_machine_info=True),
-            )
+            if self.cfg.mode == "online":
+                self.run = self._online(wandb)
+            else:
+                self.run = self._init(wandb, self.cfg.mode)
             self.run_id = self.run.id
         except Exception as exc:  # W&B must never take a run down with it
             self._fail("init", exc)
         return self
+
+    def _init(self, wandb, mode: str, timeout: Optional[float] = None):
+        settings = dict(console="off", x_disable_stats=True, x_disable_machine_info=True)
+        if timeout is not None:  # every wait on the server bounded (W&B's own defaults add up to ~97 s)
+            settings.update(init_timeout=timeout, x_graphql_timeout_seconds=timeout, x_graphql_retry_max=1,
+                            finish_timeout=timeout)
+        return wandb.init(
+            project=self.cfg.project, entity=self.cfg.entity, group=self.group, name=self.name,
+            config=self.config, dir=str(self.run_dir), mode=mode, id=self.requested_id,
+            resume="allow" if self.requested_id else None, tags=self.tags, job_type=self.job_type,
+            reinit="finish_previous", settings=wandb.Settings(**settings),
+        )
+
+    def _online(self, wandb):
+        """Open the run online, waiting at most ``logger.init_timeout`` seconds for the server; if it
+        does not answer (or refuses), open it offline in the job folder instead (``wandb sync`` it later)."""
+        timeout = float(self.cfg.get("init_timeout", DEFAULT_INIT_TIMEOUT) if hasattr(self.cfg, "get")
+                        else getattr(self.cfg, "init_timeout", DEFAULT_INIT_TIMEOUT))
+        server = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+        log.info("wandb: connecting to %s (at most %g s, logger.init_timeout)", server, timeout)
+        try:
+            answers(server, timeout)
+            return self._init(wandb, "online", timeout)
+        except Exception as exc:  # unreachable, no account, refused: log offline instead
+            folder = self.run_dir / "wandb"
+            self.error = (f"wandb online init failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                          f"logged offline in {folder}")
+            log.warning("wandb: no answer from %s (%s): logging offline in %s; upload later with "
+                        "`wandb sync %s/offline-run-*`", server, type(exc).__name__, folder, folder)
+            return self._init(wandb, "offline")
 
     def _fail(self, where: str, exc: Exception) -> None:
         self.error = f"wandb {where} failed: {type(exc).__name__}: {exc}"

@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from . import devices
 from .identity import run_id
 from .loop import fit
-from .runfolder import DONE, job_lock, job_state, read_summary, write_summary
+from .runfolder import DONE, job_lock, job_state, read_summary, remove_stale_temporaries, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ def execute(cfg, job: JobInfo, callbacks: Optional[Callable] = None) -> Dict[str
             log.warning("run %s (%s) is running in another process: left to it", job.run_id, job.run_name)
             return {"status": "running", "run_name": job.run_name, "run_id": job.run_id,
                     "note": "running in another process"}
+        remove_stale_temporaries(job.run_dir)  # half-written files of a killed attempt
         state = job_state(job.run_dir, job.run_id)
         if state == "foreign":
             other = read_summary(job.run_dir).get("run_id")

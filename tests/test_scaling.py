@@ -259,12 +259,15 @@ def test_local_launcher_plans_jobs_and_threads(monkeypatch):
     plan = launcher.plan(n_todo=20)
     assert plan["n_jobs"] == 8 and plan["threads"] == 1 and devices.POOL_ENV not in plan["env"]
     assert plan["env"]["OMP_NUM_THREADS"] == "1" and plan["env"]["OMP_WAIT_POLICY"] == "PASSIVE"
-    assert (launcher.plan(n_todo=2)["n_jobs"], launcher.plan(n_todo=2)["threads"]) == (2, 4)  # fewer jobs than cores
-    assert (launcher.plan(n_todo=1)["n_jobs"], launcher.plan(n_todo=1)["threads"]) == (1, 8)
+    # fewer jobs than cores: each still trains with train.threads (null: 1), its numbers the launcher's choice never
+    assert (launcher.plan(n_todo=2)["n_jobs"], launcher.plan(n_todo=2)["threads"]) == (2, 1)
+    assert (launcher.plan(n_todo=1)["n_jobs"], launcher.plan(n_todo=1)["threads"]) == (1, 1)
+    launcher.config = OmegaConf.create({"train": {"devices": 1, "threads": 2}})
+    assert (launcher.plan(n_todo=20)["n_jobs"], launcher.plan(n_todo=20)["threads"]) == (4, 2)
     gpus = ParallelLauncher(fake_gpus=4)
     gpus.config = OmegaConf.create({"train": {"devices": 2}})
     plan = gpus.plan(n_todo=20)
-    assert plan["n_jobs"] == 2 and plan["threads"] == 2  # two DDP runs of two processes on 8 cores
+    assert plan["n_jobs"] == 2 and plan["threads"] == 1  # two DDP runs of two processes, 1 thread each
     assert plan["env"][devices.POOL_ENV] == "fake:0,fake:1,fake:2,fake:3"
 
 

@@ -6,10 +6,11 @@ launcher lacks (hydra#1331, #2757: parallel jobs get no GPU of their own):
 - with GPUs, the machine's GPUs form a device pool (``RESNORM_DEVICE_POOL``); each job takes
   ``train.devices`` of them exclusively while it runs (file locks, see :mod:`resnorm.devices`), and
   ``n_jobs`` defaults to the number of GPUs divided by ``train.devices``;
-- on a CPU machine, ``n_jobs`` defaults to the number of cores and each job gets one thread
-  (``threads_per_job``; ``RESNORM_THREADS``, ``OMP_NUM_THREADS``, ``OMP_WAIT_POLICY=PASSIVE``), as
-  parallel jobs that each used every core ran 10-40x slower here; with fewer jobs than cores, the
-  cores are shared out between them, and a single job runs in the sweep's own process.
+- on a CPU machine, ``n_jobs`` defaults to the number of cores divided by the threads of a job
+  (``threads_per_job``, else ``train.threads``, null: 1; ``OMP_NUM_THREADS``, ``OMP_WAIT_POLICY=PASSIVE``),
+  as parallel jobs that each used every core ran 10-40x slower here. A job trains with
+  ``train.threads`` (null: 1) however many jobs are left, so its numbers never depend on the
+  launcher; a single job runs in the sweep's own process.
 
 Options (``hydra.launcher.<option>=...``): ``n_jobs``, ``gpus`` (a list of GPU indices; null: all
 visible), ``fake_gpus`` (N pretend GPUs that train on the CPU: to try a sweep's scheduling on a
@@ -67,16 +68,16 @@ class ParallelLauncher(Launcher):
         from resnorm.devices import LOCK_DIR_ENV, POOL_ENV, THREADS_ENV, cpu_count, format_pool
 
         per_job = int(OmegaConf.select(self.config, "train.devices", default=1) or 1)
+        # a job's thread count is its config's (train.threads, null: 1), never the launcher's: it
+        # changes a CPU run's last bits (resnorm.devices.job_threads)
+        threads = int(OmegaConf.select(self.config, "train.threads", default=None) or 1)
         slots = self.pool()
         cores = cpu_count()
         if slots:
             n_jobs = self.n_jobs or max(1, len(slots) // per_job)
-        else:
-            n_jobs = self.n_jobs or max(1, cores // ((self.threads_per_job or 1) * per_job))
+        else:  # as many processes at once as there are cores for their threads (DDP: train.devices each)
+            n_jobs = self.n_jobs or max(1, cores // ((self.threads_per_job or threads) * per_job))
         n_jobs = min(n_jobs, n_todo or n_jobs)
-        # the cores are shared out between the processes running at once (one thread each when there
-        # are as many as cores); DDP runs have train.devices processes
-        threads = self.threads_per_job or max(1, cores // (n_jobs * per_job))
         env = {THREADS_ENV: str(threads), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
         if slots:

@@ -29,7 +29,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf, open_dict
 
-from resnorm.config import validate
+from resnorm.config import check_override, composition_error, validate
 from resnorm.errors import ConfigError
 from resnorm.identity import OPERATIONAL_KEYS, register_resolver
 from resnorm.sweeper import LAST_OUTCOME, JobPlan, duplicates, job_table, longest_first, plan_job, write_plan
@@ -44,6 +44,8 @@ def _config_error(message: str) -> None:
     raise SystemExit(2)
 
 
+#: the launchers whose jobs train on the machine the sweep is started on
+HERE_LAUNCHERS = ("BasicLauncher", "ParallelLauncher")
 #: hydra.sweeper.order: the launch order of the jobs still to run
 ORDERS = ("longest_first", "given")
 
@@ -73,14 +75,28 @@ class ValidatingSweeper(BasicSweeper):
         finally:
             HydraConfig.instance().cfg = previous
 
+    def jobs_run_here(self) -> bool:
+        """Whether the jobs train on this machine (the basic and local launchers), so that the checks
+        of this machine's devices (:data:`resnorm.config.HOST_RULES`) apply to them."""
+        target = str(OmegaConf.select(self.config, "hydra.launcher._target_", default=""))
+        return target.endswith(HERE_LAUNCHERS)
+
     def plan(self, overrides: Sequence[str]) -> JobPlan:
         """Compose one job (as Hydra does), validate its values, find its folder and state."""
-        cfg = self._compose(overrides)
+        try:
+            for o in OverridesParser.create().parse_overrides(list(overrides)):
+                check_override(o)
+        except ConfigError as err:
+            _config_error(f"{err} (job: {' '.join(overrides)})")
+        try:
+            cfg = self._compose(overrides)
+        except Exception as exc:  # noqa: BLE001  # Hydra's composition errors: one line too
+            _config_error(f"{composition_error(overrides, exc)} (job: {' '.join(overrides)})")
         run_dir = self._job_dir(cfg)
         with open_dict(cfg):
             del cfg["hydra"]
         try:
-            validate(cfg)
+            validate(cfg, host=self.jobs_run_here())
         except ConfigError as err:
             _config_error(f"{err} (job: {' '.join(overrides)})")
         return plan_job(overrides, cfg, run_dir)
@@ -113,9 +129,14 @@ class ValidatingSweeper(BasicSweeper):
         if self.order == "longest_first" and len(todo_plans) > 1:
             todo_plans = longest_first(todo_plans)
         todo = [p.overrides for p in todo_plans]
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        write_plan(sweep_dir, plans)  # each finished job prints the sweep's progress line from it
+        try:
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+            write_plan(sweep_dir, plans)  # each finished job prints the sweep's progress line from it
+        except OSError as exc:  # one line, before any job ran (exit 2, like a config error)
+            print(f"error: cannot write the sweep folder {sweep_dir} ({type(exc).__name__}: {exc.strerror}); "
+                  "choose another with hydra.sweep.dir=DIR", file=sys.stderr)
+            raise SystemExit(2) from None
         returns = []
         initial_job_idx = 0
         for batch in self.split_overrides_to_chunks(todo, self.max_batch_size) if todo else []:
