@@ -356,7 +356,7 @@ def load_sweep(path) -> Sweep:
             run = load_run(run_dir)
         except (ValueError, FileNotFoundError) as exc:
             warnings.warn(f"skipping a run: {exc}", stacklevel=2)  # the message names the file
-            skipped.append((where, f"skipped: {exc}"))
+            skipped.append((where, f"skipped: {str(exc).replace(str(run_dir) + '/', '')}"))  # the report names the run
             continue
         loaded.append(run)
         if run.steps is None:

@@ -273,17 +273,6 @@ def test_local_launcher_plans_jobs_and_threads(monkeypatch):
 
 # --- the command line: failures, dry run, kill -9 and re-run ----------------------------------
 
-def test_a_failing_job_is_recorded_and_counted_in_the_exit_code(tmp_path):
-    tiny_text = tmp_path / "tiny.txt"
-    tiny_text.write_text("abc")  # passes validation, fails when loaded: fewer than one sequence
-    proc = run_cli("-m", *TINY, "depth=1", "data=synthetic,text", f"data.path={tiny_text}", "name=fails",
-                   NO_ANALYSIS, cwd=tmp_path, env_extra=ONE_THREAD)
-    assert proc.returncode == 1, proc.stderr[-2000:]
-    assert "1 of 2 runs failed" in proc.stderr
-    statuses = sorted(summary_of(d)["status"] for d in find_runs(tmp_path / "multirun" / "fails"))
-    assert statuses == ["completed", "failed"]
-
-
 PROBE_CALLBACK = '''
 from pathlib import Path
 from hydra.experimental.callback import Callback
