@@ -50,7 +50,8 @@ def _split(stream: torch.Tensor, val_fraction: float, source: str, min_len: int)
     for part, name in ((train, "train"), (val, "validation")):
         if len(part) < min_len:
             raise DataError(f"{source}: the {name} split has {len(part)} tokens, fewer than one sequence of "
-                            f"{min_len}; use a larger corpus or change data.val_fraction")
+                            f"{min_len} (train.seq_len + 1); lower train.seq_len or use a larger corpus"
+                            + (" (or change data.val_fraction)" if name == "validation" else ""))
     return TokenData(train=train, val=val, source=source, unigram_loss=unigram_entropy(train))
 
 
