@@ -9,7 +9,9 @@ see :mod:`resnorm.identity`): ``run.py`` imports it, and so does every process t
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
+from pathlib import Path
 from typing import Any, Dict, List
 
 from .errors import ConfigError
@@ -81,6 +83,33 @@ def preflight(argv: List[str]) -> None:
                 raise composition_error(job, exc) from None
             if not multirun:
                 validate(cfg)
+                _check_writable(_single_run_dir(args, cfg))
+
+
+def _single_run_dir(args: List[str], cfg) -> Path:
+    """Where Hydra will write a single run: ``hydra.run.dir`` from the command line, else
+    ``outputs/<name>/<run_id>`` (conf/config.yaml)."""
+    from .identity import run_id
+
+    given = [a.split("=", 1)[1] for a in args if a.lstrip("+").startswith("hydra.run.dir=")]
+    return Path(given[-1]) if given else Path("outputs") / str(cfg.name) / run_id(cfg)
+
+
+def _check_writable(folder: Path) -> None:
+    """One line and exit 2 when ``folder`` cannot be created or written (a path component is a
+    file, or the nearest existing folder is not writable), before Hydra tries and prints a traceback."""
+    probe = Path(folder).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    problem = None
+    if not probe.is_dir():
+        problem = f"{probe} is not a folder"
+    elif not os.access(probe, os.W_OK | os.X_OK):
+        problem = f"{probe} is not writable"
+    if problem:
+        print(f"error: cannot write the run folder {folder} ({problem}); choose another with "
+              "hydra.run.dir=DIR", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def expand_flags(argv: List[str]) -> List[str]:

@@ -285,6 +285,19 @@ def test_the_losing_sweep_of_two_exits_non_zero_without_analysis(tmp_path):
 
 # --- unwritable folders ------------------------------------------------------------------------------
 
+def test_unwritable_single_run_folder_is_one_line_and_writes_nothing(tmp_path):
+    (tmp_path / "outputs").write_text("")  # a file where the run folder's parent should be
+    proc = run_cli(*RUN, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    line = one_line(proc)
+    assert line.startswith("error: cannot write the run folder outputs/") and "is not a folder" in line
+    assert "Traceback" not in proc.stdout + proc.stderr
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    proc = run_cli(*RUN, f"hydra.run.dir={blocker}/run", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and one_line(proc).startswith(f"error: cannot write the run folder {blocker}/run (")
+
+
 def test_unwritable_sweep_folder_is_one_line(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
