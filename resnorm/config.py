@@ -161,6 +161,10 @@ class ModelConfig:
                                  variant_option=True)
     derf_alpha0: float = key(0.5, "Derf norm layer (model.norm_layer=derf): initial alpha (the paper's default; "
                                   "its GPT-2 recipe uses 1.0)", range=POSITIVE, variant_option=True)
+    # --- issue 13 (s13) ---
+    hybridnorm_star: bool = key(False, "hybridnorm: HybridNorm*, the first block Pre-Norm in both sublayers "
+                                       "(QKV-norm kept)", variant_option=True)
+    # --- end issue 13 (s13) ---
     qk_norm: bool = key(False, "normalise queries and keys (qk_norm_kind over qk_norm_axis; Wortsman et al. 2023)")
     qk_norm_axis: str = key("head", "head: one norm over the head dim, shared by the heads; flat: one norm over "
                                     "all heads flattened (d_model), as OLMo 2", choices=QK_NORM_AXES)

@@ -65,16 +65,24 @@ class ModelShape:
             qk_norm=bool(m.qk_norm), z_loss=float(m.z_loss), **_attention_options(m),
         )
 
-    def norm(self) -> nn.Module:
-        """A fresh norm layer of the configured kind."""
-        return make_norm(self.norm_layer, self.d_model, self.norm_eps, self.options.dyt_alpha0,
+    def norm(self, d: Optional[int] = None) -> nn.Module:
+        """A fresh norm layer of the configured kind, of width ``d`` (default d_model)."""
+        return make_norm(self.norm_layer, d or self.d_model, self.norm_eps, self.options.dyt_alpha0,
                          self.options.derf_alpha0)
 
-    def attention(self) -> "Attention":
-        """A fresh attention branch with the configured options (qk-norm, gate, soft-cap)."""
+    def attention(self, spec: Optional[SublayerSpec] = None) -> "Attention":
+        """A fresh attention branch with the configured options (qk-norm, gate, soft-cap) and the
+        spec's branch features (head scales, QKV-norm)."""
+        spec = spec or SublayerSpec()
         return Attention(self.d_model, self.n_heads, self.bias, self.qk_norm, self.norm_eps,
                          qk_norm_axis=self.qk_norm_axis, qk_norm_kind=self.qk_norm_kind,
-                         gate=self.attn_gate, softcap=self.attn_softcap)
+                         gate=self.attn_gate, softcap=self.attn_softcap, head_scale=spec.head_scale,
+                         qkv_norms=tuple(self.norm() for _ in range(3)) if spec.qkv_norm else None)
+
+    def mlp(self, spec: Optional[SublayerSpec] = None) -> "MLP":
+        """A fresh MLP branch; with the spec's ``inner_norm`` a norm of width d_ff after the activation."""
+        inner = self.norm(self.d_ff) if spec is not None and spec.inner_norm else None
+        return MLP(self.d_model, self.d_ff, self.activation, self.bias, inner_norm=inner)
 
 
 def _attention_options(m) -> dict:
@@ -122,16 +130,24 @@ class Attention(nn.Module):
     SDPA output Y (heads concatenated) times ``sigmoid(gate(h))``, elementwise, so each head's channels
     have their own gate, before the output projection; h is the branch input. ``softcap``: attention
     logits ``C * tanh(s / C)`` before the softmax (Gemma 2), computed explicitly (SDPA has no hook).
+    ``head_scale``: each head's output times a learned scalar (init 1) before the output projection
+    (NormFormer's HeadScale, arXiv:2110.09456). ``qkv_norms``: three norm modules applied to q, k and v,
+    each over d_model before the split into heads (HybridNorm's QKV-norm, arXiv:2503.04598); not
+    combined with ``qk_norm``.
     ``causal`` is an attribute, not a config key: the rank-collapse reproduction sets it to False for
     bidirectional attention.
     """
 
     def __init__(self, d_model: int, n_heads: int, bias: bool, qk_norm: bool = False, eps: float = 1e-5, *,
                  qk_norm_axis: str = "head", qk_norm_kind: str = "layernorm", gate: bool = False,
-                 softcap: Optional[float] = None):
+                 softcap: Optional[float] = None, head_scale: bool = False,
+                 qkv_norms: Optional[Tuple[nn.Module, nn.Module, nn.Module]] = None):
         super().__init__()
         if qk_norm_axis not in QK_NORM_AXES:
             raise ValueError(f"qk_norm_axis={qk_norm_axis!r}: choose one of {', '.join(QK_NORM_AXES)}")
+        if qk_norm and qkv_norms is not None:
+            raise ValueError("model.qk_norm with a variant that normalises q, k and v (hybridnorm): "
+                             "the queries and keys are normalised already; drop model.qk_norm")
         self.n_heads = n_heads
         self.causal = True
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
@@ -142,10 +158,14 @@ class Attention(nn.Module):
         self.k_norm = QK_NORMS[qk_norm_kind](norm_dim, eps=eps) if qk_norm else None
         self.gate = nn.Linear(d_model, d_model, bias=bias) if gate else None
         self.softcap = softcap
+        self.head_scale = nn.Parameter(torch.ones(n_heads)) if head_scale else None
+        self.qkv_norms = nn.ModuleList(qkv_norms) if qkv_norms is not None else None
 
     def _qkv(self, x: torch.Tensor):
         b, t, d = x.shape
         q, k, v = self.qkv(x).split(d, dim=2)
+        if self.qkv_norms is not None:
+            q, k, v = (norm(z) for norm, z in zip(self.qkv_norms, (q, k, v)))
         if self.q_norm is not None and self.qk_norm_axis == "flat":
             q, k = self.q_norm(q), self.k_norm(k)
         # split then transpose: no copy of the whole QKV gradient in backward (benchmarks/speedups.py)
@@ -175,6 +195,8 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
             y = self.scores(q, k).softmax(dim=-1).to(v.dtype) @ v
+        if self.head_scale is not None:
+            y = y * self.head_scale.view(1, -1, 1, 1).to(y.dtype)
         y = y.transpose(1, 2).reshape(b, t, d)
         if self.gate is not None:
             y = y * torch.sigmoid(self.gate(x))
@@ -197,14 +219,19 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, d_model: int, d_ff: int, activation: str, bias: bool):
+    """fc2(act(fc1(x))); with ``inner_norm`` fc2(N(act(fc1(x)))) (NormFormer's FFN LN)."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str, bias: bool,
+                 inner_norm: Optional[nn.Module] = None):
         super().__init__()
         self.fc1 = nn.Linear(d_model, d_ff, bias=bias)
         self.act = ACTIVATIONS[activation]()
+        self.inner_norm = inner_norm
         self.fc2 = nn.Linear(d_ff, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        h = self.act(self.fc1(x))
+        return self.fc2(h if self.inner_norm is None else self.inner_norm(h))
 
 
 class SublayerParts(NamedTuple):
@@ -221,8 +248,8 @@ class Sublayer(nn.Module):
     """One residual sublayer: the norm placement of every variant is applied here and nowhere else.
 
     See :class:`resnorm.variants.SublayerSpec` for the equation. ``gate`` is the learned branch
-    scalar (ReZero's alpha), ``omega`` the learned per-channel skip factor (Admin's omega); both
-    exist only when the spec asks for them.
+    scalar (ReZero's alpha), ``omega`` the learned per-channel skip factor (Admin's omega), ``lam``
+    the learned per-channel branch scale (LayerScale's lambda); each exists only when the spec asks.
     """
 
     def __init__(self, branch: nn.Module, spec: SublayerSpec, shape: ModelShape):
@@ -234,13 +261,19 @@ class Sublayer(nn.Module):
         self.sum_norm = shape.norm() if spec.sum_norm else None
         self.gate = nn.Parameter(torch.empty(1)) if spec.branch_learned else None
         self.omega = nn.Parameter(torch.empty(shape.d_model)) if spec.skip_learned else None
+        self.lam = nn.Parameter(torch.empty(shape.d_model)) if spec.branch_channel_learned else None
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """The variant's initial values of the learned scalars (ReZero alpha, Admin omega)."""
+        """The variant's initial values of the learned scalars (ReZero alpha, Admin omega, LayerScale
+        lambda; NormFormer's head scales 1)."""
         if self.gate is not None:
             self.gate.fill_(self.spec.branch_scale)
+        if self.lam is not None:
+            self.lam.fill_(self.spec.branch_scale)
+        if getattr(self.branch, "head_scale", None) is not None:
+            self.branch.head_scale.fill_(1.0)
         if self.omega is not None:
             self.omega.fill_(self.spec.skip_scale)
 
@@ -256,6 +289,8 @@ class Sublayer(nn.Module):
             f = self.out_norm(f)
         if self.gate is not None:
             f = self.gate * f
+        elif self.lam is not None:
+            f = self.lam * f
         elif s.branch_scale != 1.0:
             f = f * s.branch_scale
         z = self.residual_sum(x, f, bottom)
@@ -299,8 +334,8 @@ class Block(nn.Module):
 
     def __init__(self, specs: Tuple[SublayerSpec, SublayerSpec], shape: ModelShape):
         super().__init__()
-        self.attn = Sublayer(shape.attention(), specs[0], shape)
-        self.mlp = Sublayer(MLP(shape.d_model, shape.d_ff, shape.activation, shape.bias), specs[1], shape)
+        self.attn = Sublayer(shape.attention(specs[0]), specs[0], shape)
+        self.mlp = Sublayer(shape.mlp(specs[1]), specs[1], shape)
         if specs[0].share_gate and specs[1].share_gate:
             self.mlp.gate = self.attn.gate  # one learned branch scalar per layer (ReZero)
 

@@ -59,6 +59,13 @@ class SublayerSpec:
         y = f                           if residual == "none"
         y = y + x_bottom                only in the MLP sublayer of a ``b2t`` stream
         y = N_sum(y)                    if sum_norm
+
+    Branch features (issue 13; read by resnorm.model's Attention and MLP, and Sublayer.run):
+    ``branch_channel_learned``: f = diag(lambda) f with a learned per-channel lambda initialised at
+    branch_scale (LayerScale); ``head_scale``: each attention head's output times a learned scalar
+    (init 1) before the output projection (NormFormer); ``qkv_norm``: a norm of the norm layer's kind
+    on q, k and v, each over d_model, before the split into heads (HybridNorm); ``inner_norm``: a
+    norm of width d_ff after the MLP's activation (NormFormer).
     """
 
     pre_norm: bool = False
@@ -71,6 +78,12 @@ class SublayerSpec:
     branch_learned: bool = False
     share_gate: bool = False
     input_scale: float = 1.0
+    # --- issue 13 (s13): branch features ---
+    branch_channel_learned: bool = False
+    head_scale: bool = False
+    qkv_norm: bool = False
+    inner_norm: bool = False
+    # --- end issue 13 (s13) ---
 
     def __post_init__(self):
         if self.residual not in RESIDUALS:
@@ -79,10 +92,13 @@ class SublayerSpec:
             raise ValueError("skip_learned needs residual='identity' (there is no skip to scale)")
         if self.share_gate and not self.branch_learned:
             raise ValueError("share_gate needs branch_learned (there is no learned scalar to share)")
+        if self.branch_channel_learned and self.branch_learned:
+            raise ValueError("branch_channel_learned and branch_learned: choose one learned branch scale")
 
     @property
     def norms(self) -> int:
-        return int(self.pre_norm) + int(self.out_norm) + int(self.sum_norm)
+        return (int(self.pre_norm) + int(self.out_norm) + int(self.sum_norm)
+                + 3 * int(self.qkv_norm) + int(self.inner_norm))
 
 
 def _options_from_config(cls, model_cfg) -> "VariantOptions":
@@ -419,6 +435,85 @@ register(Variant(
 ))
 
 
+# --- issue 13 (s13): reordered, layerscale, keel, normformer, hybridnorm ------------------------------
+# Equations, inits and the choices where a paper is ambiguous: docs/variants.md; tests:
+# tests/test_schemes_norm.py (float64 references, init, peers).
+
+def layerscale_init(depth: int) -> float:
+    """LayerScale's initial lambda (Touvron et al., arXiv:2103.17239 §2): 0.1 up to depth 18, 1e-5 up
+    to depth 24 (the paper says "for depth 24"; 19-23 take 1e-5 here), 1e-6 deeper. Depth counts blocks."""
+    return 0.1 if depth <= 18 else 1e-5 if depth <= 24 else 1e-6
+
+
+def keel_alpha(depth: int) -> float:
+    """Keel's skip factor alpha = L, the number of sublayers: 2 per block (arXiv:2601.19895)."""
+    return 2.0 * depth
+
+
+def _hybridnorm(layer: int, depth: int, opts: VariantOptions) -> Tuple[SublayerSpec, SublayerSpec]:
+    """HybridNorm: attention without pre-norm, QKV-norm inside; Post-LN FFN. HybridNorm*
+    (``hybridnorm_star``): the first block is Pre-Norm in both sublayers (QKV-norm kept)."""
+    if layer == 0 and opts.hybridnorm_star:
+        return SublayerSpec(pre_norm=True, qkv_norm=True), PRE
+    return SublayerSpec(qkv_norm=True), POST
+
+
+register(Variant(
+    name="reordered",
+    title="Reordered norm (Team OLMo 2025, 2 OLMo 2 Furious)",
+    citation="arXiv:2501.00656",
+    equation="x <- x + RMSNorm(F(x)) (no input norm); final RMSNorm; meant with "
+             "model.qk_norm=true model.qk_norm_axis=flat model.qk_norm_kind=rmsnorm",
+    sublayer=lambda layer, depth, opts: SublayerSpec(out_norm=True),
+    init="Xavier-normal (model.init); RMSNorm gains 1",
+    norm_layer="rmsnorm",
+))
+
+register(Variant(
+    name="layerscale",
+    title="LayerScale (Touvron et al. 2021, Going deeper with Image Transformers (CaiT))",
+    citation="arXiv:2103.17239",
+    equation="x <- x + diag(lambda) F(LN(x)), a learned per-channel lambda per sublayer; final LN",
+    sublayer=lambda layer, depth, opts: SublayerSpec(pre_norm=True, branch_scale=layerscale_init(depth),
+                                                     branch_channel_learned=True),
+    init="Xavier-normal; lambda = 0.1 (L <= 18), 1e-5 (L <= 24), 1e-6 (deeper)",
+))
+
+register(Variant(
+    name="keel",
+    title="Keel (Chen & Wei 2026, Post-LayerNorm Is Back: Stable, ExpressivE, and Deep)",
+    citation="arXiv:2601.19895",
+    equation="x <- LN(alpha * x + F(LN(x))), alpha = 2L (the number of sublayers); no final norm",
+    sublayer=lambda layer, depth, opts: SublayerSpec(pre_norm=True, sum_norm=True, skip_scale=keel_alpha(depth)),
+    init="Xavier-normal (no special init, as the paper)",
+    final_norm=False,
+))
+
+register(Variant(
+    name="normformer",
+    title="NormFormer (Shleifer, Weston & Ott 2021, NormFormer: Improved Transformer Pretraining with "
+          "Extra Normalization)",
+    citation="arXiv:2110.09456",
+    equation="x <- x + LN(W_o HeadScale(MHA(LN(x)))); x <- x + W_2 LN(GELU(W_1 LN(x))); final LN",
+    sublayer=lambda layer, depth, opts: (SublayerSpec(pre_norm=True, out_norm=True, head_scale=True),
+                                         SublayerSpec(pre_norm=True, inner_norm=True)),
+    init="Xavier-normal; head scales gamma_h = 1; LN gains 1",
+))
+
+register(Variant(
+    name="hybridnorm",
+    title="HybridNorm (Zhuo et al. 2025, HybridNorm: Towards Stable and Efficient Transformer Training via "
+          "Hybrid Normalization)",
+    citation="arXiv:2503.04598",
+    equation="x <- x + W_o MHA(LN(x W_q), LN(x W_k), LN(x W_v)); x <- LN(x + FFN(x)); no final norm; "
+             "model.hybridnorm_star: block 1 Pre-LN in both sublayers (QKV-norm kept)",
+    sublayer=_hybridnorm,
+    init="Xavier-normal (model.init; the paper recommends Megatron-style init, model.init=gpt2 is close)",
+    final_norm=False,
+))
+# --- end issue 13 (s13) -------------------------------------------------------------------------------
+
+
 def variant_table() -> List[dict]:
     """One row per registered variant (name, equation, init, paper), for the README and ``--help``."""
     return [dict(name=v.name, equation=v.equation, init=v.init, title=v.title, citation=v.citation)
@@ -427,4 +522,5 @@ def variant_table() -> List[dict]:
 
 __all__ = ["SublayerSpec", "Variant", "VariantOptions", "VARIANTS", "STREAMS", "NORM_LAYERS", "ADMIN_MODES",
            "register", "get_variant", "deepnorm_constants", "deepnorm_alpha", "deepnorm_beta",
-           "admin_omega_closed_form", "mixln_post_layers", "lns_scale", "variant_table"]
+           "admin_omega_closed_form", "mixln_post_layers", "lns_scale", "variant_table",
+           "layerscale_init", "keel_alpha"]

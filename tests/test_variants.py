@@ -34,6 +34,12 @@ from resnorm.variants import VARIANTS, deepnorm_alpha, deepnorm_beta, deepnorm_c
 D, H, T, B = 8, 2, 5, 3
 SMALL = ("model.n_heads=2", "data=synthetic", "data.synthetic_tokens=3000")
 
+#: variants whose equation, norm slots and init are held to their papers in another test file (the
+#: gradient, training, save/load and compile tests below still run for every variant)
+ELSEWHERE = set()
+ELSEWHERE |= {"reordered", "layerscale", "keel", "normformer", "hybridnorm"}  # issue 13 (s13): tests/test_schemes_norm.py
+HERE = sorted(set(VARIANTS) - ELSEWHERE)
+
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -187,7 +193,7 @@ def tiny_model(norm: str, depth: int, *overrides: str, seed: int = 0):
 
 
 def test_every_registered_variant_has_an_equation():
-    assert set(VARIANTS) <= EQUATIONS, f"write the paper's equation of {set(VARIANTS) - EQUATIONS} here"
+    assert set(VARIANTS) <= EQUATIONS | ELSEWHERE, f"write the paper's equation of {set(VARIANTS) - EQUATIONS} here"
 
 
 def _check_forward(norm, depth, *overrides):
@@ -199,7 +205,7 @@ def _check_forward(norm, depth, *overrides):
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("norm", sorted(VARIANTS))
+@pytest.mark.parametrize("norm", HERE)
 @pytest.mark.parametrize("depth", [1, 2])
 def test_forward_matches_the_papers_equation(norm, depth):
     _check_forward(norm, depth)
@@ -232,7 +238,7 @@ SLOTS = {"post": (0, 0, 1), "deepnorm": (0, 0, 1), "admin": (0, 0, 1), "b2t": (0
          "sandwich": (1, 1, 0), "peri": (1, 1, 0), "rezero": (0, 0, 0)}
 
 
-@pytest.mark.parametrize("norm", sorted(VARIANTS))
+@pytest.mark.parametrize("norm", HERE)
 def test_norm_layer_and_slots(norm):
     model, _ = tiny_model(norm, 2)
     assert (model.final_norm is not None) == (norm in FINAL_NORM)
@@ -316,7 +322,7 @@ def reference_admin_omegas(model, idx):
     return out
 
 
-@pytest.mark.parametrize("norm", sorted(VARIANTS))
+@pytest.mark.parametrize("norm", HERE)
 @pytest.mark.parametrize("depth", [3, 12])
 def test_initialisation_matches_the_paper(norm, depth):
     d = 32
