@@ -24,19 +24,12 @@ import torch
 from conftest import compose
 from resnorm.model import MLP, Attention, build_model
 from resnorm.variants import VARIANTS, keel_alpha, layerscale_init
-from test_variants import (WEIGHTS, N, _std_ratio, _train, ref_attention, ref_mlp, tiny_model)
+from test_variants import (WEIGHTS, N, _std_ratio, _train, one_thread, ref_attention, ref_mlp,  # noqa: F401
+                           tiny_model)
 
 NAMES = ("reordered", "layerscale", "keel", "normformer", "hybridnorm")
 D, H, T, B = 8, 2, 5, 3
 SMALL = ("model.n_heads=2", "data=synthetic", "data.synthetic_tokens=3000")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- the references ---------------------------------------------------------------------------------
