@@ -161,6 +161,14 @@ class ModelConfig:
                                  variant_option=True)
     derf_alpha0: float = key(0.5, "Derf norm layer (model.norm_layer=derf): initial alpha (the paper's default; "
                                   "its GPT-2 recipe uses 1.0)", range=POSITIVE, variant_option=True)
+    # --- s12 (issue 12) variant options ---
+    value_residual_learned: bool = key(False, "value_residual: learn lambda1, lambda2 per layer (init 0.5) "
+                                              "instead of the fixed 0.5 / 0.5", variant_option=True)
+    hc_streams: int = key(4, "hyper, hyper_dynamic, mhc: number of residual streams n", range=POSITIVE,
+                          variant_option=True)
+    mhc_sinkhorn_iters: int = key(20, "mhc: Sinkhorn-Knopp iterations of H_res (the paper's t_max = 20)",
+                                  range=POSITIVE, variant_option=True)
+    # --- end s12 ---
     qk_norm: bool = key(False, "normalise queries and keys (qk_norm_kind over qk_norm_axis; Wortsman et al. 2023)")
     qk_norm_axis: str = key("head", "head: one norm over the head dim, shared by the heads; flat: one norm over "
                                     "all heads flattened (d_model), as OLMo 2", choices=QK_NORM_AXES)
