@@ -19,18 +19,10 @@ import torch
 
 from conftest import compose
 from resnorm.model import build_model
-from test_variants import N, ref_attention, ref_mlp, tiny_model
+from test_variants import N, one_thread, ref_attention, ref_mlp, tiny_model  # noqa: F401 (autouse fixture)
 
 D, H, T, B = 8, 2, 5, 3
 S12 = ("value_residual", "orthogonal", "denseformer", "hyper", "hyper_dynamic", "mhc")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- the references ----------------------------------------------------------------------------------
