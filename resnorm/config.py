@@ -165,6 +165,14 @@ class ModelConfig:
     hybridnorm_star: bool = key(False, "hybridnorm: HybridNorm*, the first block Pre-Norm in both sublayers "
                                        "(QKV-norm kept)", variant_option=True)
     # --- end issue 13 (s13) ---
+    # --- s12 (issue 12) variant options ---
+    value_residual_learned: bool = key(False, "value_residual: learn lambda1, lambda2 per layer (init 0.5) "
+                                              "instead of the fixed 0.5 / 0.5", variant_option=True)
+    hc_streams: int = key(4, "hyper, hyper_dynamic, mhc: number of residual streams n", range=POSITIVE,
+                          variant_option=True)
+    mhc_sinkhorn_iters: int = key(20, "mhc: Sinkhorn-Knopp iterations of H_res (the paper's t_max = 20)",
+                                  range=POSITIVE, variant_option=True)
+    # --- end s12 ---
     qk_norm: bool = key(False, "normalise queries and keys (qk_norm_kind over qk_norm_axis; Wortsman et al. 2023)")
     qk_norm_axis: str = key("head", "head: one norm over the head dim, shared by the heads; flat: one norm over "
                                     "all heads flattened (d_model), as OLMo 2", choices=QK_NORM_AXES)

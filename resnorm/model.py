@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .multistream import STREAMS_S12, orthogonal_part, stream_module  # s12
 from .norms import make_norm
 from .variants import SublayerSpec, Variant, VariantOptions, get_variant
 
@@ -160,6 +161,7 @@ class Attention(nn.Module):
         self.softcap = softcap
         self.head_scale = nn.Parameter(torch.ones(n_heads)) if head_scale else None
         self.qkv_norms = nn.ModuleList(qkv_norms) if qkv_norms is not None else None
+        self.value_hook = None  # s12: set by the value_residual stream for one call (V -> V')
 
     def _qkv(self, x: torch.Tensor):
         b, t, d = x.shape
@@ -191,6 +193,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self._qkv(x)
+        if self.value_hook is not None:  # s12: ResFormer's value residual (resnorm.multistream)
+            v = self.value_hook(v)
         if self.softcap is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
@@ -302,6 +306,8 @@ class Sublayer(nn.Module):
         s = self.spec
         if s.residual == "none":
             z = f
+        elif s.residual == "orthogonal":  # s12: Oh et al., only f's part orthogonal to x is added
+            z = x + orthogonal_part(f, x)
         elif self.omega is not None:
             z = self.omega * x + f
         elif s.skip_scale != 1.0:
@@ -363,6 +369,8 @@ class Transformer(nn.Module):
             self.head = SoftcapLinear(shape.d_model, shape.vocab_size, shape.logit_softcap)
         if shape.tie_weights:
             self.head.weight = self.tok_emb.weight
+        # s12: the learned parameters of a stream with state (resnorm.multistream); None for the others
+        self.stream_params = stream_module(self.variant.stream, shape)
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         """x_0: token + position embeddings, through the embedding norm if the variant has one."""
@@ -477,6 +485,9 @@ def dual_stream(model: "Transformer", x: torch.Tensor, parts: Optional[list]) ->
 
 
 STREAMS = {"single": single_stream, "b2t": b2t_stream, "dual": dual_stream}
+# --- s12 streams (issue 12): value residual, DenseFormer, Hyper-Connections, mHC ---
+STREAMS.update(STREAMS_S12)
+# --- end s12 streams ---
 
 
 def build_model(cfg, data: Optional[torch.Tensor] = None) -> Transformer:

