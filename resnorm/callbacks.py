@@ -3,6 +3,7 @@
 The protocol (:class:`Callback`) has a handful of hooks, called by ``fit`` in this order:
 
 - ``on_fit_start(run)``: after set-up and resume, before the first step;
+- ``on_step_start(run, rec)``: before the step's forward (a probe arms hooks on the step's backward);
 - ``before_update(run, rec, x) -> tensor | None``: after backward, before the guard, clipping and the
   optimizer step (raw gradients, pre-update weights). A returned device tensor rides the step's one
   host transfer and comes back as ``rec.values[id(callback)]``;
@@ -37,6 +38,8 @@ class Callback:
 
     def on_fit_start(self, run) -> None: ...
 
+    def on_step_start(self, run, rec) -> None: ...
+
     def before_update(self, run, rec, x) -> Optional[torch.Tensor]:
         return None
 
@@ -68,6 +71,10 @@ class CallbackList:
     def on_fit_start(self, run) -> None:
         for cb in self.callbacks:
             cb.on_fit_start(run)
+
+    def on_step_start(self, run, rec) -> None:
+        for cb in self.callbacks:
+            cb.on_step_start(run, rec)
 
     def before_update(self, run, rec, x) -> Dict[int, torch.Tensor]:
         out = {}
@@ -113,11 +120,13 @@ class ProbeCallback(Callback):
         self.probe, self.measured_by_loop = probe, measured_by_loop
         self._after: Optional[torch.Tensor] = None
 
+    def on_step_start(self, run, rec) -> None:
+        if not self.measured_by_loop and self.probe.due(rec.step, rec.last):
+            self.probe.before_forward()
+
     def before_update(self, run, rec, x):
         if self.measured_by_loop or not self.probe.due(rec.step, rec.last):
             return None
-        if hasattr(self.probe, "set_targets"):  # probes that differentiate the step's loss
-            self.probe.set_targets(rec.targets)
         return self.probe.before_update(x)
 
     def after_update(self, run, rec) -> None:
@@ -304,7 +313,8 @@ def probe_callbacks(run) -> List[Callback]:
     cbs: List[Callback] = [ProbeCallback(run.grad_probe, measured_by_loop=True)]
     if cfg.probes and cfg.probe_every:
         cbs.append(ProbeCallback(ActivationProbe(run.model, cfg.probe_every, cfg.steps)))
-    cbs += [ProbeCallback(p) for p in forward_probes(run.model, cfg)]
+    share = cbs[-1].probe if len(cbs) > 1 else None  # the activation probe: one trace for both
+    cbs += [ProbeCallback(p) for p in forward_probes(run.model, cfg, share=share)]
     cbs += [ProbeCallback(p) for p in weight_probes(run.model, run.optimizer, cfg)]
     return cbs
 

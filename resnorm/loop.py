@@ -88,7 +88,6 @@ class StepRecord:
     seconds: float = 0.0
     tokens_per_s: float = 0.0
     layer_rows: List[tuple] = field(default_factory=list)  # (quantity, labels, values) for layers.parquet
-    targets: Any = None  # the step's targets on the device, for probes that need them (not stored)
 
 
 @dataclass
@@ -148,8 +147,8 @@ def fit(cfg, job, callbacks: Optional[Callable] = None, rank: int = 0, world: in
         for step in range(run.state.step, cfg.train.steps):
             t0 = time.perf_counter()
             rec = StepRecord(step, set_lr(run, step), last=step + 1 == cfg.train.steps)
+            cbs.on_step_start(run, rec)
             x, y = next_batch(run)
-            rec.targets = y
             loss = forward_backward(run, x, y)
             grads = run.grad_probe.before_update(x)
             extra = cbs.before_update(run, rec, x)

@@ -266,6 +266,7 @@ class Sublayer(nn.Module):
         self.gate = nn.Parameter(torch.empty(1)) if spec.branch_learned else None
         self.omega = nn.Parameter(torch.empty(shape.d_model)) if spec.skip_learned else None
         self.lam = nn.Parameter(torch.empty(shape.d_model)) if spec.branch_channel_learned else None
+        self.grad_sink = None  # set by resnorm.monitors.forward.StreamGradProbe on its due steps
         self.reset_parameters()
 
     @torch.no_grad()
@@ -285,6 +286,8 @@ class Sublayer(nn.Module):
         """The sublayer's equation, keeping its intermediate values:
         h = N_pre(x) * input_scale; f = a * N_out(F(h)); z = w * x + f [+ bottom]; y = N_sum(z)."""
         s = self.spec
+        if self.grad_sink is not None and x.requires_grad:  # a monitor reading dL/dx (read-only hook)
+            x.register_hook(self.grad_sink)
         h = x if self.pre_norm is None else self.pre_norm(x)
         if s.input_scale != 1.0:
             h = h * s.input_scale

@@ -3,6 +3,8 @@
 One protocol (:class:`Probe`) for every probe; the training loop (:func:`resnorm.loop.fit`) calls it
 at two fixed points of a step, and the order is part of the study:
 
+0. ``before_forward()``: on a due step, before its forward (a probe that reads the step's own
+   backward arms its hooks here);
 1. ``before_update(x)``: after ``backward``, before the divergence guard, gradient clipping and the
    optimizer step, so gradients are the raw ones and weights the pre-update ones. It returns a
    ``(len(quantities_before), n_sublayers)`` tensor on the device (or None); the loop moves it to the
@@ -52,6 +54,9 @@ class Probe:
 
     def due(self, step: int, last: bool) -> bool:
         raise NotImplementedError
+
+    def before_forward(self) -> None:
+        """On a due step, before its forward (e.g. arm hooks that read the step's own backward)."""
 
     def before_update(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         return None
@@ -133,6 +138,7 @@ class ActivationProbe(Probe):
         self.labels = [(layer, sub) for layer, sub, _ in groups]
         self.weights = [[p for p in module.parameters() if p.dim() == 2] for _, _, module in groups]
         self._saved: Optional[List[List[torch.Tensor]]] = None
+        self.last_trace = None
 
     def due(self, step: int, last: bool) -> bool:
         return step % self.every == 0 or last
@@ -143,6 +149,7 @@ class ActivationProbe(Probe):
         self.model.eval()
         tr = self.model.trace(x)
         self.model.train(was)
+        self.last_trace = (x, tr)  # for the forward monitors due on the same step (dropped after the step)
         parts, logits = tr["parts"], tr["max_logit"]
         nan = torch.full((), float("nan"), device=x.device)
         act = torch.stack([rms(p.y) for p in parts])
@@ -154,6 +161,7 @@ class ActivationProbe(Probe):
 
     @torch.no_grad()
     def after_update(self) -> torch.Tensor:
+        self.last_trace = None
         upd = []
         for ws, saved in zip(self.weights, self._saved):
             num = torch.sqrt(sum((w.float() - s.float()).pow(2).sum() for w, s in zip(ws, saved)))

@@ -12,8 +12,7 @@ import torch.nn.functional as F
 from conftest import TINY, compose
 from resnorm import measure as M
 from resnorm.model import Attention, build_model
-from resnorm.monitors.forward import (ForwardStatsProbe, StreamGradProbe, forward_probes,
-                                      training_loss)
+from resnorm.monitors.forward import ForwardStatsProbe, StreamGradProbe, forward_probes
 
 T = 8
 
@@ -152,26 +151,28 @@ def independent_stream_grads(model, x, y, shift=False):
     return [M.rms(p.x.grad).item() for p in parts]
 
 
-@pytest.mark.parametrize("norm", ["pre", "post", "b2t", "resi_dual", "noresidual"])
+@pytest.mark.parametrize("norm", ["pre", "post", "b2t", "resi_dual", "noresidual", "hyper", "denseformer"])
 def test_stream_grad_rms_against_retain_grad(norm):
+    """The probe reads the step's own backward (hooks armed before the forward); its values equal
+    an independent retain_grad computation, and the step's parameter gradients are unchanged."""
     model, _ = tiny(norm)
     x = tokens(model)
     y = tokens(model, seed=3)
+    want = independent_stream_grads(model, x, y)
+    plain = copy.deepcopy(model)
+    plain.loss(x, y).backward()
     probe = StreamGradProbe(model, 2, 6)
-    probe.set_targets(y)
+    probe.before_forward()
+    model.loss(x, y).backward()
     got = probe.before_update(x)
     assert got.shape == (1, len(probe.labels))
-    assert got[0].tolist() == pytest.approx(independent_stream_grads(model, x, y), rel=1e-5)
-    # targets are used once: the next call falls back to next-token targets from x
-    assert probe.before_update(x)[0].tolist() == pytest.approx(
-        independent_stream_grads(model, x, None, shift=True), rel=1e-5)
-
-
-def test_training_loss_is_the_models_loss_with_z_loss():
-    model, _ = tiny("pre", 2, "model.z_loss=1e-2")
-    x, y = tokens(model), tokens(model, seed=3)
-    with torch.no_grad():
-        assert training_loss(model, model(x), y).item() == pytest.approx(model.loss(x, y).item(), rel=1e-6)
+    assert got[0].tolist() == pytest.approx(want, rel=1e-5)
+    for (n, p), q in zip(model.named_parameters(), plain.parameters()):  # hooks read, never change
+        assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad), n
+    assert all(sub.grad_sink is None for sub in model.sublayers())  # disarmed
+    model.zero_grad()
+    model.loss(x, y).backward()  # not armed: nothing recorded
+    assert probe._sq == []
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -182,9 +183,6 @@ def test_probes_leave_parameter_grads_and_mode_as_they_were(training):
     model.blocks[0].mlp.branch.fc1.bias.grad = None  # one gradient absent: it stays absent
     before = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
     model.train(training)
-    probe = StreamGradProbe(model, 2, 6)
-    probe.set_targets(y)
-    probe.before_update(x)
     ForwardStatsProbe(model, 2, 6).before_update(x)
     assert all(m.training == training for m in model.modules())
     for n, p in model.named_parameters():
@@ -192,6 +190,25 @@ def test_probes_leave_parameter_grads_and_mode_as_they_were(training):
             assert p.grad is None, n
         else:
             assert torch.equal(p.grad, before[n]), n
+
+
+def test_forward_stats_reuse_the_activation_probes_trace():
+    from resnorm.probes import ActivationProbe
+
+    model, _ = tiny()
+    x = tokens(model)
+    act = ActivationProbe(model, 2, 6)
+    alone = ForwardStatsProbe(model, 2, 6).before_update(x)
+    act.before_update(x)
+    shared = ForwardStatsProbe(model, 2, 6, share=act)
+    calls = []
+    real = model.trace
+    model.trace = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        got = shared.before_update(x)
+    finally:
+        model.trace = real
+    assert calls == [] and torch.equal(torch.nan_to_num(got, nan=-1.0), torch.nan_to_num(alone, nan=-1.0))
 
 
 # --- logit_stats, builder -----------------------------------------------------------------------------

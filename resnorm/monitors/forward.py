@@ -25,37 +25,34 @@ eval and train mode compute the same; the mode is restored):
 
 The three ``attn_*`` quantities are NaN on MLP sublayers (as ``max_attn_logit`` is).
 
-:class:`StreamGradProbe`, one separate forward with grad enabled and ``torch.autograd.grad``:
+:class:`StreamGradProbe`, read from the training step's own backward, at no extra forward or backward:
 
-- ``stream_grad_rms``: the RMS over all elements of dL/dx, x = ``parts[i].x`` the residual stream
-  entering the sublayer (the tensor ``Sublayer.run`` computes with) and L the training loss: the mean
-  next-token cross-entropy, plus the z-loss term when ``model.z_loss`` > 0. L is a mean over the
+- ``stream_grad_rms``: the RMS over all elements of dL/dx, x the residual stream entering the
+  sublayer (the tensor :meth:`resnorm.model.Sublayer.run` computes with) and L the step's training
+  loss (cross-entropy, plus the z-loss term when ``model.z_loss`` > 0, in the step's own mode and
+  precision). Before a due step's forward (``before_forward``) the probe arms a read-only tensor
+  hook on that x in every sublayer (``Sublayer.grad_sink``); the hooks record g^2's mean as the
+  backward passes and change nothing (they return None: the step's gradients are bit for bit those
+  of an unprobed step); ``before_update`` reads the values and disarms them. L is a mean over the
   batch's tokens, so the values scale as 1 / (batch x tokens): compare runs of one batch shape.
-  ``torch.autograd.grad`` returns the gradients without accumulating into any ``p.grad``: the
-  parameters' gradients of the step are left as they were, bit for bit.
-
-  Targets: the :class:`~resnorm.probes.Probe` protocol passes only ``x``, so the protocol is kept and
-  :meth:`StreamGradProbe.set_targets` takes the step's targets ``y`` (the caller sets them before
-  ``before_update``; they are used once). Without them the probe uses next-token targets from ``x``
-  itself: the logits at positions 0..T-2 against ``x[:, 1:]`` (one position fewer than training).
 
 The output logits' log Z and RMS are read at every evaluation by :func:`resnorm.loop.evaluate`
 (``val_log_z``, ``val_logit_rms`` in ``metrics.parquet``), not here.
 
 :func:`forward_probes` builds the two probes from ``train`` (off when ``train.probes`` is false or
 ``train.probe_every`` is 0). Formulas live in :mod:`resnorm.measure` (``absmax``, ``kurtosis``,
-``attention_entropy``, ``sink_mass``, ``log_partition``, ``rms``).
+``attention_entropy``, ``sink_mass``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
 
-from ..measure import absmax, attention_entropy, kurtosis, log_partition, rms, sink_mass
+from ..measure import absmax, attention_entropy, kurtosis, sink_mass
 from ..model import Attention
 from ..probes import Probe, sublayer_modules
 
@@ -96,10 +93,16 @@ class ForwardStatsProbe(_Periodic):
     quantities_before = ("act_absmax", "act_kurtosis", "attn_entropy_mean", "attn_entropy_min_head",
                          "attn_sink_mass")
 
+    def __init__(self, model, every: int, total_steps: int, share=None):
+        super().__init__(model, every, total_steps)
+        self.share = share  # a resnorm.probes.ActivationProbe due on the same steps: reuse its trace
+
     @torch.no_grad()
     def before_update(self, x: torch.Tensor) -> torch.Tensor:
         with _eval_mode(self.model):
-            parts = self.model.trace(x, max_logits=False)["parts"]
+            shared = getattr(self.share, "last_trace", None)
+            parts = shared[1]["parts"] if shared is not None and shared[0] is x else \
+                self.model.trace(x, max_logits=False)["parts"]
             nan = torch.full((3,), float("nan"), device=x.device)
             cols = []
             for sub, p in zip(self.model.sublayers(), parts):
@@ -108,48 +111,40 @@ class ForwardStatsProbe(_Periodic):
         return torch.stack(cols, dim=1)  # (quantities, sublayers)
 
 
-def training_loss(model, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The loss :meth:`resnorm.model.Transformer.loss` trains on, from logits already computed."""
-    logits = logits.reshape(-1, logits.shape[-1]).float()
-    loss = F.cross_entropy(logits, targets.reshape(-1))
-    if model.shape.z_loss:
-        loss = loss + model.shape.z_loss * log_partition(logits).pow(2).mean()
-    return loss
-
-
 class StreamGradProbe(_Periodic):
     """``stream_grad_rms``: RMS of dL/dx for the stream x entering every sublayer (see the module
-    docstring), from a separate forward with grad enabled; no parameter's ``.grad`` is touched."""
+    docstring), read by hooks during the step's own backward; no gradient is changed."""
 
     quantities_before = ("stream_grad_rms",)
 
     def __init__(self, model, every: int, total_steps: int):
         super().__init__(model, every, total_steps)
-        self._targets: Optional[torch.Tensor] = None
+        self._sq: List[Optional[torch.Tensor]] = []
 
-    def set_targets(self, y: Optional[torch.Tensor]) -> None:
-        """The targets of the next :meth:`before_update` (the step's ``y``, same shape as ``x``)."""
-        self._targets = y
+    def _record(self, i: int, grad: torch.Tensor) -> None:
+        self._sq[i] = grad.detach().float().pow(2).mean()  # returns None: the gradient passes unchanged
+
+    def before_forward(self) -> None:
+        subs = self.model.sublayers()
+        self._sq = [None] * len(subs)
+        for i, sub in enumerate(subs):
+            sub.grad_sink = functools.partial(self._record, i)
 
     def before_update(self, x: torch.Tensor) -> torch.Tensor:
-        y, self._targets = self._targets, None
-        with _eval_mode(self.model), torch.enable_grad():
-            tr = self.model.trace(x, max_logits=False)
-            logits = self.model.head(tr["hidden"])
-            if y is None:  # next-token targets from x itself
-                logits, y = logits[:, :-1], x[:, 1:]
-            loss = training_loss(self.model, logits, y)
-            xs = [p.x for p in tr["parts"]]
-            grads = torch.autograd.grad(loss, xs, allow_unused=True)
-        vals = [rms(g) if g is not None else torch.zeros((), device=x.device) for g in grads]
-        return torch.stack(vals).view(1, -1).detach()
+        for sub in self.model.sublayers():
+            sub.grad_sink = None
+        zero = torch.zeros((), device=x.device)
+        vals = [zero if sq is None else sq.sqrt() for sq in self._sq] or [zero] * len(self.labels)
+        self._sq = []
+        return torch.stack(vals).view(1, -1)
 
 
 @torch.no_grad()
-def forward_probes(model, train_cfg) -> List[Probe]:
+def forward_probes(model, train_cfg, share=None) -> List[Probe]:
     """[ForwardStatsProbe, StreamGradProbe] every ``train_cfg.probe_every`` steps (and the last), or
-    [] when ``train_cfg.probes`` is false or ``probe_every`` is 0."""
+    [] when ``train_cfg.probes`` is false or ``probe_every`` is 0. ``share``: the run's
+    :class:`resnorm.probes.ActivationProbe`, whose trace of the step's batch the forward statistics reuse."""
     if not (train_cfg.probes and train_cfg.probe_every):
         return []
     every, steps = train_cfg.probe_every, train_cfg.steps
-    return [ForwardStatsProbe(model, every, steps), StreamGradProbe(model, every, steps)]
+    return [ForwardStatsProbe(model, every, steps, share=share), StreamGradProbe(model, every, steps)]
