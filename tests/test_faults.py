@@ -306,6 +306,34 @@ def test_unwritable_sweep_folder_is_one_line(tmp_path):
     assert one_line(proc).startswith(f"error: cannot write the sweep folder {blocker}/sweep (")
 
 
+def test_read_only_folder_even_for_root(tmp_path):
+    """Root bypasses permission bits, but not a read-only file system: the sweep runs in its own
+    mount namespace (``unshare -m``) where its folder is a read-only tmpfs. One line, exit 2, and
+    the single-run check says the same of a run folder there."""
+    import shutil
+
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare (a read-only mount in a private mount namespace)")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o ro tmpfs {ro} && touch {ro}/x"],
+                           capture_output=True, text=True, timeout=60)
+    if "Read-only file system" not in probe.stderr:
+        pytest.skip(f"no read-only mount here: {probe.stderr.strip()[:120]}")
+    env = {**os.environ, "WANDB_SILENT": "true"}
+    for args, what in ((["-m", *RUN, f"hydra.sweep.dir={ro}/sweep", NO_ANALYSIS], "sweep"),
+                       ([*RUN, f"hydra.run.dir={ro}/run"], "run")):
+        cmd = " ".join([f"mount -t tmpfs -o ro tmpfs {ro} &&", "exec", PYTHON, str(ROOT / "run.py"),
+                        *[f"'{a}'" for a in args]])
+        proc = subprocess.run(["unshare", "-m", "sh", "-c", cmd], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120, env=env)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        line = one_line(proc)
+        assert line.startswith(f"error: cannot write the {what} folder {ro}/{what}"), line
+        assert "Traceback" not in proc.stdout + proc.stderr
+    assert not list(ro.iterdir())  # outside the namespace: nothing was written
+
+
 def _nobody():
     """(uid, gid) of an unprivileged user who can run this interpreter and read the code, or a reason."""
     import pwd
