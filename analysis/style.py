@@ -37,6 +37,20 @@ _TABLE = (
     ("b2t", "B2T", "#ff9896"),
     ("resi_dual", "ResiDual", "#c5b0d5"),
     ("depth_scaled", "Depth-scaled (1/\u221aL)", "#c49c94"),
+    # issue 13 (norm placements) and issue 12 (streams): matplotlib's tab20b and tab20c, darkest first
+    ("reordered", "Reordered norm (OLMo 2)", "#393b79"),
+    ("layerscale", "LayerScale", "#637939"),
+    ("keel", "Keel", "#8c6d31"),
+    ("normformer", "NormFormer", "#843c39"),
+    ("hybridnorm", "HybridNorm", "#7b4173"),
+    ("value_residual", "Value residual", "#3182bd"),
+    ("orthogonal", "Orthogonal update", "#e6550d"),
+    ("denseformer", "DenseFormer", "#31a354"),
+    ("hyper", "Hyper-Connections", "#756bb1"),
+    ("hyper_dynamic", "Dynamic HC", "#9e9ac8"),
+    ("mhc", "mHC", "#636363"),
+    ("attnres", "Attention Residuals", "#6b6ecf"),
+    ("attnres_block", "Block AttnRes", "#b5cf6b"),
 )
 
 #: the known variants, in display order

@@ -63,3 +63,15 @@ def test_configs_are_built_only_by_compose():
         if "OmegaConf.structured(Config)" in text or "initialize_config_dir" in text:
             builders.append(str(path.relative_to(ROOT)))
     assert set(builders) <= {"resnorm/config.py", "tests/test_config.py", "tests/test_scaling.py"}, builders
+
+
+def test_every_registered_variant_has_a_fixed_colour_and_label():
+    """analysis.style pins a colour per variant so adding one to a sweep never recolours the others;
+    a variant registered without one would get a hash colour that can clash."""
+    from analysis.style import KNOWN_VARIANTS
+    from resnorm.variants import VARIANTS
+
+    assert set(VARIANTS) <= set(KNOWN_VARIANTS), sorted(set(VARIANTS) - set(KNOWN_VARIANTS))
+    from analysis.style import _COLOURS
+
+    assert len(set(_COLOURS.values())) == len(_COLOURS)  # no two variants share a colour
