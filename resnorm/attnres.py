@@ -32,17 +32,16 @@ class DepthQueries(nn.Module):
         self.eps = eps
 
 
-def depth_attention(w: torch.Tensor, sources: List[torch.Tensor], eps: float) -> torch.Tensor:
-    """sum_i alpha_i v_i, alpha = softmax_i(w^T RMSNorm(v_i)) per token (RMSNorm without a gain)."""
-    v = torch.stack(sources)  # (n, ..., d)
-    alpha = (F.rms_norm(v, (v.shape[-1],), eps=eps) @ w.to(v.dtype)).softmax(dim=0)
-    return torch.einsum("n...,n...d->...d", alpha, v)
-
-
-def depth_weights(w: torch.Tensor, sources: List[torch.Tensor], eps: float) -> torch.Tensor:
-    """The weights alpha (n, ...) of :func:`depth_attention` (for tests and probes)."""
-    v = torch.stack(sources)
+def depth_weights(w: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
+    """alpha (n, ...) = softmax_i(w^T RMSNorm(v_i)) over the stacked sources v (n, ..., d), per token
+    (RMSNorm without a gain)."""
     return (F.rms_norm(v, (v.shape[-1],), eps=eps) @ w.to(v.dtype)).softmax(dim=0)
+
+
+def depth_attention(w: torch.Tensor, sources: List[torch.Tensor], eps: float) -> torch.Tensor:
+    """sum_i alpha_i v_i with alpha from :func:`depth_weights`."""
+    v = torch.stack(sources)  # (n, ..., d)
+    return torch.einsum("n...,n...d->...d", depth_weights(w, v, eps), v)
 
 
 def attnres_stream(model, x: torch.Tensor, parts: Optional[list]) -> torch.Tensor:
