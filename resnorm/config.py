@@ -173,6 +173,11 @@ class ModelConfig:
     mhc_sinkhorn_iters: int = key(20, "mhc: Sinkhorn-Knopp iterations of H_res (the paper's t_max = 20)",
                                   range=POSITIVE, variant_option=True)
     # --- end s12 ---
+    # --- attnres (issue 12) variant options ---
+    attnres_block_size: Optional[int] = key(None, "attnres_block: layers (attention + MLP) per block; null: "
+                                                  "ceil(depth / 8), the paper's ~8 blocks", range=POSITIVE,
+                                            variant_option=True)
+    # --- end attnres ---
     qk_norm: bool = key(False, "normalise queries and keys (qk_norm_kind over qk_norm_axis; Wortsman et al. 2023)")
     qk_norm_axis: str = key("head", "head: one norm over the head dim, shared by the heads; flat: one norm over "
                                     "all heads flattened (d_model), as OLMo 2", choices=QK_NORM_AXES)

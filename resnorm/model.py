@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .multistream import STREAMS_S12, orthogonal_part, stream_module  # s12
+from .attnres import STREAMS_ATTNRES, attnres_module  # attnres (issue 12)
 from .norms import make_norm
 from .variants import SublayerSpec, Variant, VariantOptions, get_variant
 
@@ -374,6 +375,8 @@ class Transformer(nn.Module):
             self.head.weight = self.tok_emb.weight
         # s12: the learned parameters of a stream with state (resnorm.multistream); None for the others
         self.stream_params = stream_module(self.variant.stream, shape)
+        if self.stream_params is None:  # attnres (issue 12): the pseudo-queries (resnorm.attnres)
+            self.stream_params = attnres_module(self.variant.stream, shape)
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         """x_0: token + position embeddings, through the embedding norm if the variant has one."""
@@ -491,6 +494,9 @@ STREAMS = {"single": single_stream, "b2t": b2t_stream, "dual": dual_stream}
 # --- s12 streams (issue 12): value residual, DenseFormer, Hyper-Connections, mHC ---
 STREAMS.update(STREAMS_S12)
 # --- end s12 streams ---
+# --- attnres streams (issue 12): Attention Residuals, full and block ---
+STREAMS.update(STREAMS_ATTNRES)
+# --- end attnres streams ---
 
 
 def build_model(cfg, data: Optional[torch.Tensor] = None) -> Transformer:

@@ -37,6 +37,8 @@ RESIDUALS = ("identity", "none", "orthogonal")  # s12: orthogonal (Oh et al.)
 #: - s12 (resnorm.multistream): ``value_residual`` (ResFormer's V' = l1 V_1 + l2 V_n), ``dense``
 #:   (DenseFormer's depth-weighted averages), ``hyper`` / ``hyper_dynamic`` / ``mhc`` (n streams).
 STREAMS = ("single", "b2t", "dual") + ("value_residual", "dense", "hyper", "hyper_dynamic", "mhc")
+#: - attnres (resnorm.attnres): ``attnres`` / ``attnres_block`` (softmax attention over depth)
+STREAMS = STREAMS + ("attnres", "attnres_block")  # attnres
 #: Norm layers behind resnorm.norms.make_norm; ``none`` marks a variant without any norm (ReZero).
 NORM_LAYERS = ("layernorm", "rmsnorm", "scalenorm", "dyt", "derf")
 ADMIN_MODES = ("profile", "closed_form")
@@ -581,6 +583,34 @@ register(Variant(
 ))
 
 # --- end s12 ---
+
+# --- attnres (issue 12): Attention Residuals, full and block (resnorm.attnres) ----------------------
+
+ATTNRES_SPEC = SublayerSpec(pre_norm=True, residual="none")  # v_l = F(LN(h_l)); the stream holds the skips
+
+register(Variant(
+    name="attnres",
+    title="Attention Residuals (Kimi Team 2026, Attention Residuals)",
+    citation="arXiv:2603.15031",
+    equation="per sublayer l: h_l = sum_{i<l} alpha_{i->l} v_i, alpha_{i->l} = softmax_i(w_l^T RMSNorm(v_i)), "
+             "v_0 = embedding, v_i = F_i(LN(h_i)); head reads LN(sum_i alpha_{i->2L} v_i)",
+    sublayer=lambda layer, depth, opts: ATTNRES_SPEC,
+    init="Xavier-normal; pseudo-queries w_l = 0: uniform weights 1/l at init",
+    stream="attnres",
+))
+
+register(Variant(
+    name="attnres_block",
+    title="Block Attention Residuals (Kimi Team 2026, Attention Residuals)",
+    citation="arXiv:2603.15031",
+    equation="as attnres over the sources v_0, the block sums b_n = sum of the F_i(LN(h_i)) of block n "
+             "(model.attnres_block_size layers; null: ceil(depth / 8)) and the current block's partial sum",
+    sublayer=lambda layer, depth, opts: ATTNRES_SPEC,
+    init="Xavier-normal; pseudo-queries w_l = 0: uniform weights over the sources at init",
+    stream="attnres_block",
+))
+
+# --- end attnres ---
 
 
 def variant_table() -> List[dict]:

@@ -338,3 +338,156 @@ def test_peer_xtransformers_mhc():
         torch.testing.assert_close(out, ones_mix, rtol=1e-5, atol=1e-5)
         ours = conn(Hs, sub, None)
         assert (ours - out).abs().max() > 0.1 and torch.allclose(res.sum(-1), torch.ones(()))
+
+
+# --- attnres (issue 12): Attention Residuals (Kimi Team, arXiv:2603.15031), full and block -------------
+# A layer is one sublayer; its output v_i = F_i(N_pre(h_i)) (no skip of its own); v_0 = the embedding.
+# h_l = sum_i softmax_i(w_l^T RMSNorm(v_i)) v_i; the head reads LN of the same aggregate (query w_2L).
+
+def ref_rms(v, eps):
+    return v / torch.sqrt((v * v).mean(-1, keepdim=True) + eps)
+
+
+def ref_depth_attention(w, sources, eps):
+    """sum_i exp(w^T RMSNorm(v_i)) v_i / sum_j exp(w^T RMSNorm(v_j)), per token, written out."""
+    logits = [(ref_rms(v, eps) * w).sum(-1) for v in sources]
+    top = torch.stack(logits).amax(0)
+    e = [torch.exp(z - top) for z in logits]
+    return sum(a[..., None] * v for a, v in zip(e, sources)) / sum(e)[..., None]
+
+
+def ref_per_block(cfg):
+    """Sublayers per source: 1 (full AttnRes); Block AttnRes: 2 x attnres_block_size, null ceil(L / 8)."""
+    if cfg.model.norm == "attnres":
+        return 1
+    size = cfg.model.attnres_block_size
+    return 2 * (size if size is not None else math.ceil(cfg.depth / 8))
+
+
+def ref_attnres(model, x, cfg):
+    """The sources: x0, each completed block's sum of sublayer outputs, the current block's partial sum."""
+    w, eps, per_block = model.stream_params.queries, model.shape.norm_eps, ref_per_block(cfg)
+    sources, block = [x], []
+    for k, (sub, fn) in enumerate(_sublayers(model)):
+        h = ref_depth_attention(w[k], sources + ([sum(block)] if block else []), eps)
+        block.append(fn(N(h, sub.pre_norm), sub.branch))
+        if len(block) == per_block:
+            sources, block = sources + [sum(block)], []
+    return N(ref_depth_attention(w[-1], sources + ([sum(block)] if block else []), eps), model.final_norm)
+
+
+@pytest.mark.parametrize("norm,depth,size", [("attnres", 2, None), ("attnres", 3, None), ("attnres_block", 3, 1),
+                                             ("attnres_block", 3, 2), ("attnres_block", 5, None)])
+def test_attnres_forward_matches_the_papers_equation_with_random_queries(norm, depth, size):
+    model, cfg = tiny_model(norm, depth, f"model.attnres_block_size={'null' if size is None else size}")
+    _randomise_stream(model)
+    assert model.stream_params.queries.abs().min() > 0
+    idx = torch.randint(256, (B, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got, want = model.hidden(idx), ref_attnres(model, model.embed(idx), cfg)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_attnres_block_size_default_is_about_eight_blocks():
+    from resnorm.attnres import block_sublayers
+    from resnorm.model import ModelShape
+
+    for depth, size, per_block in ((4, "null", 2), (16, "null", 4), (48, "null", 12), (12, 3, 6)):
+        cfg = compose("model.norm=attnres_block", f"depth={depth}", "model.d_model=16", "model.n_heads=2",
+                      f"model.attnres_block_size={size}")
+        assert block_sublayers("attnres_block", ModelShape.from_config(cfg)) == per_block
+    assert _small("attnres_block").stream_params.per_block == 2 and _small("attnres").stream_params.per_block == 1
+
+
+@pytest.mark.parametrize("norm", ["attnres", "attnres_block"])
+def test_attnres_uniform_weights_at_init(norm):
+    """w = 0: every sublayer's input is the plain mean of its sources (alpha = 1/l over l sources), and so
+    is the head's; the sublayers add no skip (v = F(LN(h)))."""
+    model = _small(norm, "depth=3")
+    assert (model.stream_params.queries == 0).all() and model.stream_params.queries.shape == (7, 16)
+    per_block = model.stream_params.per_block
+    idx = torch.randint(256, (2, 8), generator=torch.Generator().manual_seed(2))
+    parts = []
+    with torch.no_grad():
+        hidden = model.hidden(idx, parts)
+        sources, block = [model.embed(idx)], []
+        for k, p in enumerate(parts):
+            current = sources + ([sum(block)] if block else [])
+            torch.testing.assert_close(p.x, sum(current) / len(current), atol=1e-12, rtol=0)
+            assert torch.equal(p.y, p.f)
+            block.append(p.y)
+            if len(block) == per_block:
+                sources, block = sources + [sum(block)], []
+        current = sources + ([sum(block)] if block else [])
+        torch.testing.assert_close(hidden, model.final_norm(sum(current) / len(current)), atol=1e-12, rtol=0)
+    from resnorm.attnres import depth_weights
+    vs = [torch.randn(2, 8, 16, dtype=torch.float64) * s for s in (1, 10, 100)]
+    assert torch.equal(depth_weights(torch.zeros(16, dtype=torch.float64), torch.stack(vs), 1e-5), torch.full((3, 2, 8), 1 / 3,
+                                                                                                  dtype=torch.float64))
+
+
+@pytest.mark.parametrize("norm", ["attnres", "attnres_block"])
+def test_attnres_pseudo_queries_receive_gradients(norm):
+    """Every pseudo-query with more than one source gets a gradient at init (w = 0); the first
+    sublayer's has the embedding alone (softmax over one source), so none."""
+    model = _small(norm)
+    idx = torch.randint(256, (2, 8), generator=torch.Generator().manual_seed(2))
+    model.loss(idx, idx.roll(-1, 1)).backward()
+    g = model.stream_params.queries.grad
+    assert g is not None and (g[0] == 0).all() and (g[1:].abs().sum(-1) > 0).all()
+
+
+@pytest.mark.parametrize("norm", ["attnres", "attnres_block"])
+def test_attnres_short_training_run_learns_and_moves_the_queries(norm):
+    cfg = compose(f"model.norm={norm}", "depth=3", "model.d_model=16", "model.n_heads=2", "train.seq_len=16",
+                  "data=synthetic", "data.synthetic_tokens=2000")
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(64, (8, 17), generator=g)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = model.loss(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < 0.7 * losses[0]
+    assert model.stream_params.queries[1:].abs().amax(-1).min() > 1e-3  # every w_l (l >= 1) left zero
+
+
+def test_peer_xtransformers_attention_residual():
+    """x-transformers' AttentionResidual (attn_aggregated_residuals) attends over its stack with
+    softmax(q . RMSNorm_gamma(v_i) / sqrt(d)), the paper's operator for a given query. Departures, all
+    pinned: (1) its query is input-dependent, q = RMSNorm(h + LoRA(RMSNorm(h))) from the latest entry
+    (the up-projection is zero at init, so q = RMSNorm(h), not 0: weights are not uniform at init);
+    the paper's (and ours) is a static pseudo-query w_l, zero at init; (2) in its Decoder the stack is
+    the residual stream entering every sublayer and the ordinary residual is kept (x + F(N(agg))); the
+    paper's sources are the sublayer outputs with no skip; (3) no head aggregate, no Block AttnRes.
+    So the operator is compared with its query replaced by sqrt(d) w (port), at 1e-5 in float32."""
+    xt = _xt()
+    from resnorm.attnres import depth_attention, depth_weights
+
+    d, n = 16, 5
+    g = torch.Generator().manual_seed(7)
+    vs = [torch.randn(2, 8, d, generator=g) * s for s in (1.0, 3.0, 0.5, 10.0, 2.0)]
+    w = torch.randn(d, generator=g)
+    peer = xt.AttentionResidual(d, lora_rank=4)
+
+    class Fixed(torch.nn.Module):
+        def forward(self, u):
+            return (w * math.sqrt(d)).expand_as(u)
+
+    with torch.no_grad():
+        at_init = peer(vs)
+        uniform = sum(vs) / n
+        assert (at_init - uniform).abs().max() > 1e-2  # (1): the peer is not uniform at init
+        peer.norm = Fixed()
+        theirs = peer(vs)
+        ours = depth_attention(w, vs, eps=torch.finfo(torch.float32).eps)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(depth_weights(torch.zeros(d), torch.stack(vs), 1e-5), torch.full((n, 2, 8), 1 / n))
+
+
+# --- end attnres ---

@@ -147,6 +147,11 @@ S12 = {"value_residual", "orthogonal", "denseformer", "hyper", "hyper_dynamic", 
 FINAL_NORM = FINAL_NORM | S12
 EQUATIONS = EQUATIONS | S12
 # --- end s12 ---
+# --- attnres (issue 12): Attention Residuals; references in tests/test_schemes_streams.py ---
+ATTNRES = {"attnres", "attnres_block"}
+FINAL_NORM = FINAL_NORM | ATTNRES
+EQUATIONS = EQUATIONS | ATTNRES
+# --- end attnres ---
 
 
 def reference_hidden(model, idx, norm, cfg):
@@ -159,6 +164,10 @@ def reference_hidden(model, idx, norm, cfg):
         from test_schemes_streams import reference_s12
 
         return reference_s12(model, x, norm, cfg)
+    if norm in ATTNRES:  # attnres
+        from test_schemes_streams import ref_attnres
+
+        return ref_attnres(model, x, cfg)
     if norm == "resi_dual":
         # Xie et al.: x_{k+1} = LN(x_k + F_k(x_k)), y_{k+1} = y_k + F_k(x_k), y_0 = x_0 (both scaled by s);
         # output x_K + LN(y_K)
