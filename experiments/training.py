@@ -20,7 +20,7 @@ the initial loss.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 DEFAULTS: Dict[str, Any] = dict(
     variant="pre", depth=4, d_model=64, n_heads=2, d_ff=256, vocab=64, activation="gelu", qk_norm=False,
@@ -114,13 +114,14 @@ def _train(spec: Dict[str, Any], runs_dir: str) -> Dict[str, Any]:
     return record(spec, execute(cfg, job, callbacks=lambda run: default_callbacks(run, [FinalReadouts()])))
 
 
-def _done(spec: Dict[str, Any], runs_dir) -> bool:
+def _finished(spec: Dict[str, Any], runs_dir) -> Optional[Dict[str, Any]]:
+    """The summary of the spec's run folder if that run is over (completed or diverged), else None."""
     from resnorm.config import compose
     from resnorm.identity import run_id
     from resnorm.runfolder import DONE, read_summary
 
     summary = read_summary(runs_dir / run_id(compose(overrides(spec))))
-    return bool(summary) and summary.get("status") in DONE
+    return summary if summary and summary.get("status") in DONE else None
 
 
 def _worker_init() -> None:
@@ -134,8 +135,9 @@ def run_grid(specs: List[Dict[str, Any]], ctx) -> List[Dict[str, Any]]:
     """Train every spec not already cached under ``ctx.runs_dir``; return all records (cached ones included).
 
     The missing runs go to ``ctx.workers`` processes (:func:`experiments.core.run_experiment` makes it
-    one per core this process may use), one torch thread each; with one worker they train in this process. Each record is written (atomically)
-    as soon as its run ends, so an interrupted grid resumes where it stopped. The workers are started
+    one per core this process may use), one torch thread each; with one worker they train in this
+    process. Each run is a run folder, checkpointed as it trains and finished by its summary, so an
+    interrupted grid resumes where it stopped. The workers are started
     with ``spawn`` (a fork of a process that already ran torch's thread pool can hang), so a script
     that calls this must guard its entry point with ``if __name__ == "__main__":``.
     """
@@ -143,10 +145,9 @@ def run_grid(specs: List[Dict[str, Any]], ctx) -> List[Dict[str, Any]]:
 
     ctx.runs_dir.mkdir(parents=True, exist_ok=True)
     full = [{**DEFAULTS, **s} for s in specs]
-    out: List[Any] = [None] * len(full)
-    todo = [i for i, f in enumerate(full) if not _done(f, ctx.runs_dir)]
-    for i in set(range(len(full))) - set(todo):
-        out[i] = _train(full[i], str(ctx.runs_dir))  # finished: read from its run folder
+    finished = [_finished(f, ctx.runs_dir) for f in full]  # each run folder read once
+    out: List[Any] = [None if s is None else record(f, s) for f, s in zip(full, finished)]
+    todo = [i for i, rec in enumerate(out) if rec is None]
     ctx.runs_trained += len(todo)
     ctx.runs_cached += len(specs) - len(todo)
     workers = max(1, min(ctx.workers, len(todo)))

@@ -288,16 +288,16 @@ class FinalReadouts(Callback):
 
     @torch.no_grad()
     def on_fit_end(self, run, summary) -> None:
-        model = run.model
-        was = model.training
-        model.eval()
+        from .measure import log_partition
+        from .model import eval_mode
+
         logits, logz = [], []
-        for x, _ in run.val_batches:
-            tr = model.trace(x.to(run.device))
-            out = model.head(tr["hidden"]).float()
-            logits.append(tr["max_logit"].max())
-            logz.append(torch.logsumexp(out, -1).mean())
-        model.train(was)
+        with eval_mode(run.model) as model:
+            for x, _ in run.val_batches:
+                tr = model.trace(x.to(run.device))
+                out = model.head(tr["hidden"]).float()
+                logits.append(tr["max_logit"].max())
+                logz.append(log_partition(out).mean())
         summary["final_max_attn_logit"] = torch.stack(logits).max().item()
         summary["final_mean_log_z"] = torch.stack(logz).mean().item()
 

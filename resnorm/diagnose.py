@@ -104,6 +104,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":  # python -m resnorm.diagnose ...
-    import sys
-
     sys.exit(main())

@@ -359,19 +359,18 @@ def evaluate(model, batches, device: torch.device, autocast, logit_stats: bool =
     over all logit values, from the same forward pass.
     """
     from .measure import log_partition
+    from .model import eval_mode
 
-    was_training = model.training
-    model.eval()
     total, log_z, sq = 0.0, 0.0, 0.0
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        with autocast():
-            logits = model(x).float()
-        flat = logits.reshape(-1, logits.shape[-1])
-        total += torch.nn.functional.cross_entropy(flat, y.reshape(-1)).item()
-        if logit_stats:
-            log_z += log_partition(flat).mean().item()
-            sq += flat.pow(2).mean().item()
-    model.train(was_training)
+    with eval_mode(model):
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            with autocast():
+                logits = model(x).float()
+            flat = logits.reshape(-1, logits.shape[-1])
+            total += torch.nn.functional.cross_entropy(flat, y.reshape(-1)).item()
+            if logit_stats:
+                log_z += log_partition(flat).mean().item()
+                sq += flat.pow(2).mean().item()
     n = len(batches)
     return (total / n, log_z / n, math.sqrt(sq / n)) if logit_stats else total / n

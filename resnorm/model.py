@@ -13,6 +13,7 @@ sublayer, ``dual`` carries ResiDual's second stream. They only call the sublayer
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, NamedTuple, Optional, Tuple
@@ -497,6 +498,17 @@ STREAMS.update(STREAMS_S12)
 # --- attnres streams (issue 12): Attention Residuals, full and block ---
 STREAMS.update(STREAMS_ATTNRES)
 # --- end attnres streams ---
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Eval mode inside, the caller's mode (train or eval) restored after, also when it raises."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
 
 
 def build_model(cfg, data: Optional[torch.Tensor] = None) -> Transformer:

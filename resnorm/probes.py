@@ -145,10 +145,10 @@ class ActivationProbe(Probe):
 
     @torch.no_grad()
     def before_update(self, x: torch.Tensor) -> torch.Tensor:
-        was = self.model.training
-        self.model.eval()
-        tr = self.model.trace(x)
-        self.model.train(was)
+        from .model import eval_mode
+
+        with eval_mode(self.model):
+            tr = self.model.trace(x)
         self.last_trace = (x, tr)  # for the forward monitors due on the same step (dropped after the step)
         parts, logits = tr["parts"], tr["max_logit"]
         nan = torch.full((), float("nan"), device=x.device)

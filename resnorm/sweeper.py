@@ -127,16 +127,22 @@ def longest_first(plans: Sequence[JobPlan]) -> List[JobPlan]:
     return [plans[i] for i in order]
 
 
+def train_flops_per_token(n_matmul: int, depth: int, d_model: int, seq_len: int) -> float:
+    """FLOPs of one training token, forward and backward: 6N + 12·L·T·d (N = matmul parameters,
+    T = seq_len, d = d_model; PaLM, arXiv:2204.02311, appendix B). An evaluation token is a third
+    of it (2N + 4·L·T·d). Also the MFU's numerator (:mod:`resnorm.monitors.cost`)."""
+    return 6.0 * n_matmul + 12.0 * depth * seq_len * d_model
+
+
 def train_flops(cfg, n_matmul: int) -> float:
-    """Training plus evaluation FLOPs of a job: per token 6N + 12·L·T·d for a training step (forward
-    and backward; N = parameters outside embeddings, T = seq_len, d = d_model; PaLM, appendix B) and
-    2N + 4·L·T·d for an evaluation forward."""
+    """Training plus evaluation FLOPs of a job (:func:`train_flops_per_token`; N = parameters
+    outside the embedding tables)."""
     t = cfg.train
-    attn = cfg.depth * t.seq_len * cfg.model.d_model
+    per_token = train_flops_per_token(n_matmul, cfg.depth, cfg.model.d_model, t.seq_len)
     tokens = t.steps * t.batch_size * t.seq_len
     evals = math.ceil(t.steps / t.eval_every)
     eval_tokens = evals * t.eval_batches * t.batch_size * t.seq_len
-    return (6 * n_matmul + 12 * attn) * tokens + (2 * n_matmul + 4 * attn) * eval_tokens
+    return per_token * tokens + per_token / 3 * eval_tokens
 
 
 def _si(x: float) -> str:

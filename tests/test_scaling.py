@@ -167,8 +167,6 @@ def test_wandb_failing_mid_run_leaves_training_and_the_run_store_complete(tmp_pa
 # --- run_job: skip, failure, lock ---------------------------------------------------------------
 
 def test_run_job_skips_done_runs_records_failures_and_respects_the_lock(tmp_path, monkeypatch):
-    import resnorm.train as rt
-
     monkeypatch.chdir(tmp_path)  # outside Hydra, run_job writes into the working directory
     cfg = compose(*TINY, "depth=1")
     first = run_job(cfg)

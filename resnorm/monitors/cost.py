@@ -76,8 +76,10 @@ def matmul_params(shape) -> int:
 def flops_per_token(shape, n_params: Optional[int] = None) -> float:
     """Training FLOPs per token, 6 N + 12 L d T (PaLM, arXiv:2204.02311, appendix B); ``shape`` a
     :class:`resnorm.model.ModelShape`; ``n_params`` N if known (default :func:`matmul_params`)."""
+    from ..sweeper import train_flops_per_token
+
     n = matmul_params(shape) if n_params is None else n_params
-    return 6.0 * n + 12.0 * shape.depth * shape.d_model * shape.context
+    return train_flops_per_token(n, shape.depth, shape.d_model, shape.context)
 
 
 def gpu_peak_flops(name: str, precision: str) -> Tuple[float, str]:

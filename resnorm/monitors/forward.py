@@ -46,14 +46,13 @@ The output logits' log Z and RMS are read at every evaluation by :func:`resnorm.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import List, Optional
 
 import torch
 
 from ..measure import absmax, attention_entropy, kurtosis, sink_mass
-from ..model import Attention
+from ..model import Attention, eval_mode
 from ..probes import Probe, sublayer_modules
 
 
@@ -66,17 +65,6 @@ class _Periodic(Probe):
 
     def due(self, step: int, last: bool) -> bool:
         return step % self.every == 0 or last
-
-
-@contextlib.contextmanager
-def _eval_mode(model):
-    """Eval mode inside, the caller's mode (train or eval) restored after."""
-    was = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was)
 
 
 def attention_stats(attn: Attention, h: torch.Tensor) -> torch.Tensor:
@@ -99,7 +87,7 @@ class ForwardStatsProbe(_Periodic):
 
     @torch.no_grad()
     def before_update(self, x: torch.Tensor) -> torch.Tensor:
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             shared = getattr(self.share, "last_trace", None)
             parts = shared[1]["parts"] if shared is not None and shared[0] is x else \
                 self.model.trace(x, max_logits=False)["parts"]
