@@ -41,6 +41,15 @@ def answers(url: str, timeout: float) -> None:
         pass
 
 
+def drop_empty_wandb_env() -> None:
+    """Unset every ``WANDB_*`` variable that is set to the empty string (``WANDB_MODE=`` in a job script):
+    W&B reads an empty one as a value and refuses to start (``mode: Input should be 'online', ...``),
+    where a user means "not set"."""
+    for name in [k for k, v in os.environ.items() if k.startswith("WANDB_") and v == ""]:
+        log.info("wandb: %s is set but empty: treated as unset", name)
+        del os.environ[name]
+
+
 class WandbTracker:
     def __init__(self, logger_cfg, run_dir: Path, group: str, name: str, config: Dict[str, Any],
                  run_id: Optional[str] = None, tags=None, job_type: Optional[str] = None,
@@ -65,6 +74,7 @@ class WandbTracker:
             import wandb
 
             os.environ.setdefault("WANDB_SILENT", "true")
+            drop_empty_wandb_env()
             if self.cfg.mode == "online":
                 self.run = self._online(wandb)
             else:
