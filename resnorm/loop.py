@@ -113,7 +113,7 @@ class Run:
     slots: Optional[Sequence[Any]]
     data: Any  # resnorm.data.TokenData
     model: Any  # resnorm.model.Transformer
-    optimizer: torch.optim.Optimizer
+    optimizer: Any  # a torch.optim.Optimizer, or resnorm.optimizers.OptimizerChain (optim=muon)
     sampler: Any  # resnorm.data.BatchSampler
     val_batches: list
     grad_probe: Any  # resnorm.probes.GradNormProbe

@@ -17,14 +17,7 @@ from resnorm.config import ConfigError, validate
 from resnorm.train import JobInfo, train
 
 SMALL = (*TINY, "depth=2", "train.threads=1")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: torch on one thread, restored after
 
 
 def metrics(run_dir: Path) -> pd.DataFrame:
