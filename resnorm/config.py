@@ -126,6 +126,11 @@ ACTIVATIONS = ("gelu", "relu")
 DATASETS = ("shakespeare", "text", "synthetic")
 QK_NORM_AXES = ("head", "flat")
 QK_NORM_KINDS = ("layernorm", "rmsnorm")  # resnorm.model.QK_NORMS (tests/test_model_options.py)
+# --- recipe14 (issue 14) ---
+OPTIMIZERS = ("adamw", "sgd", "muon")  # resnorm.optimizers.OPTIMIZERS (tests/test_recipe.py)
+MUON_ADJUST_LR = ("original", "match_rms_adamw")  # torch.optim.Muon's adjust_lr_fn
+PRECISIONS = ("fp32", "bf16", "fp16")  # resnorm.precision.AUTOCAST_DTYPES (tests/test_recipe.py)
+# --- end recipe14 ---
 
 
 # --- the schema -----------------------------------------------------------------------------------
@@ -205,8 +210,13 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW and its learning-rate schedule."""
+    """The optimizer (``optim=adamw|sgd|muon`` sets ``name``) and its learning-rate schedule."""
 
+    # --- recipe14 (issue 14) ---
+    name: str = key("adamw", "the optimizer (the optim group sets it): adamw | sgd | muon (Muon for the blocks' "
+                             "matrices, AdamW for the rest); keys of another optimizer are ignored",
+                    choices=OPTIMIZERS)
+    # --- end recipe14 ---
     lr: float = key(1e-3, "peak learning rate", range=POSITIVE)
     warmup_steps: int = key(20, "linear warmup from 0 to lr", range=NON_NEGATIVE)
     schedule: str = key("cosine", "after warmup: cosine decay to min_lr_ratio * lr, or constant",
@@ -225,6 +235,18 @@ class OptimConfig:
     skip_spikes: bool = key(False, "skip the update of a step whose loss or gradient norm is a spike "
                                    "(train.spike_window, train.spike_sigma; OLMo-core's SkipStepAdamW); off: "
                                    "skipping hides the instability under study")
+    # --- recipe14 (issue 14): read only by the optimizer they name (README "Training recipe") ---
+    sgd_momentum: float = key(0.9, "optim=sgd: momentum (0: plain SGD)", range=interval("[0, 1)"))
+    sgd_nesterov: bool = key(False, "optim=sgd: Nesterov momentum (needs optim.sgd_momentum > 0)")
+    muon_lr: float = key(0.02, "optim=muon: peak learning rate of the Muon matrices (optim.lr is the AdamW "
+                               "rest's; one schedule scales both)", range=POSITIVE)
+    muon_momentum: float = key(0.95, "optim=muon: Muon's momentum", range=interval("[0, 1)"))
+    muon_nesterov: bool = key(True, "optim=muon: Nesterov momentum in Muon")
+    muon_ns_steps: int = key(5, "optim=muon: Newton-Schulz iterations of the orthogonalisation", range=POSITIVE)
+    muon_adjust_lr: str = key("original", "optim=muon: the per-matrix LR scale, torch.optim.Muon's adjust_lr_fn: "
+                                          "original (Keller Jordan's sqrt(max(1, rows/cols))) | match_rms_adamw "
+                                          "(Moonshot's 0.2 sqrt(max(rows, cols)))", choices=MUON_ADJUST_LR)
+    # --- end recipe14 ---
 
 
 @dataclass
@@ -251,7 +273,13 @@ class TrainConfig:
                                "every K steps (and the last)", range=NON_NEGATIVE, note="0 turns the probes off")
     device: str = key("auto", "auto | cpu | cuda | cuda:N",
                       pattern=(r"auto|cpu|cuda(:\d+)?", "choose auto, cpu, cuda or cuda:N"))
-    precision: str = key("fp32", "fp32 | bf16 (autocast, GPU)", choices=("fp32", "bf16"))
+    precision: str = key("fp32", "fp32 | bf16 (autocast) | fp16 (autocast and a gradient scaler; its skipped "
+                                 "steps are recorded)", choices=PRECISIONS)
+    # --- recipe14 (issue 14) ---
+    grad_accum: int = key(1, "micro-batches per optimizer step: each process's share of train.batch_size is "
+                             "split into this many, their gradients averaged (the same step, less memory)",
+                          range=POSITIVE)
+    # --- end recipe14 ---
     threads: Optional[int] = key(None, "torch threads of each process; null: 1, under every launcher (the "
                                        "last bits of a CPU run depend on it)", range=POSITIVE)
     compile: bool = key(False, "torch.compile the model")
@@ -265,7 +293,7 @@ class TrainConfig:
 
 @dataclass
 class LoggerConfig:
-    """Weights & Biases."""
+    """Weights & Biases (and TensorBoard, off by default)."""
 
     wandb: bool = key(True, "log to W&B")
     mode: str = key("offline", "offline (no account needed) | online | disabled",
@@ -274,6 +302,10 @@ class LoggerConfig:
     entity: Optional[str] = key(None, "the W&B entity (user or team); null: the default")
     init_timeout: float = key(30.0, "logger.mode=online: seconds to wait for the W&B server; then the run logs "
                                     "offline into its folder (wandb sync it later)", range=POSITIVE)
+    # --- recipe14 (issue 14) ---
+    tensorboard: bool = key(False, "also write the step scalars W&B gets as TensorBoard event files in "
+                                   "<run folder>/tensorboard/ (needs the tensorboard package)")
+    # --- end recipe14 ---
 
 
 @dataclass
@@ -552,12 +584,39 @@ def device_is_present(get: Callable[[str], Any]) -> None:
                           + (f" (train.devices={n} from cuda:{first} needs {first + n})" if n > 1 else ""))
 
 
+# --- recipe14 (issue 14) ---
+def grad_accum_splits_batch(get: Callable[[str], Any]) -> None:
+    """train.grad_accum divides each process's share of the global batch into equal micro-batches."""
+    n, share = get("train.grad_accum"), get("train.batch_size") // get("train.devices")
+    if share % n:
+        per = "" if get("train.devices") == 1 else f" / train.devices={get('train.devices')}"
+        raise ConfigError("train.grad_accum", n, f"must divide train.batch_size={get('train.batch_size')}{per} = "
+                                                 f"{share} sequences into equal micro-batches")
+
+
+def sgd_nesterov_needs_momentum(get: Callable[[str], Any]) -> None:
+    """Nesterov momentum is a kind of momentum: optim=sgd optim.sgd_nesterov=true needs sgd_momentum > 0."""
+    if get("optim.name") == "sgd" and get("optim.sgd_nesterov") and get("optim.sgd_momentum") == 0:
+        raise ConfigError("optim.sgd_nesterov", True, "needs optim.sgd_momentum > 0 (it is 0)")
+
+
+def tensorboard_is_installed(get: Callable[[str], Any]) -> None:
+    """logger.tensorboard=true writes through torch.utils.tensorboard, which needs the tensorboard package."""
+    import importlib.util
+
+    if get("logger.tensorboard") and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("logger.tensorboard", True, "needs the package tensorboard==2.21.0 (pip install "
+                                                      "tensorboard==2.21.0, scripts/setup.sh), or leave it false")
+# --- end recipe14 ---
+
+
 #: the checks that involve more than one key, run in this order after every leaf passed
 RULES: Tuple[Callable[[Callable[[str], Any]], None], ...] = (
     heads_divide_width, norm_layer_needs_norms, text_data_needs_a_file, synthetic_vocab_fits_vocab,
-    byte_data_needs_byte_vocab, sequence_fits_corpus, devices_divide_batch)
+    byte_data_needs_byte_vocab, sequence_fits_corpus, devices_divide_batch, grad_accum_splits_batch,
+    sgd_nesterov_needs_momentum)
 #: the checks that hold only on the machine the job trains on (skipped where jobs run elsewhere: SLURM, Ray)
-HOST_RULES: Tuple[Callable[[Callable[[str], Any]], None], ...] = (device_is_present,)
+HOST_RULES: Tuple[Callable[[Callable[[str], Any]], None], ...] = (device_is_present, tensorboard_is_installed)
 
 
 def closest_key(dotted: str) -> Optional[str]:

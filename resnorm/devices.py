@@ -249,6 +249,15 @@ def data_parallel(model, device):
     return DistributedDataParallel(Loss(model), device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def grad_sync(step_model, skip: bool):
+    """DDP's ``no_sync()`` of ``step_model`` (the DDP module of :func:`data_parallel`, compiled or
+    not) when ``skip`` (a micro-batch before the step's last: its gradients accumulate locally and
+    the last one's backward all-reduces them all); otherwise a context that does nothing."""
+    if not skip:
+        return contextlib.nullcontext()
+    return getattr(step_model, "_orig_mod", step_model).no_sync()
+
+
 def all_mean(tensor, world: int):
     """The mean of ``tensor`` over the processes of the group (in place)."""
     import torch.distributed as dist

@@ -2,11 +2,12 @@
 
 The identity (``run_id``) is the first 12 hex digits of the SHA-256 of the job's resolved config as
 canonical JSON, without the keys in :data:`OPERATIONAL_KEYS`: those say where, how fast or how
-verbosely a job runs (W&B settings, progress bar, threads, device, number of DDP processes,
-``torch.compile``, checkpoint interval), not what it computes. Everything else counts, the sweep's
-``name`` included (it is the W&B group, and the W&B run id is the identity, which W&B wants unique
-in a project). So the same job always gets the same id, whatever launcher, machine or command line
-produced it; a config key added to the schema later changes every id (the runs are then new runs).
+verbosely a job runs (W&B and TensorBoard settings, progress bar, threads, device, number of DDP
+processes, micro-batches per step, ``torch.compile``, checkpoint interval), not what it computes.
+Everything else counts, the sweep's ``name`` included (it is the W&B group, and the W&B run id is
+the identity, which W&B wants unique in a project). So the same job always gets the same id,
+whatever launcher, machine or command line produced it; a config key added to the schema later
+changes every id (the runs are then new runs).
 
 In a multirun the job folder is ``multirun/<name>/<run_id>/`` (``hydra.sweep.subdir: ${run_id:}``
 in ``conf/config.yaml``): re-running a sweep finds every job where it left it. The readable name
@@ -33,6 +34,7 @@ OPERATIONAL_KEYS = (
     "train.threads",
     "train.device",
     "train.devices",
+    "train.grad_accum",  # micro-batches of the same global batch: the same step, as train.devices
     "train.compile",
     "train.checkpoint_every",
     "train.keep_checkpoint",

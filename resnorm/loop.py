@@ -7,18 +7,23 @@ caller adds (the run store, W&B, the progress bar, checkpoints, probes, extra re
 and its order is part of the study:
 
 1. set the learning rate (:func:`lr_at`: linear warm-up, then cosine or constant);
-2. forward and backward on the step's batch (this process's slice of the global batch under DDP);
+2. forward and backward on the step's batch (this process's slice of the global batch under DDP),
+   in ``train.grad_accum`` micro-batches; under fp16 the gradients are unscaled right after
+   (:mod:`resnorm.precision`);
 3. the probes read the raw gradients and the pre-update weights (``before_update``);
 4. **one host transfer**: the loss, the gradient norms and every probe's before-update values;
-5. the divergence guard (:func:`resnorm.guard.divergence`) on those numbers, *before* clipping;
-6. unless diverged: clip (``optim.grad_clip``, off by default) and the optimizer step, then the
-   probes' after-update reads (``after_update``, e.g. the update ratio);
+5. the divergence guard (:func:`resnorm.guard.divergence`) on those numbers, *before* clipping
+   (under fp16 an overflow the gradient scaler handles is no divergence: :func:`guard`);
+6. unless diverged: clip (``optim.grad_clip``, off by default) and the optimizer step (under fp16
+   skipped on an overflow), then, if it was taken, the probes' after-update reads
+   (``after_update``, e.g. the update ratio);
 7. evaluation every ``train.eval_every`` steps and at the last (rank 0);
 8. the step's record goes to the callbacks (``on_step_end``); a checkpoint every
    ``train.checkpoint_every`` steps (``on_checkpoint``).
 
 Everything a resumed run needs is in :class:`LoopState` (checkpointed as one object) plus the
-model, optimizer, sampler, random states and the callbacks' ``state_dict``.
+model, optimizer (:mod:`resnorm.optimizers`), fp16 scaler, sampler, random states and the callbacks'
+``state_dict``.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ import torch
 
 from . import devices
 from .guard import describe, divergence
+from .optimizers import make_optimizer  # noqa: F401  # resnorm.loop.make_optimizer: the registry's
+from .precision import autocast as precision_autocast, make_scaler, scale_tensor, scaler_overflow
 from .runfolder import classify_outcome
 from .spikes import SpikeTracker
 
@@ -55,6 +62,7 @@ class LoopState:
     diverge_reason: Optional[str] = None
     diverge_kind: Optional[str] = None  # the guard's verdict (resnorm.guard.divergence)
     spikes: SpikeTracker = field(default_factory=SpikeTracker)
+    scaler_skipped_steps: List[int] = field(default_factory=list)  # fp16 (resnorm.precision)
 
     def state_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -82,6 +90,8 @@ class StepRecord:
     diverged: Optional[str] = None  # the guard's verdict (resnorm.guard.divergence)
     spike: bool = False  # the loss or the gradient norm was a spike (resnorm.spikes)
     skipped: bool = False  # a spike whose update was skipped (optim.skip_spikes)
+    scaler_skipped: bool = False  # fp16: the gradient scaler skipped the update (resnorm.precision)
+    loss_scale: float = math.nan  # fp16: the loss scale of the step's backward
     val_loss: Optional[float] = None  # set on evaluation steps
     val_log_z: Optional[float] = None  # mean log-sum-exp of the validation logits
     val_logit_rms: Optional[float] = None
@@ -103,11 +113,12 @@ class Run:
     slots: Optional[Sequence[Any]]
     data: Any  # resnorm.data.TokenData
     model: Any  # resnorm.model.Transformer
-    optimizer: torch.optim.Optimizer
+    optimizer: Any  # a torch.optim.Optimizer, or resnorm.optimizers.OptimizerChain (optim=muon)
     sampler: Any  # resnorm.data.BatchSampler
     val_batches: list
     grad_probe: Any  # resnorm.probes.GradNormProbe
     loss_fn: Callable
+    scaler: Optional[torch.amp.GradScaler] = None  # train.precision=fp16 (resnorm.precision)
     state: LoopState = field(default_factory=LoopState)
     callbacks: Any = None  # the resnorm.callbacks.CallbackList fit runs (a checkpoint keeps their state)
     summary: Dict[str, Any] = field(default_factory=dict)
@@ -122,8 +133,7 @@ class Run:
         return self.cfg.train.batch_size * self.cfg.train.seq_len
 
     def autocast(self):
-        bf16 = self.cfg.train.precision == "bf16"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+        return precision_autocast(self.device, self.cfg.train.precision)
 
     def wall_s(self) -> float:
         return self.state.wall_s + time.perf_counter() - self.wall0
@@ -153,7 +163,7 @@ def fit(cfg, job, callbacks: Optional[Callable] = None, rank: int = 0, world: in
             grads = run.grad_probe.before_update(x)
             extra = cbs.before_update(run, rec, x)
             to_host(run, rec, loss, grads, extra)  # the step's one host transfer
-            rec.diverged = divergence(rec.loss, rec.grad_norm, run.state.initial_loss, cfg.train.diverge_factor)
+            rec.diverged = guard(run, rec)
             rec.spike = run.state.spikes.observe(step, rec.loss, rec.grad_norm)
             if rec.diverged is not None:
                 mark_diverged(run, rec, x)  # while the gradients are there to name the first non-finite one
@@ -161,7 +171,8 @@ def fit(cfg, job, callbacks: Optional[Callable] = None, rank: int = 0, world: in
                 skip_step(run, rec)
             else:
                 optimizer_step(run, rec, grads[0])
-                cbs.after_update(run, rec)
+                if rec.updated:
+                    cbs.after_update(run, rec)
             run.optimizer.zero_grad(set_to_none=True)
             finish_step(run, rec, time.perf_counter() - t0)
             if rec.diverged is None and run.is_main and (rec.last or (step + 1) % cfg.train.eval_every == 0):
@@ -209,13 +220,15 @@ def setup(cfg, job, rank: int, world: int, slots) -> Run:
     loss_fn = torch.compile(step_model) if cfg.train.compile else step_model
     state = LoopState(spikes=SpikeTracker(window=cfg.train.spike_window, sigma=cfg.train.spike_sigma))
     return Run(cfg, job, rank, world, device, threads, slots, data, model, optimizer, sampler, val,
-               grad_probe, loss_fn, state=state, wall0=wall0)
+               grad_probe, loss_fn, scaler=make_scaler(cfg.train.precision, device), state=state, wall0=wall0)
 
 
 def set_lr(run: Run, step: int) -> float:
+    """The schedule's LR at ``step`` into every parameter group, times the group's ``lr_scale`` (a
+    Muon group's peak over ``optim.lr``, :mod:`resnorm.optimizers`); returns the schedule's LR."""
     lr = lr_at(step, run.cfg.optim, run.cfg.train.steps)
     for group in run.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     return lr
 
 
@@ -228,10 +241,23 @@ def next_batch(run: Run):
 
 
 def forward_backward(run: Run, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    with run.autocast():
-        loss = run.loss_fn(x, y)
-    loss.backward()
-    return loss
+    """Forward and backward of the step's batch in ``train.grad_accum`` equal micro-batches (each
+    loss over N, so the gradients are the whole batch's; DDP all-reduces on the last one only);
+    under fp16 the scaled losses, then the gradients unscaled. Returns the batch's loss (the
+    micro-batches' mean)."""
+    n = run.cfg.train.grad_accum
+    micro = list(zip(x.chunk(n), y.chunk(n))) if n > 1 else [(x, y)]
+    losses = []
+    for i, (xs, ys) in enumerate(micro):
+        with devices.grad_sync(run.loss_fn, run.world > 1 and i + 1 < n):
+            with run.autocast():
+                loss = run.loss_fn(xs, ys)
+            part = loss / n if n > 1 else loss
+            (part if run.scaler is None else run.scaler.scale(part)).backward()
+        losses.append(loss.detach())
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)  # the probes, the guard and clipping see the true gradients
+    return losses[0] if n == 1 else torch.stack(losses).float().mean()
 
 
 def to_host(run: Run, rec: StepRecord, loss: torch.Tensor, grads: torch.Tensor,
@@ -242,7 +268,11 @@ def to_host(run: Run, rec: StepRecord, loss: torch.Tensor, grads: torch.Tensor,
     if run.world > 1:
         devices.all_mean(loss_t, run.world)
     keys = list(extra)
-    host = torch.cat([loss_t, grads.float().view(-1)] + [extra[k].float().reshape(-1) for k in keys]).tolist()
+    scale = [] if run.scaler is None else [scale_tensor(run.scaler)]  # fp16: the loss scale rides along
+    parts = [loss_t, grads.float().view(-1)] + [extra[k].float().reshape(-1) for k in keys] + scale
+    host = torch.cat(parts).tolist()
+    if scale:
+        rec.loss_scale = host.pop()
     rec.loss, rec.grad_norm = host[0], host[1]
     rec.grad_layers = host[2:len(grads) + 1]
     at = len(grads) + 1
@@ -254,19 +284,36 @@ def to_host(run: Run, rec: StepRecord, loss: torch.Tensor, grads: torch.Tensor,
         run.state.initial_loss = rec.loss
 
 
+def guard(run: Run, rec: StepRecord) -> Optional[str]:
+    """The divergence guard (:func:`resnorm.guard.divergence`) on the step's numbers; under fp16 a
+    non-finite gradient the scaler handles is no divergence (:func:`resnorm.precision.scaler_overflow`)."""
+    kind = divergence(rec.loss, rec.grad_norm, run.state.initial_loss, run.cfg.train.diverge_factor)
+    return None if run.scaler is not None and scaler_overflow(kind, rec.loss_scale) else kind
+
+
 def optimizer_step(run: Run, rec: StepRecord, grad_norm: torch.Tensor) -> None:
-    """Clip to ``optim.grad_clip`` (with the norm already measured) if set, then step."""
-    clip = run.cfg.optim.grad_clip
-    if clip:
+    """Clip to ``optim.grad_clip`` (with the norm already measured) if set, then step. Under fp16
+    (gradients unscaled in :func:`forward_backward`) a step whose gradient norm is not finite is
+    skipped (``scaler_skipped``), then the scaler updates its scale (:mod:`resnorm.precision`)."""
+    clip, finite = run.cfg.optim.grad_clip, math.isfinite(rec.grad_norm)
+    if clip and finite:
         torch.nn.utils.clip_grads_with_norm_(run.model.parameters(), clip, grad_norm)
-    run.optimizer.step()
-    rec.updated = True
+    if finite or run.scaler is None:
+        run.optimizer.step()
+        rec.updated = True
+    else:
+        rec.scaler_skipped = True
+        run.state.scaler_skipped_steps.append(rec.step)
+    if run.scaler is not None:
+        run.scaler.update()  # halve after an overflow, grow after enough clean steps
 
 
 def skip_step(run: Run, rec: StepRecord) -> None:
     """A spike under ``optim.skip_spikes``: no update, the optimizer state untouched."""
     rec.skipped = True
     run.state.spikes.skipped_steps.append(rec.step)
+    if run.scaler is not None:
+        run.scaler.update()  # the scaler's step ends here too (its next unscale_ needs it)
 
 
 def finish_step(run: Run, rec: StepRecord, seconds: float) -> None:
@@ -306,6 +353,9 @@ def finish(run: Run) -> Dict[str, Any]:
         spike_count=len(s.spikes.spike_steps), spike_steps=list(s.spikes.spike_steps),
         skipped_steps=list(s.spikes.skipped_steps),
     )
+    if run.scaler is not None:  # fp16 (resnorm.precision)
+        run.summary.update(scaler_skipped_count=len(s.scaler_skipped_steps),
+                           scaler_skipped_steps=list(s.scaler_skipped_steps), loss_scale=run.scaler.get_scale())
     if run.is_main:  # model FLOPs utilisation against the device's peak, and peak memory
         from .monitors.cost import cost_summary
 
@@ -329,25 +379,6 @@ def lr_at(step: int, optim_cfg, total_steps: int) -> float:
     progress = (step - warmup) / max(total_steps - warmup - 1, 1)
     floor = optim_cfg.min_lr_ratio * peak
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def make_optimizer(model, optim_cfg) -> torch.optim.Optimizer:
-    """AdamW; weight decay (if any) on matrices only, never on norms, biases or embeddings.
-
-    ``optim.weight_decay_coupling``: ``lr`` is PyTorch's AdamW (each step decays w by
-    lr_t * weight_decay); ``independent`` decays by weight_decay * lr_t / lr, i.e. by the schedule's
-    factor but not the peak LR (Wortsman et al. 2023, arXiv:2309.14322 §3.2.2), so the decay does
-    not change when an LR sweep changes the peak.
-    """
-    embeddings = {id(model.tok_emb.weight), id(model.pos_emb.weight)}
-    decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in embeddings]
-    no_decay = [p for p in model.parameters() if p.dim() < 2 or id(p) in embeddings]
-    wd = optim_cfg.weight_decay
-    if optim_cfg.weight_decay_coupling == "independent":
-        wd = wd / optim_cfg.lr
-    groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2),
-                             eps=optim_cfg.eps, foreach=True)
 
 
 @torch.no_grad()

@@ -35,4 +35,8 @@ pip install --no-deps "x-transformers==2.31.10" "einops==0.8.2" "einx==0.4.3" "l
     "frozendict==2.5.1" "torch-einops-utils==0.2.0"
 # s12: the hyper-connections peer (pure Python; einops above is its only import the tests use)
 pip install --no-deps "hyper-connections==0.4.11"
+# recipe14: logger.tensorboard=true (torch.utils.tensorboard's SummaryWriter) and the test that reads
+# the events back; `pip install --dry-run tensorboard==2.21.0` installs no torch (absl-py, grpcio,
+# markdown, tensorboard-data-server, werkzeug; numpy and protobuf are already there)
+pip install "tensorboard==2.21.0"
 echo "set up in $VENV"

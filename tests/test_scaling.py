@@ -69,13 +69,14 @@ def test_identity_is_the_config_minus_operational_keys():
     assert len(base) == 12 and int(base, 16) >= 0
     assert run_id(compose(*TINY)) == base
     same = ["logger.mode=offline", "train.progress=true", "train.threads=3", "train.device=cpu",
-            "train.devices=2", "train.compile=true", "train.checkpoint_every=7", "train.keep_checkpoint=true"]
+            "train.devices=2", "train.compile=true", "train.checkpoint_every=7", "train.keep_checkpoint=true",
+            "train.grad_accum=2"]
     covered = {"logger" if k.startswith("logger.") else k for k in (o.split("=")[0] for o in same)}
     assert covered == set(OPERATIONAL_KEYS)
     for override in same:
         assert run_id(compose(*TINY, override)) == base, override
     for override in ("seed=1", "depth=7", "optim.lr=0.002", "model.norm=post", "train.steps=7", "name=other",
-                     "train.precision=bf16"):
+                     "train.precision=bf16", "train.precision=fp16", "optim=muon"):
         assert run_id(compose(*TINY, override)) != base, override
     # the job folder of a sweep is the identity (hydra.sweep.subdir: ${run_id:})
     from hydra import compose as hydra_compose, initialize_config_dir
