@@ -3,7 +3,7 @@
 The identity (``run_id``) is the first 12 hex digits of the SHA-256 of the job's resolved config as
 canonical JSON, without the keys in :data:`OPERATIONAL_KEYS`: those say where, how fast or how
 verbosely a job runs (W&B settings, progress bar, threads, device, number of DDP processes,
-``torch.compile``, checkpoint interval), not what it computes. Everything else counts, the sweep's
+``torch.compile``, checkpoint interval, the data cache's folder), not what it computes. Everything else counts, the sweep's
 ``name`` included (it is the W&B group, and the W&B run id is the identity, which W&B wants unique
 in a project). So the same job always gets the same id, whatever launcher, machine or command line
 produced it; a config key added to the schema later changes every id (the runs are then new runs).
@@ -36,6 +36,7 @@ OPERATIONAL_KEYS = (
     "train.compile",
     "train.checkpoint_every",
     "train.keep_checkpoint",
+    "data.cache_dir",  # where tokenizers and token streams are cached, not what they hold (issue 14)
 )
 ID_LENGTH = 12
 RESOLVER = "run_id"

@@ -159,6 +159,8 @@ RULE_CASES = {
     "sequence_fits_corpus": (["data=synthetic", "data.synthetic_tokens=100", "train.seq_len=64"], "train.seq_len",
                              "fewer than one sequence of seq_len + 1 = 65; lower train.seq_len or use a larger corpus"),
     "device_is_present": (["train.device=cuda:7"], "train.device", "GPU"),
+    "hf_data_is_on_this_machine": (["data=hf", "data.path={tmp}/missing"], "data.path", "no such file or folder"),
+    "tokenizer_fits_data": (["data.tokenizer=bpe"], "data.tokenizer", "needs data=hf"),
 }
 
 
