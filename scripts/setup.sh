@@ -35,4 +35,7 @@ pip install --no-deps "x-transformers==2.31.10" "einops==0.8.2" "einx==0.4.3" "l
     "frozendict==2.5.1" "torch-einops-utils==0.2.0"
 # s12: the hyper-connections peer (pure Python; einops above is its only import the tests use)
 pip install --no-deps "hyper-connections==0.4.11"
+# data14 (issue 14): data=hf reads datasets offline and trains tokenizers; neither pulls torch
+# (checked with pip install --dry-run); the "data" extra in pyproject.toml lists the same pins
+pip install "datasets==5.2.0" "tokenizers==0.23.3"
 echo "set up in $VENV"
