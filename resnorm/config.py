@@ -523,7 +523,14 @@ def hf_data_is_on_this_machine(get: Callable[[str], Any]) -> None:
     the local cache), with the split(s) and the text column it names (read cheaply: resnorm.hf_source)."""
     if get("data.name") != "hf":
         return
+    import importlib.util
+
     from .hf_source import check_split_and_field, resolve
+
+    missing = [m for m in ("datasets", "tokenizers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError("data.name", "hf", f"needs the package(s) {', '.join(missing)}: pip install -e '.[data]' "
+                                             "(scripts/setup.sh installs them)")
 
     source = resolve(get("data.path"), get("data.hub_id"), get("data.hub_config"))
     check_split_and_field(source, get("data.split"), "data.split", get("data.text_field"))
