@@ -235,3 +235,13 @@ def with_data_vocab(cfg, data):
     out.model.vocab_size = data.vocab_size
     return out
 
+
+def model_config(cfg, data, job):
+    """:func:`with_data_vocab` for a job: when the model's vocabulary follows the tokenizer, the job's
+    identity stays that of the config as given (``job.run_id`` is fixed from it if unset)."""
+    built = with_data_vocab(cfg, data)
+    if built is not cfg and getattr(job, "run_id", "") is None:
+        from .identity import run_id
+
+        job.run_id = run_id(cfg)
+    return built

@@ -189,7 +189,7 @@ def fit(cfg, job, callbacks: Optional[Callable] = None, rank: int = 0, world: in
 def setup(cfg, job, rank: int, world: int, slots) -> Run:
     """Threads, device (and the DDP process group), seed, data, model, optimizer, sampler, probes."""
     from .data import BatchSampler, fixed_batches, load_data, tokens_per_byte
-    from .hf_data import with_data_vocab
+    from .hf_data import model_config
     from .model import build_model
     from .probes import GradNormProbe
     from .tokenizer import write_run_tokenizer
@@ -202,7 +202,7 @@ def setup(cfg, job, rank: int, world: int, slots) -> Run:
         devices.init_process_group(rank, world, device)
     torch.manual_seed(cfg.seed)
     data = load_data(cfg.data, cfg.train.seq_len, cfg.seed)
-    cfg = with_data_vocab(cfg, data)  # model.vocab_size follows a trained or loaded tokenizer
+    cfg = model_config(cfg, data, job)  # model.vocab_size follows a trained or loaded tokenizer
     model = build_model(cfg).to(device)
     optimizer = make_optimizer(model, cfg.optim)
     # every process draws the same global batch and trains on its slice of it

@@ -279,6 +279,7 @@ def test_cli_trains_a_bpe_run_and_writes_its_tokenizer(corpus, tmp_path):
     assert summary["config"]["model"]["vocab_size"] == vocab and 257 <= vocab <= 300
     tpb = summary["val_tokens_per_byte"]
     assert 0 < tpb < 1 and summary["final_val_bpb"] == pytest.approx(summary["final_val_loss"] / math.log(2) * tpb)
+    assert summary["run_id"] == run_dir.name  # the identity of the config as given (model.vocab_size=256)
     tok = load_run_tokenizer(run_dir, summary["config"])
     cached = load_data(hf(corpus[1]["saved"], tmp_path, "data.tokenizer=bpe", "data.vocab_size=300").data, 16)
     assert tok.vocab_size == vocab and tok.encode(DOCS[0]) == cached.tokenizer.encode(DOCS[0])
