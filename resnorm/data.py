@@ -45,8 +45,16 @@ class TokenData:
     tokenizer: Any = None
     #: data=hf: UTF-8 bytes per token id (None: one byte per token), for bits per byte
     token_bytes: Optional[torch.Tensor] = None
-    #: target tokens per UTF-8 byte of the validation batches (set by resnorm.loop.setup; 1 for bytes)
-    val_tokens_per_byte: float = 1.0
+    #: target tokens per UTF-8 byte of the validation batches (set by resnorm.loop.setup; 1 for bytes);
+    #: None where the tokens are not text (synthetic): no bits per byte
+    val_tokens_per_byte: Optional[float] = 1.0
+    #: what the tokens are when ``tokenizer`` is None: bytes, or synthetic symbols
+    token_kind: str = "bytes"
+
+    @property
+    def tokenizer_name(self) -> str:
+        """The summary's ``tokenizer``: bytes, synthetic, or the tokenizer's name (bpe-<hash>, file-<hash>)."""
+        return self.tokenizer.name if self.tokenizer is not None else self.token_kind
 
 
 def unigram_entropy(stream: torch.Tensor) -> float:
@@ -144,6 +152,7 @@ def load_synthetic(cfg, seq_len: int, seed: int = 0) -> TokenData:
     stream = synthetic_stream(cfg.synthetic_tokens, cfg.synthetic_vocab, seq_len, seed)
     data = _split(stream, cfg.val_fraction, f"synthetic (vocab {cfg.synthetic_vocab}, seed {seed})", seq_len + 1)
     data.entropy_rate = synthetic_entropy_rate(cfg.synthetic_vocab, seq_len, seed)
+    data.token_kind, data.val_tokens_per_byte = "synthetic", None  # symbols, not text: no bits per byte
     return data
 
 
@@ -203,9 +212,12 @@ def fixed_batches(stream: torch.Tensor, n_batches: int, batch_size: int, seq_len
     return out
 
 
-def tokens_per_byte(batches: List[Tuple[torch.Tensor, torch.Tensor]], token_bytes: Optional[torch.Tensor]) -> float:
-    """Target tokens per UTF-8 byte over the validation batches (1.0 for bytes): bits per byte is the
-    validation loss / ln 2 times this (resnorm.tokenizer.bits_per_byte)."""
+def tokens_per_byte(batches: List[Tuple[torch.Tensor, torch.Tensor]], data: TokenData) -> Optional[float]:
+    """Target tokens per UTF-8 byte over the validation batches (1.0 for bytes, None for synthetic
+    symbols): bits per byte is the validation loss / ln 2 times this (resnorm.tokenizer.bits_per_byte)."""
+    token_bytes = data.token_bytes
+    if data.val_tokens_per_byte is None:
+        return None
     if token_bytes is None:
         return 1.0
     n_tokens = sum(y.numel() for _, y in batches)

@@ -208,7 +208,7 @@ def setup(cfg, job, rank: int, world: int, slots) -> Run:
     # every process draws the same global batch and trains on its slice of it
     sampler = BatchSampler(data.train, cfg.train.batch_size, cfg.train.seq_len, seed=cfg.seed)
     val = fixed_batches(data.val, cfg.train.eval_batches, cfg.train.batch_size, cfg.train.seq_len)
-    data.val_tokens_per_byte = tokens_per_byte(val, data.token_bytes)  # bits per byte (finish)
+    data.val_tokens_per_byte = tokens_per_byte(val, data)  # bits per byte (finish)
     if rank == 0 and data.tokenizer is not None:
         write_run_tokenizer(job.run_dir, data.tokenizer)  # <run folder>/tokenizer.json (fine-tuning reads it)
     grad_probe = GradNormProbe(model, per_layer=cfg.train.probes, log_every=cfg.train.log_every)

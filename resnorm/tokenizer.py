@@ -79,15 +79,17 @@ class TextTokenizer:
         return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
     def token_bytes(self) -> np.ndarray:
-        """UTF-8 bytes per id: a byte-level token's symbols are one byte each; a special token has none."""
-        special = {t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special}
+        """UTF-8 bytes per id: a byte-level token's symbols are one byte each; a special token has none;
+        an added token its text's bytes; any other token the bytes of the id decoded alone."""
+        added = self.tokenizer.get_added_tokens_decoder()
         byte_level = '"ByteLevel"' in json.dumps(json.loads(self.to_json()).get("pre_tokenizer"))
         out = np.zeros(self.vocab_size, dtype=np.int64)
         for i in range(self.vocab_size):
             tok = self.tokenizer.id_to_token(i)
-            if tok is None or tok in special:
-                continue
-            out[i] = len(tok) if byte_level else len(self.tokenizer.decode([i]).encode("utf-8"))
+            if i in added:
+                out[i] = 0 if added[i].special else len(added[i].content.encode("utf-8"))
+            elif tok is not None:
+                out[i] = len(tok) if byte_level else len(self.tokenizer.decode([i]).encode("utf-8"))
         return out
 
     def to_json(self) -> str:

@@ -139,8 +139,11 @@ def test_bits_per_byte_by_hand(corpus, tmp_path):
     assert sum(nbytes[i] for i in data.val.tolist()) == len(bytes(tok.decode(data.val.tolist()), "utf-8"))
     batches = fixed_batches(data.val, 2, 4, 16)
     by_hand = 2 * 4 * 16 / sum(nbytes[i] for _, y in batches for i in y.reshape(-1).tolist())
-    assert tokens_per_byte(batches, data.token_bytes) == pytest.approx(by_hand, rel=1e-12)
-    assert tokens_per_byte(batches, None) == 1.0
+    assert tokens_per_byte(batches, data) == pytest.approx(by_hand, rel=1e-12)
+    data.token_bytes = None  # bytes: one token per byte
+    assert tokens_per_byte(batches, data) == 1.0
+    data.val_tokens_per_byte = None  # synthetic symbols: no bytes at all
+    assert tokens_per_byte(batches, data) is None
 
 
 def _train(cfg, tmp_path):
@@ -266,6 +269,30 @@ def test_cache_entry_is_built_atomically(tmp_path):
     assert json.loads((folder / "meta.json").read_text()) == {"ok": 1}
 
 
+def test_a_locked_entry_waits_for_the_builder_and_is_not_built_twice(tmp_path):
+    import threading
+
+    from resnorm.token_cache import entry, lock, write_meta
+
+    built = []
+
+    def build(tmp):
+        built.append(threading.current_thread().name)
+        write_meta(tmp, {"by": built[-1]})
+
+    with lock(tmp_path, "k"):  # another job is building the entry
+        waiter = threading.Thread(target=entry, args=(tmp_path, "tokens", "k", build), name="waiter")
+        waiter.start()
+        waiter.join(0.5)
+        assert waiter.is_alive() and built == []  # it waits for the lock
+        folder = tmp_path / "tokens" / "k"
+        folder.mkdir(parents=True)
+        write_meta(folder, {"by": "the other job"})
+    waiter.join(10)
+    assert not waiter.is_alive() and built == []  # it found the entry the other job built
+    assert json.loads((folder / "meta.json").read_text()) == {"by": "the other job"}
+
+
 def test_cli_trains_a_bpe_run_and_writes_its_tokenizer(corpus, tmp_path):
     tiny = [o for o in TINY if not o.startswith("data") and not o.startswith("train.steps")]
     proc = run_cli("data=hf", f"data.path={corpus[1]['saved']}", "data.tokenizer=bpe", "data.vocab_size=300",
@@ -291,3 +318,30 @@ def test_cli_bad_path_is_one_line_and_exit_2(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"config error: data.path='{tmp_path / 'nope'}' is invalid: no such file or folder (data=hf reads a "
         "save_to_disk folder, or parquet, JSON lines or text files)"]
+
+
+@pytest.mark.slow
+def test_two_jobs_starting_together_build_each_cache_entry_once(corpus, tmp_path):
+    """Two processes load the same data=hf bpe config into an empty cache at the same time (the jobs
+    of a sweep): both get the same tokenizer and streams, and the cache holds one entry of each."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = ("import hashlib, sys; from resnorm.config import compose; from resnorm.data import load_data; "
+              "d = load_data(compose(sys.argv[1:]).data, 16); "
+              "print(d.tokenizer.name, hashlib.sha256(d.train.numpy().tobytes() + d.val.numpy().tobytes()).hexdigest())")
+    args = ["data=hf", f"data.path={corpus[1]['saved']}", "data.tokenizer=bpe", "data.vocab_size=300",
+            f"data.cache_dir={tmp_path / 'cache'}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    lines = [out.strip() for out, _ in outs]
+    assert lines[0] == lines[1] and lines[0].startswith("bpe-")
+    cache = tmp_path / "cache"
+    assert len(list(cache.glob("tokenizers/*/meta.json"))) == 1 and len(list(cache.glob("tokens/*/meta.json"))) == 1
+    assert not list(cache.glob("*/.*.tmp"))

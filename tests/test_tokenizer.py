@@ -53,17 +53,26 @@ def test_a_sweep_that_mixes_tokenizers_is_compared_in_bits_per_byte(tmp_path):
     from analysis.plots import depth_vs_val_loss, loss_curves
 
     sweep = tmp_path / "mixed"
+    def edit(run_dir, **changes):
+        summary = json.loads((run_dir / "summary.json").read_text())
+        summary.update(changes)
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+
     old = write_run(sweep, variant="pre", depth=2, losses=losses_for(2.0), final_val=2.1, best_val=2.0)
     bpe = write_run(sweep, variant="pre", depth=4, losses=losses_for(4.0), final_val=4.2, best_val=4.1)
-    summary = json.loads((bpe / "summary.json").read_text())
-    summary.update(tokenizer="bpe-0123456789ab", val_tokens_per_byte=0.3,
-                   final_val_bpb=bits_per_byte(4.2, 0.3), best_val_bpb=bits_per_byte(4.1, 0.3))
-    (bpe / "summary.json").write_text(json.dumps(summary))
+    symbols = write_run(sweep, variant="post", depth=2, losses=losses_for(3.0), final_val=3.1, best_val=3.0)
+    config = json.loads((old / "summary.json").read_text())["config"]
+    edit(old, config={**config, "data": {"name": "shakespeare"}})  # an older summary of a byte run
+    edit(bpe, tokenizer="bpe-0123456789ab", val_tokens_per_byte=0.3,
+         final_val_bpb=bits_per_byte(4.2, 0.3), best_val_bpb=bits_per_byte(4.1, 0.3))
     runs = load_sweep(sweep).runs.set_index("run_name")
-    a, b = runs.loc[old.name], runs.loc[bpe.name]
-    assert a["tokenizer"] == "bytes" and a["final_val_bpb"] == pytest.approx(2.1 / math.log(2))  # an older summary
+    a, b, c = runs.loc[old.name], runs.loc[bpe.name], runs.loc[symbols.name]
+    assert a["tokenizer"] == "bytes" and a["final_val_bpb"] == pytest.approx(2.1 / math.log(2))
+    assert a["best_val_bpb"] == pytest.approx(2.0 / math.log(2))
     assert b["final_val_bpb"] == pytest.approx(4.2 / math.log(2) * 0.3)
+    assert c["tokenizer"] == "synthetic" and math.isnan(c["final_val_bpb"])  # symbols: no bits per byte
     assert loss_column(runs) == "final_val_bpb"
+    assert loss_column(runs[runs["tokenizer"] != "bpe-0123456789ab"]) == "final_val_loss"  # bytes and symbols
     assert loss_column(runs[runs["tokenizer"] == "bytes"]) == "final_val_loss"
     loaded = load_sweep(sweep)
     assert depth_vs_val_loss(loaded, tmp_path / "d.png").is_file()
