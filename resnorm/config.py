@@ -549,8 +549,8 @@ def tokenizer_fits_data(get: Callable[[str], Any]) -> None:
     if kind == "bytes":
         return
     if name != "hf":
-        raise ConfigError("data.tokenizer", kind, f"data={name} is bytes: a {kind} tokenizer needs data=hf "
-                                                  "(a text file: data=hf data.path=FILE)")
+        raise ConfigError("data.tokenizer", kind, f"data={name} has its own tokens: a {kind} tokenizer needs "
+                                                  "data=hf (a text file: data=hf data.path=FILE)")
     if kind == "bpe":
         size, source = get("data.vocab_size"), "data.vocab_size"
         if size < MIN_BPE_VOCAB:
