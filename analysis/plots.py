@@ -334,7 +334,7 @@ def depth_vs_val_loss(sweep, path) -> Optional[Path]:
         handles.append(Line2D([], [], ls="none", marker="s", ms=8, mew=2, mfc="none",
                               color=style.NEUTRAL, label="failed"))
     _legend(fig, handles)
-    fig.suptitle(f"{sweep.name}: final validation loss vs depth")
+    fig.suptitle(f"{sweep.name}: final validation {'loss' if y == 'final_val_loss' else 'bits per byte'} vs depth")
     return _save(fig, path)
 
 
