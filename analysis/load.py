@@ -57,10 +57,11 @@ SUMMARY_FIELDS = (
     "status", "diverged_step", "diverge_reason", "diverge_kind", "initial_loss", "final_train_loss",
     "final_val_loss", "best_val_loss", "unigram_loss", "entropy_rate", "stall_margin", "spike_count",
     "tokens_per_s", "wall_s", "steps_done", "n_params", "mfu", "peak_memory_bytes", "torch_version",
-    "git_commit", "run_name", "overrides",
+    "git_commit", "run_name", "overrides", "tokenizer", "val_tokens_per_byte", "final_val_bpb", "best_val_bpb",
 )
 FLOAT_COLUMNS = ("initial_loss", "final_train_loss", "final_val_loss", "best_val_loss", "unigram_loss",
-                 "entropy_rate", "stall_margin", "tokens_per_s", "wall_s", "mfu", "lr")
+                 "entropy_rate", "stall_margin", "tokens_per_s", "wall_s", "mfu", "lr", "val_tokens_per_byte",
+                 "final_val_bpb", "best_val_bpb")
 INT_COLUMNS = ("diverged_step", "steps_done", "n_params", "spike_count", "peak_memory_bytes", "depth", "seed")
 #: ``train.stall_margin``'s default, for summaries and configs that do not record it
 DEFAULT_STALL_MARGIN = 0.1
@@ -366,7 +367,9 @@ def load_sweep(path) -> Sweep:
     if not loaded:
         raise ValueError(f"no run in {root}: no folder under it holds a readable summary.json")
 
-    runs = _coerce(pd.DataFrame([r.info for r in loaded]))
+    from .metrics import with_bits_per_byte
+
+    runs = with_bits_per_byte(_coerce(pd.DataFrame([r.info for r in loaded])))
     axes = sweep_axes(runs["overrides"])
     runs["setting"] = _settings(runs, axes)
     steps = _concat([r.steps for r in loaded])

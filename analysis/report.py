@@ -55,7 +55,7 @@ _MD_COLUMNS = (
     ("short_name", "run"), ("variant", "variant"), ("depth", "depth"), ("seed", "seed"), ("lr", "lr"),
     ("status", "status"), ("outcome", "outcome"), ("diverged_step", "diverged at"), ("final_train_loss", "final train"),
     ("final_val_loss", "final val"), ("best_val_loss", "best val"), ("unigram_loss", "unigram"),
-    ("loss_spikes", "spikes"),
+    ("final_val_bpb", "val bits/byte"), ("loss_spikes", "spikes"),
     ("tokens_per_s", "tokens/s"),
 )
 

@@ -123,8 +123,9 @@ def admin_modes() -> Tuple[str, ...]:
 # resnorm.initialization.INIT_SCHEMES, resnorm.model.ACTIVATIONS, resnorm.data.DATASETS.
 INIT_SCHEMES = ("xavier", "gpt2")
 ACTIVATIONS = ("gelu", "relu")
-DATASETS = ("shakespeare", "text", "synthetic")
+DATASETS = ("shakespeare", "text", "synthetic", "hf")
 QK_NORM_AXES = ("head", "flat")
+TOKENIZERS = ("bytes", "bpe", "file")  # data.tokenizer (resnorm.tokenizer)
 QK_NORM_KINDS = ("layernorm", "rmsnorm")  # resnorm.model.QK_NORMS (tests/test_model_options.py)
 # --- recipe14 (issue 14) ---
 OPTIMIZERS = ("adamw", "sgd", "muon")  # resnorm.optimizers.OPTIMIZERS (tests/test_recipe.py)
@@ -202,10 +203,26 @@ class DataConfig:
     """What the model trains on (the ``data`` group chooses ``name``)."""
 
     name: str = key("shakespeare", "the dataset (resnorm.data.DATASETS)", choices=DATASETS)
-    path: Optional[str] = key(None, "the text file of data=text")
+    path: Optional[str] = key(None, "data=text: the text file; data=hf: a save_to_disk folder, or parquet / JSON "
+                                    "lines / text files (a file, a folder of them or a glob)")
     val_fraction: float = key(0.1, "held-out tail of the token stream", range=interval("(0, 1)"))
     synthetic_tokens: int = key(200_000, "length of the synthetic stream", range=POSITIVE)
     synthetic_vocab: int = key(64, "symbols the synthetic stream uses (<= model.vocab_size)", range=interval("[2, inf)"))
+    # --- data14 (issue 14) ---
+    hub_id: Optional[str] = key(None, "data=hf: a Hugging Face Hub dataset id read from the local cache (instead of "
+                                      "data.path); nothing is downloaded")
+    hub_config: Optional[str] = key(None, "data=hf with data.hub_id: the dataset's configuration name, if it has several")
+    split: str = key("train", "data=hf: the split trained on")
+    val_split: Optional[str] = key(None, "data=hf: the validation split; null: the last data.val_fraction of the "
+                                         "training split's bytes")
+    text_field: str = key("text", "data=hf: the column holding the text")
+    tokenizer: str = key("bytes", "data=hf: bytes (vocab 256) | bpe (a byte-level BPE trained on the training split, "
+                                  "data.vocab_size tokens) | file (data.tokenizer_path)", choices=TOKENIZERS)
+    vocab_size: int = key(512, "data.tokenizer=bpe: the tokens it trains (model.vocab_size follows)", range=POSITIVE)
+    tokenizer_path: Optional[str] = key(None, "data.tokenizer=file: a saved tokenizer.json (the tokenizers format)")
+    cache_dir: Optional[str] = key(None, "trained tokenizers and tokenized streams; null: $RESNORM_CACHE, else "
+                                         "~/.cache/resnorm")
+    # --- end data14 ---
 
 
 @dataclass
@@ -520,20 +537,77 @@ def devices_divide_batch(get: Callable[[str], Any]) -> None:
                           f"must divide train.batch_size={get('train.batch_size')} (the global batch)")
 
 
-#: the data sets whose tokens are bytes (ids 0-255)
+#: the data sets whose tokens are bytes (ids 0-255); data=hf too with data.tokenizer=bytes
 BYTE_DATASETS = ("shakespeare", "text")
 
 
 def byte_data_needs_byte_vocab(get: Callable[[str], Any]) -> None:
-    """Byte data (shakespeare, text) has token ids up to 255: the vocabulary must hold them."""
+    """Byte data (shakespeare, text; hf with bytes) has token ids up to 255: the vocabulary must hold them."""
     name, size = get("data.name"), get("model.vocab_size")
-    if name in BYTE_DATASETS and size < 256:
+    byte_hf = name == "hf" and get("data.tokenizer") == "bytes"
+    if (name in BYTE_DATASETS or byte_hf) and size < 256:
         raise ConfigError("model.vocab_size", size, f"data={name} is bytes (token ids 0-255): must be >= 256")
+
+
+# --- data14 (issue 14) rules ---
+def hf_data_is_on_this_machine(get: Callable[[str], Any]) -> None:
+    """data=hf reads exactly one of data.path (existing files of a known format) and data.hub_id (in
+    the local cache), with the split(s) and the text column it names (read cheaply: resnorm.hf_source)."""
+    if get("data.name") != "hf":
+        return
+    import importlib.util
+
+    from .hf_source import check_split_and_field, resolve
+
+    missing = [m for m in ("datasets", "tokenizers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError("data.name", "hf", f"needs the package(s) {', '.join(missing)}: pip install -e '.[data]' "
+                                             "(scripts/setup.sh installs them)")
+
+    source = resolve(get("data.path"), get("data.hub_id"), get("data.hub_config"))
+    check_split_and_field(source, get("data.split"), "data.split", get("data.text_field"))
+    if get("data.val_split"):
+        check_split_and_field(source, get("data.val_split"), "data.val_split", get("data.text_field"))
+
+
+def tokenizer_fits_data(get: Callable[[str], Any]) -> None:
+    """A non-byte tokenizer needs data=hf; bpe needs the 256 bytes and its special tokens; file needs
+    data.tokenizer_path (read only then); the model's vocabulary holds the tokenizer's (or follows it)."""
+    from .tokenizer import MIN_BPE_VOCAB, file_vocab_size
+
+    kind, name, path = get("data.tokenizer"), get("data.name"), get("data.tokenizer_path")
+    if path and kind != "file":
+        raise ConfigError("data.tokenizer_path", path, f"read only with data.tokenizer=file (data.tokenizer={kind})")
+    if kind == "bytes":
+        return
+    if name != "hf":
+        raise ConfigError("data.tokenizer", kind, f"data={name} has its own tokens: a {kind} tokenizer needs "
+                                                  "data=hf (a text file: data=hf data.path=FILE)")
+    if kind == "bpe":
+        size, source = get("data.vocab_size"), "data.vocab_size"
+        if size < MIN_BPE_VOCAB:
+            raise ConfigError("data.vocab_size", size, f"a byte-level BPE needs >= {MIN_BPE_VOCAB} (256 bytes + "
+                                                       f"{MIN_BPE_VOCAB - 256} special token)")
+    else:
+        if not path:
+            raise ConfigError("data.tokenizer_path", path, "data.tokenizer=file needs data.tokenizer_path=FILE "
+                                                           "(a saved tokenizer.json)")
+        try:
+            size, source = file_vocab_size(path), f"data.tokenizer_path={path}"
+        except (OSError, ValueError) as exc:
+            raise ConfigError("data.tokenizer_path", path, f"not a readable tokenizer.json ({exc})") from None
+    model, default = get("model.vocab_size"), leaf("model.vocab_size").default
+    if model != default and model < size:
+        raise ConfigError("model.vocab_size", model, f"must be >= {size} (the tokens of {source}), or left at "
+                                                     f"{default} to follow the tokenizer")
+# --- end data14 rules ---
 
 
 def corpus_tokens(get: Callable[[str], Any]) -> Tuple[Optional[int], str]:
     """(tokens in the data set, its name), read without loading it (None: unknown here)."""
     name = get("data.name")
+    if name == "hf":  # known once tokenized (resnorm.hf_data checks both splits then)
+        return None, name
     if name == "synthetic":
         return get("data.synthetic_tokens"), f"data=synthetic (data.synthetic_tokens={get('data.synthetic_tokens')})"
     if name == "text":
@@ -613,8 +687,8 @@ def tensorboard_is_installed(get: Callable[[str], Any]) -> None:
 #: the checks that involve more than one key, run in this order after every leaf passed
 RULES: Tuple[Callable[[Callable[[str], Any]], None], ...] = (
     heads_divide_width, norm_layer_needs_norms, text_data_needs_a_file, synthetic_vocab_fits_vocab,
-    byte_data_needs_byte_vocab, sequence_fits_corpus, devices_divide_batch, grad_accum_splits_batch,
-    sgd_nesterov_needs_momentum)
+    byte_data_needs_byte_vocab, hf_data_is_on_this_machine, tokenizer_fits_data, sequence_fits_corpus,
+    devices_divide_batch, grad_accum_splits_batch, sgd_nesterov_needs_momentum)
 #: the checks that hold only on the machine the job trains on (skipped where jobs run elsewhere: SLURM, Ray)
 HOST_RULES: Tuple[Callable[[Callable[[str], Any]], None], ...] = (device_is_present, tensorboard_is_installed)
 

@@ -3,11 +3,11 @@
 The identity (``run_id``) is the first 12 hex digits of the SHA-256 of the job's resolved config as
 canonical JSON, without the keys in :data:`OPERATIONAL_KEYS`: those say where, how fast or how
 verbosely a job runs (W&B and TensorBoard settings, progress bar, threads, device, number of DDP
-processes, micro-batches per step, ``torch.compile``, checkpoint interval), not what it computes.
-Everything else counts, the sweep's ``name`` included (it is the W&B group, and the W&B run id is
-the identity, which W&B wants unique in a project). So the same job always gets the same id,
-whatever launcher, machine or command line produced it; a config key added to the schema later
-changes every id (the runs are then new runs).
+processes, micro-batches per step, ``torch.compile``, checkpoint interval, the data cache's folder),
+not what it computes. Everything else counts, the sweep's ``name`` included (it is the W&B group, and
+the W&B run id is the identity, which W&B wants unique in a project). So the same job always gets the
+same id, whatever launcher, machine or command line produced it; a config key added to the schema
+later changes every id (the runs are then new runs).
 
 In a multirun the job folder is ``multirun/<name>/<run_id>/`` (``hydra.sweep.subdir: ${run_id:}``
 in ``conf/config.yaml``): re-running a sweep finds every job where it left it. The readable name
@@ -38,6 +38,7 @@ OPERATIONAL_KEYS = (
     "train.compile",
     "train.checkpoint_every",
     "train.keep_checkpoint",
+    "data.cache_dir",  # where tokenizers and token streams are cached, not what they hold (issue 14)
 )
 ID_LENGTH = 12
 RESOLVER = "run_id"

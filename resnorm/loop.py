@@ -42,6 +42,7 @@ from .optimizers import make_optimizer  # noqa: F401  # resnorm.loop.make_optimi
 from .precision import autocast as precision_autocast, make_scaler, scale_tensor, scaler_overflow
 from .runfolder import classify_outcome
 from .spikes import SpikeTracker
+from .tokenizer import bits_per_byte
 
 FINAL_LOSS_WINDOW = 10  # final_train_loss is the mean of the last 10 steps' finite losses
 
@@ -198,9 +199,11 @@ def fit(cfg, job, callbacks: Optional[Callable] = None, rank: int = 0, world: in
 
 def setup(cfg, job, rank: int, world: int, slots) -> Run:
     """Threads, device (and the DDP process group), seed, data, model, optimizer, sampler, probes."""
-    from .data import BatchSampler, fixed_batches, load_data
+    from .data import BatchSampler, fixed_batches, load_data, tokens_per_byte
+    from .hf_data import model_config
     from .model import build_model
     from .probes import GradNormProbe
+    from .tokenizer import write_run_tokenizer
 
     wall0 = time.perf_counter()
     threads = devices.job_threads(cfg.train.threads, world)
@@ -210,11 +213,15 @@ def setup(cfg, job, rank: int, world: int, slots) -> Run:
         devices.init_process_group(rank, world, device)
     torch.manual_seed(cfg.seed)
     data = load_data(cfg.data, cfg.train.seq_len, cfg.seed)
+    cfg = model_config(cfg, data, job)  # model.vocab_size follows a trained or loaded tokenizer
     model = build_model(cfg).to(device)
     optimizer = make_optimizer(model, cfg.optim)
     # every process draws the same global batch and trains on its slice of it
     sampler = BatchSampler(data.train, cfg.train.batch_size, cfg.train.seq_len, seed=cfg.seed)
     val = fixed_batches(data.val, cfg.train.eval_batches, cfg.train.batch_size, cfg.train.seq_len)
+    data.val_tokens_per_byte = tokens_per_byte(val, data)  # bits per byte (finish)
+    if rank == 0 and data.tokenizer is not None:
+        write_run_tokenizer(job.run_dir, data.tokenizer)  # <run folder>/tokenizer.json (fine-tuning reads it)
     grad_probe = GradNormProbe(model, per_layer=cfg.train.probes, log_every=cfg.train.log_every)
     step_model = devices.data_parallel(model, device) if world > 1 else model.loss
     loss_fn = torch.compile(step_model) if cfg.train.compile else step_model
@@ -361,6 +368,9 @@ def finish(run: Run) -> Dict[str, Any]:
 
         run.summary.update(cost_summary(run.model.shape, run.summary["tokens_per_s"], run.device,
                                         run.cfg.train.precision, run.world))
+    tpb = run.data.val_tokens_per_byte
+    run.summary.update(final_val_bpb=bits_per_byte(run.summary["final_val_loss"], tpb),
+                       best_val_bpb=bits_per_byte(run.summary["best_val_loss"], tpb))
     run.summary["outcome"] = classify_outcome(s.status, s.diverge_kind, run.summary["final_val_loss"],
                                               run.data.unigram_loss, run.cfg.train.stall_margin)
     return run.summary

@@ -39,4 +39,7 @@ pip install --no-deps "hyper-connections==0.4.11"
 # the events back; `pip install --dry-run tensorboard==2.21.0` installs no torch (absl-py, grpcio,
 # markdown, tensorboard-data-server, werkzeug; numpy and protobuf are already there)
 pip install "tensorboard==2.21.0"
+# data14 (issue 14): data=hf reads datasets offline and trains tokenizers; neither pulls torch
+# (checked with pip install --dry-run); the "data" extra in pyproject.toml lists the same pins
+pip install "datasets==5.2.0" "tokenizers==0.23.3"
 echo "set up in $VENV"

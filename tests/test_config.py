@@ -170,6 +170,8 @@ RULE_CASES = {
     "tensorboard_is_installed": (["logger.tensorboard=true"], "logger.tensorboard", "needs the package tensorboard",
                                  ("tensorboard",)),
     # --- end recipe14 ---
+    "hf_data_is_on_this_machine": (["data=hf", "data.path={tmp}/missing"], "data.path", "no such file or folder"),
+    "tokenizer_fits_data": (["data.tokenizer=bpe"], "data.tokenizer", "needs data=hf"),
 }
 
 
