@@ -159,6 +159,8 @@ RULE_CASES = {
     "sequence_fits_corpus": (["data=synthetic", "data.synthetic_tokens=100", "train.seq_len=64"], "train.seq_len",
                              "fewer than one sequence of seq_len + 1 = 65; lower train.seq_len or use a larger corpus"),
     "device_is_present": (["train.device=cuda:7"], "train.device", "GPU"),
+    "finetune_needs_a_run": (["finetune.task=play_genre", "finetune.init_from={tmp}"], "finetune.init_from",
+                             "has no checkpoint.pt: pre-train it with train.keep_checkpoint=true"),  # obj14
 }
 
 
