@@ -19,6 +19,21 @@ Split, by whole plays so no play is on both sides: within each genre, in file-na
 third play from the second on (:func:`held_out_plays`: 5 comedies, 3 histories, 4 tragedies) is
 held out. Character names carry over between plays of one history cycle (Henry IV, V, VI), so the
 held-out accuracy includes what names alone tell; the majority-class accuracy is reported beside it.
+
+``speaker_tags`` (tag): BIO-tag the speaker headings in a passage of a play (type ``SPEAKER``).
+The tags follow the texts' own typesetting rule, not a model: in these editions a speech opens with
+a line that holds only the speaker's name in capitals and a period, after an empty line
+(``FIRST WITCH.``); every such line (:data:`SPEAKER_LINE`) is a heading, except the section headings
+that look alike (first word ``ACT``, ``SCENE``, ``PROLOGUE``, ``EPILOGUE``, ``INDUCTION`` or ``THE``:
+tagged O, even where a prologue is then spoken). Its words are ``B-SPEAKER I-SPEAKER ...`` (the
+period stays on the last word, as the text has it); every other word is O. Plays set otherwise are
+left out, since the rule would mislabel them: the poems, and every play with fewer than
+:data:`MIN_HEADINGS` such lines (*Hamlet*, *King Lear* and *Romeo and Juliet* abbreviate their
+headings, ``Ber.``; *A Midsummer Night's Dream* drops the period). From each of the 33 kept plays
+(the 37 plays less those four), :data:`TAG_PASSAGES_PER_PLAY` passages of the first
+:data:`PASSAGE_WORDS` words from evenly spaced lines of its text from the first act heading on.
+Split by whole plays: in file-name order, every fifth kept play from the third on is held out
+(:func:`held_out_tag_plays`).
 """
 
 from __future__ import annotations
@@ -61,6 +76,13 @@ PASSAGES_PER_PLAY = 60
 PASSAGE_CHARS = 256
 HOLD_OUT_EVERY, HOLD_OUT_FIRST = 3, 1
 _PLAY_START = re.compile(r"^(ACT |Act |PROLOGUE|INDUCTION)", re.MULTILINE)
+#: a speaker heading: a line of capitals (spaces, apostrophes, '&', '-') ending in a period
+SPEAKER_LINE = re.compile(r"[A-Z][A-Z '&-]*[A-Z]\.")
+SECTION_WORDS = ("ACT", "SCENE", "PROLOGUE", "EPILOGUE", "INDUCTION", "THE")
+MIN_HEADINGS = 300
+TAG_PASSAGES_PER_PLAY, PASSAGE_WORDS = 40, 24
+POEMS = ("lovers_complaint_gut.txt", "passionate_pilgrim_gut.txt", "phoenix_and_the_turtle_gut.txt",
+         "rape_of_lucrece_gut.txt", "sonnets_gut.txt")
 
 
 def held_out_plays() -> List[str]:
@@ -96,13 +118,71 @@ def play_genre_rows() -> tuple:
     held = set(held_out_plays())
     rows = []
     for name in sorted(FOLIO_GENRE):
-        text = files[name].read_text(encoding="utf-8")
-        start = _PLAY_START.search(text)
-        if start is None:
-            raise DataError(f"play_genre: no act heading in {name}")
+        text = play_text(files[name].read_text(encoding="utf-8"), name)
         split = "test" if name in held else "train"
         rows += [dict(text=p, label=FOLIO_GENRE[name], split=split, play=name[:-len("_gut.txt")])
-                 for p in passages(text[start.start():])]
+                 for p in passages(text)]
+    return tuple(rows)
+
+
+def play_text(text: str, name: str) -> str:
+    """A play's text from its first act heading on (the title page and the persons dropped)."""
+    start = _PLAY_START.search(text)
+    if start is None:
+        raise DataError(f"built-in task: no act heading in {name}")
+    return text[start.start():]
+
+
+def tagged_lines(text: str) -> List[tuple]:
+    """(words, tags) of every line of ``text``: a speaker heading's words B-/I-SPEAKER, others O."""
+    out, previous = [], ""
+    for line in text.splitlines():
+        words = line.split()
+        heading = (not previous.strip() and SPEAKER_LINE.fullmatch(line.strip()) is not None
+                   and words[0].rstrip(".") not in SECTION_WORDS)
+        out.append((words, ["B-SPEAKER"] + ["I-SPEAKER"] * (len(words) - 1) if heading else ["O"] * len(words)))
+        previous = line
+    return out
+
+
+def _speaker_plays() -> Dict[str, str]:
+    """file name -> the play's text from its first act heading, for the plays that follow the rule."""
+    from .data import shakespeare_files
+
+    kept = {}
+    for f in shakespeare_files():
+        if f.name in POEMS:
+            continue
+        text = play_text(f.read_text(encoding="utf-8"), f.name)
+        if sum(tags[:1] == ["B-SPEAKER"] for _, tags in tagged_lines(text)) >= MIN_HEADINGS:
+            kept[f.name] = text
+    return kept
+
+
+def held_out_tag_plays(plays) -> List[str]:
+    """Every fifth play (file-name order) from the third on."""
+    return sorted(plays)[2::5]
+
+
+@lru_cache(maxsize=1)
+def speaker_tag_rows() -> tuple:
+    """The rows of ``speaker_tags``: tokens, tags, split, play (a tuple of dicts, cached)."""
+    plays = _speaker_plays()
+    held = set(held_out_tag_plays(plays))
+    rows = []
+    for name in sorted(plays):
+        lines = tagged_lines(plays[name])
+        last = len(lines) - 1
+        for i in range(TAG_PASSAGES_PER_PLAY):
+            at = round(i * last / (TAG_PASSAGES_PER_PLAY - 1))
+            tokens, tags = [], []
+            for words, line_tags in lines[at:]:
+                tokens, tags = tokens + words, tags + line_tags
+                if len(tokens) >= PASSAGE_WORDS:
+                    break
+            if tokens:
+                rows.append(dict(tokens=tokens[:PASSAGE_WORDS], tags=tags[:PASSAGE_WORDS],
+                                 split="test" if name in held else "train", play=name[:-len("_gut.txt")]))
     return tuple(rows)
 
 
@@ -120,4 +200,6 @@ class BuiltinTask:
 BUILTIN_TASKS: Dict[str, BuiltinTask] = {
     "play_genre": BuiltinTask("play_genre", "classify", "comedy / history / tragedy of a passage's play, as the "
                               "First Folio's catalogue files it; whole plays held out", play_genre_rows),
+    "speaker_tags": BuiltinTask("speaker_tags", "tag", "BIO tags of the speaker headings in a passage, by the "
+                                "texts' typesetting rule; whole plays held out", speaker_tag_rows),
 }

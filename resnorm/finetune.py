@@ -54,8 +54,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p = _Parser(prog="python -m resnorm.finetune",
                                 description="Fine-tune every finished run (with train.keep_checkpoint=true) on a task.")
     p.add_argument("path", metavar="SWEEP_OR_RUN_DIR", help="a sweep folder (multirun/<name>) or one run folder")
-    p.add_argument("--task", required=True, help="a built-in task (play_genre) or a CSV / JSON lines file or HF "
-                                                 "dataset folder with columns text,label or tokens,tags")
+    p.add_argument("--task", required=True, help="a built-in task (play_genre, speaker_tags) or a CSV / JSON "
+                                                 "lines file or HF dataset folder with columns text,label or tokens,tags")
     p.add_argument("--steps", type=_positive(int), default=DEFAULTS["steps"], help="fine-tuning steps (default 200)")
     p.add_argument("--lr", type=_positive(float), default=DEFAULTS["lr"], help="peak learning rate (default 3e-4)")
     p.add_argument("--batch", type=_positive(int), default=DEFAULTS["batch"], help="examples per step (default 16)")
@@ -186,9 +186,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ready = [(d, s) for d, s in runs if why_not(d, s) is None]
     if not ready:
         d, s = runs[0]
-        print(f"error: {d if len(runs) == 1 else args.path}: "
-              f"{why_not(d, s) if len(runs) == 1 else f'none of its {len(runs)} runs can be fine-tuned (first: {why_not(d, s)})'}",
-              file=sys.stderr)
+        why = why_not(d, s) if len(runs) == 1 else \
+            f"none of its {len(runs)} runs can be fine-tuned (the first: {why_not(d, s)})"
+        print(f"error: {d if len(runs) == 1 else args.path}: {why}", file=sys.stderr)
         return 2
     for d, s in runs:
         if why_not(d, s) is not None:

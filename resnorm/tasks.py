@@ -115,7 +115,8 @@ def kind_of(rows: Sequence[dict], source: str) -> str:
         if set(need) <= columns:
             missing = [i for i, r in enumerate(rows) if not set(need) <= set(r)]
             if missing:
-                raise DataError(f"{source}: row {missing[0]} lacks column(s) {', '.join(c for c in need if c not in rows[missing[0]])}")
+                lacks = ", ".join(c for c in need if c not in rows[missing[0]])
+                raise DataError(f"{source}: row {missing[0]} lacks column(s) {lacks} (needed by a {kind} task)")
             return kind
     raise DataError(f"{source}: columns {', '.join(sorted(map(str, columns)))}: a classification task needs "
                     "text and label, a tagging task tokens and tags (BIO)")

@@ -118,7 +118,7 @@ def test_bad_task_files_are_one_line_errors(tmp_path, capsys, content, suffix, m
 def test_an_unknown_task_and_bad_flags(tmp_path, capsys):
     assert main([str(tmp_path), "--task", "no_such_task"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "not a built-in task (play_genre) nor an existing file" in err
+    assert err.count("\n") == 1 and "not a built-in task (play_genre, speaker_tags) nor an existing file" in err
     with pytest.raises(SystemExit) as exit_:
         main([str(tmp_path), "--task", "play_genre", "--steps", "0"])
     err = capsys.readouterr().err
@@ -161,6 +161,23 @@ def test_play_genre_is_the_first_folio_catalogue_with_whole_plays_held_out():
     assert not held & trained and len(held) == len(held_out_plays()) == 12
     assert {r["label"] for r in rows if r["split"] == "test"} == {"comedy", "history", "tragedy"}
     assert not any("by William Shakespeare" in r["text"] for r in rows)  # the title pages are dropped
+
+
+def test_speaker_tags_follow_the_heading_rule_with_whole_plays_held_out():
+    from resnorm.builtin_tasks import speaker_tag_rows, tagged_lines
+
+    assert tagged_lines("x\n\nFIRST WITCH.\nWhen shall we meet?\n\nACT II.\n[Enter MACBETH.]\nMACBETH.") == [
+        (["x"], ["O"]), ([], []), (["FIRST", "WITCH."], ["B-SPEAKER", "I-SPEAKER"]),
+        (["When", "shall", "we", "meet?"], ["O"] * 4), ([], []), (["ACT", "II."], ["O", "O"]),
+        (["[Enter", "MACBETH.]"], ["O", "O"]), (["MACBETH."], ["O"])]  # a heading follows an empty line
+    rows = speaker_tag_rows()
+    plays = {r["play"] for r in rows}
+    assert len(plays) == 33 and not {"hamlet", "lear", "romeo_and_juliet", "midsummer_nights_dream"} & plays
+    held = {r["play"] for r in rows if r["split"] == "test"}
+    assert held and not held & {r["play"] for r in rows if r["split"] == "train"}
+    heads = [w for r in rows for w, t in zip(r["tokens"], r["tags"]) if t != "O"]
+    assert len(heads) > len(rows) and all(w == w.upper() for w in heads)
+    assert task_kind("speaker_tags") == "tag"
 
 
 # --- the model with a head -----------------------------------------------------------------------
@@ -209,6 +226,16 @@ def test_a_run_without_checkpoint_is_one_line(sweep, capsys):
     assert err.count("\n") == 1 and "no checkpoint.pt: pre-train it with train.keep_checkpoint=true" in err
 
 
+def test_a_sweep_without_any_fine_tunable_run_is_one_line(tmp_path, capsys):
+    for name, status in (("a", "completed"), ("b", "diverged")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps({"status": status}))
+    assert main([str(tmp_path), "--task", "play_genre"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "none of its 2 runs can be fine-tuned (the first: no checkpoint.pt: " \
+        "pre-train it with train.keep_checkpoint=true" in err
+
+
 def test_finetune_a_sweep_then_skip_then_the_downstream_figure(sweep, tmp_path, capsys):
     from analysis import downstream
     from analysis.downstream import downstream_table
@@ -240,12 +267,16 @@ def test_finetune_a_sweep_then_skip_then_the_downstream_figure(sweep, tmp_path, 
     assert figure == tmp_path / "downstream.png" and figure.stat().st_size > 0
 
 
-def test_finetune_the_built_in_task(sweep, capsys):
+def test_finetune_the_built_in_tasks(sweep, capsys):
     _, dirs = sweep
-    assert main([str(dirs["mlm"]), "--task", "play_genre", "--steps", "3", "--batch", "4"]) == 0
+    for task in ("play_genre", "speaker_tags"):
+        assert main([str(dirs["mlm"]), "--task", task, "--steps", "3", "--batch", "4"]) == 0
     s = json.loads((dirs["mlm"] / "finetune" / "play_genre" / "summary.json").read_text())
     assert s["task_labels"] == ["comedy", "history", "tragedy"] and s["task_eval_examples"] == 720
     assert s["task_majority_accuracy"] == pytest.approx(300 / 720) and 0 <= s["task_accuracy"] <= 1
+    s = json.loads((dirs["mlm"] / "finetune" / "speaker_tags" / "summary.json").read_text())
+    assert s["task_labels"] == ["B-SPEAKER", "I-SPEAKER", "O"] and s["task_metric"] == "span_f1"
+    assert s["task_gold_spans"] > 0 and 0 <= s["task_span_f1"] <= 1
 
 
 def test_a_missing_checkpoint_is_a_config_error():
