@@ -1,4 +1,5 @@
-"""A decoder-only causal language model whose residual/normalization scheme comes from a variant.
+"""A Transformer language model whose residual/normalization scheme comes from a variant: causal
+(decoder-only) by default, a bidirectional encoder for ``model.objective=mlm`` (:mod:`resnorm.objectives`).
 
 Read top to bottom: :class:`Attention` and :class:`MLP` are the branches ``F``; :class:`Sublayer`
 is the single place where a variant's norm placement, branch scaling and residual are applied;
@@ -432,8 +433,9 @@ class Transformer(nn.Module):
         return self.head(self.hidden(idx))
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, z_loss: bool = True) -> torch.Tensor:
-        """Mean next-token cross-entropy, plus the z-loss term when ``model.z_loss`` > 0 and ``z_loss``
-        (evaluation passes ``z_loss=False``: a validation loss is the cross-entropy alone)."""
+        """Mean cross-entropy over the targets that are not -100 (every next token for clm, the masked
+        positions for mlm), plus the z-loss term when ``model.z_loss`` > 0 and ``z_loss`` (evaluation
+        passes ``z_loss=False``: a validation loss is the cross-entropy alone)."""
         logits = self(idx).reshape(-1, self.shape.vocab_size).float()
         loss = F.cross_entropy(logits, targets.reshape(-1))
         if z_loss and self.shape.z_loss:  # Wortsman et al. 2023 / PaLM: c * mean(log Z ^ 2)
