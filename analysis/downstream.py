@@ -19,9 +19,8 @@ from typing import Callable, Dict, Optional
 import numpy as np
 import pandas as pd
 
-from resnorm.runfolder import read_summary
+from resnorm.runfolder import FINETUNE as FINETUNE_DIR, read_summary
 
-FINETUNE_DIR = "finetune"  # resnorm.finetune.FINETUNE_DIR (the analysis imports no torch-side module)
 COLUMNS = ("run_dir", "variant", "depth", "seed", "setting", "task", "task_metric", "task_score",
            "task_majority_accuracy", "status")
 

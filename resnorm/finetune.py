@@ -29,7 +29,6 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .errors import ConfigError, DataError
 
-FINETUNE_DIR = "finetune"
 DEFAULTS = dict(steps=200, lr=3e-4, batch=16)
 
 
@@ -62,20 +61,6 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--eval-every", type=_positive(int), default=None,
                    help="steps between held-out losses (default: a quarter of the steps)")
     return p.parse_args(argv)
-
-
-def find_runs(root: Path) -> List[Path]:
-    """Every folder under ``root`` (``root`` included) holding a summary.json, not descending into one."""
-    from .runfolder import SUMMARY
-
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        if SUMMARY in filenames:
-            found.append(Path(dirpath))
-            dirnames[:] = []
-        else:
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-    return sorted(found)
 
 
 def why_not(run_dir: Path, summary: Optional[Dict[str, Any]]) -> Optional[str]:
@@ -136,12 +121,13 @@ def finetune_run(run_dir: Path, summary: Dict[str, Any], task: str, args) -> Dic
     from .callbacks import default_callbacks
     from .heads import TaskScore
     from .identity import run_id
+    from .runfolder import FINETUNE
     from .tasks import task_name
     from .train import JobInfo, execute
 
     cfg, overrides = finetune_config(run_dir, summary, task, args)
     name = task_name(task)
-    job = JobInfo(run_dir / FINETUNE_DIR / name, f"{summary.get('run_name', run_dir.name)} finetune={name}",
+    job = JobInfo(run_dir / FINETUNE / name, f"{summary.get('run_name', run_dir.name)} finetune={name}",
                   cfg.name, list(summary.get("overrides") or []) + overrides, run_id(cfg))
     extra = [TaskScore(summary.get("run_id"))]
     return execute(cfg, job, callbacks=lambda run: default_callbacks(run, extra=extra))
@@ -167,7 +153,7 @@ def _report(run_dir: Path, result: Dict[str, Any]) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .runfolder import read_summary
+    from .runfolder import find_run_dirs, read_summary
 
     args = parse_args(argv)
     root = Path(args.path)
@@ -179,7 +165,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    runs = [(d, read_summary(d)) for d in find_runs(root)]
+    runs = [(d, read_summary(d)) for d in find_run_dirs(root)]
     if not runs:
         print(f"error: {args.path}: no run folder (with a summary.json) under it", file=sys.stderr)
         return 2

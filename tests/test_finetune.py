@@ -25,12 +25,7 @@ from resnorm.train import JobInfo, train
 TASK_STEPS = ("--steps", "40", "--lr", "0.01", "--batch", "8")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: torch on one thread, restored after
 
 
 def _write_csv(path: Path, rows) -> Path:

@@ -20,12 +20,7 @@ from resnorm.variants import VARIANTS, deepnorm_constants
 MLM = (*TINY, "model.objective=mlm")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: torch on one thread, restored after
 
 
 def test_bert_masking_chooses_15_percent_and_splits_them_80_10_10():
