@@ -201,7 +201,7 @@ def test_padding_changes_nothing(objective, kind):
 def sweep(tmp_path_factory):
     """A sweep folder: a clm and an mlm run that kept their checkpoints, and one that did not."""
     root = tmp_path_factory.mktemp("multirun") / "ft"
-    runs = {"clm": ("model.objective=clm", "depth=1", "train.keep_checkpoint=true"),
+    runs = {"clm": ("model.objective=clm", "depth=1", "train.keep_checkpoint=true", "train.checkpoint_every=4"),
             "mlm": ("model.objective=mlm", "depth=2", "train.keep_checkpoint=true"),
             "none": ("model.objective=clm", "depth=2")}
     dirs = {}
@@ -260,6 +260,40 @@ def test_finetune_a_sweep_then_skip_then_the_downstream_figure(sweep, tmp_path, 
     assert len(loaded.runs) == 3  # the fine-tunes inside the run folders are not runs of the sweep
     figure = downstream.figures(loaded)["downstream"](loaded, tmp_path / "downstream.png")  # as make_report does
     assert figure == tmp_path / "downstream.png" and figure.stat().st_size > 0
+
+
+def test_an_interrupted_finetune_resumes_bit_for_bit(sweep, tmp_path, monkeypatch, capsys):
+    """Killed after its checkpoint at step 4, the same command resumes the fine-tune, with the losses
+    of an uninterrupted one (same rows under another file name)."""
+    import pandas as pd
+
+    import resnorm.loop as rt
+
+    _, dirs = sweep
+    ref, task = _letters_task(tmp_path / "ref.csv"), _letters_task(tmp_path / "again.csv")
+    steps = ("--steps", "8", "--batch", "4")
+    assert main([str(dirs["clm"]), "--task", str(ref), *steps]) == 0
+    original = rt.lr_at
+
+    class Stop(BaseException):
+        pass
+
+    def lr_at(s, *args):
+        if s == 6:
+            raise Stop()
+        return original(s, *args)
+
+    monkeypatch.setattr(rt, "lr_at", lr_at)
+    with pytest.raises(Stop):
+        main([str(dirs["clm"]), "--task", str(task), *steps])
+    monkeypatch.undo()
+    assert main([str(dirs["clm"]), "--task", str(task), *steps]) == 0
+    done = json.loads((dirs["clm"] / "finetune" / "again" / "summary.json").read_text())
+    assert done["status"] == "completed" and done["resumed_from_step"] == 4 and done["attempts"] == 2
+    cols = ["step", "train_loss", "grad_norm", "val_loss"]
+    a, b = (pd.read_parquet(dirs["clm"] / "finetune" / n / "metrics.parquet")[cols] for n in ("ref", "again"))
+    pd.testing.assert_frame_equal(a, b)
+    assert done["task_score"] == json.loads((dirs["clm"] / "finetune" / "ref" / "summary.json").read_text())["task_score"]
 
 
 def test_finetune_the_built_in_tasks(sweep, capsys):
