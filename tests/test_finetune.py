@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, compose
+from conftest import TINY, Interrupt, compose, interrupt_at
 from resnorm.builtin_tasks import FOLIO_GENRE, held_out_plays, play_genre_rows
 from resnorm.errors import DataError
 from resnorm.finetune import main
@@ -267,24 +267,12 @@ def test_an_interrupted_finetune_resumes_bit_for_bit(sweep, tmp_path, monkeypatc
     of an uninterrupted one (same rows under another file name)."""
     import pandas as pd
 
-    import resnorm.loop as rt
-
     _, dirs = sweep
     ref, task = _letters_task(tmp_path / "ref.csv"), _letters_task(tmp_path / "again.csv")
     steps = ("--steps", "8", "--batch", "4")
     assert main([str(dirs["clm"]), "--task", str(ref), *steps]) == 0
-    original = rt.lr_at
-
-    class Stop(BaseException):
-        pass
-
-    def lr_at(s, *args):
-        if s == 6:
-            raise Stop()
-        return original(s, *args)
-
-    monkeypatch.setattr(rt, "lr_at", lr_at)
-    with pytest.raises(Stop):
+    interrupt_at(monkeypatch, 6)
+    with pytest.raises(Interrupt):
         main([str(dirs["clm"]), "--task", str(task), *steps])
     monkeypatch.undo()
     assert main([str(dirs["clm"]), "--task", str(task), *steps]) == 0

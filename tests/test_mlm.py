@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import TINY, compose
+from conftest import TINY, Interrupt, compose, interrupt_at
 from resnorm.model import Attention, build_model
 from resnorm.objectives import (IGNORE, MASK_FRACTION, OBJECTIVES, VAL_MASK_SEED, MaskedSampler, for_config,
                                 mask_tokens)
@@ -145,22 +145,10 @@ def test_the_sampler_masks_from_its_checkpointed_generator():
 def test_mlm_resumes_bit_for_bit(tmp_path, monkeypatch):
     """Interrupted after a checkpoint and resumed: the same losses as an uninterrupted run (the
     masks come from the sampler's generator, which the checkpoint restores)."""
-    import resnorm.loop as rt
-
     over = (*MLM, "depth=2", "train.steps=8", "train.checkpoint_every=4", "train.eval_every=4")
     train(compose(*over), JobInfo(tmp_path / "ref", "ref", "g", []))
-    original = rt.lr_at
-
-    class Stop(BaseException):
-        pass
-
-    def lr_at(s, *args):
-        if s == 6:
-            raise Stop()
-        return original(s, *args)
-
-    monkeypatch.setattr(rt, "lr_at", lr_at)
-    with pytest.raises(Stop):
+    interrupt_at(monkeypatch, 6)
+    with pytest.raises(Interrupt):
         train(compose(*over), JobInfo(tmp_path / "b", "b", "g", []))
     monkeypatch.undo()
     done = train(compose(*over), JobInfo(tmp_path / "b", "b", "g", []))
