@@ -116,6 +116,21 @@ def finetune_config(run_dir: Path, summary: Dict[str, Any], task: str, args) -> 
     return compose(base + overrides, validate=True), overrides
 
 
+def identity_config(cfg, summary: Dict[str, Any]):
+    """What a fine-tune's identity hashes: its config with the two paths replaced by what they stand
+    for, the pre-trained run's ``run_id`` and the task's name and content
+    (:func:`resnorm.tasks.task_fingerprint`), so a sweep moved or copied elsewhere finds its
+    fine-tunes done (and a task file edited since is a new fine-tune)."""
+    import copy
+
+    from .tasks import task_fingerprint
+
+    ident = copy.deepcopy(cfg)
+    ident.finetune.init_from = summary.get("run_id")
+    ident.finetune.task = task_fingerprint(cfg.finetune.task)
+    return ident
+
+
 def finetune_run(run_dir: Path, summary: Dict[str, Any], task: str, args) -> Dict[str, Any]:
     """Fine-tune one run on ``task`` in ``<run>/finetune/<task>/`` (skipped when done); its summary."""
     from .callbacks import default_callbacks
@@ -128,7 +143,8 @@ def finetune_run(run_dir: Path, summary: Dict[str, Any], task: str, args) -> Dic
     cfg, overrides = finetune_config(run_dir, summary, task, args)
     name = task_name(task)
     job = JobInfo(run_dir / FINETUNE / name, f"{summary.get('run_name', run_dir.name)} finetune={name}",
-                  cfg.name, list(summary.get("overrides") or []) + overrides, run_id(cfg))
+                  cfg.name, list(summary.get("overrides") or []) + overrides,
+                  run_id(identity_config(cfg, summary)))
     extra = [TaskScore(summary.get("run_id"))]
     return execute(cfg, job, callbacks=lambda run: default_callbacks(run, extra=extra))
 

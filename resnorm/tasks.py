@@ -59,6 +59,21 @@ def task_name(spec: str) -> str:
     return spec if spec in _builtins() else Path(spec).expanduser().name.split(".")[0]
 
 
+def task_fingerprint(spec: str) -> str:
+    """``name`` for a built-in task; ``name@<sha256 prefix>`` of a file's bytes (of a folder's files'
+    paths and bytes) otherwise: what a task is, wherever it lies."""
+    import hashlib
+
+    if spec in _builtins():
+        return spec
+    path = Path(spec).expanduser()
+    digest = hashlib.sha256()
+    for f in sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()):
+        digest.update(f.relative_to(path).as_posix().encode() if f != path else b"")
+        digest.update(f.read_bytes())
+    return f"{task_name(spec)}@{digest.hexdigest()[:12]}"
+
+
 def _read_json(path: Path) -> List[dict]:
     text = path.read_text(encoding="utf-8")
     try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -251,6 +252,13 @@ def test_finetune_a_sweep_then_skip_then_the_downstream_figure(sweep, tmp_path, 
         assert not (dirs[name] / "finetune" / "letters" / "checkpoint.pt").exists()
     assert main([str(root), "--task", str(task), *TASK_STEPS]) == 0
     assert capsys.readouterr().out.count("already fine-tuned") == 2
+    moved = tmp_path / "elsewhere" / dirs["mlm"].name  # a sweep copied to another place, with its task file
+    shutil.copytree(dirs["mlm"], moved)
+    assert main([str(moved), "--task", str(shutil.copy(task, tmp_path / "elsewhere")), *TASK_STEPS]) == 0
+    assert "already fine-tuned" in capsys.readouterr().out
+    task.write_text(task.read_text() + "aaa,x\n")  # an edited task under the same name: not the same fine-tune
+    assert main([str(dirs["mlm"]), "--task", str(task), *TASK_STEPS]) == 1
+    assert "holds another run" in capsys.readouterr().out
     assert main([str(root), "--task", str(_names_task(tmp_path / "names.jsonl")), *TASK_STEPS]) == 0
     s = json.loads((dirs["mlm"] / "finetune" / "names" / "summary.json").read_text())
     assert s["task_metric"] == "span_f1" and 0.0 <= s["task_span_f1"] <= 1.0 and s["task_gold_spans"] > 0
