@@ -123,6 +123,17 @@ def test_an_unknown_task_and_bad_flags(tmp_path, capsys):
     assert "no such folder" in capsys.readouterr().err
 
 
+def test_the_command_line_entry_point(tmp_path):
+    import subprocess
+
+    from conftest import PYTHON, ROOT
+
+    r = subprocess.run([PYTHON, "-m", "resnorm.finetune", str(tmp_path), "--task", "nope"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1
+    assert r.stderr.startswith("error: --task 'nope': not a built-in task (play_genre, speaker_tags)")
+
+
 def test_hf_dataset_folders_are_tasks(tmp_path):
     datasets = pytest.importorskip("datasets")
     rows = [{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(10)]
