@@ -41,7 +41,6 @@ keys of the same name, then from the job's Hydra overrides (``model.norm=pre``, 
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +49,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import pandas as pd
 
 from resnorm.runfolder import (LAYERS, METRICS, OUTCOMES, SUMMARY, classify_outcome, diverge_kind_of,
-                                read_summary, summary_problem)
+                                find_run_dirs, read_summary, summary_problem)
 
 #: summary fields every row of the runs table has (NaN/None where the summary lacks them)
 SUMMARY_FIELDS = (
@@ -266,22 +265,6 @@ def load_run(run_dir) -> Run:
     steps = _with_keys(_read_table(run_dir / METRICS), info)
     layers = _with_keys(_read_table(run_dir / LAYERS), info)
     return Run(run_dir, info, steps, layers)
-
-
-def find_run_dirs(root: Path) -> List[Path]:
-    """Every folder under ``root`` (``root`` included) holding a ``summary.json``, sorted.
-
-    Hidden folders (name starting with ``.``) are skipped, and the search does not descend into a
-    run folder (its ``wandb/`` and checkpoints hold no other runs).
-    """
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        if SUMMARY in filenames:
-            found.append(Path(dirpath))
-            dirnames[:] = []
-        else:
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-    return sorted(found)
 
 
 def sweep_axes(override_lists: Sequence[Sequence[str]]) -> List[str]:

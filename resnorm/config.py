@@ -132,6 +132,7 @@ OPTIMIZERS = ("adamw", "sgd", "muon")  # resnorm.optimizers.OPTIMIZERS (tests/te
 MUON_ADJUST_LR = ("original", "match_rms_adamw")  # torch.optim.Muon's adjust_lr_fn
 PRECISIONS = ("fp32", "bf16", "fp16")  # resnorm.precision.AUTOCAST_DTYPES (tests/test_recipe.py)
 # --- end recipe14 ---
+OBJECTIVES = ("clm", "mlm")  # obj14: the pre-training objectives of resnorm.objectives.OBJECTIVES
 
 
 # --- the schema -----------------------------------------------------------------------------------
@@ -179,6 +180,11 @@ class ModelConfig:
     mhc_sinkhorn_iters: int = key(20, "mhc: Sinkhorn-Knopp iterations of H_res (the paper's t_max = 20)",
                                   range=POSITIVE, variant_option=True)
     # --- end s12 ---
+    # --- obj14 (issue 14): the objective ---
+    objective: str = key("clm", "clm: causal (decoder-only) next-token LM; mlm: bidirectional encoder, BERT's masked-"
+                                "token objective (resnorm.objectives; DeepNorm then takes its encoder constants)",
+                         choices=OBJECTIVES, variant_option=True)
+    # --- end obj14 ---
     # --- attnres (issue 12) variant options ---
     attnres_block_size: Optional[int] = key(None, "attnres_block: layers (attention + MLP) per block; null: "
                                                   "ceil(depth / 8), the paper's ~8 blocks", range=POSITIVE,
@@ -325,6 +331,18 @@ class LoggerConfig:
     # --- end recipe14 ---
 
 
+# --- obj14 (issue 14): fine-tuning ---
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning a pre-trained run on a labelled task (``python -m resnorm.finetune`` sets these)."""
+
+    task: Optional[str] = key(None, "null: pre-training; else a built-in task (resnorm.tasks.BUILTIN_TASKS) or a "
+                                    "CSV / JSON lines / HF dataset folder (docs/finetune.md)")
+    init_from: Optional[str] = key(None, "the pre-trained run folder whose checkpoint.pt the task starts from "
+                                         "(it needs train.keep_checkpoint=true)")
+# --- end obj14 ---
+
+
 @dataclass
 class Config:
     """One job's config (``python run.py key=value ...``)."""
@@ -338,6 +356,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # obj14 (issue 14)
 
 
 def register_schemas() -> None:
@@ -682,13 +701,26 @@ def tensorboard_is_installed(get: Callable[[str], Any]) -> None:
         raise ConfigError("logger.tensorboard", True, "needs the package tensorboard==2.21.0 (pip install "
                                                       "tensorboard==2.21.0, scripts/setup.sh), or leave it false")
 # --- end recipe14 ---
+# --- obj14 (issue 14) ---
+def finetune_needs_a_run(get: Callable[[str], Any]) -> None:
+    """finetune.task names a task and finetune.init_from the run folder it fine-tunes (both or neither)."""
+    task, source = get("finetune.task"), get("finetune.init_from")
+    if task is not None and not source:
+        raise ConfigError("finetune.init_from", source, "finetune.task needs the pre-trained run folder it starts "
+                                                        "from (python -m resnorm.finetune sets both)")
+    if source is not None and task is None:
+        raise ConfigError("finetune.task", task, "finetune.init_from needs a task (resnorm.tasks.BUILTIN_TASKS or a file)")
+    if source is not None and not (Path(source).expanduser() / "checkpoint.pt").is_file():
+        raise ConfigError("finetune.init_from", source, "has no checkpoint.pt: pre-train it with "
+                                                        "train.keep_checkpoint=true")
+# --- end obj14 ---
 
 
 #: the checks that involve more than one key, run in this order after every leaf passed
 RULES: Tuple[Callable[[Callable[[str], Any]], None], ...] = (
     heads_divide_width, norm_layer_needs_norms, text_data_needs_a_file, synthetic_vocab_fits_vocab,
     byte_data_needs_byte_vocab, hf_data_is_on_this_machine, tokenizer_fits_data, sequence_fits_corpus,
-    devices_divide_batch, grad_accum_splits_batch, sgd_nesterov_needs_momentum)
+    devices_divide_batch, grad_accum_splits_batch, sgd_nesterov_needs_momentum, finetune_needs_a_run)
 #: the checks that hold only on the machine the job trains on (skipped where jobs run elsewhere: SLURM, Ray)
 HOST_RULES: Tuple[Callable[[Callable[[str], Any]], None], ...] = (device_is_present, tensorboard_is_installed)
 

@@ -220,6 +220,7 @@ def tokens_per_byte(batches: List[Tuple[torch.Tensor, torch.Tensor]], data: Toke
         return None
     if token_bytes is None:
         return 1.0
-    n_tokens = sum(y.numel() for _, y in batches)
-    n_bytes = sum(int(token_bytes[y.reshape(-1)].sum()) for _, y in batches)
+    scored = [y[y >= 0] for _, y in batches]  # model.objective=mlm: unscored targets are -100
+    n_tokens = sum(t.numel() for t in scored)
+    n_bytes = sum(int(token_bytes[t].sum()) for t in scored)
     return n_tokens / n_bytes if n_bytes else float("nan")

@@ -124,6 +124,7 @@ class Run:
     callbacks: Any = None  # the resnorm.callbacks.CallbackList fit runs (a checkpoint keeps their state)
     summary: Dict[str, Any] = field(default_factory=dict)
     wall0: float = field(default_factory=time.perf_counter)
+    objective: Any = None  # obj14: the resnorm.objectives.Objective that setup built the run with
 
     @property
     def is_main(self) -> bool:
@@ -198,10 +199,11 @@ def fit(cfg, job, callbacks: Optional[Callable] = None, rank: int = 0, world: in
 
 
 def setup(cfg, job, rank: int, world: int, slots) -> Run:
-    """Threads, device (and the DDP process group), seed, data, model, optimizer, sampler, probes."""
-    from .data import BatchSampler, fixed_batches, load_data, tokens_per_byte
+    """Threads, device (and the DDP process group), seed, data, model, optimizer, sampler, probes.
+    Data, model, sampler and validation batches are the objective's (:mod:`resnorm.objectives`)."""
+    from .objectives import for_config
+    from .data import tokens_per_byte
     from .hf_data import model_config
-    from .model import build_model
     from .probes import GradNormProbe
     from .tokenizer import write_run_tokenizer
 
@@ -212,22 +214,26 @@ def setup(cfg, job, rank: int, world: int, slots) -> Run:
     if world > 1:
         devices.init_process_group(rank, world, device)
     torch.manual_seed(cfg.seed)
-    data = load_data(cfg.data, cfg.train.seq_len, cfg.seed)
-    cfg = model_config(cfg, data, job)  # model.vocab_size follows a trained or loaded tokenizer
-    model = build_model(cfg).to(device)
+    objective = for_config(cfg)  # obj14: clm, mlm, or a fine-tuning task's classify / tag
+    data = objective.load(cfg)
+    if objective.pretraining:  # model.vocab_size follows a trained or loaded tokenizer (data14)
+        cfg = model_config(cfg, data, job)
+    model = objective.build(cfg, data).to(device)
     optimizer = make_optimizer(model, cfg.optim)
     # every process draws the same global batch and trains on its slice of it
-    sampler = BatchSampler(data.train, cfg.train.batch_size, cfg.train.seq_len, seed=cfg.seed)
-    val = fixed_batches(data.val, cfg.train.eval_batches, cfg.train.batch_size, cfg.train.seq_len)
-    data.val_tokens_per_byte = tokens_per_byte(val, data)  # bits per byte (finish)
-    if rank == 0 and data.tokenizer is not None:
-        write_run_tokenizer(job.run_dir, data.tokenizer)  # <run folder>/tokenizer.json (fine-tuning reads it)
+    sampler = objective.sampler(cfg, data)
+    val = objective.val_batches(cfg, data)
+    if objective.pretraining:
+        data.val_tokens_per_byte = tokens_per_byte(val, data)  # bits per byte (finish)
+        if rank == 0 and data.tokenizer is not None:
+            write_run_tokenizer(job.run_dir, data.tokenizer)  # <run folder>/tokenizer.json (fine-tuning reads it)
     grad_probe = GradNormProbe(model, per_layer=cfg.train.probes, log_every=cfg.train.log_every)
     step_model = devices.data_parallel(model, device) if world > 1 else model.loss
     loss_fn = torch.compile(step_model) if cfg.train.compile else step_model
     state = LoopState(spikes=SpikeTracker(window=cfg.train.spike_window, sigma=cfg.train.spike_sigma))
     return Run(cfg, job, rank, world, device, threads, slots, data, model, optimizer, sampler, val,
-               grad_probe, loss_fn, scaler=make_scaler(cfg.train.precision, device), state=state, wall0=wall0)
+               grad_probe, loss_fn, scaler=make_scaler(cfg.train.precision, device), state=state, wall0=wall0,
+               objective=objective)
 
 
 def set_lr(run: Run, step: int) -> float:

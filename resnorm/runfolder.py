@@ -43,6 +43,7 @@ LAYERS = "layers.parquet"
 CHECKPOINT = "checkpoint.pt"
 LOCK = ".lock"
 TENSORBOARD = "tensorboard"  # logger.tensorboard=true: the TensorBoard event files (recipe14, issue 14)
+FINETUNE = "finetune"  # obj14: <run>/finetune/<task>/, a fine-tune's own run folder (resnorm.finetune)
 
 #: a run's ``status`` in its summary, in the order of its life: it is ``running`` until it ends
 STATUSES = ("running", "completed", "diverged", "failed")
@@ -117,6 +118,23 @@ def write_summary(run_dir: Path, summary: Dict[str, Any]) -> Path:
 
 
 # --- reading ------------------------------------------------------------------------------------
+
+def find_run_dirs(root: Path) -> List[Path]:
+    """Every folder under ``root`` (``root`` included) holding a ``summary.json``, sorted.
+
+    Hidden folders (name starting with ``.``) are skipped, and the search does not descend into a
+    run folder (its ``wandb/``, checkpoints and ``finetune/`` hold no other runs of the sweep). The
+    analysis and ``python -m resnorm.finetune`` find runs with it.
+    """
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        if SUMMARY in filenames:
+            found.append(Path(dirpath))
+            dirnames[:] = []
+        else:
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    return sorted(found)
+
 
 def read_summary(run_dir: Path, strict: bool = False) -> Optional[Dict[str, Any]]:
     """The ``summary.json`` of ``run_dir`` as a dict.

@@ -22,9 +22,11 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from .errors import DataError
 
 #: the special tokens a trained BPE reserves (ids 0..): the end-of-text marker for later use
 SPECIAL_TOKENS = ("<|endoftext|>",)
@@ -55,6 +57,20 @@ class ByteTokenizer:
     def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
         return [self.encode(t) for t in texts]
 
+    def encode_words(self, words: Sequence[str]) -> Tuple[List[int], List[Optional[int]]]:
+        """The ids of the words joined by single spaces, and each id's word index (None for a space):
+        what a tagging task needs (resnorm.tasks.encode_rows)."""
+        ids: List[int] = []
+        word_of: List[Optional[int]] = []
+        for i, word in enumerate(words):
+            if i:
+                ids.append(ord(" "))
+                word_of.append(None)
+            b = word.encode("utf-8")
+            ids += list(b)
+            word_of += [i] * len(b)
+        return ids, word_of
+
     def token_bytes(self) -> np.ndarray:
         return np.ones(BYTE_VOCAB, dtype=np.int64)
 
@@ -77,6 +93,11 @@ class TextTokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
         return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_words(self, words: Sequence[str]) -> Tuple[List[int], List[Optional[int]]]:
+        """The ids of pre-split words and each id's word index (the tokenizer's ``word_ids``)."""
+        enc = self.tokenizer.encode(list(words), is_pretokenized=True, add_special_tokens=False)
+        return enc.ids, enc.word_ids
 
     def token_bytes(self) -> np.ndarray:
         """UTF-8 bytes per id: a byte-level token's symbols are one byte each; a special token has none;
@@ -164,8 +185,8 @@ def load_run_tokenizer(run_dir, cfg=None):
 
         kind = reader(cfg)("data.tokenizer")
     if kind not in (None, "bytes"):
-        raise FileNotFoundError(f"{path}: the run was trained with data.tokenizer={kind} but its tokenizer.json "
-                                "is missing")
+        raise DataError(f"{path}: the run was trained with data.tokenizer={kind} but its tokenizer.json "
+                        "is missing")
     return ByteTokenizer()
 
 

@@ -172,6 +172,8 @@ RULE_CASES = {
     # --- end recipe14 ---
     "hf_data_is_on_this_machine": (["data=hf", "data.path={tmp}/missing"], "data.path", "no such file or folder"),
     "tokenizer_fits_data": (["data.tokenizer=bpe"], "data.tokenizer", "needs data=hf"),
+    "finetune_needs_a_run": (["finetune.task=play_genre", "finetune.init_from={tmp}"], "finetune.init_from",
+                             "has no checkpoint.pt: pre-train it with train.keep_checkpoint=true"),  # obj14
 }
 
 

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from analysis.load import find_run_dirs as find_runs  # job folders as the analysis finds them
-from conftest import PYTHON, ROOT, TINY, compose, run_cli
+from conftest import PYTHON, ROOT, TINY, Interrupt, compose, interrupt_at, run_cli
 from resnorm import devices
 from resnorm.identity import OPERATIONAL_KEYS, run_id
 from resnorm.model import build_model
@@ -43,23 +43,6 @@ def metrics(run_dir: Path) -> pd.DataFrame:
 
 def summary_of(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "summary.json").read_text())
-
-
-class Interrupt(BaseException):
-    """Stands for a kill in the middle of a step (not an Exception: run_job must not record it)."""
-
-
-def interrupt_at(monkeypatch, step: int) -> None:
-    import resnorm.loop as rt
-
-    original = rt.lr_at
-
-    def lr_at(s, *args):
-        if s == step:
-            raise Interrupt(f"interrupted at step {s}")
-        return original(s, *args)
-
-    monkeypatch.setattr(rt, "lr_at", lr_at)
 
 
 # --- identity -----------------------------------------------------------------------------------

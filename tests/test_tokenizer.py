@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from resnorm.errors import DataError
 from resnorm.tokenizer import (MIN_BPE_VOCAB, ByteTokenizer, bits_per_byte, file_vocab_size, load_run_tokenizer,
                                train_bpe)
 
@@ -34,7 +35,7 @@ def test_bpe_is_deterministic_and_its_file_vocab_is_read_from_json(tmp_path):
 
 
 def test_load_run_tokenizer_refuses_a_bpe_run_without_its_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="data.tokenizer=bpe"):
+    with pytest.raises(DataError, match="data.tokenizer=bpe"):
         load_run_tokenizer(tmp_path, {"data": {"tokenizer": "bpe"}})
     assert isinstance(load_run_tokenizer(tmp_path, {"data": {"name": "shakespeare"}}), ByteTokenizer)
 
