@@ -121,7 +121,8 @@ def _packed_worker(share: List[int], steps: int, device: str, extra, folder: str
 
 def packed(members: int, runs: int, pack: int, steps: int, device: str, extra) -> dict:
     n = min(runs, members)
-    ctx = mp.get_context("spawn")
+    # CUDA needs fresh processes; on the CPU (--smoke) a fork skips the workers' imports
+    ctx = mp.get_context("spawn" if device.startswith("cuda") else "fork")
     barrier = ctx.Barrier(pack + 1)
     with tempfile.TemporaryDirectory() as tmp:
         procs = [ctx.Process(target=_packed_worker, args=(list(range(k, n, pack)), steps, device, extra, tmp, barrier))

@@ -124,7 +124,7 @@ def fit_stack(cfgs: Sequence[Any], jobs: Sequence[Any], callbacks: Optional[Call
 # --- a launcher job that trains a stack --------------------------------------------------------------
 
 def member_jobs(path: Path) -> List[tuple]:
-    """(config, JobInfo) of every member of the stack file ``path`` (:func:`resnorm.stack_plan.write_group`)."""
+    """(config, JobInfo, entry) of every member of the stack file ``path`` (:func:`resnorm.stack_plan.write_group`)."""
     from omegaconf import OmegaConf
 
     from .stack_plan import read_group

@@ -160,6 +160,7 @@ def _assert_same_sweep(sweep: Path, reference: Path) -> None:
         assert_same_curves(f, reference / f.name)
 
 
+@pytest.mark.slow
 def test_multirun_stack_on_equals_stack_off(unstacked, tmp_path):
     proc = run_cli("-m", *SWEEP, "hydra.sweeper.stack=on", "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -170,22 +171,30 @@ def test_multirun_stack_on_equals_stack_off(unstacked, tmp_path):
     assert again.returncode == 0 and "8 of 8 jobs already done" in again.stdout + again.stderr
 
 
+@pytest.mark.slow
 def test_stack_killed_then_rerun(unstacked, tmp_path):
-    """SIGKILL after the 12th checkpoint write: four members have a checkpoint at step 20, four at
-    step 10. The same command again resumes every member from its own checkpoint and completes it once."""
-    env = {**os.environ, "WANDB_SILENT": "true", "RESNORM_FAULT": "kill_after_checkpoint:12"}
-    args = ["-m", *SWEEP, "hydra.sweeper.stack=on", "hydra.sweep.dir=sweep"]
+    """Four members (two seeds of the sweep above, its two learning rates) in one stack, SIGKILL after
+    the 6th checkpoint write: two members have a checkpoint at step 20, two at step 10. The same
+    command again resumes every member from its own checkpoint and completes it once, its curves
+    those of the uninterrupted, unstacked run (the same run ids as two seeds of the sweep above)."""
+    env = {**os.environ, "WANDB_SILENT": "true", "RESNORM_FAULT": "kill_after_checkpoint:6"}
+    args = ["-m", "seed=0,1", *SWEEP[1:], "hydra.sweeper.stack=on", "hydra.sweep.dir=sweep"]
     killed = subprocess.run([PYTHON, str(ROOT / "tests" / "faultrun.py"), *args], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=600)
     assert killed.returncode == -9
     steps = sorted(torch.load(f / "checkpoint.pt", weights_only=True)["step"] for f in _folders(tmp_path / "sweep"))
-    assert steps == [10] * 4 + [20] * 4
+    assert steps == [10, 10, 20, 20]
     proc = run_cli(*args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    _assert_same_sweep(tmp_path / "sweep", unstacked)
-    for f in _folders(tmp_path / "sweep"):
+    assert "sweep sweep: 4 completed" in proc.stdout + proc.stderr
+    folders = _folders(tmp_path / "sweep")
+    assert len(folders) == 4
+    for f in folders:
         summary = json.loads((f / "summary.json").read_text())
+        assert summary["status"] == "completed"
         assert summary["attempts"] == 2 and summary["resumed_from_step"] in (10, 20)
+        assert list(pd.read_parquet(f / "metrics.parquet").step) == list(range(30))  # every step once
+        assert_same_curves(f, unstacked / f.name)
 
 
 def test_dry_run_shows_the_stacks(tmp_path):
@@ -209,7 +218,8 @@ def test_bad_stack_mode_is_a_config_error(capsys):
     assert "hydra.sweeper.stack='sometimes' is invalid: choose one of auto, on, off" in capsys.readouterr().err
 
 
-def test_grouping_keeps_unstackable_jobs_alone():
+def test_grouping_keeps_unstackable_jobs_alone(monkeypatch):
+    from resnorm import stack_plan
     from resnorm.stack_plan import stack_groups, why_not_stackable
     from resnorm.sweeper import JobPlan
 
@@ -224,6 +234,24 @@ def test_grouping_keeps_unstackable_jobs_alone():
         [["seed=0"], ["seed=1"], ["optim.lr=0.01"]], [["depth=2"]], [["train.compile=true", "seed=3"]],
         [["train.compile=true", "seed=4"]], [["train.steps=7"]]]
     assert all(len(g) == 1 for g in stack_groups(plans, "off"))
+    monkeypatch.setitem(stack_plan.UNSTACKABLE_VARIANTS, "pre", "declared for the test")
+    assert all(len(g) == 1 for g in stack_groups(plans[:3], "on"))
+
+
+def test_auto_stacks_only_cuda_jobs():
+    """``auto``: stacking was not faster on the CPU (README "Scaling out"), so only jobs that train on
+    a CUDA device are stacked."""
+    from resnorm.stack_plan import stack_groups
+    from resnorm.sweeper import JobPlan
+
+    def plans(device):
+        return [JobPlan([f"seed={i}"], f"id{i}", None, "new", compose(*TINY, f"seed={i}", f"train.device={device}"))
+                for i in range(3)]
+
+    assert [len(g) for g in stack_groups(plans("cpu"), "auto")] == [1, 1, 1]
+    assert [len(g) for g in stack_groups(plans("cuda"), "auto")] == [3]
+    if not torch.cuda.is_available():
+        assert [len(g) for g in stack_groups(plans("auto"), "auto")] == [1, 1, 1]
 
 
 # --- every variant under vmap -----------------------------------------------------------------------
