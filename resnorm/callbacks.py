@@ -191,6 +191,8 @@ def step_scalars(rec) -> Dict[str, float]:
 class WandbLogger(Callback):
     """Logs every step to Weights & Biases (see :mod:`resnorm.tracking`); never takes a run down."""
 
+    reinit = "finish_previous"  # a stack's members (resnorm.stack) keep their runs open at once: create_new
+
     def __init__(self):
         self.tracker = None
 
@@ -202,7 +204,8 @@ class WandbLogger(Callback):
         cfg, job = run.cfg, run.job
         self.tracker = WandbTracker(cfg.logger, job.run_dir, job.group, job.run_name,
                                     OmegaConf.to_container(cfg, resolve=True), run_id=run.summary["run_id"],
-                                    tags=[cfg.model.norm, f"depth={cfg.depth}"], job_type=cfg.model.norm)
+                                    tags=[cfg.model.norm, f"depth={cfg.depth}"], job_type=cfg.model.norm,
+                                    reinit=self.reinit)
         self.tracker.__enter__()
 
     def on_step_end(self, run, rec) -> None:

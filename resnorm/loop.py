@@ -21,6 +21,10 @@ and its order is part of the study:
 8. the step's record goes to the callbacks (``on_step_end``); a checkpoint every
    ``train.checkpoint_every`` steps (``on_checkpoint``).
 
+A step is two named halves around its forward and backward, :func:`start_step` (1) and
+:func:`end_step` (3-8), so that a stack of runs (:mod:`resnorm.stack`) takes the same steps with one
+forward and backward for all its members in between.
+
 Everything a resumed run needs is in :class:`LoopState` (checkpointed as one object) plus the
 model, optimizer (:mod:`resnorm.optimizers`), fp16 scaler, sampler, random states and the callbacks'
 ``state_dict``.
@@ -99,6 +103,7 @@ class StepRecord:
     seconds: float = 0.0
     tokens_per_s: float = 0.0
     layer_rows: List[tuple] = field(default_factory=list)  # (quantity, labels, values) for layers.parquet
+    started: float = 0.0  # perf_counter at the step's start
 
 
 @dataclass
@@ -147,45 +152,17 @@ def fit(cfg, job, callbacks: Optional[Callable] = None, rank: int = 0, world: in
     return the run's summary. ``callbacks(run)`` gives the callbacks that see every step
     (default: :func:`resnorm.callbacks.default_callbacks`, what ``run.py`` trains with)."""
     from .callbacks import CallbackList, default_callbacks
-    from .checkpoint import restore
-    from .summary import start_summary
 
     run = setup(cfg, job, rank, world, slots)
     cbs = run.callbacks = CallbackList((callbacks or default_callbacks)(run))
     try:
-        run.summary = start_summary(run)
-        restore(run, cbs)
-        cbs.on_fit_start(run)
+        start(run)
         for step in range(run.state.step, cfg.train.steps):
-            t0 = time.perf_counter()
-            rec = StepRecord(step, set_lr(run, step), last=step + 1 == cfg.train.steps)
-            cbs.on_step_start(run, rec)
-            x, y = next_batch(run)
+            rec, x, y = start_step(run, step)
             loss = forward_backward(run, x, y)
-            grads = run.grad_probe.before_update(x)
-            extra = cbs.before_update(run, rec, x)
-            to_host(run, rec, loss, grads, extra)  # the step's one host transfer
-            rec.diverged = guard(run, rec)
-            rec.spike = run.state.spikes.observe(step, rec.loss, rec.grad_norm)
-            if rec.diverged is not None:
-                mark_diverged(run, rec, x)  # while the gradients are there to name the first non-finite one
-            elif rec.spike and cfg.optim.skip_spikes:
-                skip_step(run, rec)
-            else:
-                optimizer_step(run, rec, grads[0])
-                if rec.updated:
-                    cbs.after_update(run, rec)
-            run.optimizer.zero_grad(set_to_none=True)
-            finish_step(run, rec, time.perf_counter() - t0)
-            if rec.diverged is None and run.is_main and (rec.last or (step + 1) % cfg.train.eval_every == 0):
-                run_eval(run, rec)
-            cbs.on_step_end(run, rec)
-            if rec.diverged is not None:
+            if end_step(run, rec, x, loss):
                 break
-            if not rec.last and cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0:
-                cbs.on_checkpoint(run)
-        summary = finish(run)
-        cbs.on_fit_end(run, summary)
+        end(run)
     finally:
         cbs.teardown(run)
         if world > 1:
@@ -234,6 +211,63 @@ def setup(cfg, job, rank: int, world: int, slots) -> Run:
     return Run(cfg, job, rank, world, device, threads, slots, data, model, optimizer, sampler, val,
                grad_probe, loss_fn, scaler=make_scaler(cfg.train.precision, device), state=state, wall0=wall0,
                objective=objective)
+
+
+def start(run: Run) -> None:
+    """The summary as training starts, the checkpoint's state (if any), then ``on_fit_start``."""
+    from .checkpoint import restore
+    from .summary import start_summary
+
+    run.summary = start_summary(run)
+    restore(run, run.callbacks)
+    run.callbacks.on_fit_start(run)
+
+
+def start_step(run: Run, step: int):
+    """The first half of a step, up to its forward: the record, the learning rate, ``on_step_start``
+    and the batch. Returns ``(rec, x, y)``; the forward and backward come next (:func:`forward_backward`,
+    or one for a whole stack of runs, :mod:`resnorm.stack`), then :func:`end_step`."""
+    t0 = time.perf_counter()
+    rec = StepRecord(step, set_lr(run, step), last=step + 1 == run.cfg.train.steps, started=t0)
+    run.callbacks.on_step_start(run, rec)
+    x, y = next_batch(run)
+    return rec, x, y
+
+
+def end_step(run: Run, rec: StepRecord, x: torch.Tensor, loss: torch.Tensor) -> bool:
+    """The rest of a step after its backward (probes, the one host transfer, the guard, the update,
+    evaluation, ``on_step_end``, the checkpoint). True when the run stops here (it diverged)."""
+    cfg, cbs, step = run.cfg, run.callbacks, rec.step
+    grads = run.grad_probe.before_update(x)
+    extra = cbs.before_update(run, rec, x)
+    to_host(run, rec, loss, grads, extra)  # the step's one host transfer
+    rec.diverged = guard(run, rec)
+    rec.spike = run.state.spikes.observe(step, rec.loss, rec.grad_norm)
+    if rec.diverged is not None:
+        mark_diverged(run, rec, x)  # while the gradients are there to name the first non-finite one
+    elif rec.spike and cfg.optim.skip_spikes:
+        skip_step(run, rec)
+    else:
+        optimizer_step(run, rec, grads[0])
+        if rec.updated:  # not a step the fp16 scaler skipped
+            cbs.after_update(run, rec)
+    run.optimizer.zero_grad(set_to_none=True)
+    finish_step(run, rec, time.perf_counter() - rec.started)
+    if rec.diverged is None and run.is_main and (rec.last or (step + 1) % cfg.train.eval_every == 0):
+        run_eval(run, rec)
+    cbs.on_step_end(run, rec)
+    if rec.diverged is not None:
+        return True
+    if not rec.last and cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0:
+        cbs.on_checkpoint(run)
+    return False
+
+
+def end(run: Run) -> Dict[str, Any]:
+    """The run is over (completed or diverged): its summary's last fields, then ``on_fit_end``."""
+    summary = finish(run)
+    run.callbacks.on_fit_end(run, summary)
+    return summary
 
 
 def set_lr(run: Run, step: int) -> float:

@@ -53,7 +53,8 @@ def drop_empty_wandb_env() -> None:
 class WandbTracker:
     def __init__(self, logger_cfg, run_dir: Path, group: str, name: str, config: Dict[str, Any],
                  run_id: Optional[str] = None, tags=None, job_type: Optional[str] = None,
-                 enabled: bool = True):
+                 enabled: bool = True, reinit: str = "finish_previous"):
+        self.reinit = reinit  # "create_new": several runs open at once (the members of a stack)
         self.cfg, self.run_dir, self.group, self.name = logger_cfg, Path(run_dir), group, name
         self.config, self.tags, self.job_type = config, list(tags or []), job_type
         # under a sweep agent, the agent's run id (WANDB_RUN_ID) names the run
@@ -93,7 +94,7 @@ class WandbTracker:
             project=self.cfg.project, entity=self.cfg.entity, group=self.group, name=self.name,
             config=self.config, dir=str(self.run_dir), mode=mode, id=self.requested_id,
             resume="allow" if self.requested_id else None, tags=self.tags, job_type=self.job_type,
-            reinit="finish_previous", settings=wandb.Settings(**settings),
+            reinit=self.reinit, settings=wandb.Settings(**settings),
         )
 
     def _online(self, wandb):
