@@ -100,7 +100,12 @@ EOF
     say "wrote $CONF ($node)"
 }
 
-running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# the daemon of pid file $1 is running (a stale file, e.g. after the machine's processes were killed, is not)
+running() {
+    local pid
+    pid=$(cat "$1" 2>/dev/null) || return 1
+    [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$(basename "$1" .pid)" ]
+}
 
 start_slurm() {
     install -d -m 0755 "$LOG_DIR" "$SPOOL/ctld" "$SPOOL/d"
