@@ -56,6 +56,29 @@ def test_local_launcher_never_shares_a_device(tmp_path):
 
 
 @pytest.mark.slow
+def test_local_launcher_packs_two_jobs_on_one_device(tmp_path):
+    """jobs_per_device=2 on one fake GPU: two jobs share it at a time, each in a slot of its own."""
+    proc = run_cli("-m", "hydra/launcher=local", "hydra.launcher.fake_gpus=1", "hydra.launcher.jobs_per_device=2",
+                   f"hydra.launcher.lock_dir={tmp_path / 'locks'}", *TINY, "depth=1", "train.steps=60,50,6",
+                   "name=packed", NO_ANALYSIS, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("2 jobs at a time, 1 thread(s) each, device pool: fake:0,fake:0/1; "
+            "2 job(s) per device (jobs_per_device=2)") in proc.stdout
+    runs = list(summaries(tmp_path / "multirun" / "packed").values())
+    assert sorted(s["steps_done"] for s in runs) == [6, 50, 60] and all(s["status"] == "completed" for s in runs)
+    spans = {}
+    for s in runs:
+        (slot,) = s["device_slots"]
+        spans.setdefault(slot, []).append((s["started_at"], s["finished_at"]))
+    assert set(spans) == {"fake:0", "fake:0/1"}
+    for slot, held in spans.items():
+        held.sort()
+        assert all(end <= start for (_, end), (start, _) in zip(held, held[1:])), f"{slot} shared: {held}"
+    (a, b) = (min(spans["fake:0"]), min(spans["fake:0/1"]))
+    assert a[0] < b[1] and b[0] < a[1], f"the first jobs of the two slots never ran together: {spans}"
+
+
+@pytest.mark.slow
 def test_ddp_on_two_gloo_processes_follows_the_single_process_run(tmp_path, monkeypatch):
     torch.set_num_threads(1)
     over = (*TINY, "depth=2", "train.steps=8", "train.threads=1")
