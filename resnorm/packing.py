@@ -78,10 +78,21 @@ def slots_per_device(setting: JobsPerDevice, n_devices: int, free_bytes: Callabl
 
 
 def cuda_free_bytes(indices: Sequence[int]) -> List[float]:
-    """Free memory of each CUDA device now (``torch.cuda.mem_get_info``): the one GPU-only call."""
-    import torch
+    """Free memory of each CUDA device now (``torch.cuda.mem_get_info``): the one GPU-only call.
 
-    return [float(torch.cuda.mem_get_info(i)[0]) for i in indices]
+    Asked in a child process: in the sweep's own process the query would create a CUDA context on
+    every GPU (hundreds of MB each) and keep it for the whole sweep, beside the jobs."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys, torch; print(json.dumps([torch.cuda.mem_get_info(i)[0] "
+            "for i in json.loads(sys.argv[1])]))")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(list(indices))], capture_output=True, text=True)
+    if out.returncode:
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"{KEY}=auto: could not read the GPUs' free memory: {last}")
+    return [float(b) for b in json.loads(out.stdout.strip().splitlines()[-1])]
 
 
 def describe(per_device: Sequence[int], setting: JobsPerDevice, job_bytes: Optional[float] = None) -> str:

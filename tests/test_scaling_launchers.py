@@ -1,6 +1,7 @@
 """Launchers and data parallelism, end to end on the CPU: the local launcher's device pool (fake
-GPUs), DDP on two gloo processes, SLURM through fake sbatch/srun/sacct/scontrol (with a preemption
-that requeues the job), and Ray where it is installed."""
+GPUs, one job per slot, two slots of one GPU with jobs_per_device=2), DDP on two gloo processes,
+SLURM's preemption signal through fake sbatch/srun/sacct/scontrol (submitit requeues the job; the
+real cluster is tests/test_cluster_slurm.py), and a local Ray (scripts/setup.sh installs it)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,18 @@ def metrics(run_dir: Path) -> pd.DataFrame:
     return pd.read_parquet(Path(run_dir) / "metrics.parquet")
 
 
+def slot_spans(runs) -> dict:
+    """Each pool slot's (start, end) spans, sorted; asserts that no two jobs held one slot at once."""
+    spans = {}
+    for s in runs:
+        (slot,) = s["device_slots"]
+        spans.setdefault(slot, []).append((s["started_at"], s["finished_at"]))
+    for slot, held in spans.items():
+        held.sort()
+        assert all(end <= start for (_, end), (start, _) in zip(held, held[1:])), f"{slot} shared: {held}"
+    return spans
+
+
 @pytest.mark.slow
 def test_local_launcher_never_shares_a_device(tmp_path):
     """4 jobs of unequal length, 4 at a time, on a pool of 2 fake GPUs: each job holds a device
@@ -45,14 +58,7 @@ def test_local_launcher_never_shares_a_device(tmp_path):
     runs = summaries(tmp_path / "multirun" / "pool")
     assert sorted(s["steps_done"] for s in runs.values()) == [3, 6, 20, 30]
     assert all(s["status"] == "completed" and s["threads"] == 1 and s["device"] == "cpu" for s in runs.values())
-    held = {}
-    for s in runs.values():
-        (slot,) = s["device_slots"]
-        held.setdefault(slot, []).append((s["started_at"], s["finished_at"]))
-    assert set(held) == {"fake:0", "fake:1"}
-    for slot, spans in held.items():
-        spans.sort()
-        assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:])), f"{slot} shared: {spans}"
+    assert set(slot_spans(runs.values())) == {"fake:0", "fake:1"}
 
 
 @pytest.mark.slow
@@ -66,14 +72,8 @@ def test_local_launcher_packs_two_jobs_on_one_device(tmp_path):
             "2 job(s) per device (jobs_per_device=2)") in proc.stdout
     runs = list(summaries(tmp_path / "multirun" / "packed").values())
     assert sorted(s["steps_done"] for s in runs) == [6, 50, 60] and all(s["status"] == "completed" for s in runs)
-    spans = {}
-    for s in runs:
-        (slot,) = s["device_slots"]
-        spans.setdefault(slot, []).append((s["started_at"], s["finished_at"]))
+    spans = slot_spans(runs)
     assert set(spans) == {"fake:0", "fake:0/1"}
-    for slot, held in spans.items():
-        held.sort()
-        assert all(end <= start for (_, end), (start, _) in zip(held, held[1:])), f"{slot} shared: {held}"
     (a, b) = (min(spans["fake:0"]), min(spans["fake:0/1"]))
     assert a[0] < b[1] and b[0] < a[1], f"the first jobs of the two slots never ran together: {spans}"
 

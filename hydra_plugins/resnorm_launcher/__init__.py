@@ -104,11 +104,14 @@ class ParallelLauncher(Launcher):
             configs = [load(self.config, list(o)) for o in job_overrides]
         else:
             configs = [self.config]
-        sizes: Dict[str, int] = {}
+        sizes: Dict[str, int] = {}  # a grid of seeds or learning rates counts each model once
+        largest = 0.0
         for cfg in configs:
             shape = OmegaConf.to_yaml(cfg.model) + f"depth={cfg.depth}"
-            sizes.setdefault(shape, model_size(cfg)[0])
-        return max(job_memory_bytes(c, sizes[OmegaConf.to_yaml(c.model) + f"depth={c.depth}"]) for c in configs)
+            if shape not in sizes:
+                sizes[shape] = model_size(cfg)[0]
+            largest = max(largest, job_memory_bytes(cfg, sizes[shape]))
+        return largest
 
     def slots(self, job_bytes: Callable[[], float]) -> Tuple[List, str]:
         """The pool's slots (``jobs_per_device`` of each GPU; none on a CPU machine) and a description;
