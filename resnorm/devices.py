@@ -229,11 +229,26 @@ def spawn(fn: Callable, world: int, args: tuple = ()) -> None:
 
     store = dist.TCPStore("127.0.0.1", 0, world + 1, is_master=True, wait_for_workers=False)
     try:
-        with environ({"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}):
+        with environ({"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}), _spawn_default():
             mp.start_processes(_worker, args=(world, store.port, fn, args), nprocs=world, join=True,
                                start_method="spawn")
     finally:
         del store
+
+
+@contextlib.contextmanager
+def _spawn_default() -> Iterator[None]:
+    """Python's default start method set to spawn for the ``with`` block. A spawned child is told
+    its parent's default and sets it first thing; in a worker of the local launcher that default is
+    loky's, which a plain child does not know ("cannot find context for 'loky'")."""
+    import multiprocessing
+
+    before = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method("spawn", force=True)
+    try:
+        yield
+    finally:
+        multiprocessing.set_start_method(before, force=True)
 
 
 def init_process_group(rank: int, world: int, device) -> None:

@@ -8,9 +8,10 @@ memory (:func:`job_memory_bytes`):
     N = floor(free * PACK_SAFETY / job memory), at least 1, at most PACK_MAX.
 
 The estimate (fp32 weights, gradients and AdamW's two moments: 16 bytes a parameter; the
-activations a layer keeps for the backward pass, after Korthikanti et al., arXiv:2205.05198, §4:
-about (9 d + 2 d_ff) values a token, plus 2 heads x seq_len of attention scores where they are
-materialised (``model.attn_softcap``: SDPA keeps none); the logits and their gradient, 3 x vocab
+activations a layer keeps for the backward pass, after Korthikanti et al., arXiv:2205.05198 (their
+34 s b h bytes a layer at 16 bits): about (9 d + 2 d_ff) values a token, plus 2 heads x seq_len of
+attention scores where they are materialised (``model.attn_softcap``; SDPA's fused GPU kernels keep
+none); the logits and their gradient, 3 x vocab
 values a token, in fp32; and :data:`CUDA_CONTEXT_BYTES` for the process's CUDA context) was written
 without a GPU to check it on: the safety factor and the context size are guesses, not measurements.
 

@@ -1,5 +1,6 @@
 """Launchers and data parallelism, end to end on the CPU: the local launcher's device pool (fake
-GPUs, one job per slot, two slots of one GPU with jobs_per_device=2), DDP on two gloo processes,
+GPUs, one job per slot, two slots of one GPU with jobs_per_device=2, DDP jobs in its workers),
+DDP on two gloo processes,
 SLURM's preemption signal through fake sbatch/srun/sacct/scontrol (submitit requeues the job; the
 real cluster is tests/test_cluster_slurm.py), and a local Ray (scripts/setup.sh installs it)."""
 
@@ -76,6 +77,22 @@ def test_local_launcher_packs_two_jobs_on_one_device(tmp_path):
     assert set(spans) == {"fake:0", "fake:0/1"}
     (a, b) = (min(spans["fake:0"]), min(spans["fake:0/1"]))
     assert a[0] < b[1] and b[0] < a[1], f"the first jobs of the two slots never ran together: {spans}"
+
+
+@pytest.mark.slow
+def test_ddp_jobs_in_local_workers_take_slots_on_distinct_devices(tmp_path):
+    """Two DDP jobs (train.devices=2) in the local launcher's worker processes, on 2 fake GPUs x 2
+    slots: each job's two processes hold slots of two different GPUs (and its spawned processes
+    start inside a loky worker)."""
+    proc = run_cli("-m", "hydra/launcher=local", "hydra.launcher.fake_gpus=2", "hydra.launcher.jobs_per_device=2",
+                   f"hydra.launcher.lock_dir={tmp_path / 'locks'}", *TINY, "train.steps=4", "train.devices=2",
+                   "depth=1,2", "name=ddp_packed", NO_ANALYSIS, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 jobs at a time, 1 thread(s) each, device pool: fake:0,fake:1,fake:0/1,fake:1/1" in proc.stdout
+    runs = list(summaries(tmp_path / "multirun" / "ddp_packed").values())
+    assert len(runs) == 2 and all(s["status"] == "completed" and s["world_size"] == 2 for s in runs)
+    for s in runs:
+        assert {name.split("/")[0] for name in s["device_slots"]} == {"fake:0", "fake:1"}, s["device_slots"]
 
 
 @pytest.mark.slow
