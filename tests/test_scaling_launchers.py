@@ -1,8 +1,8 @@
 """Launchers and data parallelism, end to end on the CPU: the local launcher's device pool (fake
-GPUs, one job per slot, two slots of one GPU with jobs_per_device=2, DDP jobs in its workers),
-DDP on two gloo processes,
-SLURM's preemption signal through fake sbatch/srun/sacct/scontrol (submitit requeues the job; the
-real cluster is tests/test_cluster_slurm.py), and a local Ray (scripts/setup.sh installs it)."""
+GPUs, one job per slot, two slots of one GPU with jobs_per_device=2, DDP jobs in its workers), DDP
+on two gloo processes, SLURM's preemption signal through fake sbatch/srun/sacct/scontrol (submitit
+requeues the job; the real cluster is tests/test_cluster_slurm.py), and a local Ray (scripts/setup.sh
+installs it)."""
 
 from __future__ import annotations
 
