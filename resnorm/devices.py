@@ -7,8 +7,8 @@ puts the machine's GPUs in a pool (``RESNORM_DEVICE_POOL``, e.g. ``0,1,2,3``) an
 enough are free. A GPU has one slot, or N with ``hydra.launcher.jobs_per_device=N`` (packing,
 :mod:`resnorm.packing`): slot K of GPU N is ``N/K`` in the pool (``0,1,0/1,1/1``: two GPUs, two
 jobs each), and the N jobs holding its slots share the GPU. A job of ``train.devices`` > 1 takes
-its slots on distinct GPUs. Unlike a round-robin on the job number, this stays exclusive when jobs differ in length,
-and across sweeps run at the same time by the same user. The OS drops the locks of a killed job.
+its slots on distinct GPUs. Unlike a round-robin on the job number, this stays exclusive when jobs
+differ in length, and across sweeps run at the same time by the same user. The OS drops the locks of a killed job.
 A pool of fake GPUs (``fake:0,fake:1``: the launcher's ``fake_gpus=N``) is scheduled the same way
 but trains on the CPU: that is how the scheduling is tested on machines without GPUs.
 

@@ -106,18 +106,20 @@ def describe(per_device: Sequence[int], setting: JobsPerDevice, job_bytes: Optio
     return f"{text} job(s) per device ({why})"
 
 
+#: the ``local`` launcher the sweep set up last (``ParallelLauncher.setup``): the dry run's job table
+#: shows its slots, as Hydra hands the sweeper's table no launcher (kept here, not on the class:
+#: Hydra's plugin scan executes the plugin modules again, which makes a new class)
+LATEST_LAUNCHER: Optional[Any] = None
+
+
 def dry_run_slots(job_bytes: float, launcher: str) -> Optional[str]:
     """The dry run's line on the ``local`` launcher's slots, with ``job_bytes`` the largest job's
     estimate; None under another launcher (``launcher``: the class name the job table shows)."""
-    if launcher != "ParallelLauncher":
-        return None
-    from hydra_plugins.resnorm_launcher import ParallelLauncher
-
     from .devices import format_pool
 
-    if ParallelLauncher.latest is None:
+    if launcher != "ParallelLauncher" or LATEST_LAUNCHER is None:
         return None
-    slots, text = ParallelLauncher.latest.slots(lambda: job_bytes)
+    slots, text = LATEST_LAUNCHER.slots(lambda: job_bytes)
     if not slots:
         return "slots: none (CPU: one core per job)"
     return f"slots: {format_pool(slots)} ({text})"

@@ -307,6 +307,15 @@ def test_packed_pool_gives_each_job_its_own_gpu_slot(monkeypatch, tmp_path):
         with pool.acquire(3):
             pass
     assert devices.Slot.parse("fake:1/2") == devices.Slot(1, True, 2) and devices.Slot.parse("3/1").device == "cuda:3"
+    # the dry run shows the slots the sweep's launcher would use, and each job's memory estimate
+    from resnorm import packing
+    from resnorm.sweeper import job_table, plan_job
+
+    monkeypatch.setattr(packing, "LATEST_LAUNCHER", launcher)
+    table = job_table([plan_job(["depth=1"], compose(*TINY, "depth=1"), None)], 1e10, "d", "ParallelLauncher")
+    assert "slots: fake:0,fake:1,fake:0/1,fake:1/1,fake:0/2,fake:1/2 (3 job(s) per device" in table
+    assert "mem/job" in table.splitlines()[1]
+    assert "slots:" not in job_table([plan_job([], compose(*TINY), None)], 1e10, "d", "BasicLauncher")
 
 
 def test_auto_packing_divides_free_memory_by_the_job_estimate(monkeypatch):

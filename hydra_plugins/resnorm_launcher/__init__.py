@@ -43,10 +43,6 @@ def _has_gpu_driver() -> bool:
 
 
 class ParallelLauncher(Launcher):
-    #: the launcher the sweep set up last: the dry run's job table (resnorm.packing.dry_run_slots) shows
-    #: its slots, and Hydra hands the sweeper's table no launcher
-    latest: Optional["ParallelLauncher"] = None
-
     def __init__(self, n_jobs: Optional[int] = None, gpus: Optional[Sequence[int]] = None,
                  fake_gpus: int = 0, threads_per_job: Optional[int] = None, lock_dir: Optional[str] = None,
                  joblib: Optional[Dict[str, Any]] = None, jobs_per_device: Any = 1,
@@ -71,7 +67,9 @@ class ParallelLauncher(Launcher):
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
-        ParallelLauncher.latest = self
+        from resnorm import packing
+
+        packing.LATEST_LAUNCHER = self  # the dry run's job table shows its slots
 
     def pool(self) -> List:
         from resnorm.devices import Slot, visible_gpus
