@@ -55,7 +55,7 @@ def test_identity_is_the_config_minus_operational_keys():
     assert run_id(compose(*TINY)) == base
     same = ["logger.mode=offline", "train.progress=true", "train.threads=3", "train.device=cpu",
             "train.devices=2", "train.compile=true", "train.checkpoint_every=7", "train.keep_checkpoint=true",
-            "train.grad_accum=2"]
+            "train.grad_accum=2", "data.cache_dir=/tmp/elsewhere"]
     covered = {"logger" if k.startswith("logger.") else k for k in (o.split("=")[0] for o in same)}
     assert covered == set(OPERATIONAL_KEYS)
     for override in same:
