@@ -138,7 +138,9 @@ def fit(cfg, job, callbacks: Optional[Callable] = None, rank: int = 0, world: in
     from .checkpoint import restore
     from .summary import start_summary
 
-    run = setup(cfg, job, rank, world, slots)
+    from .variant_optim import apply_preset
+
+    run = setup(apply_preset(cfg), job, rank, world, slots)  # front13: a variant's optim preset (nGPT)
     cbs = run.callbacks = CallbackList((callbacks or default_callbacks)(run))
     try:
         run.summary = start_summary(run)
@@ -215,7 +217,7 @@ def setup(cfg, job, rank: int, world: int, slots) -> Run:
 def set_lr(run: Run, step: int) -> float:
     lr = lr_at(step, run.cfg.optim, run.cfg.train.steps)
     for group in run.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr  # front13: CompleteP's LR rule
     return lr
 
 
@@ -332,7 +334,9 @@ def lr_at(step: int, optim_cfg, total_steps: int) -> float:
 
 
 def make_optimizer(model, optim_cfg) -> torch.optim.Optimizer:
-    """AdamW; weight decay (if any) on matrices only, never on norms, biases or embeddings.
+    """AdamW; weight decay (if any) on matrices only, never on norms, biases or embeddings. A variant's
+    per-group LR/epsilon multipliers (CompleteP) and post-step hook (nGPT's renormalisation) are
+    applied by :mod:`resnorm.variant_optim`.
 
     ``optim.weight_decay_coupling``: ``lr`` is PyTorch's AdamW (each step decays w by
     lr_t * weight_decay); ``independent`` decays by weight_decay * lr_t / lr, i.e. by the schedule's
@@ -346,8 +350,12 @@ def make_optimizer(model, optim_cfg) -> torch.optim.Optimizer:
     if optim_cfg.weight_decay_coupling == "independent":
         wd = wd / optim_cfg.lr
     groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2),
-                             eps=optim_cfg.eps, foreach=True)
+    # front13 (issue 13): the variant's per-group LR/eps rules and post-step hook (resnorm.variant_optim)
+    from .variant_optim import attach_post_step, scaled_groups
+
+    groups = scaled_groups(model, groups, optim_cfg)
+    return attach_post_step(model, torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2),
+                                                     eps=optim_cfg.eps, foreach=True))
 
 
 @torch.no_grad()
