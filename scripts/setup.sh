@@ -35,4 +35,6 @@ pip install --no-deps "x-transformers==2.31.10" "einops==0.8.2" "einx==0.4.3" "l
     "frozendict==2.5.1" "torch-einops-utils==0.2.0"
 # s12: the hyper-connections peer (pure Python; einops above is its only import the tests use)
 pip install --no-deps "hyper-connections==0.4.11"
+# front13 (issue 13): lucidrains' nGPT, the ngpt peer (pure Python; imports einops and rotary-embedding-torch)
+pip install --no-deps "ngpt-pytorch==0.2.16" "rotary-embedding-torch==0.9.1"
 echo "set up in $VENV"
