@@ -13,7 +13,7 @@ post-step hook, declared on :class:`resnorm.variants.Variant` and applied here, 
   and an ``eps`` each (CompleteP's depth rules).
 - :func:`attach_post_step` (in :func:`resnorm.loop.make_optimizer`): ``Variant.post_step`` names a hook
   of :data:`POST_STEP` registered with ``optimizer.register_step_post_hook``, so it runs after every
-  ``optimizer.step()`` whoever calls it (the loop, the reproductions, a test): the one mechanism for
+  optimizer step, whoever takes it (the loop, the reproductions, a test): the one mechanism for
   nGPT's renormalisation. A skipped or diverged step takes no optimizer step and so no hook.
 """
 

@@ -320,3 +320,32 @@ def test_derf_preset_is_pre_ln_with_derf_everywhere():
     idx = torch.randint(256, (B, T))
     with torch.no_grad():
         assert torch.equal(model(idx), pre(idx))
+
+
+def _port_derf(ours, theirs):
+    off = float(theirs.scale_offset)
+    theirs.alpha.copy_(ours.alpha[0] - off)
+    theirs.s.copy_(ours.shift[0])
+    theirs.gamma.copy_(ours.weight - off)
+    theirs.beta.copy_(ours.bias)
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_peer_xtransformers_derf_decoder(depth):
+    """x-transformers' Decoder(use_derf=True): Pre-Derf blocks and a final Derf, every Derf parameter random."""
+    xt = pytest.importorskip("x_transformers.x_transformers", reason="scripts/setup.sh installs x-transformers")
+    from test_schemes_norm import _peer_model, _port_attention, _port_ff
+
+    model = _peer_model("derf", depth)
+    dec = xt.Decoder(dim=16, depth=depth, heads=2, attn_dim_head=8, ff_no_bias=True, use_derf=True)
+    x = torch.randn(B, 8, 16, generator=torch.Generator().manual_seed(2)) * 2
+    with torch.no_grad():
+        for sub, (norms, block, _) in zip(model.sublayers(), dec.layers, strict=True):
+            (_port_attention if sub.pre_norm is not None and hasattr(block, "to_q") else _port_ff)(sub.branch, block)
+            assert norms[1] is None and norms[2] is None and isinstance(norms[0], xt.Derf)
+            _port_derf(sub.pre_norm, norms[0])
+        _port_derf(model.final_norm, dec.final_norm)
+        ours = x
+        for b in model.blocks:
+            ours = b(ours)
+        torch.testing.assert_close(model.final_norm(ours), dec(x), rtol=1e-5, atol=1e-5)
