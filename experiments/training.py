@@ -75,7 +75,16 @@ def overrides(spec: Dict[str, Any]) -> List[str]:
            "train.progress=false", "train.threads=1", "logger.mode=disabled"]
     if not synthetic:
         out.append(f"data.path={s['data_path']}")
-    return out
+    return _without_preset_keys(out, s["variant"])
+
+
+def _without_preset_keys(out: List[str], variant: str) -> List[str]:
+    """front13 (issue 13): a variant with an optimizer preset (nGPT: no warm-up, no weight decay) trains
+    with it inside the harness too; the harness's own values for those keys are left out."""
+    from resnorm.variants import get_variant
+
+    keys = tuple(f"optim.{name}=" for name, _ in get_variant(variant).optim_preset)
+    return [o for o in out if not o.startswith(keys)] if keys else out
 
 
 def record(spec: Dict[str, Any], summary: Dict[str, Any]) -> Dict[str, Any]:
