@@ -12,12 +12,11 @@ at which nGPT's best loss is at or below Pre-LN's best loss at the largest budge
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 
 from .common import figure, palette, registered, save, select
 from .core import Claim, Experiment, Reference, Skip, register
-from .training import data_label, data_name, data_spec, run_grid
+from .training import data_label, data_spec, loss_row, run_grid
 
 REF = Reference("nGPT: Normalized Transformer with Representation Learning on the Hypersphere", "2410.01131",
                 "Fig. 1 (steps to the baseline's validation loss)", "Loshchilov et al. 2024")
@@ -27,14 +26,7 @@ SHAPE = dict(depth=4, d_model=32, n_heads=2, d_ff=128)
 def run(grid, ctx) -> pd.DataFrame:
     specs = [dict(variant=v, lr=lr, seed=s, steps=b, **SHAPE, **data_spec(grid))
              for s in grid["seeds"] for v in registered(grid["variants"]) for b in grid["budgets"] for lr in grid["lrs"]]
-    rows = []
-    for r in run_grid(specs, ctx):
-        sp = r["spec"]
-        loss = r["final_eval_loss"]
-        rows.append(dict(data=data_name(sp), variant=sp["variant"], steps=sp["steps"], lr=sp["lr"], seed=sp["seed"],
-                         final_eval_loss=loss, initial_loss=r["initial_loss"], diverged=r["diverged"],
-                         loss=r["initial_loss"] if np.isnan(loss) else min(loss, r["initial_loss"])))
-    return pd.DataFrame(rows)
+    return pd.DataFrame([loss_row(r, "variant", "steps", "lr", "seed") for r in run_grid(specs, ctx)])
 
 
 def best(df, variant) -> pd.Series:
@@ -78,9 +70,10 @@ def plot(df, path) -> None:
 register(Experiment(
     name="ngpt_speed",
     reference=REF,
-    summary="final loss vs training steps (budgets of 50-200 steps, 3 LRs), nGPT vs Pre-LN (L=4, d=32)",
+    summary="final loss vs training steps (budgets of 50-200 steps, 5 LRs), nGPT vs Pre-LN (L=4, d=32)",
     kind="train",
-    grids={"full": dict(variants=["pre", "ngpt"], budgets=[50, 100, 200], lrs=[1e-3, 3e-3, 1e-2], seeds=[0, 1]),
+    grids={"full": dict(variants=["pre", "ngpt"], budgets=[50, 100, 200], lrs=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
+                        seeds=[0, 1]),
            "ci": dict(variants=["pre", "ngpt"], budgets=[10, 20], lrs=[3e-3], seeds=[0])},
     run=run,
     plot=plot,

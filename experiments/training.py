@@ -103,6 +103,15 @@ def record(spec: Dict[str, Any], summary: Dict[str, Any]) -> Dict[str, Any]:
                 wall_s=summary.get("wall_s"))
 
 
+def loss_row(r: Dict[str, Any], *keys: str) -> Dict[str, Any]:
+    """One experiment row of a run record: ``data``, the spec's ``keys``, the final and initial losses,
+    ``diverged``, and ``loss``: the final loss clipped at the initial one (a diverged run counts as
+    its initial loss)."""
+    sp, final, initial = r["spec"], r["final_eval_loss"], r["initial_loss"]
+    return dict(data=data_name(sp), **{k: sp[k] for k in keys}, final_eval_loss=final, initial_loss=initial,
+                diverged=r["diverged"], loss=initial if math.isnan(final) else min(final, initial))
+
+
 def _number(value) -> float:
     return float("nan") if value is None else float(value)
 

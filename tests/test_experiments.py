@@ -26,7 +26,8 @@ TRAIN = [n for n, e in experiments.REGISTRY.items() if e.kind == "train"]
 def test_registry_declares_reference_grids_and_claims():
     assert set(INIT) == {"xiong_grad", "admin_amplification", "rank_collapse", "deepnet_update", "curse_of_depth",
                          "normformer_grad"}  # front13
-    assert set(TRAIN) == {"wortsman_lr", "xiong_warmup", "lr_sensitivity_depth", "ngpt_speed"}  # front13
+    assert set(TRAIN) == {"wortsman_lr", "xiong_warmup", "lr_sensitivity_depth", "ngpt_speed",
+                         "completep_transfer"}  # front13
     for exp in experiments.REGISTRY.values():
         assert exp.reference.arxiv and exp.reference.figure and exp.reference.title
         assert {"full", "ci"} <= set(exp.grids)

@@ -349,3 +349,14 @@ def test_peer_xtransformers_derf_decoder(depth):
         for b in model.blocks:
             ours = b(ours)
         torch.testing.assert_close(model.final_norm(ours), dec(x), rtol=1e-5, atol=1e-5)
+
+
+def test_reproduction_harness_trains_ngpt_with_its_preset():
+    """experiments/training.py's recipe (5% warm-up, weight decay 1e-4) leaves those keys to nGPT's preset."""
+    from experiments.training import overrides
+    from resnorm.config import compose as config_compose
+
+    ngpt, pre = overrides(dict(variant="ngpt")), overrides(dict(variant="pre"))
+    assert not [o for o in ngpt if o.startswith(("optim.warmup_steps=", "optim.weight_decay="))]
+    assert "optim.warmup_steps=15" in pre and "optim.weight_decay=0.0001" in pre
+    config_compose(ngpt, validate=True)
