@@ -41,7 +41,6 @@ keys of the same name, then from the job's Hydra overrides (``model.norm=pre``, 
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,17 +49,18 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import pandas as pd
 
 from resnorm.runfolder import (LAYERS, METRICS, OUTCOMES, SUMMARY, classify_outcome, diverge_kind_of,
-                                read_summary, summary_problem)
+                                find_run_dirs, read_summary, summary_problem)
 
 #: summary fields every row of the runs table has (NaN/None where the summary lacks them)
 SUMMARY_FIELDS = (
     "status", "diverged_step", "diverge_reason", "diverge_kind", "initial_loss", "final_train_loss",
     "final_val_loss", "best_val_loss", "unigram_loss", "entropy_rate", "stall_margin", "spike_count",
     "tokens_per_s", "wall_s", "steps_done", "n_params", "mfu", "peak_memory_bytes", "torch_version",
-    "git_commit", "run_name", "overrides",
+    "git_commit", "run_name", "overrides", "tokenizer", "val_tokens_per_byte", "final_val_bpb", "best_val_bpb",
 )
 FLOAT_COLUMNS = ("initial_loss", "final_train_loss", "final_val_loss", "best_val_loss", "unigram_loss",
-                 "entropy_rate", "stall_margin", "tokens_per_s", "wall_s", "mfu", "lr")
+                 "entropy_rate", "stall_margin", "tokens_per_s", "wall_s", "mfu", "lr", "val_tokens_per_byte",
+                 "final_val_bpb", "best_val_bpb")
 INT_COLUMNS = ("diverged_step", "steps_done", "n_params", "spike_count", "peak_memory_bytes", "depth", "seed")
 #: ``train.stall_margin``'s default, for summaries and configs that do not record it
 DEFAULT_STALL_MARGIN = 0.1
@@ -267,22 +267,6 @@ def load_run(run_dir) -> Run:
     return Run(run_dir, info, steps, layers)
 
 
-def find_run_dirs(root: Path) -> List[Path]:
-    """Every folder under ``root`` (``root`` included) holding a ``summary.json``, sorted.
-
-    Hidden folders (name starting with ``.``) are skipped, and the search does not descend into a
-    run folder (its ``wandb/`` and checkpoints hold no other runs).
-    """
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        if SUMMARY in filenames:
-            found.append(Path(dirpath))
-            dirnames[:] = []
-        else:
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-    return sorted(found)
-
-
 def sweep_axes(override_lists: Sequence[Sequence[str]]) -> List[str]:
     """The keys a sweep varies: override keys whose value (or absence) differs between jobs.
 
@@ -366,7 +350,9 @@ def load_sweep(path) -> Sweep:
     if not loaded:
         raise ValueError(f"no run in {root}: no folder under it holds a readable summary.json")
 
-    runs = _coerce(pd.DataFrame([r.info for r in loaded]))
+    from .metrics import with_bits_per_byte
+
+    runs = with_bits_per_byte(_coerce(pd.DataFrame([r.info for r in loaded])))
     axes = sweep_axes(runs["overrides"])
     runs["setting"] = _settings(runs, axes)
     steps = _concat([r.steps for r in loaded])

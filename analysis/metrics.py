@@ -69,7 +69,7 @@ CONFIDENCE = 0.95
 RUN_METRIC_COLUMNS = (
     "run_name", "variant", "depth", "seed", "lr", "status", "outcome", "diverged_step", "final_train_loss",
     "final_val_loss", "best_val_loss", "unigram_loss", "loss_spikes", "tokens_per_s", "wall_s", "n_params",
-    "run_dir",
+    "tokenizer", "final_val_bpb", "best_val_bpb", "run_dir",
 )
 #: the outcomes that are failures (every outcome but ``trained``), in the order figures stack them
 FAILURES = tuple(o for o in OUTCOMES if o != "trained")
@@ -119,6 +119,38 @@ def run_metrics(sweep, spike_window: int = SPIKE_WINDOW, spike_factor: float = S
     table = runs.copy()
     table["loss_spikes"] = pd.array([spikes.get(d) for d in runs["run_dir"]], dtype="Int64")
     return table[list(RUN_METRIC_COLUMNS) + ["setting"]].reset_index(drop=True)
+
+
+def with_bits_per_byte(runs: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` with ``tokenizer``, ``val_tokens_per_byte``, ``final_val_bpb`` and ``best_val_bpb`` for
+    every run: a summary from before issue 14 trained on bytes (tokenizer ``bytes``, one token per
+    byte: its bits per byte are its nats per token / ln 2) or, with ``data.name=synthetic``, on
+    symbols that are not text (tokenizer ``synthetic``, no bits per byte)."""
+    runs = runs.copy()
+    for column in ("tokenizer", "val_tokens_per_byte", "final_val_bpb", "best_val_bpb"):
+        if column not in runs.columns:
+            runs[column] = None
+    fallback = "bytes"  # an older summary: bytes, or synthetic symbols (no bits per byte)
+    if "data.name" in runs.columns:
+        fallback = runs["data.name"].map(lambda name: "synthetic" if name == "synthetic" else "bytes")
+    runs["tokenizer"] = runs["tokenizer"].where(runs["tokenizer"].notna(), fallback)
+    tpb = pd.to_numeric(runs["val_tokens_per_byte"], errors="coerce").astype(float)
+    runs["val_tokens_per_byte"] = tpb.where(tpb.notna() | (runs["tokenizer"] != "bytes"), 1.0)
+    for loss in ("final_val", "best_val"):
+        bpb = pd.to_numeric(runs[f"{loss}_bpb"], errors="coerce").astype(float)
+        derived = pd.to_numeric(runs[f"{loss}_loss"], errors="coerce") / math.log(2) * runs["val_tokens_per_byte"]
+        runs[f"{loss}_bpb"] = bpb.where(bpb.notna(), derived)
+    return runs
+
+
+def loss_column(runs: pd.DataFrame) -> str:
+    """What the figures compare: ``final_val_bpb`` when the runs were trained with different
+    tokenizers of text (nats per token of different tokenizers do not compare), else
+    ``final_val_loss`` (synthetic symbols beside one tokenizer of text: as before issue 14)."""
+    text = runs["tokenizer"].dropna() if "tokenizer" in runs.columns else pd.Series(dtype=object)
+    if text[text != "synthetic"].nunique() > 1 and "final_val_bpb" in runs.columns:
+        return "final_val_bpb"
+    return "final_val_loss"
 
 
 def outcomes(runs: pd.DataFrame) -> pd.Series:

@@ -250,17 +250,17 @@ def _unigram_handle():
     return Line2D([], [], color=style.REFERENCE, ls="--", lw=1.1, label="unigram loss")
 
 
-def _loss_limits(ax, ok, several_seeds: bool, unigram=()) -> None:
+def _loss_limits(ax, ok, several_seeds: bool, unigram=(), column: str = "final_val_loss") -> None:
     """The shared y range: the finite final losses (+- one sd with several seeds) and the unigram
     losses, room on top for the failure markers."""
-    finite = ok["final_val_loss"]
+    finite = ok[column]
     levels = _unigram_values(unigram)
     if finite.empty and not levels:
         ax.set_ylim(0.0, 1.0)
         return
     low, high = min([*finite.tolist(), *levels]), max([*finite.tolist(), *levels])
     if several_seeds:
-        sd = ok.groupby(["setting", "variant", "depth"])["final_val_loss"].std().fillna(0.0)
+        sd = ok.groupby(["setting", "variant", "depth"])[column].std().fillna(0.0)
         high += float(sd.max())
         low -= float(sd.max())
     pad = 0.1 * (high - low) if high > low else 0.05 * abs(high) or 0.1
@@ -277,7 +277,9 @@ def depth_vs_val_loss(sweep, path) -> Optional[Path]:
     valid final loss: each
     (variant, depth) with a diverged run gets an ``x`` at the top of the panel in the variant's
     colour (with the count when more than one seed diverged); failed runs a hollow square below it.
-    Runs still ``running`` have no final loss yet and are not shown.
+    Runs still ``running`` have no final loss yet and are not shown. When the runs were trained with
+    different tokenizers the y axis is bits per byte (:func:`analysis.metrics.loss_column`), without
+    the unigram line (nats per token).
     """
     import seaborn as sns
     from matplotlib.lines import Line2D
@@ -286,7 +288,9 @@ def depth_vs_val_loss(sweep, path) -> Optional[Path]:
     if runs.empty:
         return _skip("depth_vs_val_loss", "no run has both a variant and a depth")
     runs["depth"] = runs["depth"].astype(float)
-    ok = runs[(runs["status"] == "completed") & np.isfinite(runs["final_val_loss"])]
+    y = metrics.loss_column(runs)
+    unigram = runs["unigram_loss"] if y == "final_val_loss" else runs["unigram_loss"].iloc[:0]
+    ok = runs[(runs["status"] == "completed") & np.isfinite(runs[y])]
     marked = runs[runs["status"].isin(["diverged", "failed"])]
     if ok.empty and marked.empty:
         return _skip("depth_vs_val_loss", "no completed run with a final validation loss and no "
@@ -304,7 +308,7 @@ def depth_vs_val_loss(sweep, path) -> Optional[Path]:
         panel_ok = ok[ok["setting"] == setting]
         if not panel_ok.empty:
             present = [v for v in variants if v in set(panel_ok["variant"])]
-            sns.lineplot(data=panel_ok, x="depth", y="final_val_loss", hue="variant", hue_order=present,
+            sns.lineplot(data=panel_ok, x="depth", y=y, hue="variant", hue_order=present,
                          palette={v: colours[v] for v in present}, estimator="mean", errorbar="sd",
                          err_style="bars", marker="o", markersize=6, err_kws={"capsize": 3},
                          legend=False, ax=ax)
@@ -312,15 +316,16 @@ def depth_vs_val_loss(sweep, path) -> Optional[Path]:
             ax.text(0.5, 0.5, "no completed run", transform=ax.transAxes, ha="center", va="center",
                     color="grey")
         _mark_failures(fig, ax, marked[marked["setting"] == setting], variants, colours)
-        reference |= _unigram_lines(ax, runs.loc[runs["setting"] == setting, "unigram_loss"])
+        reference |= _unigram_lines(ax, unigram[runs["setting"] == setting])
         _depth_axis(ax, depths)
         ax.set_xlabel("depth (blocks)")
         ax.set_ylabel("" if panel % ncols else
-                      "final validation loss" + ("\n(mean ± sd over seeds)" if several_seeds else ""))
+                      ("final validation bits per byte" if y != "final_val_loss" else "final validation loss")
+                      + ("\n(mean ± sd over seeds)" if several_seeds else ""))
         if setting:
             ax.set_title(setting)
 
-    _loss_limits(axes.flat[0], ok, several_seeds, runs["unigram_loss"])
+    _loss_limits(axes.flat[0], ok, several_seeds, unigram, column=y)
     handles = _variant_handles(variants, marker="o") + ([_unigram_handle()] if reference else [])
     if (marked["status"] == "diverged").any():
         handles.append(Line2D([], [], ls="none", marker="x", ms=8, mew=2, color=style.NEUTRAL,
@@ -329,8 +334,22 @@ def depth_vs_val_loss(sweep, path) -> Optional[Path]:
         handles.append(Line2D([], [], ls="none", marker="s", ms=8, mew=2, mfc="none",
                               color=style.NEUTRAL, label="failed"))
     _legend(fig, handles)
-    fig.suptitle(f"{sweep.name}: final validation loss vs depth")
+    fig.suptitle(f"{sweep.name}: final validation {'loss' if y == 'final_val_loss' else 'bits per byte'} vs depth")
     return _save(fig, path)
+
+
+def _curve_steps(sweep):
+    """(steps, y label): the step losses as recorded, or, when the runs were trained with different
+    tokenizers, in bits per byte (each run's losses x its validation tokens per byte / ln 2)."""
+    runs, steps = sweep.runs, sweep.steps
+    if metrics.loss_column(runs) == "final_val_loss" or steps.empty:
+        return steps, "loss"
+    factor = steps["run_dir"].map(dict(zip(runs["run_dir"], runs["val_tokens_per_byte"] / math.log(2))))
+    steps = steps.copy()
+    for column in ("train_loss", "val_loss"):
+        if column in steps.columns:
+            steps[column] = steps[column] * factor.astype(float)
+    return steps, "bits per byte"
 
 
 def loss_curves(sweep, path) -> Optional[Path]:
@@ -344,7 +363,7 @@ def loss_curves(sweep, path) -> Optional[Path]:
     """
     from matplotlib.lines import Line2D
 
-    steps = sweep.steps
+    steps, unit = _curve_steps(sweep)
     if steps.empty or "train_loss" not in steps.columns:
         return _skip("loss_curves", "no run wrote metrics.parquet with a train_loss column")
     runs = _plottable_runs(sweep.runs)
@@ -377,7 +396,7 @@ def loss_curves(sweep, path) -> Optional[Path]:
             ax = axes[r, c]
             cell = runs[(runs["depth"] == depth) & (runs["variant"] == variant)]
             drawn = 0
-            reference |= _unigram_lines(ax, cell["unigram_loss"])
+            reference |= unit == "loss" and _unigram_lines(ax, cell["unigram_loss"])
             for _, run in cell.iterrows():
                 colour = _shade(style.colour(variant), shade_of[run["setting"]])
                 rows = by_run.get(run["run_dir"])
@@ -397,7 +416,7 @@ def loss_curves(sweep, path) -> Optional[Path]:
             if r == 0:
                 ax.set_title(style.label(variant), color=style.colour(variant), fontweight="bold")
             if c == 0:
-                ax.set_ylabel(f"depth {depth}\nloss")
+                ax.set_ylabel(f"depth {depth}\n{unit}")
             if r == len(depths) - 1:
                 ax.set_xlabel("step")
     axes[0, 0].set_ylim(low - 0.05 * (high - low), high)

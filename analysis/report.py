@@ -11,7 +11,8 @@ every file atomically (temporary file in the same folder, then ``os.replace``):
 - one PNG per figure of :data:`analysis.plots.FIGURES` (``depth_vs_val_loss.png``,
   ``failure_rate.png``, ``spike_rate.png``, ``stability_frontier.png``, ``lr_depth_heatmap.png``,
   ``lr_sensitivity_vs_depth.png``, ``loss_curves.png``, ``layer_profiles.png``,
-  ``monitor_profiles.png``, ``coord_check.png``); a figure the data cannot support is skipped (report.md says why), and a
+  ``monitor_profiles.png``, ``coord_check.png``; ``downstream.png`` when runs were fine-tuned,
+  :mod:`analysis.downstream`); a figure the data cannot support is skipped (report.md says why), and a
   stale file of that name from an earlier report is removed so the folder never shows a figure of
   other data.
 - ``lr_sensitivity.csv``: only when the sweep has several learning rates; one row per LR sweep
@@ -32,7 +33,7 @@ from typing import Dict, List, Optional
 
 import pandas as pd
 
-from analysis import metrics, plots, style
+from analysis import downstream, metrics, plots, style
 from analysis.load import load_sweep
 from resnorm.runfolder import OUTCOMES, atomic_write, write_text
 
@@ -50,12 +51,13 @@ FIGURE_TITLES = {
     "layer_profiles": "Per-layer profiles at step 0 and at the last logged step",
     "monitor_profiles": "Per-layer monitor quantities at the first and the last logged step",
     "coord_check": "Depth coord check",
+    "downstream": "Downstream score after fine-tuning vs depth",  # obj14 (issue 14)
 }
 _MD_COLUMNS = (
     ("short_name", "run"), ("variant", "variant"), ("depth", "depth"), ("seed", "seed"), ("lr", "lr"),
     ("status", "status"), ("outcome", "outcome"), ("diverged_step", "diverged at"), ("final_train_loss", "final train"),
     ("final_val_loss", "final val"), ("best_val_loss", "best val"), ("unigram_loss", "unigram"),
-    ("loss_spikes", "spikes"),
+    ("final_val_bpb", "val bits/byte"), ("loss_spikes", "spikes"),
     ("tokens_per_s", "tokens/s"),
 )
 
@@ -272,7 +274,7 @@ def make_report(sweep_dir, out_dir, spike_window: int = metrics.SPIKE_WINDOW,
     collect = _Collect()
     plots.log.addHandler(collect)
     try:
-        for name, draw in plots.FIGURES.items():
+        for name, draw in {**plots.FIGURES, **downstream.figures(sweep)}.items():  # obj14: + downstream
             target = out / f"{name}.png"
             collect.messages.clear()
             try:

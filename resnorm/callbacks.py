@@ -16,8 +16,8 @@ The protocol (:class:`Callback`) has a handful of hooks, called by ``fit`` in th
 - ``state_dict()`` / ``load_state_dict(state)``: what a checkpoint keeps of the callback (by ``name``).
 
 The callbacks here: :class:`ProbeCallback` (any :class:`resnorm.probes.Probe`), :class:`Checkpointer`,
-:class:`WandbLogger`, :class:`ProgressBar`, :class:`RunStoreWriter` and, for the reproductions,
-:class:`FinalReadouts`. :func:`default_callbacks` is the set ``run.py`` trains with; its order matters
+:class:`WandbLogger`, :class:`TensorBoardLogger` (the same :func:`step_scalars`), :class:`ProgressBar`,
+:class:`RunStoreWriter` and, for the reproductions, :class:`FinalReadouts`. :func:`default_callbacks` is the set ``run.py`` trains with; its order matters
 (the writer comes last, so it writes what the others put in the summary).
 """
 
@@ -172,8 +172,26 @@ class Checkpointer(Callback):
             summary["checkpoint_step"] = None
 
 
+def step_scalars(rec) -> Dict[str, float]:
+    """What a step logs (W&B and TensorBoard alike): ``train/*``, every probe row as
+    ``<quantity>/<sublayer>/<layer>``, ``val/*`` on evaluation steps, and under fp16
+    ``train/loss_scale`` and ``train/scaler_skipped``."""
+    record = {"train/loss": rec.loss, "train/lr": rec.lr, "train/grad_norm": rec.grad_norm,
+              "train/tokens_per_s": rec.tokens_per_s, "train/spike": int(rec.spike),
+              "train/skipped": int(rec.skipped)}
+    if rec.loss_scale == rec.loss_scale:  # fp16: the scaler's scale and its skip (NaN otherwise)
+        record.update({"train/loss_scale": rec.loss_scale, "train/scaler_skipped": int(rec.scaler_skipped)})
+    for quantity, labels, values in rec.layer_rows:  # every probe's rows: <quantity>/<sublayer>/<layer>
+        record.update({f"{quantity}/{sub}/{layer:03d}": v for (layer, sub), v in zip(labels, values)})
+    if rec.val_loss is not None:
+        record.update({"val/loss": rec.val_loss, "val/log_z": rec.val_log_z, "val/logit_rms": rec.val_logit_rms})
+    return record
+
+
 class WandbLogger(Callback):
     """Logs every step to Weights & Biases (see :mod:`resnorm.tracking`); never takes a run down."""
+
+    reinit = "finish_previous"  # a stack's members (resnorm.stack) keep their runs open at once: create_new
 
     def __init__(self):
         self.tracker = None
@@ -186,18 +204,12 @@ class WandbLogger(Callback):
         cfg, job = run.cfg, run.job
         self.tracker = WandbTracker(cfg.logger, job.run_dir, job.group, job.run_name,
                                     OmegaConf.to_container(cfg, resolve=True), run_id=run.summary["run_id"],
-                                    tags=[cfg.model.norm, f"depth={cfg.depth}"], job_type=cfg.model.norm)
+                                    tags=[cfg.model.norm, f"depth={cfg.depth}"], job_type=cfg.model.norm,
+                                    reinit=self.reinit)
         self.tracker.__enter__()
 
     def on_step_end(self, run, rec) -> None:
-        record = {"train/loss": rec.loss, "train/lr": rec.lr, "train/grad_norm": rec.grad_norm,
-                  "train/tokens_per_s": rec.tokens_per_s, "train/spike": int(rec.spike),
-                  "train/skipped": int(rec.skipped)}
-        for quantity, labels, values in rec.layer_rows:  # every probe's rows: <quantity>/<sublayer>/<layer>
-            record.update({f"{quantity}/{sub}/{layer:03d}": v for (layer, sub), v in zip(labels, values)})
-        if rec.val_loss is not None:
-            record.update({"val/loss": rec.val_loss, "val/log_z": rec.val_log_z, "val/logit_rms": rec.val_logit_rms})
-        self.tracker.log(record, step=rec.step)
+        self.tracker.log(step_scalars(rec), step=rec.step)
 
     def on_fit_end(self, run, summary) -> None:
         self.tracker.summary({k: summary[k] for k in ("status", "diverged_step", "final_train_loss",
@@ -209,6 +221,32 @@ class WandbLogger(Callback):
     def teardown(self, run) -> None:
         if self.tracker is not None and self.tracker.run is not None:  # training raised: finish as failed
             self.tracker.__exit__(RuntimeError, None, None)
+
+
+class TensorBoardLogger(Callback):
+    """``logger.tensorboard=true``: every step's :func:`step_scalars` (what W&B gets) as TensorBoard
+    scalars in ``<run folder>/tensorboard/`` (``tensorboard --logdir multirun/<name>``). A resumed
+    run appends: events at or after the resumed step are purged (``purge_step``), so no step shows
+    twice. Closed at teardown, also when training raised."""
+
+    def __init__(self):
+        self.writer = None
+
+    def on_fit_start(self, run) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        from .runfolder import tensorboard_dir
+
+        self.writer = SummaryWriter(str(tensorboard_dir(run.job.run_dir)), purge_step=run.state.step or None)
+
+    def on_step_end(self, run, rec) -> None:
+        for name, value in step_scalars(rec).items():
+            self.writer.add_scalar(name, value, rec.step)
+
+    def teardown(self, run) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 class ProgressBar(Callback):
@@ -263,7 +301,8 @@ class RunStoreWriter(Callback):
 
     def on_step_end(self, run, rec) -> None:
         self.store.add_step(rec.step, rec.loss, rec.lr, rec.grad_norm, rec.tokens_per_s, rec.val_loss,
-                            rec.val_log_z, rec.val_logit_rms, rec.spike, rec.skipped)
+                            rec.val_log_z, rec.val_logit_rms, rec.spike, rec.skipped, rec.scaler_skipped,
+                            rec.loss_scale)
         for quantity, labels, values in rec.layer_rows:
             self.store.add_layers(rec.step, labels, quantity, values)
         run.summary["steps_done"] = rec.step + 1
@@ -314,7 +353,7 @@ def probe_callbacks(run) -> List[Callback]:
     if cfg.probes and cfg.probe_every:
         cbs.append(ProbeCallback(ActivationProbe(run.model, cfg.probe_every, cfg.steps)))
     share = cbs[-1].probe if len(cbs) > 1 else None  # the activation probe: one trace for both
-    cbs += [ProbeCallback(p) for p in forward_probes(run.model, cfg, share=share)]
+    cbs += [ProbeCallback(p) for p in forward_probes(run.model, cfg, share=share, scaler=run.scaler)]
     cbs += [ProbeCallback(p) for p in weight_probes(run.model, run.optimizer, cfg)]
     return cbs
 
@@ -324,5 +363,6 @@ def default_callbacks(run, extra: Sequence[Callback] = ()) -> List[Callback]:
     ``extra`` and, last, the run-store writer."""
     cbs = probe_callbacks(run)
     if run.is_main:
-        cbs += [Checkpointer(), WandbLogger(), ProgressBar(), *extra, RunStoreWriter(run.job.run_dir)]
+        loggers = [WandbLogger()] + ([TensorBoardLogger()] if run.cfg.logger.tensorboard else [])
+        cbs += [Checkpointer(), *loggers, ProgressBar(), *extra, RunStoreWriter(run.job.run_dir)]
     return cbs

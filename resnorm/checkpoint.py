@@ -4,8 +4,9 @@ Written atomically every ``train.checkpoint_every`` steps (and never at the last
 :class:`resnorm.callbacks.Checkpointer`; removed when the run completes or diverges, unless
 ``train.keep_checkpoint=true`` (then it holds the final state). It holds (:func:`save_run`):
 
-- ``model`` and ``optimizer`` state (AdamW moments and step counts), and hence the learning-rate
-  schedule, which is a function of the step;
+- ``model`` and ``optimizer`` state (AdamW moments and step counts; every optimizer's under
+  ``optim=muon``), and hence the learning-rate schedule, which is a function of the step;
+- ``scaler``: the fp16 gradient scaler's state (its scale and growth tracker), when there is one;
 - ``sampler`` (the batch sampler's generator) and ``rng`` (torch CPU, and CUDA, random states);
 - ``loop``: the :class:`resnorm.loop.LoopState` (next step, initial loss, best and last validation
   loss, the last losses, training and wall time so far);
@@ -72,6 +73,7 @@ def save_run(run) -> None:
         run_id=run.summary["run_id"], step=run.state.step, model=run.model.state_dict(),
         optimizer=run.optimizer.state_dict(), sampler=run.sampler.generator.get_state(),
         rng=rng_state(run.device), loop=loop, callbacks=run.callbacks.state_dict(),
+        **({} if run.scaler is None else {"scaler": run.scaler.state_dict()}),
     ))
 
 
@@ -84,6 +86,8 @@ def restore(run, callbacks) -> bool:
         return False
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
+    if run.scaler is not None and "scaler" in state:
+        run.scaler.load_state_dict(state["scaler"])
     run.sampler.generator.set_state(state["sampler"])
     set_rng_state(state["rng"], run.device)
     run.state = LoopState.from_state_dict(state["loop"])

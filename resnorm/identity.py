@@ -2,11 +2,12 @@
 
 The identity (``run_id``) is the first 12 hex digits of the SHA-256 of the job's resolved config as
 canonical JSON, without the keys in :data:`OPERATIONAL_KEYS`: those say where, how fast or how
-verbosely a job runs (W&B settings, progress bar, threads, device, number of DDP processes,
-``torch.compile``, checkpoint interval), not what it computes. Everything else counts, the sweep's
-``name`` included (it is the W&B group, and the W&B run id is the identity, which W&B wants unique
-in a project). So the same job always gets the same id, whatever launcher, machine or command line
-produced it; a config key added to the schema later changes every id (the runs are then new runs).
+verbosely a job runs (W&B and TensorBoard settings, progress bar, threads, device, number of DDP
+processes, micro-batches per step, ``torch.compile``, checkpoint interval, the data cache's folder),
+not what it computes. Everything else counts, the sweep's ``name`` included (it is the W&B group, and
+the W&B run id is the identity, which W&B wants unique in a project). So the same job always gets the
+same id, whatever launcher, machine or command line produced it; a config key added to the schema
+later changes every id (the runs are then new runs).
 
 In a multirun the job folder is ``multirun/<name>/<run_id>/`` (``hydra.sweep.subdir: ${run_id:}``
 in ``conf/config.yaml``): re-running a sweep finds every job where it left it. The readable name
@@ -33,10 +34,36 @@ OPERATIONAL_KEYS = (
     "train.threads",
     "train.device",
     "train.devices",
+    "train.grad_accum",  # micro-batches of the same global batch: the same step, as train.devices
     "train.compile",
     "train.checkpoint_every",
     "train.keep_checkpoint",
+    "data.cache_dir",  # where tokenizers and token streams are cached, not what they hold (issue 14)
 )
+# --- stack15 (issue 15) ---
+#: dotted keys that leave every parameter shape, the batch shape and the loop's length unchanged:
+#: jobs of a sweep that differ only in these are trained as one stack (``hydra.sweeper.stack``,
+#: :mod:`resnorm.stack`). Deliberately short: ``model.*``, ``depth``, ``data.*`` and every
+#: ``train.*`` key that shapes a step or the loop (batch, sequence, steps, cadences) are not in it.
+STACKABLE_KEYS = (
+    "seed",
+    "optim.lr",
+    "optim.warmup_steps",
+    "optim.schedule",
+    "optim.min_lr_ratio",
+    "optim.weight_decay",
+    "optim.weight_decay_coupling",
+    "optim.beta1",
+    "optim.beta2",
+    "optim.eps",
+    "optim.grad_clip",
+    "optim.skip_spikes",
+    "train.diverge_factor",
+    "train.stall_margin",
+    "train.spike_window",
+    "train.spike_sigma",
+)
+# --- end stack15 ---
 ID_LENGTH = 12
 RESOLVER = "run_id"
 
@@ -58,8 +85,13 @@ def _plain(cfg: Any) -> Dict[str, Any]:
 
 def identity_config(cfg: Any) -> Dict[str, Any]:
     """What the identity hashes: the resolved config minus :data:`OPERATIONAL_KEYS`."""
+    return _without(cfg, OPERATIONAL_KEYS)
+
+
+def _without(cfg: Any, keys) -> Dict[str, Any]:
+    """A deep copy of the resolved config (as plain dicts) without the dotted ``keys``."""
     plain = json.loads(json.dumps(_plain(cfg)))  # a deep copy
-    for dotted in OPERATIONAL_KEYS:
+    for dotted in keys:
         *parents, leaf = dotted.split(".")
         node = plain
         for part in parents:
@@ -67,6 +99,12 @@ def identity_config(cfg: Any) -> Dict[str, Any]:
         if isinstance(node, dict):
             node.pop(leaf, None)
     return plain
+
+
+def stack_key(cfg: Any) -> str:
+    """What jobs trained as one stack share: the resolved config without :data:`STACKABLE_KEYS`
+    (operational keys included: a stack runs on one device, with one thread count), as canonical JSON."""
+    return json.dumps(_without(cfg, STACKABLE_KEYS), sort_keys=True, separators=(",", ":"), allow_nan=True)
 
 
 def run_id(cfg: Any) -> str:

@@ -7,18 +7,27 @@ caller adds (the run store, W&B, the progress bar, checkpoints, probes, extra re
 and its order is part of the study:
 
 1. set the learning rate (:func:`lr_at`: linear warm-up, then cosine or constant);
-2. forward and backward on the step's batch (this process's slice of the global batch under DDP);
+2. forward and backward on the step's batch (this process's slice of the global batch under DDP),
+   in ``train.grad_accum`` micro-batches; under fp16 the gradients are unscaled right after
+   (:mod:`resnorm.precision`);
 3. the probes read the raw gradients and the pre-update weights (``before_update``);
 4. **one host transfer**: the loss, the gradient norms and every probe's before-update values;
-5. the divergence guard (:func:`resnorm.guard.divergence`) on those numbers, *before* clipping;
-6. unless diverged: clip (``optim.grad_clip``, off by default) and the optimizer step, then the
-   probes' after-update reads (``after_update``, e.g. the update ratio);
+5. the divergence guard (:func:`resnorm.guard.divergence`) on those numbers, *before* clipping
+   (under fp16 an overflow the gradient scaler handles is no divergence: :func:`guard`);
+6. unless diverged: clip (``optim.grad_clip``, off by default) and the optimizer step (under fp16
+   skipped on an overflow), then, if it was taken, the probes' after-update reads
+   (``after_update``, e.g. the update ratio);
 7. evaluation every ``train.eval_every`` steps and at the last (rank 0);
 8. the step's record goes to the callbacks (``on_step_end``); a checkpoint every
    ``train.checkpoint_every`` steps (``on_checkpoint``).
 
+A step is two named halves around its forward and backward, :func:`start_step` (1) and
+:func:`end_step` (3-8), so that a stack of runs (:mod:`resnorm.stack`) takes the same steps with one
+forward and backward for all its members in between.
+
 Everything a resumed run needs is in :class:`LoopState` (checkpointed as one object) plus the
-model, optimizer, sampler, random states and the callbacks' ``state_dict``.
+model, optimizer (:mod:`resnorm.optimizers`), fp16 scaler, sampler, random states and the callbacks'
+``state_dict``.
 """
 
 from __future__ import annotations
@@ -33,8 +42,11 @@ import torch
 
 from . import devices
 from .guard import describe, divergence
+from .optimizers import make_optimizer  # noqa: F401  # resnorm.loop.make_optimizer: the registry's
+from .precision import autocast as precision_autocast, make_scaler, scale_tensor, scaler_overflow
 from .runfolder import classify_outcome
 from .spikes import SpikeTracker
+from .tokenizer import bits_per_byte
 
 FINAL_LOSS_WINDOW = 10  # final_train_loss is the mean of the last 10 steps' finite losses
 
@@ -55,6 +67,7 @@ class LoopState:
     diverge_reason: Optional[str] = None
     diverge_kind: Optional[str] = None  # the guard's verdict (resnorm.guard.divergence)
     spikes: SpikeTracker = field(default_factory=SpikeTracker)
+    scaler_skipped_steps: List[int] = field(default_factory=list)  # fp16 (resnorm.precision)
 
     def state_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -82,12 +95,15 @@ class StepRecord:
     diverged: Optional[str] = None  # the guard's verdict (resnorm.guard.divergence)
     spike: bool = False  # the loss or the gradient norm was a spike (resnorm.spikes)
     skipped: bool = False  # a spike whose update was skipped (optim.skip_spikes)
+    scaler_skipped: bool = False  # fp16: the gradient scaler skipped the update (resnorm.precision)
+    loss_scale: float = math.nan  # fp16: the loss scale of the step's backward
     val_loss: Optional[float] = None  # set on evaluation steps
     val_log_z: Optional[float] = None  # mean log-sum-exp of the validation logits
     val_logit_rms: Optional[float] = None
     seconds: float = 0.0
     tokens_per_s: float = 0.0
     layer_rows: List[tuple] = field(default_factory=list)  # (quantity, labels, values) for layers.parquet
+    started: float = 0.0  # perf_counter at the step's start
 
 
 @dataclass
@@ -103,15 +119,17 @@ class Run:
     slots: Optional[Sequence[Any]]
     data: Any  # resnorm.data.TokenData
     model: Any  # resnorm.model.Transformer
-    optimizer: torch.optim.Optimizer
+    optimizer: Any  # a torch.optim.Optimizer, or resnorm.optimizers.OptimizerChain (optim=muon)
     sampler: Any  # resnorm.data.BatchSampler
     val_batches: list
     grad_probe: Any  # resnorm.probes.GradNormProbe
     loss_fn: Callable
+    scaler: Optional[torch.amp.GradScaler] = None  # train.precision=fp16 (resnorm.precision)
     state: LoopState = field(default_factory=LoopState)
     callbacks: Any = None  # the resnorm.callbacks.CallbackList fit runs (a checkpoint keeps their state)
     summary: Dict[str, Any] = field(default_factory=dict)
     wall0: float = field(default_factory=time.perf_counter)
+    objective: Any = None  # obj14: the resnorm.objectives.Objective that setup built the run with
 
     @property
     def is_main(self) -> bool:
@@ -122,8 +140,7 @@ class Run:
         return self.cfg.train.batch_size * self.cfg.train.seq_len
 
     def autocast(self):
-        bf16 = self.cfg.train.precision == "bf16"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+        return precision_autocast(self.device, self.cfg.train.precision)
 
     def wall_s(self) -> float:
         return self.state.wall_s + time.perf_counter() - self.wall0
@@ -135,46 +152,17 @@ def fit(cfg, job, callbacks: Optional[Callable] = None, rank: int = 0, world: in
     return the run's summary. ``callbacks(run)`` gives the callbacks that see every step
     (default: :func:`resnorm.callbacks.default_callbacks`, what ``run.py`` trains with)."""
     from .callbacks import CallbackList, default_callbacks
-    from .checkpoint import restore
-    from .summary import start_summary
 
-    from .variant_optim import apply_preset
-
-    run = setup(apply_preset(cfg), job, rank, world, slots)  # front13: a variant's optim preset (nGPT)
+    run = setup(cfg, job, rank, world, slots)
     cbs = run.callbacks = CallbackList((callbacks or default_callbacks)(run))
     try:
-        run.summary = start_summary(run)
-        restore(run, cbs)
-        cbs.on_fit_start(run)
+        start(run)
         for step in range(run.state.step, cfg.train.steps):
-            t0 = time.perf_counter()
-            rec = StepRecord(step, set_lr(run, step), last=step + 1 == cfg.train.steps)
-            cbs.on_step_start(run, rec)
-            x, y = next_batch(run)
+            rec, x, y = start_step(run, step)
             loss = forward_backward(run, x, y)
-            grads = run.grad_probe.before_update(x)
-            extra = cbs.before_update(run, rec, x)
-            to_host(run, rec, loss, grads, extra)  # the step's one host transfer
-            rec.diverged = divergence(rec.loss, rec.grad_norm, run.state.initial_loss, cfg.train.diverge_factor)
-            rec.spike = run.state.spikes.observe(step, rec.loss, rec.grad_norm)
-            if rec.diverged is not None:
-                mark_diverged(run, rec, x)  # while the gradients are there to name the first non-finite one
-            elif rec.spike and cfg.optim.skip_spikes:
-                skip_step(run, rec)
-            else:
-                optimizer_step(run, rec, grads[0])
-                cbs.after_update(run, rec)
-            run.optimizer.zero_grad(set_to_none=True)
-            finish_step(run, rec, time.perf_counter() - t0)
-            if rec.diverged is None and run.is_main and (rec.last or (step + 1) % cfg.train.eval_every == 0):
-                run_eval(run, rec)
-            cbs.on_step_end(run, rec)
-            if rec.diverged is not None:
+            if end_step(run, rec, x, loss):
                 break
-            if not rec.last and cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0:
-                cbs.on_checkpoint(run)
-        summary = finish(run)
-        cbs.on_fit_end(run, summary)
+        end(run)
     finally:
         cbs.teardown(run)
         if world > 1:
@@ -188,11 +176,16 @@ def fit(cfg, job, callbacks: Optional[Callable] = None, rank: int = 0, world: in
 
 
 def setup(cfg, job, rank: int, world: int, slots) -> Run:
-    """Threads, device (and the DDP process group), seed, data, model, optimizer, sampler, probes."""
-    from .data import BatchSampler, fixed_batches, load_data
-    from .model import build_model
+    """Threads, device (and the DDP process group), seed, data, model, optimizer, sampler, probes.
+    Data, model, sampler and validation batches are the objective's (:mod:`resnorm.objectives`)."""
+    from .objectives import for_config
+    from .data import tokens_per_byte
+    from .hf_data import model_config
     from .probes import GradNormProbe
+    from .tokenizer import write_run_tokenizer
+    from .variant_optim import apply_preset
 
+    cfg = apply_preset(cfg)  # front13: a variant's optimizer preset (nGPT: no warm-up, no weight decay)
     wall0 = time.perf_counter()
     threads = devices.job_threads(cfg.train.threads, world)
     torch.set_num_threads(threads)
@@ -200,24 +193,91 @@ def setup(cfg, job, rank: int, world: int, slots) -> Run:
     if world > 1:
         devices.init_process_group(rank, world, device)
     torch.manual_seed(cfg.seed)
-    data = load_data(cfg.data, cfg.train.seq_len, cfg.seed)
-    model = build_model(cfg).to(device)
+    objective = for_config(cfg)  # obj14: clm, mlm, or a fine-tuning task's classify / tag
+    data = objective.load(cfg)
+    if objective.pretraining:  # model.vocab_size follows a trained or loaded tokenizer (data14)
+        cfg = model_config(cfg, data, job)
+    model = objective.build(cfg, data).to(device)
     optimizer = make_optimizer(model, cfg.optim)
     # every process draws the same global batch and trains on its slice of it
-    sampler = BatchSampler(data.train, cfg.train.batch_size, cfg.train.seq_len, seed=cfg.seed)
-    val = fixed_batches(data.val, cfg.train.eval_batches, cfg.train.batch_size, cfg.train.seq_len)
+    sampler = objective.sampler(cfg, data)
+    val = objective.val_batches(cfg, data)
+    if objective.pretraining:
+        data.val_tokens_per_byte = tokens_per_byte(val, data)  # bits per byte (finish)
+        if rank == 0 and data.tokenizer is not None:
+            write_run_tokenizer(job.run_dir, data.tokenizer)  # <run folder>/tokenizer.json (fine-tuning reads it)
     grad_probe = GradNormProbe(model, per_layer=cfg.train.probes, log_every=cfg.train.log_every)
     step_model = devices.data_parallel(model, device) if world > 1 else model.loss
     loss_fn = torch.compile(step_model) if cfg.train.compile else step_model
     state = LoopState(spikes=SpikeTracker(window=cfg.train.spike_window, sigma=cfg.train.spike_sigma))
     return Run(cfg, job, rank, world, device, threads, slots, data, model, optimizer, sampler, val,
-               grad_probe, loss_fn, state=state, wall0=wall0)
+               grad_probe, loss_fn, scaler=make_scaler(cfg.train.precision, device), state=state, wall0=wall0,
+               objective=objective)
+
+
+def start(run: Run) -> None:
+    """The summary as training starts, the checkpoint's state (if any), then ``on_fit_start``."""
+    from .checkpoint import restore
+    from .summary import start_summary
+
+    run.summary = start_summary(run)
+    restore(run, run.callbacks)
+    run.callbacks.on_fit_start(run)
+
+
+def start_step(run: Run, step: int):
+    """The first half of a step, up to its forward: the record, the learning rate, ``on_step_start``
+    and the batch. Returns ``(rec, x, y)``; the forward and backward come next (:func:`forward_backward`,
+    or one for a whole stack of runs, :mod:`resnorm.stack`), then :func:`end_step`."""
+    t0 = time.perf_counter()
+    rec = StepRecord(step, set_lr(run, step), last=step + 1 == run.cfg.train.steps, started=t0)
+    run.callbacks.on_step_start(run, rec)
+    x, y = next_batch(run)
+    return rec, x, y
+
+
+def end_step(run: Run, rec: StepRecord, x: torch.Tensor, loss: torch.Tensor) -> bool:
+    """The rest of a step after its backward (probes, the one host transfer, the guard, the update,
+    evaluation, ``on_step_end``, the checkpoint). True when the run stops here (it diverged)."""
+    cfg, cbs, step = run.cfg, run.callbacks, rec.step
+    grads = run.grad_probe.before_update(x)
+    extra = cbs.before_update(run, rec, x)
+    to_host(run, rec, loss, grads, extra)  # the step's one host transfer
+    rec.diverged = guard(run, rec)
+    rec.spike = run.state.spikes.observe(step, rec.loss, rec.grad_norm)
+    if rec.diverged is not None:
+        mark_diverged(run, rec, x)  # while the gradients are there to name the first non-finite one
+    elif rec.spike and cfg.optim.skip_spikes:
+        skip_step(run, rec)
+    else:
+        optimizer_step(run, rec, grads[0])
+        if rec.updated:  # not a step the fp16 scaler skipped
+            cbs.after_update(run, rec)
+    run.optimizer.zero_grad(set_to_none=True)
+    finish_step(run, rec, time.perf_counter() - rec.started)
+    if rec.diverged is None and run.is_main and (rec.last or (step + 1) % cfg.train.eval_every == 0):
+        run_eval(run, rec)
+    cbs.on_step_end(run, rec)
+    if rec.diverged is not None:
+        return True
+    if not rec.last and cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0:
+        cbs.on_checkpoint(run)
+    return False
+
+
+def end(run: Run) -> Dict[str, Any]:
+    """The run is over (completed or diverged): its summary's last fields, then ``on_fit_end``."""
+    summary = finish(run)
+    run.callbacks.on_fit_end(run, summary)
+    return summary
 
 
 def set_lr(run: Run, step: int) -> float:
+    """The schedule's LR at ``step`` into every parameter group, times the group's ``lr_scale`` (a
+    Muon group's peak over ``optim.lr``, :mod:`resnorm.optimizers`); returns the schedule's LR."""
     lr = lr_at(step, run.cfg.optim, run.cfg.train.steps)
     for group in run.optimizer.param_groups:
-        group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr  # front13: CompleteP's LR rule
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     return lr
 
 
@@ -230,10 +290,23 @@ def next_batch(run: Run):
 
 
 def forward_backward(run: Run, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    with run.autocast():
-        loss = run.loss_fn(x, y)
-    loss.backward()
-    return loss
+    """Forward and backward of the step's batch in ``train.grad_accum`` equal micro-batches (each
+    loss over N, so the gradients are the whole batch's; DDP all-reduces on the last one only);
+    under fp16 the scaled losses, then the gradients unscaled. Returns the batch's loss (the
+    micro-batches' mean)."""
+    n = run.cfg.train.grad_accum
+    micro = list(zip(x.chunk(n), y.chunk(n))) if n > 1 else [(x, y)]
+    losses = []
+    for i, (xs, ys) in enumerate(micro):
+        with devices.grad_sync(run.loss_fn, run.world > 1 and i + 1 < n):
+            with run.autocast():
+                loss = run.loss_fn(xs, ys)
+            part = loss / n if n > 1 else loss
+            (part if run.scaler is None else run.scaler.scale(part)).backward()
+        losses.append(loss.detach())
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)  # the probes, the guard and clipping see the true gradients
+    return losses[0] if n == 1 else torch.stack(losses).float().mean()
 
 
 def to_host(run: Run, rec: StepRecord, loss: torch.Tensor, grads: torch.Tensor,
@@ -244,7 +317,11 @@ def to_host(run: Run, rec: StepRecord, loss: torch.Tensor, grads: torch.Tensor,
     if run.world > 1:
         devices.all_mean(loss_t, run.world)
     keys = list(extra)
-    host = torch.cat([loss_t, grads.float().view(-1)] + [extra[k].float().reshape(-1) for k in keys]).tolist()
+    scale = [] if run.scaler is None else [scale_tensor(run.scaler)]  # fp16: the loss scale rides along
+    parts = [loss_t, grads.float().view(-1)] + [extra[k].float().reshape(-1) for k in keys] + scale
+    host = torch.cat(parts).tolist()
+    if scale:
+        rec.loss_scale = host.pop()
     rec.loss, rec.grad_norm = host[0], host[1]
     rec.grad_layers = host[2:len(grads) + 1]
     at = len(grads) + 1
@@ -256,19 +333,36 @@ def to_host(run: Run, rec: StepRecord, loss: torch.Tensor, grads: torch.Tensor,
         run.state.initial_loss = rec.loss
 
 
+def guard(run: Run, rec: StepRecord) -> Optional[str]:
+    """The divergence guard (:func:`resnorm.guard.divergence`) on the step's numbers; under fp16 a
+    non-finite gradient the scaler handles is no divergence (:func:`resnorm.precision.scaler_overflow`)."""
+    kind = divergence(rec.loss, rec.grad_norm, run.state.initial_loss, run.cfg.train.diverge_factor)
+    return None if run.scaler is not None and scaler_overflow(kind, rec.loss_scale) else kind
+
+
 def optimizer_step(run: Run, rec: StepRecord, grad_norm: torch.Tensor) -> None:
-    """Clip to ``optim.grad_clip`` (with the norm already measured) if set, then step."""
-    clip = run.cfg.optim.grad_clip
-    if clip:
+    """Clip to ``optim.grad_clip`` (with the norm already measured) if set, then step. Under fp16
+    (gradients unscaled in :func:`forward_backward`) a step whose gradient norm is not finite is
+    skipped (``scaler_skipped``), then the scaler updates its scale (:mod:`resnorm.precision`)."""
+    clip, finite = run.cfg.optim.grad_clip, math.isfinite(rec.grad_norm)
+    if clip and finite:
         torch.nn.utils.clip_grads_with_norm_(run.model.parameters(), clip, grad_norm)
-    run.optimizer.step()
-    rec.updated = True
+    if finite or run.scaler is None:
+        run.optimizer.step()
+        rec.updated = True
+    else:
+        rec.scaler_skipped = True
+        run.state.scaler_skipped_steps.append(rec.step)
+    if run.scaler is not None:
+        run.scaler.update()  # halve after an overflow, grow after enough clean steps
 
 
 def skip_step(run: Run, rec: StepRecord) -> None:
     """A spike under ``optim.skip_spikes``: no update, the optimizer state untouched."""
     rec.skipped = True
     run.state.spikes.skipped_steps.append(rec.step)
+    if run.scaler is not None:
+        run.scaler.update()  # the scaler's step ends here too (its next unscale_ needs it)
 
 
 def finish_step(run: Run, rec: StepRecord, seconds: float) -> None:
@@ -308,11 +402,17 @@ def finish(run: Run) -> Dict[str, Any]:
         spike_count=len(s.spikes.spike_steps), spike_steps=list(s.spikes.spike_steps),
         skipped_steps=list(s.spikes.skipped_steps),
     )
+    if run.scaler is not None:  # fp16 (resnorm.precision)
+        run.summary.update(scaler_skipped_count=len(s.scaler_skipped_steps),
+                           scaler_skipped_steps=list(s.scaler_skipped_steps), loss_scale=run.scaler.get_scale())
     if run.is_main:  # model FLOPs utilisation against the device's peak, and peak memory
         from .monitors.cost import cost_summary
 
         run.summary.update(cost_summary(run.model.shape, run.summary["tokens_per_s"], run.device,
                                         run.cfg.train.precision, run.world))
+    tpb = run.data.val_tokens_per_byte
+    run.summary.update(final_val_bpb=bits_per_byte(run.summary["final_val_loss"], tpb),
+                       best_val_bpb=bits_per_byte(run.summary["best_val_loss"], tpb))
     run.summary["outcome"] = classify_outcome(s.status, s.diverge_kind, run.summary["final_val_loss"],
                                               run.data.unigram_loss, run.cfg.train.stall_margin)
     return run.summary
@@ -331,31 +431,6 @@ def lr_at(step: int, optim_cfg, total_steps: int) -> float:
     progress = (step - warmup) / max(total_steps - warmup - 1, 1)
     floor = optim_cfg.min_lr_ratio * peak
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def make_optimizer(model, optim_cfg) -> torch.optim.Optimizer:
-    """AdamW; weight decay (if any) on matrices only, never on norms, biases or embeddings. A variant's
-    per-group LR/epsilon multipliers (CompleteP) and post-step hook (nGPT's renormalisation) are
-    applied by :mod:`resnorm.variant_optim`.
-
-    ``optim.weight_decay_coupling``: ``lr`` is PyTorch's AdamW (each step decays w by
-    lr_t * weight_decay); ``independent`` decays by weight_decay * lr_t / lr, i.e. by the schedule's
-    factor but not the peak LR (Wortsman et al. 2023, arXiv:2309.14322 §3.2.2), so the decay does
-    not change when an LR sweep changes the peak.
-    """
-    embeddings = {id(model.tok_emb.weight), id(model.pos_emb.weight)}
-    decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in embeddings]
-    no_decay = [p for p in model.parameters() if p.dim() < 2 or id(p) in embeddings]
-    wd = optim_cfg.weight_decay
-    if optim_cfg.weight_decay_coupling == "independent":
-        wd = wd / optim_cfg.lr
-    groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
-    # front13 (issue 13): the variant's per-group LR/eps rules and post-step hook (resnorm.variant_optim)
-    from .variant_optim import attach_post_step, scaled_groups
-
-    groups = scaled_groups(model, groups, optim_cfg)
-    return attach_post_step(model, torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2),
-                                                     eps=optim_cfg.eps, foreach=True))
 
 
 @torch.no_grad()

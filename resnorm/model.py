@@ -1,4 +1,5 @@
-"""A decoder-only causal language model whose residual/normalization scheme comes from a variant.
+"""A Transformer language model whose residual/normalization scheme comes from a variant: causal
+(decoder-only) by default, a bidirectional encoder for ``model.objective=mlm`` (:mod:`resnorm.objectives`).
 
 Read top to bottom: :class:`Attention` and :class:`MLP` are the branches ``F``; :class:`Sublayer`
 is the single place where a variant's norm placement, branch scaling and residual are applied;
@@ -54,18 +55,20 @@ class ModelShape:
     attn_gate: bool = False  # Y * sigmoid(h W_g + b_g) before the output projection (Qiu et al. 2025)
     attn_softcap: Optional[float] = None  # attention logits -> C tanh(logits / C); None = off
     logit_softcap: Optional[float] = None  # output logits -> C tanh(logits / C); None = off
+    causal: bool = True  # obj14: False for an encoder (model.objective=mlm, resnorm.objectives)
 
     @classmethod
     def from_config(cls, cfg) -> "ModelShape":
         m = cfg.model
         variant = get_variant(m.norm)
+        causal, extra_ids = objective_io(m)  # obj14: mlm is bidirectional and adds the mask token's id
         return cls(
             variant=m.norm, depth=int(cfg.depth), d_model=m.d_model, n_heads=m.n_heads,
-            d_ff=m.d_ff or 4 * m.d_model, vocab_size=m.vocab_size, context=cfg.train.seq_len,
+            d_ff=m.d_ff or 4 * m.d_model, vocab_size=m.vocab_size + extra_ids, context=cfg.train.seq_len,
             norm_layer=m.norm_layer or variant.norm_layer, norm_eps=m.norm_eps,
             activation=m.activation, bias=m.bias, tie_weights=m.tie_weights,
             options=VariantOptions.from_config(m),
-            qk_norm=bool(m.qk_norm), z_loss=float(m.z_loss), **_attention_options(m),
+            qk_norm=bool(m.qk_norm), z_loss=float(m.z_loss), **_attention_options(m), causal=causal,
         )
 
     def norm(self, d: Optional[int] = None) -> nn.Module:
@@ -77,10 +80,12 @@ class ModelShape:
         """A fresh attention branch with the configured options (qk-norm, gate, soft-cap) and the
         spec's branch features (head scales, QKV-norm)."""
         spec = spec or SublayerSpec()
-        return Attention(self.d_model, self.n_heads, self.bias, self.qk_norm, self.norm_eps,
+        attn = Attention(self.d_model, self.n_heads, self.bias, self.qk_norm, self.norm_eps,
                          qk_norm_axis=self.qk_norm_axis, qk_norm_kind=self.qk_norm_kind,
                          gate=self.attn_gate, softcap=self.attn_softcap, head_scale=spec.head_scale,
                          qkv_norms=tuple(self.norm() for _ in range(3)) if spec.qkv_norm else None)
+        attn.causal = self.causal
+        return attn
 
     def mlp(self, spec: Optional[SublayerSpec] = None) -> "MLP":
         """A fresh MLP branch; with the spec's ``inner_norm`` a norm of width d_ff after the activation."""
@@ -96,6 +101,14 @@ def _attention_options(m) -> dict:
     return dict(qk_norm_axis=get("qk_norm_axis", "head"), qk_norm_kind=get("qk_norm_kind", "layernorm"),
                 attn_gate=bool(get("attn_gate", False)), attn_softcap=cap(get("attn_softcap", None)),
                 logit_softcap=cap(get("logit_softcap", None)))
+
+
+def objective_io(m) -> Tuple[bool, int]:
+    """(causal attention, extra token ids) of ``model.objective`` (absent in an older config: clm)."""
+    from .objectives import get_objective
+
+    obj = get_objective(m.get("objective", "clm") if hasattr(m, "get") else getattr(m, "objective", "clm"))
+    return obj.causal, obj.extra_ids
 
 
 def softcap(x: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
@@ -137,8 +150,11 @@ class Attention(nn.Module):
     (NormFormer's HeadScale, arXiv:2110.09456). ``qkv_norms``: three norm modules applied to q, k and v,
     each over d_model before the split into heads (HybridNorm's QKV-norm, arXiv:2503.04598); not
     combined with ``qk_norm``.
-    ``causal`` is an attribute, not a config key: the rank-collapse reproduction sets it to False for
-    bidirectional attention.
+    ``causal`` is an attribute, set from ``model.objective`` (False for ``mlm``, an encoder; the
+    rank-collapse reproduction also sets it to False). ``key_mask``: None, or a (batch, T) bool tensor
+    of the keys a query may see (False: padding), set for one batch by
+    :class:`resnorm.heads.TaskModel` (obj14); it joins the causal mask in forward and in the probes'
+    :meth:`scores`, :meth:`max_logit` and :meth:`attention_probs`.
     """
 
     def __init__(self, d_model: int, n_heads: int, bias: bool, qk_norm: bool = False, eps: float = 1e-5, *,
@@ -165,6 +181,7 @@ class Attention(nn.Module):
         self.qkv_norms = nn.ModuleList(qkv_norms) if qkv_norms is not None else None
         self.value_hook = None  # s12: set by the value_residual stream for one call (V -> V')
         self.softmax_scale: Optional[float] = None  # ngpt (issue 13): None = 1/sqrt(d_head), SDPA's default
+        self.key_mask: Optional[torch.Tensor] = None  # obj14: (batch, T) keys visible; None: all
 
     def _qkv(self, x: torch.Tensor):
         b, t, d = x.shape
@@ -180,11 +197,21 @@ class Attention(nn.Module):
         return q, k, v
 
     def _mask(self, s: torch.Tensor, value: float) -> torch.Tensor:
-        """``s`` with ``value`` above the diagonal when ``causal`` (SDPA's ``is_causal`` mask)."""
+        """``s`` with ``value`` above the diagonal when ``causal`` (SDPA's ``is_causal`` mask) and at
+        the keys ``key_mask`` hides."""
+        if self.key_mask is not None:  # obj14: padding
+            s = s.masked_fill(~self.key_mask[:, None, None, :], value)
         if not self.causal:
             return s
         t = s.shape[-1]
         return s.masked_fill(torch.triu(torch.ones(t, t, dtype=torch.bool, device=s.device), 1), value)
+
+    def _visible(self, t: int) -> torch.Tensor:
+        """obj14: the (batch, 1, T, T) bool mask of the pairs a query sees (``key_mask``, causal)."""
+        mask = self.key_mask[:, None, None, :]
+        if self.causal:
+            mask = mask & torch.ones(t, t, dtype=torch.bool, device=mask.device).tril()
+        return mask
 
     def scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """The masked pre-softmax logits ``softcap(q k^T / sqrt(d_head)) + M`` (M = -inf above the
@@ -202,7 +229,9 @@ class Attention(nn.Module):
         q, k, v = self._qkv(x)
         if self.value_hook is not None:  # s12: ResFormer's value residual (resnorm.multistream)
             v = self.value_hook(v)
-        if self.softcap is None:
+        if self.softcap is None and self.key_mask is not None:  # obj14: padded batches
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self._visible(t), scale=self.softmax_scale)
+        elif self.softcap is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=self.softmax_scale)
         else:
             y = self.scores(q, k).softmax(dim=-1).to(v.dtype) @ v
@@ -414,8 +443,9 @@ class Transformer(nn.Module):
         return self.head(self.hidden(idx))
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, z_loss: bool = True) -> torch.Tensor:
-        """Mean next-token cross-entropy, plus the z-loss term when ``model.z_loss`` > 0 and ``z_loss``
-        (evaluation passes ``z_loss=False``: a validation loss is the cross-entropy alone)."""
+        """Mean cross-entropy over the targets that are not -100 (every next token for clm, the masked
+        positions for mlm), plus the z-loss term when ``model.z_loss`` > 0 and ``z_loss`` (evaluation
+        passes ``z_loss=False``: a validation loss is the cross-entropy alone)."""
         logits = self(idx).reshape(-1, self.shape.vocab_size).float()
         loss = F.cross_entropy(logits, targets.reshape(-1))
         if z_loss and self.shape.z_loss:  # Wortsman et al. 2023 / PaLM: c * mean(log Z ^ 2)

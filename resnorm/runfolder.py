@@ -13,6 +13,7 @@ One job, one folder (``multirun/<name>/<run_id>/`` in a sweep, see :mod:`resnorm
   (or kept with ``train.keep_checkpoint=true``); it holds the rows so far
   (:meth:`RunStore.state_dict`), so a resumed run never stores a step twice.
 - :data:`LOCK` (``.lock``): :func:`job_lock` holds it while a process trains the job.
+- :data:`TENSORBOARD` (``tensorboard/``): TensorBoard event files, with ``logger.tensorboard=true``.
 
 Every file is written by :func:`atomic_write`: to a fresh temporary name in the same folder, then
 ``os.replace``, so a reader never sees half a file; files get the usual permissions (0644 under a
@@ -41,6 +42,8 @@ METRICS = "metrics.parquet"
 LAYERS = "layers.parquet"
 CHECKPOINT = "checkpoint.pt"
 LOCK = ".lock"
+TENSORBOARD = "tensorboard"  # logger.tensorboard=true: the TensorBoard event files (recipe14, issue 14)
+FINETUNE = "finetune"  # obj14: <run>/finetune/<task>/, a fine-tune's own run folder (resnorm.finetune)
 
 #: a run's ``status`` in its summary, in the order of its life: it is ``running`` until it ends
 STATUSES = ("running", "completed", "diverged", "failed")
@@ -49,9 +52,11 @@ DONE = ("completed", "diverged")
 #: the columns of ``metrics.parquet``, one row per step: ``val_*`` are NaN except on evaluation steps
 #: (``val_log_z``: mean log-sum-exp of the validation logits; ``val_logit_rms``: their RMS);
 #: ``spike``: the loss or the gradient norm was a spike (:mod:`resnorm.spikes`); ``skipped``: the
-#: step's update was not applied (``optim.skip_spikes``)
+#: step's update was not applied (``optim.skip_spikes``); ``scaler_skipped``: fp16's gradient scaler
+#: skipped the update (an overflow, :mod:`resnorm.precision`); ``loss_scale``: the fp16 loss scale of
+#: the step's backward (NaN without fp16)
 STEP_COLUMNS = ("step", "train_loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "val_log_z",
-                "val_logit_rms", "spike", "skipped")
+                "val_logit_rms", "spike", "skipped", "scaler_skipped", "loss_scale")
 #: the scientific verdict on a finished run (``outcome`` in its summary, :func:`classify_outcome`):
 #: it learned; it stayed within ``train.stall_margin`` of the data's unigram loss; its loss blew up
 #: (``train.diverge_factor``); a loss, gradient or validation loss went non-finite
@@ -113,6 +118,23 @@ def write_summary(run_dir: Path, summary: Dict[str, Any]) -> Path:
 
 
 # --- reading ------------------------------------------------------------------------------------
+
+def find_run_dirs(root: Path) -> List[Path]:
+    """Every folder under ``root`` (``root`` included) holding a ``summary.json``, sorted.
+
+    Hidden folders (name starting with ``.``) are skipped, and the search does not descend into a
+    run folder (its ``wandb/``, checkpoints and ``finetune/`` hold no other runs of the sweep). The
+    analysis and ``python -m resnorm.finetune`` find runs with it.
+    """
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        if SUMMARY in filenames:
+            found.append(Path(dirpath))
+            dirnames[:] = []
+        else:
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    return sorted(found)
+
 
 def read_summary(run_dir: Path, strict: bool = False) -> Optional[Dict[str, Any]]:
     """The ``summary.json`` of ``run_dir`` as a dict.
@@ -215,6 +237,11 @@ def checkpoint_path(run_dir: Path) -> Path:
     return Path(run_dir) / CHECKPOINT
 
 
+def tensorboard_dir(run_dir: Path) -> Path:
+    """Where ``logger.tensorboard=true`` writes its event files."""
+    return Path(run_dir) / TENSORBOARD
+
+
 # --- the folder's state machine and its lock ----------------------------------------------------
 
 def job_state(run_dir: Path, run_id: str) -> str:
@@ -298,13 +325,15 @@ class RunStore:
 
     def add_step(self, step: int, train_loss: float, lr: float, grad_norm: float, tokens_per_s: float,
                  val_loss: Optional[float] = None, val_log_z: Optional[float] = None,
-                 val_logit_rms: Optional[float] = None, spike: bool = False, skipped: bool = False) -> None:
+                 val_logit_rms: Optional[float] = None, spike: bool = False, skipped: bool = False,
+                 scaler_skipped: bool = False, loss_scale: float = float("nan")) -> None:
         nan = float("nan")
         row = dict(step=step, train_loss=train_loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
                    val_loss=nan if val_loss is None else val_loss,
                    val_log_z=nan if val_log_z is None else val_log_z,
                    val_logit_rms=nan if val_logit_rms is None else val_logit_rms,
-                   spike=bool(spike), skipped=bool(skipped))
+                   spike=bool(spike), skipped=bool(skipped), scaler_skipped=bool(scaler_skipped),
+                   loss_scale=float(loss_scale))
         for k in STEP_COLUMNS:
             self.steps[k].append(row[k])
 

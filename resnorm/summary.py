@@ -38,4 +38,11 @@ def start_summary(run) -> Dict[str, Any]:
         started_at=time.time(), finished_at=None, outcome=None, diverge_kind=None,
         unigram_loss=run.data.unigram_loss, entropy_rate=run.data.entropy_rate,
         stall_margin=float(cfg.train.stall_margin), spike_count=0, spike_steps=[], skipped_steps=[],
+        **data_fields(run.data),
     )
+
+
+def data_fields(data) -> Dict[str, Any]:
+    """The tokenizer the run trained with and what bits per byte are computed from (issue 14)."""
+    return dict(tokenizer=data.tokenizer_name, data_vocab_size=int(data.vocab_size),
+                val_tokens_per_byte=data.val_tokens_per_byte, final_val_bpb=None, best_val_bpb=None)

@@ -30,6 +30,8 @@ class JobPlan:
     run_dir: Optional[Path]  # None when the job folder cannot be known before the job runs
     state: str  # see resnorm.runfolder.job_state; "unknown" without a run_dir
     cfg: Any  # the composed job config, without the hydra node
+    run_name: Optional[str] = None  # Hydra's override_dirname (the summary's run_name)
+    hydra_yaml: Optional[str] = None  # the job's hydra node as Hydra saves it (.hydra/hydra.yaml)
 
     @property
     def done(self) -> bool:
@@ -63,10 +65,11 @@ def checkpoint_step(run_dir: Path, rid: str) -> Optional[int]:
         quiet.setLevel(level)
 
 
-def plan_job(overrides: Sequence[str], cfg: Any, run_dir: Optional[Path]) -> JobPlan:
+def plan_job(overrides: Sequence[str], cfg: Any, run_dir: Optional[Path], run_name: Optional[str] = None,
+             hydra_yaml: Optional[str] = None) -> JobPlan:
     rid = run_id(cfg)
     state = job_state(run_dir, rid) if run_dir is not None else "unknown"
-    return JobPlan(list(overrides), rid, run_dir, state, cfg)
+    return JobPlan(list(overrides), rid, run_dir, state, cfg, run_name, hydra_yaml)
 
 
 def duplicates(plans: Sequence[JobPlan]) -> Optional[Tuple[JobPlan, JobPlan]]:
@@ -170,17 +173,25 @@ def _split_common(plans: Sequence[JobPlan]) -> Tuple[List[str], List[List[str]]]
     return common, [[o for o in p.overrides if o not in common] for p in plans]
 
 
-def job_table(plans: Sequence[JobPlan], flops_per_s: float, sweep_dir: str, launcher: str) -> str:
-    """The dry run's report: one row per job, then the totals."""
-    header = ("#", "run_id", "state", "params", "FLOPs", "est. time", "overrides")
+def job_table(plans: Sequence[JobPlan], flops_per_s: float, sweep_dir: str, launcher: str,
+              stacks: Optional[Dict[str, str]] = None) -> str:
+    """The dry run's report: one row per job, then the totals. ``stacks``: run_id -> the label of the
+    stack it trains in (:func:`resnorm.stack_plan.group_labels`), shown as a column."""
+    from .packing import dry_run_slots, job_memory_bytes
+
+    stacks = stacks or {}
+    header = (("#", "run_id", "state", "params", "mem/job", "FLOPs", "est. time") + (("stack",) if stacks else ())
+              + ("overrides",))
     common, own = _split_common(plans)
-    rows, todo_flops, todo = [], 0.0, 0
+    rows, todo_flops, todo, memory = [], 0.0, 0, []
     for i, (plan, (n_params, flops)) in enumerate(zip(plans, job_costs(plans))):
         if not plan.done:
             todo_flops += flops
             todo += 1
-        rows.append((str(i), plan.run_id, plan.state_label(), _si(n_params), _si(flops),
-                     _duration(flops / flops_per_s), " ".join(own[i]) or "(defaults)"))
+        memory.append(job_memory_bytes(plan.cfg, n_params))  # on a GPU: resnorm.packing
+        rows.append((str(i), plan.run_id, plan.state_label(), _si(n_params), _si(memory[-1]) + "B", _si(flops),
+                     _duration(flops / flops_per_s)) + ((stacks.get(plan.run_id, "-"),) if stacks else ())
+                    + (" ".join(own[i]) or "(defaults)",))
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header) - 1)]
     lines = [f"dry run: {len(plans)} jobs, sweep folder {sweep_dir}/<run_id>, launcher {launcher}; "
              "nothing is launched"]
@@ -188,10 +199,17 @@ def job_table(plans: Sequence[JobPlan], flops_per_s: float, sweep_dir: str, laun
         lines.append(f"every job: {' '.join(common)}")
     for r in [header, *rows]:
         lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[-1])
+    slots = dry_run_slots(max(memory, default=0.0), launcher)
+    if slots:
+        lines.append(slots)
     done = len(plans) - todo
     lines.append(f"to run: {todo} of {len(plans)} jobs, {_si(todo_flops)}FLOP, about {_duration(todo_flops / flops_per_s)} "
                  f"one after the other at {flops_per_s:.2g} FLOP/s per job (hydra.sweeper.flops_per_s); "
                  f"already done: {done}")
+    if stacks:
+        sizes = Counter(stacks.values())
+        lines.append(f"stacked: {len(sizes)} stack(s) of {', '.join(str(n) for n in sizes.values())} jobs "
+                     "(column 'stack'; each trains as one stacked model in one process, hydra.sweeper.stack)")
     return "\n".join(lines)
 
 

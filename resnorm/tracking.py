@@ -41,10 +41,20 @@ def answers(url: str, timeout: float) -> None:
         pass
 
 
+def drop_empty_wandb_env() -> None:
+    """Unset every ``WANDB_*`` variable that is set to the empty string (``WANDB_MODE=`` in a job script):
+    W&B reads an empty one as a value and refuses to start (``mode: Input should be 'online', ...``),
+    where a user means "not set"."""
+    for name in [k for k, v in os.environ.items() if k.startswith("WANDB_") and v == ""]:
+        log.info("wandb: %s is set but empty: treated as unset", name)
+        del os.environ[name]
+
+
 class WandbTracker:
     def __init__(self, logger_cfg, run_dir: Path, group: str, name: str, config: Dict[str, Any],
                  run_id: Optional[str] = None, tags=None, job_type: Optional[str] = None,
-                 enabled: bool = True):
+                 enabled: bool = True, reinit: str = "finish_previous"):
+        self.reinit = reinit  # "create_new": several runs open at once (the members of a stack)
         self.cfg, self.run_dir, self.group, self.name = logger_cfg, Path(run_dir), group, name
         self.config, self.tags, self.job_type = config, list(tags or []), job_type
         # under a sweep agent, the agent's run id (WANDB_RUN_ID) names the run
@@ -65,6 +75,7 @@ class WandbTracker:
             import wandb
 
             os.environ.setdefault("WANDB_SILENT", "true")
+            drop_empty_wandb_env()
             if self.cfg.mode == "online":
                 self.run = self._online(wandb)
             else:
@@ -83,7 +94,7 @@ class WandbTracker:
             project=self.cfg.project, entity=self.cfg.entity, group=self.group, name=self.name,
             config=self.config, dir=str(self.run_dir), mode=mode, id=self.requested_id,
             resume="allow" if self.requested_id else None, tags=self.tags, job_type=self.job_type,
-            reinit="finish_previous", settings=wandb.Settings(**settings),
+            reinit=self.reinit, settings=wandb.Settings(**settings),
         )
 
     def _online(self, wandb):

@@ -12,6 +12,7 @@ data-parallel processes (:mod:`resnorm.devices`). The training loop itself is
 from __future__ import annotations
 
 import logging
+import os
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from . import devices
 from .identity import run_id
 from .loop import fit
 from .runfolder import DONE, job_lock, job_state, read_summary, remove_stale_temporaries, write_summary
+from .stack_plan import STACK_ENV
 
 log = logging.getLogger(__name__)
 
@@ -65,25 +67,34 @@ def _result(summary: Dict[str, Any], **extra) -> Dict[str, Any]:
     return {**{k: summary.get(k) for k in keys}, **extra}
 
 
+def admit(job: JobInfo, ours: bool) -> Optional[Dict[str, Any]]:
+    """Whether a job whose folder lock was taken (``ours``) or not should train: None if it should,
+    else its result (left to the process holding the lock, a foreign folder, already done)."""
+    if not ours:
+        log.warning("run %s (%s) is running in another process: left to it", job.run_id, job.run_name)
+        return {"status": "running", "run_name": job.run_name, "run_id": job.run_id,
+                "note": "running in another process"}
+    remove_stale_temporaries(job.run_dir)  # half-written files of a killed attempt
+    state = job_state(job.run_dir, job.run_id)
+    if state == "foreign":
+        other = read_summary(job.run_dir).get("run_id")
+        error = f"{job.run_dir} holds another run ({other}): left untouched; give this job another folder"
+        log.error(error)
+        return {"status": "failed", "run_name": job.run_name, "run_id": job.run_id, "error": error}
+    if state in DONE:
+        log.info("run %s (%s) is already %s: skipped", job.run_id, job.run_name, state)
+        return {**read_summary(job.run_dir), "skipped": True}
+    return None
+
+
 def execute(cfg, job: JobInfo, callbacks: Optional[Callable] = None) -> Dict[str, Any]:
     """Skip, resume or train a validated job in its folder; return its summary (``skipped``: True
     when the folder already held the finished run). A crash becomes ``failed``; a folder locked by
     another process (the same sweep started twice) is left to it and returned as ``running``."""
     with job_lock(job.run_dir) as ours:
-        if not ours:
-            log.warning("run %s (%s) is running in another process: left to it", job.run_id, job.run_name)
-            return {"status": "running", "run_name": job.run_name, "run_id": job.run_id,
-                    "note": "running in another process"}
-        remove_stale_temporaries(job.run_dir)  # half-written files of a killed attempt
-        state = job_state(job.run_dir, job.run_id)
-        if state == "foreign":
-            other = read_summary(job.run_dir).get("run_id")
-            error = f"{job.run_dir} holds another run ({other}): left untouched; give this job another folder"
-            log.error(error)
-            return {"status": "failed", "run_name": job.run_name, "run_id": job.run_id, "error": error}
-        if state in DONE:
-            log.info("run %s (%s) is already %s: skipped", job.run_id, job.run_name, state)
-            return {**read_summary(job.run_dir), "skipped": True}
+        verdict = admit(job, ours)
+        if verdict is not None:
+            return verdict
         try:
             with devices.claim(cfg.train.device, cfg.train.devices) as slots:
                 if cfg.train.devices > 1:
@@ -120,6 +131,13 @@ def run_job(cfg) -> Dict[str, Any]:
     from .config import validate
 
     validate(cfg)
+    stack = os.environ.get(STACK_ENV)  # a launcher job that trains a stack of runs (issue 15)
+    if stack:
+        from .stack import run_stack_job
+
+        result = run_stack_job(cfg, stack)
+        _print_progress(JobInfo.from_hydra(cfg))
+        return result
     job = JobInfo.from_hydra(cfg)
     summary = execute(cfg, job)
     log.info("run %s: %s, %s (final val loss %s)", job.run_name, summary["status"], summary.get("outcome"),

@@ -1,17 +1,18 @@
 """A variant's optimizer rules (issue 13): its optimizer preset, per-group LR/epsilon multipliers and
 post-step hook, declared on :class:`resnorm.variants.Variant` and applied here, in three calls:
 
-- :func:`apply_preset` (in :func:`resnorm.loop.fit`, before set-up): ``Variant.optim_preset`` replaces
+- :func:`apply_preset` (first in :func:`resnorm.loop.setup`): ``Variant.optim_preset`` replaces
   the schema default of its ``optim.*`` keys (nGPT: ``warmup_steps=0``, ``weight_decay=0``); the config
   RULE ``variant_optim_preset`` has already rejected any other explicit value. A value equal to the
   schema default cannot be told from no value and so takes the preset. The run's identity is the
   hash of the config as given (it determines the preset); ``summary.json``'s ``config`` holds what
   trained.
-- :func:`scaled_groups` (in :func:`resnorm.loop.make_optimizer`): ``Variant.param_group_scales`` splits
-  each parameter group into the blocks' parameters ("hidden") and the rest ("other", embeddings,
-  final norm, head, stream parameters) with an ``lr_scale`` (read by :func:`resnorm.loop.set_lr`)
-  and an ``eps`` each (CompleteP's depth rules).
-- :func:`attach_post_step` (in :func:`resnorm.loop.make_optimizer`): ``Variant.post_step`` names a hook
+- :func:`scale_groups` (in :func:`resnorm.optimizers.make_optimizer`, for every ``optim.name``):
+  ``Variant.param_group_scales`` splits each parameter group into the blocks' parameters ("hidden") and
+  the rest ("other", embeddings, final norm, head, stream parameters), folding its LR factor into the
+  group's ``lr_scale`` (read by :func:`resnorm.loop.set_lr`) and its epsilon factor into ``eps``
+  (CompleteP's depth rules, stated for AdamW).
+- :func:`attach_post_step` (in :func:`resnorm.optimizers.make_optimizer`): ``Variant.post_step`` names a hook
   of :data:`POST_STEP` registered with ``optimizer.register_step_post_hook``, so it runs after every
   optimizer step, whoever takes it (the loop, the reproductions, a test): the one mechanism for
   nGPT's renormalisation. A skipped or diverged step takes no optimizer step and so no hook.
@@ -41,25 +42,34 @@ def apply_preset(cfg):
     return out
 
 
-def _hidden_ids(model) -> set:
-    return {id(p) for p in model.blocks.parameters()}
+def _inner(optimizer) -> List[torch.optim.Optimizer]:
+    """The torch optimizers behind ``optimizer`` (an :class:`resnorm.optimizers.OptimizerChain`'s, or itself)."""
+    return list(getattr(optimizer, "optimizers", [optimizer]))
 
 
-def scaled_groups(model, groups: List[dict], optim_cfg) -> List[dict]:
-    """The parameter groups with the variant's LR (``lr_scale``) and epsilon multipliers, or unchanged."""
+def scale_groups(model, optimizer):
+    """Split every parameter group of the (not yet stepped) ``optimizer`` into the blocks' parameters
+    ("hidden") and the rest ("other"), each with the variant's LR factor folded into its ``lr_scale``
+    and its epsilon factor into its ``eps`` (where the optimizer has one); unchanged without a rule."""
     rule = model.variant.param_group_scales
     if rule is None:
-        return groups
+        return optimizer
     scales = rule(model.shape.depth, model.shape.options)
-    hidden = _hidden_ids(model)
-    out = []
-    for group in groups:
-        for kind in ("hidden", "other"):
-            params = [p for p in group["params"] if (id(p) in hidden) == (kind == "hidden")]
-            if params:
+    hidden = {id(p) for p in model.blocks.parameters()}
+    for opt in _inner(optimizer):
+        groups = []
+        for group in opt.param_groups:
+            for kind in ("hidden", "other"):
+                params = [p for p in group["params"] if (id(p) in hidden) == (kind == "hidden")]
+                if not params:
+                    continue
                 lr_scale, eps_scale = scales[kind]
-                out.append({**group, "params": params, "lr_scale": lr_scale, "eps": optim_cfg.eps * eps_scale})
-    return out
+                new = {**group, "params": params, "lr_scale": group.get("lr_scale", 1.0) * lr_scale}
+                if "eps" in group:
+                    new["eps"] = group["eps"] * eps_scale
+                groups.append(new)
+        opt.param_groups[:] = groups
+    return optimizer
 
 
 def _ngpt_renormalise(model) -> None:
@@ -72,10 +82,11 @@ def _ngpt_renormalise(model) -> None:
 POST_STEP: Dict[str, Callable[[torch.nn.Module], None]] = {"ngpt_renormalise": _ngpt_renormalise}
 
 
-def attach_post_step(model, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """Register the variant's post-step hook on ``optimizer`` (none for most variants)."""
+def attach_post_step(model, optimizer):
+    """Register the variant's post-step hook (none for most variants) on ``optimizer``, or on the last
+    optimizer of a chain (so it runs once a step, after every part has stepped)."""
     name = model.variant.post_step
     if name is not None:
         hook = POST_STEP[name]
-        optimizer.register_step_post_hook(lambda opt, args, kwargs: hook(model))
+        _inner(optimizer)[-1].register_step_post_hook(lambda opt, args, kwargs: hook(model))
     return optimizer

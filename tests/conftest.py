@@ -34,6 +34,24 @@ def run_cli(*args: str, cwd: Path, timeout: int = 600, env_extra=None) -> subpro
                           timeout=timeout, env=env)
 
 
+class Interrupt(BaseException):
+    """Stands for a kill in the middle of a step (not an Exception: run_job must not record it)."""
+
+
+def interrupt_at(monkeypatch, step: int) -> None:
+    """Make the training loop raise :class:`Interrupt` when it reaches ``step`` (undo with monkeypatch.undo())."""
+    import resnorm.loop as rt
+
+    original = rt.lr_at
+
+    def lr_at(s, *args):
+        if s == step:
+            raise Interrupt(f"interrupted at step {s}")
+        return original(s, *args)
+
+    monkeypatch.setattr(rt, "lr_at", lr_at)
+
+
 @pytest.fixture
 def one_thread():
     """torch on one thread for the test, restored after (use with pytest.mark.usefixtures)."""

@@ -597,7 +597,7 @@ def test_summary_csv_rows(report):
     assert list(table.columns) == [
         "run_name", "variant", "depth", "seed", "lr", "status", "outcome", "diverged_step", "final_train_loss",
         "final_val_loss", "best_val_loss", "unigram_loss", "loss_spikes", "tokens_per_s", "wall_s", "n_params",
-        "run_dir"]
+        "tokenizer", "final_val_bpb", "best_val_bpb", "run_dir"]
     assert len(table) == 6
     # sorted by variant order (post before pre before deepnorm), then depth and seed
     assert list(zip(table["variant"], table["depth"], table["seed"])) == [

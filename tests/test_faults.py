@@ -126,7 +126,7 @@ def test_bad_value_is_one_config_error_line_and_exit_2(key, value, words, capsys
     ("+trian.steps=3", "did you mean train.steps?"),
     ("+model.extra.deep=1", "no such key"),
     ("model.nrom=pre", "did you mean model.norm?"),
-    ("data=nope", "choose one of shakespeare, synthetic, text"),
+    ("data=nope", "choose one of hf, shakespeare, synthetic, text"),
     ("depth=6,24", "add -m"),
     ("depth=[1,", "cannot be parsed"),
     ("depth=abc", "must be a positive integer"),

@@ -148,6 +148,7 @@ def test_flops_per_token_on_a_known_shape():
     ("NVIDIA H100 80GB HBM3", "bf16", 989.4), ("NVIDIA H100 PCIe", "tf32", 378.0), ("NVIDIA H200", "bf16", 989.4),
     ("NVIDIA A100-SXM4-80GB", "tf32", 156.0), ("NVIDIA A10", "bf16", 125.0), ("NVIDIA L4", "fp32", 30.3),
     ("Tesla V100-SXM2-16GB", "fp32", 15.7), ("NVIDIA GeForce RTX 4090", "bf16", 165.2),
+    ("NVIDIA H100 80GB HBM3", "fp16", 989.4), ("Tesla V100-SXM2-16GB", "fp16", 125.0),  # train.precision=fp16
 ])
 def test_gpu_peak_table(name, precision, tflops):
     flops, source = cost.gpu_peak_flops(name, precision)

@@ -3,6 +3,7 @@ the device pool, W&B run ids and the W&B sweep specs (README "Scaling out")."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,9 +16,10 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from omegaconf import OmegaConf
 
 from analysis.load import find_run_dirs as find_runs  # job folders as the analysis finds them
-from conftest import PYTHON, ROOT, TINY, compose, run_cli
+from conftest import PYTHON, ROOT, TINY, Interrupt, compose, interrupt_at, run_cli
 from resnorm import devices
 from resnorm.identity import OPERATIONAL_KEYS, run_id
 from resnorm.model import build_model
@@ -45,23 +47,6 @@ def summary_of(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "summary.json").read_text())
 
 
-class Interrupt(BaseException):
-    """Stands for a kill in the middle of a step (not an Exception: run_job must not record it)."""
-
-
-def interrupt_at(monkeypatch, step: int) -> None:
-    import resnorm.loop as rt
-
-    original = rt.lr_at
-
-    def lr_at(s, *args):
-        if s == step:
-            raise Interrupt(f"interrupted at step {s}")
-        return original(s, *args)
-
-    monkeypatch.setattr(rt, "lr_at", lr_at)
-
-
 # --- identity -----------------------------------------------------------------------------------
 
 def test_identity_is_the_config_minus_operational_keys():
@@ -69,13 +54,14 @@ def test_identity_is_the_config_minus_operational_keys():
     assert len(base) == 12 and int(base, 16) >= 0
     assert run_id(compose(*TINY)) == base
     same = ["logger.mode=offline", "train.progress=true", "train.threads=3", "train.device=cpu",
-            "train.devices=2", "train.compile=true", "train.checkpoint_every=7", "train.keep_checkpoint=true"]
+            "train.devices=2", "train.compile=true", "train.checkpoint_every=7", "train.keep_checkpoint=true",
+            "train.grad_accum=2"]
     covered = {"logger" if k.startswith("logger.") else k for k in (o.split("=")[0] for o in same)}
     assert covered == set(OPERATIONAL_KEYS)
     for override in same:
         assert run_id(compose(*TINY, override)) == base, override
     for override in ("seed=1", "depth=7", "optim.lr=0.002", "model.norm=post", "train.steps=7", "name=other",
-                     "train.precision=bf16"):
+                     "train.precision=bf16", "train.precision=fp16", "optim=muon"):
         assert run_id(compose(*TINY, override)) != base, override
     # the job folder of a sweep is the identity (hydra.sweep.subdir: ${run_id:})
     from hydra import compose as hydra_compose, initialize_config_dir
@@ -267,6 +253,100 @@ def test_local_launcher_plans_jobs_and_threads(monkeypatch):
     plan = gpus.plan(n_todo=20)
     assert plan["n_jobs"] == 2 and plan["threads"] == 1  # two DDP runs of two processes, 1 thread each
     assert plan["env"][devices.POOL_ENV] == "fake:0,fake:1,fake:2,fake:3"
+
+
+def test_packed_pool_gives_each_job_its_own_gpu_slot(monkeypatch, tmp_path):
+    """jobs_per_device=3 on 2 (fake) GPUs: 6 jobs at once hold distinct (GPU, slot) locks, a 7th waits
+    for one of them; a DDP job takes its slots on distinct GPUs."""
+    from hydra_plugins.resnorm_launcher import ParallelLauncher
+
+    launcher = ParallelLauncher(fake_gpus=2, jobs_per_device=3)
+    launcher.config = OmegaConf.create({"train": {"devices": 1}})
+    plan = launcher.plan(n_todo=20)
+    assert plan["n_jobs"] == 6 and plan["packing"] == "3 job(s) per device (jobs_per_device=3)"
+    assert plan["env"][devices.POOL_ENV] == "fake:0,fake:1,fake:0/1,fake:1/1,fake:0/2,fake:1/2"
+    monkeypatch.setenv(devices.POOL_ENV, plan["env"][devices.POOL_ENV])
+    monkeypatch.setenv(devices.LOCK_DIR_ENV, str(tmp_path))
+    with contextlib.ExitStack() as six:
+        held = [six.enter_context(devices.claim("auto"))[0] for _ in range(6)]
+        assert sorted((s.index, s.slot) for s in held) == [(g, k) for g in (0, 1) for k in (0, 1, 2)]
+        assert {s.device for s in held} == {"cpu"}
+        got = []
+
+        def seventh_job():
+            with devices.DevicePool(devices.pool_from_env(), poll_s=0.01).acquire(1) as (slot,):
+                got.append(slot)
+
+        seventh = threading.Thread(target=seventh_job)
+        seventh.start()
+        time.sleep(0.3)
+        assert not got, "a 7th job got a slot while all 6 were held"
+        six.close()  # the six jobs end
+        seventh.join(5)
+        assert got and got[0].name in plan["pool"].split(",")
+    pool = devices.DevicePool([devices.Slot(0, True, k) for k in range(3)] + [devices.Slot(1, True)], tmp_path)
+    with pool.acquire(2) as pair:
+        assert {s.index for s in pair} == {0, 1}  # never two slots of one GPU for one DDP job
+    with pytest.raises(RuntimeError, match="needs 3 devices but the pool has 2"):
+        with pool.acquire(3):
+            pass
+    assert devices.Slot.parse("fake:1/2") == devices.Slot(1, True, 2) and devices.Slot.parse("3/1").device == "cuda:3"
+    # the dry run shows the slots the sweep's launcher would use, and each job's memory estimate
+    from resnorm import packing
+    from resnorm.sweeper import job_table, plan_job
+
+    monkeypatch.setattr(packing, "LATEST_LAUNCHER", launcher)
+    table = job_table([plan_job(["depth=1"], compose(*TINY, "depth=1"), None)], 1e10, "d", "ParallelLauncher")
+    assert "slots: fake:0,fake:1,fake:0/1,fake:1/1,fake:0/2,fake:1/2 (3 job(s) per device" in table
+    assert "mem/job" in table.splitlines()[1]
+    assert "slots:" not in job_table([plan_job([], compose(*TINY), None)], 1e10, "d", "BasicLauncher")
+
+
+def test_auto_packing_divides_free_memory_by_the_job_estimate(monkeypatch):
+    from hydra_plugins.resnorm_launcher import ParallelLauncher
+    from resnorm import packing
+
+    # floor(free * 0.8 / job), in [1, 8]
+    assert packing.auto_jobs_per_device(80e9, 10e9) == 6
+    assert packing.auto_jobs_per_device(5e9, 10e9) == 1 and packing.auto_jobs_per_device(1e12, 1e9) == 8
+    assert packing.slots_per_device("auto", 2, lambda: [80e9, 25e9], lambda: 10e9) == [6, 2]
+    assert packing.slots_per_device(2, 3, None, None) == [2, 2, 2]  # neither is asked for a number
+    assert [s.name for s in devices.packed([devices.Slot(0), devices.Slot(1)], [3, 1])] == ["0", "1", "0/1", "0/2"]
+    # the estimate: 16 bytes a parameter, (9 d + 2 d_ff) fp32 values a token and layer, 3 x vocab logits
+    cfg = compose("depth=2")  # d 64, d_ff 256, batch 16 x 64 tokens, vocab 256
+    n = 100_000
+    tokens = 16 * 64
+    assert packing.job_memory_bytes(cfg, n) == 16 * n + 2 * tokens * (9 * 64 + 2 * 256) * 4 + 3 * tokens * 256 * 4 \
+        + packing.CUDA_CONTEXT_BYTES
+    ddp = packing.job_memory_bytes(compose("depth=2", "train.devices=2"), n)
+    assert ddp < packing.job_memory_bytes(cfg, n)  # each process holds half the batch
+    # the launcher: fake GPUs with 3.5 jobs' worth of the usable memory each hold 3
+    launcher = ParallelLauncher(fake_gpus=2, jobs_per_device="auto", fake_gpu_free_gb=1.0)
+    launcher.config = compose(*TINY)
+    need = launcher.job_bytes(None)
+    launcher.fake_gpu_free_gb = 3.5 * need / packing.PACK_SAFETY / 1e9
+    plan = launcher.plan(n_todo=20)
+    assert plan["n_jobs"] == 6 and plan["packing"].startswith("3 job(s) per device (jobs_per_device=auto: ")
+    # a CPU machine is not packed: one core per job
+    monkeypatch.setattr(devices, "cpu_count", lambda: 8)
+    cpu = ParallelLauncher(jobs_per_device=3)
+    cpu.config = OmegaConf.create({"train": {"devices": 1}})
+    monkeypatch.setattr(cpu, "pool", lambda: [])
+    assert cpu.plan(n_todo=20)["n_jobs"] == 8 and devices.POOL_ENV not in cpu.plan(n_todo=20)["env"]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, "x", True, None])
+def test_jobs_per_device_must_be_a_positive_integer_or_auto(bad, capsys):
+    from hydra_plugins.resnorm_launcher import ParallelLauncher
+    from resnorm.errors import ConfigError
+    from resnorm.packing import parse_jobs_per_device
+
+    with pytest.raises(ConfigError, match=r"^hydra\.launcher\.jobs_per_device=.* must be a positive integer or 'auto'$"):
+        parse_jobs_per_device(bad)
+    with pytest.raises(SystemExit) as exit_:
+        ParallelLauncher(jobs_per_device=bad)
+    assert exit_.value.code == 2 and "config error: hydra.launcher.jobs_per_device=" in capsys.readouterr().err
+    assert parse_jobs_per_device("auto") == "auto" and parse_jobs_per_device("4") == 4
 
 
 # --- the command line: failures, dry run, kill -9 and re-run ----------------------------------

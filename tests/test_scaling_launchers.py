@@ -1,6 +1,8 @@
 """Launchers and data parallelism, end to end on the CPU: the local launcher's device pool (fake
-GPUs), DDP on two gloo processes, SLURM through fake sbatch/srun/sacct/scontrol (with a preemption
-that requeues the job), and Ray where it is installed."""
+GPUs, one job per slot, two slots of one GPU with jobs_per_device=2, DDP jobs in its workers), DDP
+on two gloo processes, SLURM's preemption signal through fake sbatch/srun/sacct/scontrol (submitit
+requeues the job; the real cluster is tests/test_cluster_slurm.py), and a local Ray (scripts/setup.sh
+installs it)."""
 
 from __future__ import annotations
 
@@ -33,6 +35,18 @@ def metrics(run_dir: Path) -> pd.DataFrame:
     return pd.read_parquet(Path(run_dir) / "metrics.parquet")
 
 
+def slot_spans(runs) -> dict:
+    """Each pool slot's (start, end) spans, sorted; asserts that no two jobs held one slot at once."""
+    spans = {}
+    for s in runs:
+        (slot,) = s["device_slots"]
+        spans.setdefault(slot, []).append((s["started_at"], s["finished_at"]))
+    for slot, held in spans.items():
+        held.sort()
+        assert all(end <= start for (_, end), (start, _) in zip(held, held[1:])), f"{slot} shared: {held}"
+    return spans
+
+
 @pytest.mark.slow
 def test_local_launcher_never_shares_a_device(tmp_path):
     """4 jobs of unequal length, 4 at a time, on a pool of 2 fake GPUs: each job holds a device
@@ -45,14 +59,40 @@ def test_local_launcher_never_shares_a_device(tmp_path):
     runs = summaries(tmp_path / "multirun" / "pool")
     assert sorted(s["steps_done"] for s in runs.values()) == [3, 6, 20, 30]
     assert all(s["status"] == "completed" and s["threads"] == 1 and s["device"] == "cpu" for s in runs.values())
-    held = {}
-    for s in runs.values():
-        (slot,) = s["device_slots"]
-        held.setdefault(slot, []).append((s["started_at"], s["finished_at"]))
-    assert set(held) == {"fake:0", "fake:1"}
-    for slot, spans in held.items():
-        spans.sort()
-        assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:])), f"{slot} shared: {spans}"
+    assert set(slot_spans(runs.values())) == {"fake:0", "fake:1"}
+
+
+@pytest.mark.slow
+def test_local_launcher_packs_two_jobs_on_one_device(tmp_path):
+    """jobs_per_device=2 on one fake GPU: two jobs share it at a time, each in a slot of its own."""
+    proc = run_cli("-m", "hydra/launcher=local", "hydra.launcher.fake_gpus=1", "hydra.launcher.jobs_per_device=2",
+                   f"hydra.launcher.lock_dir={tmp_path / 'locks'}", *TINY, "depth=1", "train.steps=60,50,6",
+                   "name=packed", NO_ANALYSIS, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("2 jobs at a time, 1 thread(s) each, device pool: fake:0,fake:0/1; "
+            "2 job(s) per device (jobs_per_device=2)") in proc.stdout
+    runs = list(summaries(tmp_path / "multirun" / "packed").values())
+    assert sorted(s["steps_done"] for s in runs) == [6, 50, 60] and all(s["status"] == "completed" for s in runs)
+    spans = slot_spans(runs)
+    assert set(spans) == {"fake:0", "fake:0/1"}
+    (a, b) = (min(spans["fake:0"]), min(spans["fake:0/1"]))
+    assert a[0] < b[1] and b[0] < a[1], f"the first jobs of the two slots never ran together: {spans}"
+
+
+@pytest.mark.slow
+def test_ddp_jobs_in_local_workers_take_slots_on_distinct_devices(tmp_path):
+    """Two DDP jobs (train.devices=2) in the local launcher's worker processes, on 2 fake GPUs x 2
+    slots: each job's two processes hold slots of two different GPUs (and its spawned processes
+    start inside a loky worker)."""
+    proc = run_cli("-m", "hydra/launcher=local", "hydra.launcher.fake_gpus=2", "hydra.launcher.jobs_per_device=2",
+                   f"hydra.launcher.lock_dir={tmp_path / 'locks'}", *TINY, "train.steps=4", "train.devices=2",
+                   "depth=1,2", "name=ddp_packed", NO_ANALYSIS, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 jobs at a time, 1 thread(s) each, device pool: fake:0,fake:1,fake:0/1,fake:1/1" in proc.stdout
+    runs = list(summaries(tmp_path / "multirun" / "ddp_packed").values())
+    assert len(runs) == 2 and all(s["status"] == "completed" and s["world_size"] == 2 for s in runs)
+    for s in runs:
+        assert {name.split("/")[0] for name in s["device_slots"]} == {"fake:0", "fake:1"}, s["device_slots"]
 
 
 @pytest.mark.slow

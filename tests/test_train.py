@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import math
 from pathlib import Path
 
@@ -172,6 +173,16 @@ def test_wandb_offline_round_trip(tmp_path):
     assert [h["val/loss"] for h in logged["history"] if "val/loss" in h] == pytest.approx(
         pd.read_parquet(tmp_path / "run" / "metrics.parquet")["val_loss"].dropna().tolist())
     assert logged["summary"]["status"] == "completed"
+
+
+def test_empty_wandb_env_variable_is_treated_as_unset(tmp_path, monkeypatch):
+    """WANDB_MODE= (set but empty, as job scripts often leave it) made W&B refuse to start."""
+    monkeypatch.setenv("WANDB_MODE", "")
+    cfg = compose(*TINY, "depth=1", "train.steps=2", "logger.mode=offline")
+    summary = train(cfg, job(tmp_path))
+    assert summary["wandb_error"] is None
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert "WANDB_MODE" not in os.environ
 
 
 def test_wandb_failure_does_not_stop_training(tmp_path, monkeypatch):

@@ -5,7 +5,9 @@ launcher lacks (hydra#1331, #2757: parallel jobs get no GPU of their own):
 
 - with GPUs, the machine's GPUs form a device pool (``RESNORM_DEVICE_POOL``); each job takes
   ``train.devices`` of them exclusively while it runs (file locks, see :mod:`resnorm.devices`), and
-  ``n_jobs`` defaults to the number of GPUs divided by ``train.devices``;
+  ``n_jobs`` defaults to the number of slots divided by ``train.devices``; a GPU has
+  ``jobs_per_device`` slots (1; N: N jobs share it; ``auto``: as many as its free memory holds by
+  the largest job's estimate, :mod:`resnorm.packing`);
 - on a CPU machine, ``n_jobs`` defaults to the number of cores divided by the threads of a job
   (``threads_per_job``, else ``train.threads``, null: 1; ``OMP_NUM_THREADS``, ``OMP_WAIT_POLICY=PASSIVE``),
   as parallel jobs that each used every core ran 10-40x slower here. A job trains with
@@ -13,8 +15,9 @@ launcher lacks (hydra#1331, #2757: parallel jobs get no GPU of their own):
   launcher; a single job runs in the sweep's own process.
 
 Options (``hydra.launcher.<option>=...``): ``n_jobs``, ``gpus`` (a list of GPU indices; null: all
-visible), ``fake_gpus`` (N pretend GPUs that train on the CPU: to try a sweep's scheduling on a
-machine without GPUs), ``threads_per_job``, ``lock_dir``, and ``joblib`` (more joblib.Parallel
+visible), ``jobs_per_device``, ``fake_gpus`` (N pretend GPUs that train on the CPU: to try a sweep's
+scheduling on a machine without GPUs) and ``fake_gpu_free_gb`` (their free memory, for
+``jobs_per_device=auto``), ``threads_per_job``, ``lock_dir``, and ``joblib`` (more joblib.Parallel
 arguments). This module imports neither torch nor joblib: Hydra imports it on every start.
 """
 
@@ -23,7 +26,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from typing import Any, Dict, List, Optional, Sequence
+import sys
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from hydra.core.utils import JobReturn
 from hydra.plugins.launcher import Launcher
@@ -41,7 +45,17 @@ def _has_gpu_driver() -> bool:
 class ParallelLauncher(Launcher):
     def __init__(self, n_jobs: Optional[int] = None, gpus: Optional[Sequence[int]] = None,
                  fake_gpus: int = 0, threads_per_job: Optional[int] = None, lock_dir: Optional[str] = None,
-                 joblib: Optional[Dict[str, Any]] = None) -> None:
+                 joblib: Optional[Dict[str, Any]] = None, jobs_per_device: Any = 1,
+                 fake_gpu_free_gb: Optional[float] = None) -> None:
+        from resnorm.errors import ConfigError
+        from resnorm.packing import parse_jobs_per_device
+
+        try:
+            self.jobs_per_device = parse_jobs_per_device(jobs_per_device)
+        except ConfigError as exc:  # one line, before any job runs (SystemExit passes through Hydra)
+            print(f"config error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        self.fake_gpu_free_gb = fake_gpu_free_gb
         self.n_jobs, self.fake_gpus, self.threads_per_job = n_jobs, int(fake_gpus or 0), threads_per_job
         self.gpus = None if gpus is None else [int(g) for g in gpus]
         self.lock_dir = lock_dir
@@ -53,6 +67,9 @@ class ParallelLauncher(Launcher):
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+        from resnorm import packing
+
+        packing.LATEST_LAUNCHER = self  # the dry run's job table shows its slots
 
     def pool(self) -> List:
         from resnorm.devices import Slot, visible_gpus
@@ -63,7 +80,58 @@ class ParallelLauncher(Launcher):
             return [Slot(i) for i in self.gpus]
         return [Slot(i) for i in visible_gpus()] if _has_gpu_driver() else []
 
-    def plan(self, n_todo: Optional[int] = None) -> Dict[str, Any]:
+    def free_bytes(self, devices: Sequence) -> List[float]:
+        """Each device's free memory: the fake GPUs' ``fake_gpu_free_gb``, else CUDA's answer."""
+        from resnorm.packing import cuda_free_bytes
+
+        if not self.fake_gpus:
+            return cuda_free_bytes([d.index for d in devices])
+        if self.fake_gpu_free_gb is None:
+            print("config error: hydra.launcher.jobs_per_device=auto with fake_gpus needs their free memory: "
+                  "set hydra.launcher.fake_gpu_free_gb", file=sys.stderr)
+            raise SystemExit(2)
+        return [float(self.fake_gpu_free_gb) * 1e9] * len(devices)
+
+    def job_bytes(self, job_overrides: Optional[Sequence[Sequence[str]]]) -> float:
+        """The largest estimated GPU memory of the jobs (:func:`resnorm.packing.job_memory_bytes`)."""
+        from resnorm.packing import job_memory_bytes
+        from resnorm.sweeper import model_size
+
+        if job_overrides and self.hydra_context is not None:
+            load = self.hydra_context.config_loader.load_sweep_config
+            configs = [load(self.config, list(o)) for o in job_overrides]
+        else:
+            configs = [self.config]
+        sizes: Dict[str, int] = {}  # a grid of seeds or learning rates counts each model once
+        largest = 0.0
+        for cfg in configs:
+            shape = OmegaConf.to_yaml(cfg.model) + f"depth={cfg.depth}"
+            if shape not in sizes:
+                sizes[shape] = model_size(cfg)[0]
+            largest = max(largest, job_memory_bytes(cfg, sizes[shape]))
+        return largest
+
+    def slots(self, job_bytes: Callable[[], float]) -> Tuple[List, str]:
+        """The pool's slots (``jobs_per_device`` of each GPU; none on a CPU machine) and a description;
+        ``job_bytes`` (the largest job's estimated memory) is called for ``jobs_per_device=auto`` only."""
+        from resnorm import packing
+        from resnorm.devices import packed
+
+        devices = self.pool()
+        if not devices:
+            return [], ""
+        estimate: Dict[str, float] = {}
+
+        def largest() -> float:
+            estimate["bytes"] = job_bytes()
+            return estimate["bytes"]
+
+        per_device = packing.slots_per_device(self.jobs_per_device, len(devices), lambda: self.free_bytes(devices),
+                                              largest)
+        return packed(devices, per_device), packing.describe(per_device, self.jobs_per_device, estimate.get("bytes"))
+
+    def plan(self, n_todo: Optional[int] = None, job_overrides: Optional[Sequence[Sequence[str]]] = None
+             ) -> Dict[str, Any]:
         """n_jobs, and the environment of the workers (device pool and threads), for ``n_todo`` jobs."""
         from resnorm.devices import LOCK_DIR_ENV, POOL_ENV, THREADS_ENV, cpu_count, format_pool
 
@@ -71,7 +139,7 @@ class ParallelLauncher(Launcher):
         # a job's thread count is its config's (train.threads, null: 1), never the launcher's: it
         # changes a CPU run's last bits (resnorm.devices.job_threads)
         threads = int(OmegaConf.select(self.config, "train.threads", default=None) or 1)
-        slots = self.pool()
+        slots, packing = self.slots(lambda: self.job_bytes(job_overrides))
         cores = cpu_count()
         if slots:
             n_jobs = self.n_jobs or max(1, len(slots) // per_job)
@@ -84,12 +152,13 @@ class ParallelLauncher(Launcher):
             env[POOL_ENV] = format_pool(slots)
         if self.lock_dir:
             env[LOCK_DIR_ENV] = str(self.lock_dir)
-        return {"n_jobs": int(n_jobs), "threads": threads, "pool": format_pool(slots), "env": env}
+        return {"n_jobs": int(n_jobs), "threads": threads, "pool": format_pool(slots), "env": env,
+                "packing": packing}
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        plan = self.plan(len(job_overrides))
-        log.info("local launcher: %d jobs at a time, %d thread(s) each, device pool: %s", plan["n_jobs"],
-                 plan["threads"], plan["pool"] or "none (CPU)")
+        plan = self.plan(len(job_overrides), job_overrides)
+        log.info("local launcher: %d jobs at a time, %d thread(s) each, device pool: %s%s", plan["n_jobs"],
+                 plan["threads"], plan["pool"] or "none (CPU)", f"; {plan['packing']}" if plan["packing"] else "")
         try:
             from hydra_plugins.hydra_joblib_launcher import _core
         except ImportError:

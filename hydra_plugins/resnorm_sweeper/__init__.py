@@ -14,6 +14,10 @@ Hydra's basic sweeper (the same grid syntax, ``hydra.sweeper.params``, ``max_bat
 - the jobs still to run are launched longest first (estimated FLOPs; ``order=longest_first``, the
   default) so that parallel launchers do not end on one long job with idle workers; ``order=given``
   keeps the grid's order;
+- ``stack=on|auto|off`` (:mod:`resnorm.stack_plan`): jobs that differ only in keys that leave
+  every parameter shape unchanged (seed, optimizer settings, ...) are launched as one job that trains
+  them as one stacked model (:mod:`resnorm.stack`); each still writes its own run folder. ``auto``
+  (the default) stacks only jobs that train on a CUDA device; the dry run shows the stacks;
 - the outcome of every job is counted in :data:`resnorm.sweeper.LAST_OUTCOME` (the exit code).
 """
 
@@ -32,6 +36,7 @@ from omegaconf import OmegaConf, open_dict
 from resnorm.config import check_override, composition_error, validate
 from resnorm.errors import ConfigError
 from resnorm.identity import OPERATIONAL_KEYS, register_resolver
+from resnorm.stack_plan import STACK_MODES, group_labels, launch_overrides, stack_groups
 from resnorm.sweeper import LAST_OUTCOME, JobPlan, duplicates, job_table, longest_first, plan_job, write_plan
 
 register_resolver()  # also in the launchers' workers, which unpickle Hydra's plugin registry
@@ -52,13 +57,18 @@ ORDERS = ("longest_first", "given")
 
 class ValidatingSweeper(BasicSweeper):
     def __init__(self, max_batch_size: Optional[int], params: Optional[Dict[str, str]] = None,
-                 dry_run: bool = False, flops_per_s: float = 1e10, order: str = "longest_first") -> None:
+                 dry_run: bool = False, flops_per_s: float = 1e10, order: str = "longest_first",
+                 stack: str = "auto") -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)
         self.dry_run = bool(dry_run)
         self.flops_per_s = float(flops_per_s)
         if order not in ORDERS:
             _config_error(f"hydra.sweeper.order={order!r} is invalid: choose one of {', '.join(ORDERS)}")
         self.order = order
+        stack = {True: "on", False: "off"}.get(stack, stack)  # YAML reads a bare on/off as a boolean
+        if stack not in STACK_MODES:
+            _config_error(f"hydra.sweeper.stack={stack!r} is invalid: choose one of {', '.join(STACK_MODES)}")
+        self.stack = stack
 
     def _compose(self, overrides: Sequence[str]):
         return self.hydra_context.config_loader.load_sweep_config(
@@ -93,13 +103,15 @@ class ValidatingSweeper(BasicSweeper):
         except Exception as exc:  # noqa: BLE001  # Hydra's composition errors: one line too
             _config_error(f"{composition_error(overrides, exc)} (job: {' '.join(overrides)})")
         run_dir = self._job_dir(cfg)
+        run_name = str(OmegaConf.select(cfg, "hydra.job.override_dirname", default="") or "default")
+        hydra_yaml = OmegaConf.to_yaml(OmegaConf.create({"hydra": cfg.hydra}))
         with open_dict(cfg):
             del cfg["hydra"]
         try:
             validate(cfg, host=self.jobs_run_here())
         except ConfigError as err:
             _config_error(f"{err} (job: {' '.join(overrides)})")
-        return plan_job(overrides, cfg, run_dir)
+        return plan_job(overrides, cfg, run_dir, run_name, hydra_yaml)
 
     def sweep(self, arguments: List[str]) -> Any:
         LAST_OUTCOME.clear()
@@ -116,7 +128,8 @@ class ValidatingSweeper(BasicSweeper):
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         if self.dry_run:
             launcher = OmegaConf.select(self.config, "hydra.launcher._target_", default="?").rsplit(".", 1)[-1]
-            print(job_table(plans, self.flops_per_s, str(sweep_dir), launcher), flush=True)
+            labels = group_labels(stack_groups([p for p in plans if not p.done], self.stack))
+            print(job_table(plans, self.flops_per_s, str(sweep_dir), launcher, labels), flush=True)
             raise SystemExit(0)  # launches nothing; Hydra's end-of-sweep callbacks do not run either
 
         done = [p for p in plans if p.done]
@@ -128,11 +141,12 @@ class ValidatingSweeper(BasicSweeper):
         todo_plans = [p for p in plans if not p.done]
         if self.order == "longest_first" and len(todo_plans) > 1:
             todo_plans = longest_first(todo_plans)
-        todo = [p.overrides for p in todo_plans]
+        groups = stack_groups(todo_plans, self.stack)
         try:
             sweep_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
             write_plan(sweep_dir, plans)  # each finished job prints the sweep's progress line from it
+            todo = launch_overrides(sweep_dir, groups)  # a stack: one launcher job (its file written)
         except OSError as exc:  # one line, before any job ran (exit 2, like a config error)
             print(f"error: cannot write the sweep folder {sweep_dir} ({type(exc).__name__}: {exc.strerror}); "
                   "choose another with hydra.sweep.dir=DIR", file=sys.stderr)
@@ -143,7 +157,9 @@ class ValidatingSweeper(BasicSweeper):
             results = self.launcher.launch(batch, initial_job_idx=initial_job_idx)
             for ret in results:
                 value = ret.return_value  # raises if the task function itself raised
-                LAST_OUTCOME[value.get("status", "unknown") if isinstance(value, dict) else "unknown"] += 1
+                members = value.get("stack", [value]) if isinstance(value, dict) else [value]
+                for v in members:  # a stack's launcher job returns every member's result
+                    LAST_OUTCOME[v.get("status", "unknown") if isinstance(v, dict) else "unknown"] += 1
             initial_job_idx += len(batch)
             returns.append(results)
         log.info("sweep %s: %s", sweep_dir, ", ".join(f"{n} {s}" for s, n in sorted(LAST_OUTCOME.items()))

@@ -34,6 +34,8 @@ TF = 1e12
 # (regex on torch.cuda.get_device_name, {precision: dense peak TFLOP/s}, source). Dense peaks (no
 # 2:4 sparsity). "fp32": CUDA-core FP32; "tf32" and "bf16": tensor cores (bf16 with fp32 accumulate).
 # More specific patterns first. "?" in a source marks a value read off a datasheet with a caveat.
+# "fp16" (train.precision=fp16, tensor cores with fp32 accumulate) is the bf16 rate on every GPU here
+# but the V100, which has fp16 tensor cores and no bf16 ones (its own "fp16" entry).
 GPU_PEAKS = [
     (r"H200.*NVL", {"fp32": 60.0, "tf32": 417.5, "bf16": 835.5},
      "NVIDIA H200 NVL datasheet (sparse TF32 835 / BF16 1671 halved)"),
@@ -52,10 +54,10 @@ GPU_PEAKS = [
      "NVIDIA A10 datasheet (sparse TF32 125 / BF16 250 halved)"),
     (r"\bL4\b", {"fp32": 30.3, "tf32": 60.0, "bf16": 121.0},
      "NVIDIA L4 datasheet (sparse TF32 120 / BF16 242 halved)"),
-    (r"V100.*PCIe", {"fp32": 14.0, "tf32": 14.0, "bf16": 14.0},
-     "NVIDIA V100 PCIe datasheet; no TF32/BF16 tensor cores, the FP32 rate stands in?"),
-    (r"V100", {"fp32": 15.7, "tf32": 15.7, "bf16": 15.7},
-     "NVIDIA V100 SXM2 datasheet; no TF32/BF16 tensor cores, the FP32 rate stands in?"),
+    (r"V100.*PCIe", {"fp32": 14.0, "tf32": 14.0, "bf16": 14.0, "fp16": 112.0},
+     "NVIDIA V100 PCIe datasheet (tensor 112); no TF32/BF16 tensor cores, the FP32 rate stands in?"),
+    (r"V100", {"fp32": 15.7, "tf32": 15.7, "bf16": 15.7, "fp16": 125.0},
+     "NVIDIA V100 SXM2 datasheet (tensor 125); no TF32/BF16 tensor cores, the FP32 rate stands in?"),
     (r"RTX 4090", {"fp32": 82.6, "tf32": 82.6, "bf16": 165.2},
      "NVIDIA Ada (AD102) whitepaper, RTX 4090 (GeForce: BF16 with FP32 accumulate at half rate)?"),
 ]
@@ -83,10 +85,11 @@ def flops_per_token(shape, n_params: Optional[int] = None) -> float:
 
 
 def gpu_peak_flops(name: str, precision: str) -> Tuple[float, str]:
-    """(dense peak FLOP/s, source) of the GPU called ``name`` at ``precision`` (fp32, tf32, bf16)."""
+    """(dense peak FLOP/s, source) of the GPU called ``name`` at ``precision`` (fp32, tf32, bf16, fp16)."""
     for pattern, peaks, source in GPU_PEAKS:
         if re.search(pattern, name):
-            return peaks[precision] * TF, f"{source}: {precision} {peaks[precision]} TFLOP/s"
+            rate = peaks.get(precision, peaks["bf16"] if precision == "fp16" else None)
+            return rate * TF, f"{source}: {precision} {rate} TFLOP/s"
     return math.nan, f"no peak known for GPU {name!r}"
 
 
@@ -124,7 +127,7 @@ def _cuda_precision(precision: str) -> str:
 
 def device_peak_flops(device, precision: str = "fp32") -> Tuple[float, str]:
     """(peak FLOP/s, source) of ``device`` (a torch.device or string) at ``train.precision``
-    (fp32 | bf16; tf32 also accepted): the GPU table on CUDA (fp32 read as tf32 when
+    (fp32 | bf16 | fp16; tf32 also accepted): the GPU table on CUDA (fp32 read as tf32 when
     ``torch.backends.cuda.matmul.allow_tf32``), the measured fp32 matmul rate on the CPU, NaN
     elsewhere."""
     device = torch.device(device)

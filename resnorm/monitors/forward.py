@@ -35,6 +35,9 @@ The three ``attn_*`` quantities are NaN on MLP sublayers (as ``max_attn_logit`` 
   backward passes and change nothing (they return None: the step's gradients are bit for bit those
   of an unprobed step); ``before_update`` reads the values and disarms them. L is a mean over the
   batch's tokens, so the values scale as 1 / (batch x tokens): compare runs of one batch shape.
+  With ``train.grad_accum`` > 1 the hooks fire once per micro-batch and the probe averages g^2 over
+  them (equal micro-batches, each loss over N: the whole batch's dL/dx); under fp16 it divides by
+  the loss scale of the step's backward (the hooks see the scaled gradient).
 
 The output logits' log Z and RMS are read at every evaluation by :func:`resnorm.loop.evaluate`
 (``val_log_z``, ``val_logit_rms`` in ``metrics.parquet``), not here.
@@ -53,6 +56,7 @@ import torch
 
 from ..measure import absmax, attention_entropy, kurtosis, sink_mass
 from ..model import Attention, eval_mode
+from ..precision import scale_tensor
 from ..probes import Probe, sublayer_modules
 
 
@@ -105,16 +109,20 @@ class StreamGradProbe(_Periodic):
 
     quantities_before = ("stream_grad_rms",)
 
-    def __init__(self, model, every: int, total_steps: int):
+    def __init__(self, model, every: int, total_steps: int, scaler=None):
         super().__init__(model, every, total_steps)
+        self.scaler = scaler  # fp16: the run's torch.amp.GradScaler (the hooks see scaled gradients)
         self._sq: List[Optional[torch.Tensor]] = []
+        self._calls: List[int] = []
 
     def _record(self, i: int, grad: torch.Tensor) -> None:
-        self._sq[i] = grad.detach().float().pow(2).mean()  # returns None: the gradient passes unchanged
+        sq = grad.detach().float().pow(2).mean()  # returns None: the gradient passes unchanged
+        self._sq[i] = sq if self._sq[i] is None else self._sq[i] + sq  # micro-batches (train.grad_accum)
+        self._calls[i] += 1
 
     def before_forward(self) -> None:
         subs = self.model.sublayers()
-        self._sq = [None] * len(subs)
+        self._sq, self._calls = [None] * len(subs), [0] * len(subs)
         for i, sub in enumerate(subs):
             sub.grad_sink = functools.partial(self._record, i)
 
@@ -122,17 +130,20 @@ class StreamGradProbe(_Periodic):
         for sub in self.model.sublayers():
             sub.grad_sink = None
         zero = torch.zeros((), device=x.device)
-        vals = [zero if sq is None else sq.sqrt() for sq in self._sq] or [zero] * len(self.labels)
-        self._sq = []
-        return torch.stack(vals).view(1, -1)
+        vals = [zero if sq is None else (sq / n).sqrt() for sq, n in zip(self._sq, self._calls)]
+        vals = vals or [zero] * len(self.labels)
+        self._sq, self._calls = [], []
+        out = torch.stack(vals).view(1, -1)
+        return out if self.scaler is None else out / scale_tensor(self.scaler)
 
 
 @torch.no_grad()
-def forward_probes(model, train_cfg, share=None) -> List[Probe]:
+def forward_probes(model, train_cfg, share=None, scaler=None) -> List[Probe]:
     """[ForwardStatsProbe, StreamGradProbe] every ``train_cfg.probe_every`` steps (and the last), or
     [] when ``train_cfg.probes`` is false or ``probe_every`` is 0. ``share``: the run's
-    :class:`resnorm.probes.ActivationProbe`, whose trace of the step's batch the forward statistics reuse."""
+    :class:`resnorm.probes.ActivationProbe`, whose trace of the step's batch the forward statistics reuse;
+    ``scaler``: the run's fp16 gradient scaler, if any."""
     if not (train_cfg.probes and train_cfg.probe_every):
         return []
     every, steps = train_cfg.probe_every, train_cfg.steps
-    return [ForwardStatsProbe(model, every, steps, share=share), StreamGradProbe(model, every, steps)]
+    return [ForwardStatsProbe(model, every, steps, share=share), StreamGradProbe(model, every, steps, scaler)]

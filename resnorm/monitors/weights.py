@@ -31,7 +31,10 @@ The probes (the update needs a weight and gradient snapshot, so it has its own, 
 - :class:`ParamNormProbe`: ``param_norm`` in ``before_update`` (one ``torch._foreach_norm``).
 - :class:`OptimizerStateProbe`: ``adam_m_norm``, ``adam_v_norm`` in ``after_update`` (two
   ``_foreach_norm``). A parameter without optimizer state (no gradient yet) is left out; a sublayer
-  none of whose parameters has state reads NaN.
+  none of whose parameters has state reads NaN. Only under ``optim=adamw``: SGD keeps one momentum
+  buffer and no second moment, and under ``optim=muon`` the blocks' matrices are Muon's (a momentum
+  buffer) while AdamW holds only their biases and norms, so a per-sublayer "Adam moment" would
+  describe a few vectors; with those optimizers the probe is left out (the update probes stay).
 - :class:`UpdateProbe`: ``before_update`` copies the sublayer parameters and their raw gradients
   (two copies of the block parameters, on due steps only); ``after_update`` gives ``update_norm``
   and ``update_grad_cos``. On the same steps :class:`resnorm.probes.ActivationProbe` gives
@@ -240,13 +243,14 @@ class LearnedScalarProbe(Probe):
 def weight_probes(model: nn.Module, optimizer: torch.optim.Optimizer, train_cfg) -> List[Probe]:
     """The weight/optimizer-side probes that apply, for :func:`resnorm.callbacks.probe_callbacks`
     (one :class:`resnorm.callbacks.ProbeCallback` each): none when ``train.probes`` is false;
-    ``param_norm``, the AdamW moments and the learned scalars (if the model has any) every
+    ``param_norm``, the AdamW moments (``optim=adamw`` only) and the learned scalars (if the model has any) every
     ``train.log_every`` steps; the update every ``train.probe_every`` steps and the last (not when
     ``probe_every`` is 0)."""
     if not train_cfg.probes:
         return []
-    probes: List[Probe] = [ParamNormProbe(model, train_cfg.log_every),
-                           OptimizerStateProbe(model, optimizer, train_cfg.log_every)]
+    probes: List[Probe] = [ParamNormProbe(model, train_cfg.log_every)]
+    if isinstance(optimizer, torch.optim.AdamW):  # the Adam moments exist (see the module docstring)
+        probes.append(OptimizerStateProbe(model, optimizer, train_cfg.log_every))
     if train_cfg.probe_every:
         probes.append(UpdateProbe(model, train_cfg.probe_every))
     scalars = LearnedScalarProbe(model, train_cfg.log_every)

@@ -1,0 +1,325 @@
+"""Fine-tuning (python -m resnorm.finetune): task files and their errors, the built-in play_genre
+task, span F1, padding, the heads, the CLI over a sweep (skip, re-run, bad input) and the
+downstream figure. Every run and task file is made here, small."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, Interrupt, compose, interrupt_at
+from resnorm.builtin_tasks import FOLIO_GENRE, held_out_plays, play_genre_rows
+from resnorm.errors import DataError
+from resnorm.finetune import main
+from resnorm.identity import run_id
+from resnorm.tokenizer import ByteTokenizer, load_run_tokenizer
+from resnorm.tasks import (IGNORE, bio_spans, encode_rows, kind_of, label_set, read_rows, span_f1, split_rows,
+                           task_kind)
+from resnorm.train import JobInfo, train
+
+TASK_STEPS = ("--steps", "40", "--lr", "0.01", "--batch", "8")
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: torch on one thread, restored after
+
+
+def _write_csv(path: Path, rows) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def _letters_task(path: Path) -> Path:
+    """A separable classification task: texts of a's are label x, texts of b's label y."""
+    rows = [{"text": ("a" if i % 2 else "b") * (3 + i % 9), "label": "x" if i % 2 else "y"} for i in range(60)]
+    return _write_csv(path, rows)
+
+
+def _names_task(path: Path) -> Path:
+    """A tagging task: capitalised words are NAME spans (two-word names B-NAME I-NAME)."""
+    names, words = ["Ann", "Bob Lee", "Cy"], ["the", "saw", "and", "a", "dog"]
+    with open(path, "w") as f:
+        for i in range(40):
+            tokens, tags = [], []
+            for j in range(4):
+                if (i + j) % 3 == 0:
+                    name = names[(i + 2 * j) % 3].split()
+                    tokens += name
+                    tags += ["B-NAME"] + ["I-NAME"] * (len(name) - 1)
+                else:
+                    tokens.append(words[(i * j) % 5])
+                    tags.append("O")
+            f.write(json.dumps({"tokens": tokens, "tags": tags}) + "\n")
+    return path
+
+
+# --- tasks, spans, tokenizers --------------------------------------------------------------------
+
+def test_conll_spans_and_f1():
+    assert bio_spans(["B-PER", "I-PER", "O", "B-LOC", "B-LOC", "I-LOC"]) == [("PER", 0, 2), ("LOC", 3, 4), ("LOC", 4, 6)]
+    assert bio_spans(["I-PER", "I-PER", "I-LOC", "O", "I-PER"]) == [("PER", 0, 2), ("LOC", 2, 3), ("PER", 4, 5)]
+    gold = [["B-PER", "I-PER", "O", "B-LOC"], ["O", "B-PER"]]
+    pred = [["B-PER", "O", "O", "B-LOC"], ["B-LOC", "B-PER"]]  # a span cut short: no credit; one extra
+    s = span_f1(gold, pred)
+    assert (s["gold_spans"], s["predicted_spans"]) == (3, 4)
+    assert s["span_precision"] == pytest.approx(2 / 4) and s["span_recall"] == pytest.approx(2 / 3)
+    assert s["span_f1"] == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
+    assert span_f1([["O"]], [["O"]])["span_f1"] == 0.0
+
+
+def test_task_files_their_kinds_splits_and_encoding(tmp_path):
+    rows, source = read_rows(str(_letters_task(tmp_path / "letters.csv")))
+    assert kind_of(rows, source) == "classify" and label_set(rows, "classify", source) == ["x", "y"]
+    train_rows, held = split_rows(rows, source)
+    assert len(held) == 12 and held[0] is rows[4] and held[1] is rows[9]  # every fifth row
+    x, y = encode_rows(train_rows[:3], "classify", ["x", "y"], ByteTokenizer(), 16)
+    assert x.shape == (3, 5) and x[0, 3:].eq(-1).all() and y.tolist() == [1, 0, 1]
+    tag_path = _names_task(tmp_path / "names.jsonl")
+    assert task_kind(str(tag_path)) == "tag"
+    rows, source = read_rows(str(tag_path))
+    labels = label_set(rows, "tag", source)
+    assert labels == ["B-NAME", "I-NAME", "O"]
+    x, y = encode_rows([{"tokens": ["Bob", "Lee", "saw"], "tags": ["B-NAME", "I-NAME", "O"]}], "tag", labels,
+                       ByteTokenizer(), 64)
+    assert bytes(x[0].tolist()).decode() == "Bob Lee saw"
+    assert [(i, v) for i, v in enumerate(y[0].tolist()) if v != IGNORE] == [(0, 0), (4, 1), (8, 2)]  # first bytes
+    split = [{"text": "t", "label": "a", "split": s} for s in ("train", "test", "train", "validation")]
+    assert [len(p) for p in split_rows(split, "s")] == [2, 2]
+
+
+@pytest.mark.parametrize("content, suffix, message", [
+    ("words,label\nhi,a\n", ".csv", "columns label, words: a classification task needs text and label, "
+                                    "a tagging task tokens and tags (BIO)"),
+    ('{"tokens": ["a", "b"], "tags": ["O", "PER"]}\n', ".jsonl", "tag 'PER' is not BIO: use O, B-<type> or I-<type>"),
+    ('{"tokens": ["a", "b"], "tags": ["O"]}\n', ".jsonl", "row 0 has 2 tokens and 1 tags; one tag per token"),
+    ("text,label,split\nhi,a,holdout\n", ".csv", "split 'holdout': choose train or one of test, validation"),
+    ("text\tlabel\n", ".tsv", "unknown format .tsv"),
+])
+def test_bad_task_files_are_one_line_errors(tmp_path, capsys, content, suffix, message):
+    path = tmp_path / f"task{suffix}"
+    path.write_text(content)
+    assert main([str(tmp_path), "--task", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and str(path) in err
+
+
+def test_an_unknown_task_and_bad_flags(tmp_path, capsys):
+    assert main([str(tmp_path), "--task", "no_such_task"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a built-in task (play_genre, speaker_tags) nor an existing file" in err
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path), "--task", "play_genre", "--steps", "0"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "--steps: '0': must be a positive integer" in err
+    assert main([str(tmp_path / "nowhere"), "--task", "play_genre"]) == 2
+    assert "no such folder" in capsys.readouterr().err
+
+
+def test_the_command_line_entry_point(tmp_path):
+    import subprocess
+
+    from conftest import PYTHON, ROOT
+
+    r = subprocess.run([PYTHON, "-m", "resnorm.finetune", str(tmp_path), "--task", "nope"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1
+    assert r.stderr.startswith("error: --task 'nope': not a built-in task (play_genre, speaker_tags)")
+
+
+def test_hf_dataset_folders_are_tasks(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = [{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(10)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:8]),
+                          "test": datasets.Dataset.from_list(rows[8:])}).save_to_disk(str(tmp_path / "ds"))
+    got, source = read_rows(str(tmp_path / "ds"))
+    assert kind_of(got, source) == "classify" and [len(p) for p in split_rows(got, source)] == [8, 2]
+
+
+def test_a_run_with_tokenizer_json_is_tokenized_with_it(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    tok = tokenizers.Tokenizer(WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    got = load_run_tokenizer(tmp_path, compose(*TINY))
+    assert got.encode("hello world there") == [1, 2, 0]
+    assert got.encode_words(["world", "hello"]) == ([2, 1], [0, 1])
+    assert isinstance(load_run_tokenizer(tmp_path / "elsewhere", compose(*TINY)), ByteTokenizer)
+
+
+def test_play_genre_is_the_first_folio_catalogue_with_whole_plays_held_out():
+    genres = list(FOLIO_GENRE.values())
+    assert (genres.count("comedy"), genres.count("history"), genres.count("tragedy")) == (14, 10, 11)
+    assert not {"pericles_gut.txt", "troilus_and_cressida_gut.txt", "sonnets_gut.txt"} & set(FOLIO_GENRE)
+    rows = play_genre_rows()
+    assert len(rows) == 35 * 60 and all(len(r["text"]) == 256 for r in rows)
+    held = {r["play"] for r in rows if r["split"] == "test"}
+    trained = {r["play"] for r in rows if r["split"] == "train"}
+    assert not held & trained and len(held) == len(held_out_plays()) == 12
+    assert {r["label"] for r in rows if r["split"] == "test"} == {"comedy", "history", "tragedy"}
+    assert not any("by William Shakespeare" in r["text"] for r in rows)  # the title pages are dropped
+
+
+def test_speaker_tags_follow_the_heading_rule_with_whole_plays_held_out():
+    from resnorm.builtin_tasks import speaker_tag_rows, tagged_lines
+
+    assert tagged_lines("x\n\nFIRST WITCH.\nWhen shall we meet?\n\nACT II.\n[Enter MACBETH.]\nMACBETH.") == [
+        (["x"], ["O"]), ([], []), (["FIRST", "WITCH."], ["B-SPEAKER", "I-SPEAKER"]),
+        (["When", "shall", "we", "meet?"], ["O"] * 4), ([], []), (["ACT", "II."], ["O", "O"]),
+        (["[Enter", "MACBETH.]"], ["O", "O"]), (["MACBETH."], ["O"])]  # a heading follows an empty line
+    rows = speaker_tag_rows()
+    plays = {r["play"] for r in rows}
+    assert len(plays) == 33 and not {"hamlet", "lear", "romeo_and_juliet", "midsummer_nights_dream"} & plays
+    held = {r["play"] for r in rows if r["split"] == "test"}
+    assert held and not held & {r["play"] for r in rows if r["split"] == "train"}
+    heads = [w for r in rows for w, t in zip(r["tokens"], r["tags"]) if t != "O"]
+    assert len(heads) > len(rows) and all(w == w.upper() for w in heads)
+    assert task_kind("speaker_tags") == "tag"
+
+
+# --- the model with a head -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("objective", ["clm", "mlm"])
+@pytest.mark.parametrize("kind", ["classify", "tag"])
+def test_padding_changes_nothing(objective, kind):
+    """A padded sequence gives the outputs of the unpadded one: the padding is out of attention and pooling."""
+    from resnorm.heads import TaskModel
+    from resnorm.model import ModelShape
+
+    torch.manual_seed(0)
+    model = TaskModel(ModelShape.from_config(compose(*TINY, f"model.objective={objective}", "depth=2")), kind, 3)
+    model.reset_head()
+    x = torch.randint(64, (1, 5))
+    padded = torch.cat([x, torch.full((1, 4), -1)], dim=1)
+    with torch.no_grad():
+        alone, both = model(x), model(torch.cat([padded, torch.randint(64, (1, 9))]))
+    got = both[:1] if kind == "classify" else both[:1, :5]
+    assert torch.allclose(alone, got, atol=1e-5)
+
+
+# --- the CLI over a sweep ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """A sweep folder: a clm and an mlm run that kept their checkpoints, and one that did not."""
+    root = tmp_path_factory.mktemp("multirun") / "ft"
+    runs = {"clm": ("model.objective=clm", "depth=1", "train.keep_checkpoint=true", "train.checkpoint_every=4"),
+            "mlm": ("model.objective=mlm", "depth=2", "train.keep_checkpoint=true"),
+            "none": ("model.objective=clm", "depth=2")}
+    dirs = {}
+    with torch.random.fork_rng():
+        for name, over in runs.items():
+            cfg = compose(*TINY, "name=ft", *over)
+            rid = run_id(cfg)
+            dirs[name] = root / rid
+            train(cfg, JobInfo(dirs[name], ",".join(over[:2]), "ft", list(over[:2]), rid))
+    return root, dirs
+
+
+def test_a_run_without_checkpoint_is_one_line(sweep, capsys):
+    _, dirs = sweep
+    assert main([str(dirs["none"]), "--task", "play_genre"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no checkpoint.pt: pre-train it with train.keep_checkpoint=true" in err
+
+
+def test_a_sweep_without_any_fine_tunable_run_is_one_line(tmp_path, capsys):
+    for name, status in (("a", "completed"), ("b", "diverged")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps({"status": status}))
+    assert main([str(tmp_path), "--task", "play_genre"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "none of its 2 runs can be fine-tuned (the first: no checkpoint.pt: " \
+        "pre-train it with train.keep_checkpoint=true" in err
+
+
+def test_finetune_a_sweep_then_skip_then_the_downstream_figure(sweep, tmp_path, capsys):
+    from analysis import downstream
+    from analysis.downstream import downstream_table
+    from analysis.load import load_sweep
+
+    root, dirs = sweep
+    assert downstream.figures(load_sweep(root)) == {}  # nothing fine-tuned yet: no figure, no "not drawn"
+    task = _letters_task(tmp_path / "letters.csv")
+    assert main([str(root), "--task", str(task), *TASK_STEPS]) == 0
+    out, err = capsys.readouterr()
+    assert f"{dirs['none']}: skipped, no checkpoint.pt" in err and out.count("letters accuracy") == 2
+    for name in ("clm", "mlm"):
+        s = json.loads((dirs[name] / "finetune" / "letters" / "summary.json").read_text())
+        assert s["status"] == "completed" and s["task_metric"] == "accuracy" and s["task_eval_examples"] == 12
+        assert s["task_majority_accuracy"] == 0.5 and s["task_accuracy"] >= 0.9  # separable by one byte
+        assert s["pretrained_objective"] == name and s["unigram_loss"] == pytest.approx(math.log(2))
+        assert s["outcome"] in ("trained", "stalled") and (dirs[name] / "finetune" / "letters" / "metrics.parquet").exists()
+        assert not (dirs[name] / "finetune" / "letters" / "checkpoint.pt").exists()
+    assert main([str(root), "--task", str(task), *TASK_STEPS]) == 0
+    assert capsys.readouterr().out.count("already fine-tuned") == 2
+    moved = tmp_path / "elsewhere" / dirs["mlm"].name  # a sweep copied to another place, with its task file
+    shutil.copytree(dirs["mlm"], moved)
+    assert main([str(moved), "--task", str(shutil.copy(task, tmp_path / "elsewhere")), *TASK_STEPS]) == 0
+    assert "already fine-tuned" in capsys.readouterr().out
+    task.write_text(task.read_text() + "aaa,x\n")  # an edited task under the same name: not the same fine-tune
+    assert main([str(dirs["mlm"]), "--task", str(task), *TASK_STEPS]) == 1
+    assert "holds another run" in capsys.readouterr().out
+    assert main([str(root), "--task", str(_names_task(tmp_path / "names.jsonl")), *TASK_STEPS]) == 0
+    s = json.loads((dirs["mlm"] / "finetune" / "names" / "summary.json").read_text())
+    assert s["task_metric"] == "span_f1" and 0.0 <= s["task_span_f1"] <= 1.0 and s["task_gold_spans"] > 0
+    loaded = load_sweep(root)
+    table = downstream_table(loaded)
+    assert sorted(zip(table.task, table.depth)) == [("letters", 1), ("letters", 2), ("names", 1), ("names", 2)]
+    assert len(loaded.runs) == 3  # the fine-tunes inside the run folders are not runs of the sweep
+    figure = downstream.figures(loaded)["downstream"](loaded, tmp_path / "downstream.png")  # as make_report does
+    assert figure == tmp_path / "downstream.png" and figure.stat().st_size > 0
+
+
+def test_an_interrupted_finetune_resumes_bit_for_bit(sweep, tmp_path, monkeypatch, capsys):
+    """Killed after its checkpoint at step 4, the same command resumes the fine-tune, with the losses
+    of an uninterrupted one (same rows under another file name)."""
+    import pandas as pd
+
+    _, dirs = sweep
+    ref, task = _letters_task(tmp_path / "ref.csv"), _letters_task(tmp_path / "again.csv")
+    steps = ("--steps", "8", "--batch", "4")
+    assert main([str(dirs["clm"]), "--task", str(ref), *steps]) == 0
+    interrupt_at(monkeypatch, 6)
+    with pytest.raises(Interrupt):
+        main([str(dirs["clm"]), "--task", str(task), *steps])
+    monkeypatch.undo()
+    assert main([str(dirs["clm"]), "--task", str(task), *steps]) == 0
+    done = json.loads((dirs["clm"] / "finetune" / "again" / "summary.json").read_text())
+    assert done["status"] == "completed" and done["resumed_from_step"] == 4 and done["attempts"] == 2
+    cols = ["step", "train_loss", "grad_norm", "val_loss"]
+    a, b = (pd.read_parquet(dirs["clm"] / "finetune" / n / "metrics.parquet")[cols] for n in ("ref", "again"))
+    pd.testing.assert_frame_equal(a, b)
+    assert done["task_score"] == json.loads((dirs["clm"] / "finetune" / "ref" / "summary.json").read_text())["task_score"]
+
+
+def test_finetune_the_built_in_tasks(sweep, capsys):
+    _, dirs = sweep
+    for task in ("play_genre", "speaker_tags"):
+        assert main([str(dirs["mlm"]), "--task", task, "--steps", "3", "--batch", "4"]) == 0
+    s = json.loads((dirs["mlm"] / "finetune" / "play_genre" / "summary.json").read_text())
+    assert s["task_labels"] == ["comedy", "history", "tragedy"] and s["task_eval_examples"] == 720
+    assert s["task_majority_accuracy"] == pytest.approx(300 / 720) and 0 <= s["task_accuracy"] <= 1
+    s = json.loads((dirs["mlm"] / "finetune" / "speaker_tags" / "summary.json").read_text())
+    assert s["task_labels"] == ["B-SPEAKER", "I-SPEAKER", "O"] and s["task_metric"] == "span_f1"
+    assert s["task_gold_spans"] > 0 and 0 <= s["task_span_f1"] <= 1
+
+
+def test_a_missing_checkpoint_is_a_config_error():
+    from resnorm.config import validate
+    from resnorm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="finetune.init_from=None is invalid: finetune.task needs"):
+        validate(compose(*TINY, "finetune.task=play_genre"))
+    with pytest.raises(DataError, match="not a built-in task"):
+        task_kind("nothing_here")
