@@ -360,3 +360,18 @@ def test_reproduction_harness_trains_ngpt_with_its_preset():
     assert not [o for o in ngpt if o.startswith(("optim.warmup_steps=", "optim.weight_decay="))]
     assert "optim.warmup_steps=15" in pre and "optim.weight_decay=0.0001" in pre
     config_compose(ngpt, validate=True)
+
+
+def test_optimizer_rules_apply_to_every_optimizer():
+    """CompleteP's factors fold into Muon's own lr_scale and eps; nGPT's hook runs once per chain step."""
+    model, cfg = small("completep", 4, "model.completep_base_depth=2", "model.completep_alpha=0.5", "optim=muon", d=8)
+    opt = make_optimizer(model, cfg.optim)
+    hidden = {id(p) for p in model.blocks.parameters()}
+    muon = opt.optimizers[0].param_groups
+    assert all(id(p) in hidden for g in muon for p in g["params"])  # Muon holds block matrices only
+    assert all(g["lr_scale"] == pytest.approx(cfg.optim.muon_lr / cfg.optim.lr * 2 ** -0.5) for g in muon)
+    model, cfg = small("ngpt", 2, "optim=muon", "optim.lr=0.05")
+    opt = make_optimizer(model, cfg.optim)
+    assert [len(o._optimizer_step_post_hooks) for o in opt.optimizers] == [0, 1]
+    _steps(model, opt)
+    assert _max_norm_error(model) < 1e-6
