@@ -51,6 +51,10 @@ _TABLE = (
     ("mhc", "mHC", "#636363"),
     ("attnres", "Attention Residuals", "#6b6ecf"),
     ("attnres_block", "Block AttnRes", "#b5cf6b"),
+    # issue 13, part 2 (front13): tab20b/tab20c shades not taken above
+    ("ngpt", "nGPT", "#e7ba52"),
+    ("completep", "CompleteP", "#d6616b"),
+    ("derf", "Pre-Derf", "#a55194"),
 )
 
 #: the known variants, in display order

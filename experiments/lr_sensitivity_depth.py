@@ -74,7 +74,9 @@ register(Experiment(
     reference=REF,
     summary="LR-sensitivity, best loss and largest stable LR vs depth for every registered variant (7 LRs)",
     kind="train",
-    grids={"full": dict(variants=["post", "pre", "rmsnorm", "deepnorm", "peri", "admin", "lns", "mixln"],
+    grids={"full": dict(variants=["post", "pre", "rmsnorm", "deepnorm", "peri", "admin", "lns", "mixln"]
+                        # issue 13 (both parts): the norm placements and scalings
+                        + ["reordered", "layerscale", "keel", "normformer", "hybridnorm", "ngpt", "completep", "derf"],
                         depths=[2, 6], lrs=LRS, seeds=[0], steps=100),
            "ci": dict(variants=["post", "pre"], depths=[1, 2], lrs=[1e-3, 1e-1], seeds=[0], steps=20)},
     run=run,

@@ -75,7 +75,16 @@ def overrides(spec: Dict[str, Any]) -> List[str]:
            "train.progress=false", "train.threads=1", "logger.mode=disabled"]
     if not synthetic:
         out.append(f"data.path={s['data_path']}")
-    return out
+    return _without_preset_keys(out, s["variant"])
+
+
+def _without_preset_keys(out: List[str], variant: str) -> List[str]:
+    """front13 (issue 13): a variant with an optimizer preset (nGPT: no warm-up, no weight decay) trains
+    with it inside the harness too; the harness's own values for those keys are left out."""
+    from resnorm.variants import get_variant
+
+    keys = tuple(f"optim.{name}=" for name, _ in get_variant(variant).optim_preset)
+    return [o for o in out if not o.startswith(keys)] if keys else out
 
 
 def record(spec: Dict[str, Any], summary: Dict[str, Any]) -> Dict[str, Any]:
@@ -92,6 +101,15 @@ def record(spec: Dict[str, Any], summary: Dict[str, Any]) -> Dict[str, Any]:
                 max_attn_logit=_number(summary.get("final_max_attn_logit")),
                 mean_log_z=_number(summary.get("final_mean_log_z")), steps_done=summary["steps_done"],
                 wall_s=summary.get("wall_s"))
+
+
+def loss_row(r: Dict[str, Any], *keys: str) -> Dict[str, Any]:
+    """One experiment row of a run record: ``data``, the spec's ``keys``, the final and initial losses,
+    ``diverged``, and ``loss``: the final loss clipped at the initial one (a diverged run counts as
+    its initial loss)."""
+    sp, final, initial = r["spec"], r["final_eval_loss"], r["initial_loss"]
+    return dict(data=data_name(sp), **{k: sp[k] for k in keys}, final_eval_loss=final, initial_loss=initial,
+                diverged=r["diverged"], loss=initial if math.isnan(final) else min(final, initial))
 
 
 def _number(value) -> float:

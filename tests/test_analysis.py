@@ -247,7 +247,7 @@ def test_lr_axis_becomes_the_setting(tmp_path):
 def test_palette_is_fixed_distinct_and_order_independent():
     from analysis import style
 
-    assert len(style.KNOWN_VARIANTS) == 29  # every registered variant (tests/test_layout.py), attnres pair included
+    assert len(style.KNOWN_VARIANTS) == 32  # every registered variant (tests/test_layout.py), attnres pair, ngpt/completep/derf included
     assert style.KNOWN_VARIANTS[:5] == ["noresidual", "post", "pre", "rmsnorm", "deepnorm"]
     everything = style.KNOWN_VARIANTS + ["zeta_norm", "alpha_norm"]
     full = style.palette(everything)

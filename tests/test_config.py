@@ -162,6 +162,8 @@ RULE_CASES = {
     "sequence_fits_corpus": (["data=synthetic", "data.synthetic_tokens=100", "train.seq_len=64"], "train.seq_len",
                              "fewer than one sequence of seq_len + 1 = 65; lower train.seq_len or use a larger corpus"),
     "device_is_present": (["train.device=cuda:7"], "train.device", "GPU"),
+    "variant_optim_preset": (["model.norm=ngpt", "optim.warmup_steps=50"], "optim.warmup_steps",
+                             "model.norm=ngpt trains with optim.warmup_steps=0"),  # front13
     # --- recipe14 (issue 14) ---
     "grad_accum_splits_batch": (["train.grad_accum=3"], "train.grad_accum",
                                 "must divide train.batch_size=16 = 16 sequences into equal micro-batches"),

@@ -24,8 +24,10 @@ TRAIN = [n for n, e in experiments.REGISTRY.items() if e.kind == "train"]
 
 
 def test_registry_declares_reference_grids_and_claims():
-    assert set(INIT) == {"xiong_grad", "admin_amplification", "rank_collapse", "deepnet_update", "curse_of_depth"}
-    assert set(TRAIN) == {"wortsman_lr", "xiong_warmup", "lr_sensitivity_depth"}
+    assert set(INIT) == {"xiong_grad", "admin_amplification", "rank_collapse", "deepnet_update", "curse_of_depth",
+                         "normformer_grad"}  # front13
+    assert set(TRAIN) == {"wortsman_lr", "xiong_warmup", "lr_sensitivity_depth", "ngpt_speed",
+                         "completep_transfer"}  # front13
     for exp in experiments.REGISTRY.values():
         assert exp.reference.arxiv and exp.reference.figure and exp.reference.title
         assert {"full", "ci"} <= set(exp.grids)
@@ -86,13 +88,18 @@ def test_spearman_and_slope():
     assert loglog_slope([1, 4, 16], [1, 0.5, 0.25]) == pytest.approx(-0.5)
 
 
+#: claims that did not hold at this scale, reported as such in the README ("Reproduced figures"): they
+#: must keep failing at the ci size too (one that starts to pass means the README is out of date)
+DOES_NOT_HOLD = {"normformer_grad": {"normformer_closer_to_one", "normformer_closer_whole_block"}}  # front13
+
+
 @pytest.mark.parametrize("name", INIT)
 def test_init_time_experiment_reproduces_its_claims(name, tmp_path):
     df, results = run_experiment(name, size="ci", out=tmp_path, runs_dir=tmp_path / "runs", verbose=False)
     for suffix in (".csv", ".png", ".claims.json"):
         assert (tmp_path / f"{name}{suffix}").stat().st_size > 0
     lines = [r.line() for r in results]
-    assert not [r for r in results if r.status == FAIL], lines
+    assert {r.name for r in results if r.status == FAIL} == DOES_NOT_HOLD.get(name, set()), lines
     assert any(r.status == PASS for r in results), lines
     saved = json.loads((tmp_path / f"{name}.claims.json").read_text())
     assert [c["status"] for c in saved["claims"]] == [r.status for r in results]
