@@ -25,11 +25,22 @@ TRAIN = [n for n, e in experiments.REGISTRY.items() if e.kind == "train"]
 
 def test_registry_declares_reference_grids_and_claims():
     assert set(INIT) == {"xiong_grad", "admin_amplification", "rank_collapse", "deepnet_update", "curse_of_depth"}
-    assert set(TRAIN) == {"wortsman_lr", "xiong_warmup", "lr_sensitivity_depth"}
+    assert set(TRAIN) == {"wortsman_lr", "xiong_warmup", "lr_sensitivity_depth",
+                          "mhc_amplification", "value_residual_depth"}  # the last two: issue 12
     for exp in experiments.REGISTRY.values():
         assert exp.reference.arxiv and exp.reference.figure and exp.reference.title
         assert {"full", "ci"} <= set(exp.grids)
         assert exp.claims or exp.name == "lr_sensitivity_depth"  # the one uncalibrated, report-only figure
+
+
+def test_lr_sensitivity_depth_covers_every_issue12_scheme():
+    """Every variant on an issue-12 stream (or with the orthogonal residual) is in the figure's full grid."""
+    from experiments.lr_sensitivity_depth import ISSUE12
+    from resnorm.variants import VARIANTS
+
+    s12 = {n for n, v in VARIANTS.items() if v.stream not in ("single", "b2t", "dual")
+           or any(spec.residual == "orthogonal" for pair in v.layer_specs(2) for spec in pair)}
+    assert s12 <= set(ISSUE12) <= set(experiments.get("lr_sensitivity_depth").grids["full"]["variants"])
 
 
 def test_claim_pass_fail_and_skipped():
