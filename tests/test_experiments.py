@@ -143,7 +143,8 @@ def test_training_time_experiment_runs_at_reduced_size_and_resumes(name, tmp_pat
     if name == "wortsman_lr":  # robust even at 60 steps, 2 layers, 4 LRs (xiong_warmup needs its full grid)
         assert not [r for r in results if r.status == FAIL], [r.line() for r in results]
     cached = list((tmp_path / "runs" / "ci" / name).glob("*/summary.json"))  # one run folder per run
-    assert len(cached) == len(df)
+    run_keys = [c for c in ("variant", "depth", "lr", "qk_norm", "warmup", "seed") if c in df.columns]
+    assert len(cached) == len(df.drop_duplicates(run_keys))  # mhc_amplification: one row per sublayer
     # resumable: a second run trains nothing (every run is cached) and gives the same data
     df2, _ = run_experiment(name, size="ci", out=tmp_path, runs_dir=tmp_path / "runs", verbose=False)
     pd.testing.assert_frame_equal(df.reset_index(drop=True), df2.reset_index(drop=True))

@@ -53,7 +53,9 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..model import eval_mode
 from ..probes import Probe, sublayer_modules
+from .forward import _Periodic
 
 
 def row_gain(m: torch.Tensor) -> torch.Tensor:
@@ -155,38 +157,30 @@ PARAMS: Dict[str, Tuple[Tuple[str, ...], Callable, Callable]] = {
 }
 
 
-class _SchemeProbe(Probe):
-    def __init__(self, model, every: int, quantities: Tuple[str, ...], with_last: bool):
-        self.model, self.every, self.with_last = model, every, with_last
-        self.labels = [(layer, sub) for layer, sub, _ in sublayer_modules(model)]
-        self.quantities_before = quantities
-
-    def due(self, step: int, last: bool) -> bool:
-        return bool(self.every) and (step % self.every == 0 or (self.with_last and last))
-
-
-class SchemeForwardProbe(_SchemeProbe):
+class SchemeForwardProbe(_Periodic):
     """The :data:`FORWARD` quantities of the model's stream from a no-grad forward of the step's
     batch in eval mode, every ``every`` steps and on the last."""
 
     def __init__(self, model, every: int):
-        quantities, self.compute = FORWARD[model.variant.stream]
-        super().__init__(model, every, quantities, with_last=True)
+        super().__init__(model, every, total_steps=0)
+        self.quantities_before, self.compute = FORWARD[model.variant.stream]
 
     @torch.no_grad()
     def before_update(self, x: torch.Tensor) -> torch.Tensor:
-        from ..model import eval_mode
-
         with eval_mode(self.model):
             return self.compute(self.model, x)
 
 
-class SchemeParamProbe(_SchemeProbe):
+class SchemeParamProbe(Probe):
     """The :data:`PARAMS` quantities of the model's stream, read before the step, every ``every`` steps."""
 
     def __init__(self, model, every: int):
-        quantities, self.compute, _ = PARAMS[model.variant.stream]
-        super().__init__(model, every, quantities, with_last=False)
+        self.model, self.every = model, every
+        self.labels = [(layer, sub) for layer, sub, _ in sublayer_modules(model)]
+        self.quantities_before, self.compute, _ = PARAMS[model.variant.stream]
+
+    def due(self, step: int, last: bool) -> bool:
+        return step % self.every == 0
 
     @torch.no_grad()
     def before_update(self, x=None) -> torch.Tensor:
