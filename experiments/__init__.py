@@ -13,3 +13,5 @@ from . import rank_collapse, deepnet_update, admin_amplification, curse_of_depth
 from . import wortsman_lr, xiong_warmup  # noqa: F401,E402
 from . import lr_sensitivity_depth  # noqa: F401,E402
 from . import ngpt_speed, normformer_grad, completep_transfer  # noqa: F401,E402  (front13, issue 13)
+from . import mhc_amplification  # noqa: F401,E402  (issue 12)
+from . import value_residual_depth  # noqa: F401,E402  (issue 12)

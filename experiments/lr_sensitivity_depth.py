@@ -22,6 +22,8 @@ from .core import Experiment, Reference, register
 from .training import data_label, data_name, data_spec, run_grid
 from .wortsman_lr import LRS
 
+#: issue 12's streams and cross-layer residuals, in the figure with the rest
+ISSUE12 = ["hyper", "hyper_dynamic", "mhc", "value_residual", "attnres", "attnres_block", "denseformer", "orthogonal"]
 REF = Reference("Small-scale proxies for large-scale Transformer training instabilities", "2309.14322",
                 "LR sensitivity (§2.2), across variants and depths", "Wortsman et al. 2023")
 
@@ -74,7 +76,7 @@ register(Experiment(
     reference=REF,
     summary="LR-sensitivity, best loss and largest stable LR vs depth for every registered variant (7 LRs)",
     kind="train",
-    grids={"full": dict(variants=["post", "pre", "rmsnorm", "deepnorm", "peri", "admin", "lns", "mixln"]
+    grids={"full": dict(variants=["post", "pre", "rmsnorm", "deepnorm", "peri", "admin", "lns", "mixln"] + ISSUE12
                         # issue 13 (both parts): the norm placements and scalings
                         + ["reordered", "layerscale", "keel", "normformer", "hybridnorm", "ngpt", "completep", "derf"],
                         depths=[2, 6], lrs=LRS, seeds=[0], steps=100),

@@ -27,6 +27,7 @@ DEFAULTS: Dict[str, Any] = dict(
     z_loss=1e-4, lr=1e-3, steps=300, warmup_frac=0.05, min_lr_ratio=0.1, wd=1e-4, clip=1.0, beta1=0.9,
     beta2=0.95, eps=1e-8, seed=0, batch=16, seq_len=64, eval_batches=4, data="synthetic",
     data_path=None, synthetic_tokens=200_000,
+    probes=False, probe_every=0, log_every=1,  # issue 12: monitors on for the experiments that read layers.parquet
 )
 
 
@@ -71,7 +72,8 @@ def overrides(spec: Dict[str, Any]) -> List[str]:
            f"optim.grad_clip={s['clip']!r}" if s["clip"] else "optim.grad_clip=null",
            f"train.steps={s['steps']}", f"train.batch_size={s['batch']}", f"train.seq_len={s['seq_len']}",
            f"train.eval_batches={s['eval_batches']}", f"train.eval_every={s['steps']}",
-           "train.diverge_factor=null", "train.probes=false", "train.probe_every=0",
+           "train.diverge_factor=null", f"train.probes={str(bool(s['probes'])).lower()}",
+           f"train.probe_every={s['probe_every']}", f"train.log_every={s['log_every']}",
            "train.progress=false", "train.threads=1", "logger.mode=disabled"]
     if not synthetic:
         out.append(f"data.path={s['data_path']}")
@@ -100,7 +102,19 @@ def record(spec: Dict[str, Any], summary: Dict[str, Any]) -> Dict[str, Any]:
                 diverged=diverged, diverged_step=summary.get("diverged_step"),
                 max_attn_logit=_number(summary.get("final_max_attn_logit")),
                 mean_log_z=_number(summary.get("final_mean_log_z")), steps_done=summary["steps_done"],
-                wall_s=summary.get("wall_s"))
+                wall_s=summary.get("wall_s"), outcome=summary.get("outcome"))
+
+
+def run_layers(ctx, rec: Dict[str, Any], quantities) -> "pd.DataFrame":
+    """The rows of ``quantities`` in the ``layers.parquet`` of a record's run folder (under
+    ``ctx.runs_dir``); empty when the run stored none (monitors off, or it diverged at step 0)."""
+    import pandas as pd
+
+    path = ctx.runs_dir / rec["run_id"] / "layers.parquet"
+    if not path.is_file():
+        return pd.DataFrame(columns=["step", "layer", "sublayer", "quantity", "value"])
+    t = pd.read_parquet(path)
+    return t[t.quantity.isin(list(quantities))]
 
 
 def loss_row(r: Dict[str, Any], *keys: str) -> Dict[str, Any]:

@@ -30,6 +30,7 @@ class DepthQueries(nn.Module):
         self.queries = nn.Parameter(torch.zeros(2 * depth + 1, d))
         self.per_block = per_block
         self.eps = eps
+        self.record: Optional[list] = None  # a monitor's list: the sources of every aggregate, in order
 
 
 def depth_weights(w: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
@@ -50,7 +51,10 @@ def attnres_stream(model, x: torch.Tensor, parts: Optional[list]) -> torch.Tenso
     q = model.stream_params
     done, partial = [x], None
     for k, sub in enumerate(model.sublayers()):
-        h = depth_attention(q.queries[k], done if partial is None else done + [partial], q.eps)
+        sources = done if partial is None else done + [partial]
+        if q.record is not None:  # resnorm.monitors.schemes reads the depth weights from these
+            q.record.append(sources)
+        h = depth_attention(q.queries[k], sources, q.eps)
         p = sub.run(h)
         if parts is not None:
             parts.append(p)

@@ -345,6 +345,7 @@ def probe_callbacks(run) -> List[Callback]:
     """The gradient-norm rows (``train.probes``), the periodic activation/update probe and the
     forward/backward monitors (:mod:`resnorm.monitors`, ``train.probe_every``)."""
     from .monitors.forward import forward_probes
+    from .monitors.schemes import scheme_probes
     from .monitors.weights import weight_probes
     from .probes import ActivationProbe
 
@@ -355,6 +356,7 @@ def probe_callbacks(run) -> List[Callback]:
     share = cbs[-1].probe if len(cbs) > 1 else None  # the activation probe: one trace for both
     cbs += [ProbeCallback(p) for p in forward_probes(run.model, cfg, share=share, scaler=run.scaler)]
     cbs += [ProbeCallback(p) for p in weight_probes(run.model, run.optimizer, cfg)]
+    cbs += [ProbeCallback(p) for p in scheme_probes(run.model, cfg)]  # issue 12: HC gains, depth weights
     return cbs
 
 

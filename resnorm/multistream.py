@@ -124,6 +124,10 @@ class HyperConnection(nn.Module):
             beta = beta + self.beta_scale * torch.tanh(h @ self.beta_fn)[..., None]
         return alpha, beta
 
+    def residual_map(self, H: torch.Tensor) -> torch.Tensor:
+        """A_r as (..., n, n) [target, source] for the streams H: H <- A_r H + B f (monitor accessor)."""
+        return self.weights(H)[0][..., 1:].movedim(0, -1)
+
     def forward(self, H: torch.Tensor, sub, parts: Optional[list]) -> torch.Tensor:
         alpha, beta = self.weights(H)
         mix = torch.einsum("s...t,s...d->t...d", alpha.expand(*H.shape[:-1], -1), H)
@@ -166,6 +170,10 @@ class ManifoldHyperConnection(nn.Module):
         post = 2 * torch.sigmoid(self.b_post + self.scales[1] * z[..., n:2 * n])
         res = sinkhorn(self.b_res + self.scales[2] * z[..., 2 * n:].unflatten(-1, (n, n)), self.iters)
         return pre, post, res
+
+    def residual_map(self, H: torch.Tensor) -> torch.Tensor:
+        """H_res (..., n, n) [target, source] per token (monitor accessor)."""
+        return self.weights(H)[2]
 
     def forward(self, H: torch.Tensor, sub, parts: Optional[list]) -> torch.Tensor:
         pre, post, res = self.weights(H)

@@ -491,3 +491,33 @@ def test_peer_xtransformers_attention_residual():
 
 
 # --- end attnres ---
+
+
+# --- torch.compile (inductor) through the training loop ----------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("norm", ["mhc"])
+def test_compiled_training_matches_eager(norm, tmp_path):
+    """``train.compile=true`` (inductor, as the loop compiles) gives the eager run's losses to 1e-5, with
+    the scheme monitors reading the uncompiled model on the same steps. Every issue-12 variant (and
+    attnres's ``DepthQueries.record`` guard) is compiled without graph breaks and matched to eager by
+    ``tests/test_variants.py::test_compiles_without_graph_breaks`` (aot_eager); inductor's code
+    generation costs ~20 s a model on 2 idle cores, so one stream, mHC's (Sinkhorn loop, per-token
+    matrices), goes through it here."""
+    import pandas as pd
+
+    from resnorm.train import JobInfo, train
+
+    losses = {}
+    for compiled in (False, True):
+        cfg = compose(f"model.norm={norm}", "depth=2", "model.d_model=16", "model.n_heads=2", "train.seq_len=16",
+                      "train.batch_size=4", "train.steps=3", "train.eval_every=3", "train.eval_batches=1",
+                      "train.probe_every=2", "train.progress=false", "data=synthetic", "data.synthetic_tokens=3000",
+                      "logger.mode=disabled", "train.threads=1", f"train.compile={str(compiled).lower()}")
+        run_dir = tmp_path / str(compiled)
+        summary = train(cfg, JobInfo(run_dir, norm, "compile", []))
+        assert summary["status"] == "completed"
+        losses[compiled] = pd.read_parquet(run_dir / "metrics.parquet")["train_loss"].tolist() + [summary["final_val_loss"]]
+        quantity = "hc_composite_row_gain" if norm == "mhc" else "attnres_w_embed"
+        assert (pd.read_parquet(run_dir / "layers.parquet").quantity == quantity).any()
+    assert losses[True] == pytest.approx(losses[False], abs=1e-5, rel=1e-5)
