@@ -3,7 +3,6 @@ dependency of each sublayer on its residual branch (beta^2) at init."""
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 
 from resnorm import measure as M

@@ -11,7 +11,7 @@ import pandas as pd
 
 from analysis.metrics import lr_sensitivity_values
 
-from .common import figure, save, select
+from .common import figure, save
 from .core import Claim, Experiment, Reference, register
 from .training import data_label, data_name, data_spec, run_grid
 
