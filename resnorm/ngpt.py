@@ -149,6 +149,7 @@ def ngpt_module(model) -> Optional[nn.Module]:
         raise ValueError("model.qk_norm with model.norm=ngpt: nGPT normalises q and k already; drop model.qk_norm")
     for block in model.blocks:
         block.attn.branch = NormalizedAttention(s.d_model, s.n_heads, gate=s.attn_gate, softcap=s.attn_softcap)
+        block.attn.branch.causal = s.causal  # model.objective=mlm: an encoder (ModelShape.attention does the same)
         block.mlp.branch = NormalizedMLP(s.d_model, max(1, int(2 * s.d_ff / 3)))
     model.head = NormalizedHead(s.d_model, s.vocab_size, s.logit_softcap)
     if s.tie_weights:

@@ -146,7 +146,10 @@ def test_requeued_job_resumes_from_its_checkpoint(tmp_path):
     again; the new attempt resumes from the run's checkpoint and ends with the curve of an
     uninterrupted run, every step stored once."""
     steps, name = 2000, f"resnorm-{uuid.uuid4().hex[:8]}"
-    train_args = (*TINY, f"train.steps={steps}", "train.eval_every=500", "depth=1")
+    # batch 16 (not TINY's 4): the ~1900 steps after the requeue must outlast SLURM's kill, which comes
+    # ~4 s after the requeue (srun waits 4 s; submitit ignores the SIGTERM); at batch 4 an idle machine
+    # finished the run first (2026-12-02), and the requeued job then found it completed
+    train_args = (*TINY, f"train.steps={steps}", "train.eval_every=500", "depth=1", "train.batch_size=16")
     cmd = [PYTHON, str(ROOT / "run.py"), "-m", *ON_THIS_NODE, f"hydra.launcher.name={name}", *train_args,
            "train.checkpoint_every=50", "train.threads=1", "name=requeue", NO_ANALYSIS]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, **job_env()}, stdout=subprocess.PIPE,
@@ -164,7 +167,7 @@ def test_requeued_job_resumes_from_its_checkpoint(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-            subprocess.run(["scancel", "-n", name])
+        subprocess.run(["scancel", "-n", name])  # never leave a requeued job to start later
     assert proc.returncode == 0, out[-3000:]
     assert re.search(r"\bRestarts=1\b", scontrol_job(job)), scontrol_job(job)
     summary = json.loads((run_dir / "summary.json").read_text())

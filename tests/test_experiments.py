@@ -34,14 +34,17 @@ def test_registry_declares_reference_grids_and_claims():
         assert exp.claims or exp.name == "lr_sensitivity_depth"  # the one uncalibrated, report-only figure
 
 
-def test_lr_sensitivity_depth_covers_every_issue12_scheme():
-    """Every variant on an issue-12 stream (or with the orthogonal residual) is in the figure's full grid."""
-    from experiments.lr_sensitivity_depth import ISSUE12
+def test_lr_sensitivity_depth_covers_every_issue12_and_issue13_scheme():
+    """Every variant on a new stream (or with the orthogonal residual) is one of the issues' schemes, and
+    every scheme of issues 12 and 13 is in the figure's full grid."""
+    from experiments.lr_sensitivity_depth import ISSUE12, ISSUE13
     from resnorm.variants import VARIANTS
 
-    s12 = {n for n, v in VARIANTS.items() if v.stream not in ("single", "b2t", "dual")
+    new = {n for n, v in VARIANTS.items() if v.stream not in ("single", "b2t", "dual")
            or any(spec.residual == "orthogonal" for pair in v.layer_specs(2) for spec in pair)}
-    assert s12 <= set(ISSUE12) <= set(experiments.get("lr_sensitivity_depth").grids["full"]["variants"])
+    schemes = set(ISSUE12) | set(ISSUE13)
+    assert new <= schemes <= set(VARIANTS)
+    assert schemes <= set(experiments.get("lr_sensitivity_depth").grids["full"]["variants"])
 
 
 def test_claim_pass_fail_and_skipped():
@@ -149,7 +152,7 @@ def test_training_time_experiment_runs_at_reduced_size_and_resumes(name, tmp_pat
     if name == "wortsman_lr":  # robust even at 60 steps, 2 layers, 4 LRs (xiong_warmup needs its full grid)
         assert not [r for r in results if r.status == FAIL], [r.line() for r in results]
     cached = list((tmp_path / "runs" / "ci" / name).glob("*/summary.json"))  # one run folder per run
-    run_keys = [c for c in ("variant", "depth", "lr", "qk_norm", "warmup", "seed") if c in df.columns]
+    run_keys = [c for c in ("variant", "depth", "lr", "qk_norm", "warmup", "seed", "steps") if c in df.columns]
     assert len(cached) == len(df.drop_duplicates(run_keys))  # mhc_amplification: one row per sublayer
     # resumable: a second run trains nothing (every run is cached) and gives the same data
     df2, _ = run_experiment(name, size="ci", out=tmp_path, runs_dir=tmp_path / "runs", verbose=False)
