@@ -83,7 +83,8 @@ class ModelShape:
         attn = Attention(self.d_model, self.n_heads, self.bias, self.qk_norm, self.norm_eps,
                          qk_norm_axis=self.qk_norm_axis, qk_norm_kind=self.qk_norm_kind,
                          gate=self.attn_gate, softcap=self.attn_softcap, head_scale=spec.head_scale,
-                         qkv_norms=tuple(self.norm() for _ in range(3)) if spec.qkv_norm else None)
+                         qkv_norms=tuple(self.norm(self.d_model // self.n_heads) for _ in range(3))
+                         if spec.qkv_norm else None)
         attn.causal = self.causal
         return attn
 
@@ -186,12 +187,12 @@ class Attention(nn.Module):
     def _qkv(self, x: torch.Tensor):
         b, t, d = x.shape
         q, k, v = self.qkv(x).split(d, dim=2)
-        if self.qkv_norms is not None:
-            q, k, v = (norm(z) for norm, z in zip(self.qkv_norms, (q, k, v)))
         if self.q_norm is not None and self.qk_norm_axis == "flat":
             q, k = self.q_norm(q), self.k_norm(k)
         # split then transpose: no copy of the whole QKV gradient in backward (benchmarks/speedups.py)
         q, k, v = (z.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2) for z in (q, k, v))
+        if self.qkv_norms is not None:  # HybridNorm: per head, over d_head
+            q, k, v = (norm(z) for norm, z in zip(self.qkv_norms, (q, k, v)))
         if self.q_norm is not None and self.qk_norm_axis == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v

@@ -70,7 +70,8 @@ class SublayerSpec:
     ``branch_channel_learned``: f = diag(lambda) f with a learned per-channel lambda initialised at
     branch_scale (LayerScale); ``head_scale``: each attention head's output times a learned scalar
     (init 1) before the output projection (NormFormer); ``qkv_norm``: a norm of the norm layer's kind
-    on q, k and v, each over d_model, before the split into heads (HybridNorm); ``inner_norm``: a
+    on q, k and v, each over a head's d_head (one norm per q, k, v, shared by the heads), after the
+    split into heads (HybridNorm's official code); ``inner_norm``: a
     norm of width d_ff after the MLP's activation (NormFormer).
     """
 
@@ -477,11 +478,15 @@ def keel_alpha(depth: int) -> float:
 
 
 def _hybridnorm(layer: int, depth: int, opts: VariantOptions) -> Tuple[SublayerSpec, SublayerSpec]:
-    """HybridNorm: attention without pre-norm, QKV-norm inside; Post-LN FFN. HybridNorm*
-    (``hybridnorm_star``): the first block is Pre-Norm in both sublayers (QKV-norm kept)."""
+    """HybridNorm, as the paper's equations and its official code (BryceZhuo/HybridNorm, OLMo's block
+    with ``attn_norm: false, ffn_norm: true, ffn_residual_after_norm: true`` and per-head q, k, v norms)
+    write it: ``y = x + Attn_QKV-norm(x)``; ``x' = LN(y) + FFN(LN(y))``, i.e. the norm closes the attention
+    sublayer's sum and the FFN adds to the normalised value; a final norm. HybridNorm*
+    (``hybridnorm_star``; the code's ``{0: {attn_norm: True, ffn_residual: False}}``): the first block
+    is Pre-Norm in both sublayers, QKV-norm kept."""
     if layer == 0 and opts.hybridnorm_star:
         return SublayerSpec(pre_norm=True, qkv_norm=True), PRE
-    return SublayerSpec(qkv_norm=True), POST
+    return SublayerSpec(sum_norm=True, qkv_norm=True), SublayerSpec()
 
 
 register(Variant(
@@ -531,11 +536,11 @@ register(Variant(
     title="HybridNorm (Zhuo et al. 2025, HybridNorm: Towards Stable and Efficient Transformer Training via "
           "Hybrid Normalization)",
     citation="arXiv:2503.04598",
-    equation="x <- x + W_o MHA(LN(x W_q), LN(x W_k), LN(x W_v)); x <- LN(x + FFN(x)); no final norm; "
-             "model.hybridnorm_star: block 1 Pre-LN in both sublayers (QKV-norm kept)",
+    equation="x <- LN(x + W_o MHA(LN(q), LN(k), LN(v))) with q, k, v = x W_q, x W_k, x W_v normalised per "
+             "head; x <- x + FFN(x); final LN; model.hybridnorm_star: block 1 Pre-LN in both sublayers "
+             "(QKV-norm kept)",
     sublayer=_hybridnorm,
     init="Xavier-normal (model.init; the paper recommends Megatron-style init, model.init=gpt2 is close)",
-    final_norm=False,
 ))
 # --- end issue 13 (s13) -------------------------------------------------------------------------------
 

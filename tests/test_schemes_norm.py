@@ -6,8 +6,9 @@
 - ``keel`` (Chen & Wei, arXiv:2601.19895): ``x <- LN(alpha x + F(LN(x)))``, alpha = 2L sublayers; no final norm.
 - ``normformer`` (Shleifer et al., arXiv:2110.09456 §2): ``x <- x + LN(W_o HeadScale(MHA(LN x)))``;
   ``x <- x + W_2 LN(GELU(W_1 LN x))``; head scales 1; final LN.
-- ``hybridnorm`` (Zhuo et al., arXiv:2503.04598 §3): ``x <- x + W_o MHA(N(xW_q), N(xW_k), N(xW_v))``;
-  ``x <- LN(x + FFN(x))``; HybridNorm* (``model.hybridnorm_star``): block 1 Pre-Norm in both sublayers.
+- ``hybridnorm`` (Zhuo et al., arXiv:2503.04598 §3 and its official code): ``x <- LN(x + W_o MHA(N(q),
+  N(k), N(v)))`` with per-head norms of q, k, v; ``x <- x + FFN(x)``; a final LN; HybridNorm*
+  (``model.hybridnorm_star``): block 1 Pre-Norm in both sublayers.
 
 The references are written from those equations in float64 (tests/test_variants.py's attention, MLP
 and norm formulas), reading only parameter values. The ``peer`` tests port the weights into
@@ -40,9 +41,9 @@ def ref_attention_ext(x, attn, qkv_norms=None, head_scale=None):
     b, t, d = x.shape
     hd = d // attn.n_heads
     q, k, v = (x @ attn.qkv.weight.T + attn.qkv.bias).split(d, dim=-1)
-    if qkv_norms is not None:
-        q, k, v = (N(z, n) for z, n in zip((q, k, v), qkv_norms))
     q, k, v = (z.view(b, t, attn.n_heads, hd).transpose(1, 2) for z in (q, k, v))
+    if qkv_norms is not None:  # HybridNorm: per head, over d_head (its official code)
+        q, k, v = (N(z, n) for z, n in zip((q, k, v), qkv_norms))
     mask = torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)
     w = torch.softmax((q @ k.transpose(-1, -2) / math.sqrt(hd)).masked_fill(mask, float("-inf")), dim=-1)
     y = w @ v
@@ -76,12 +77,12 @@ def ref_block(norm, x, block, layer, L, star=False):
         if star and layer == 0:  # HybridNorm*: the first block Pre-Norm, QKV-norm kept
             x = x + ref_attention_ext(N(x, a.pre_norm), a.branch, qkv_norms=a.branch.qkv_norms)
             return x + ref_mlp(N(x, m.pre_norm), m.branch)
-        x = x + ref_attention_ext(x, a.branch, qkv_norms=a.branch.qkv_norms)
-        return N(x + ref_mlp(x, m.branch), m.sum_norm)
+        x = N(x + ref_attention_ext(x, a.branch, qkv_norms=a.branch.qkv_norms), a.sum_norm)
+        return x + ref_mlp(x, m.branch)
     raise KeyError(norm)
 
 
-FINAL = {"reordered", "layerscale", "normformer"}
+FINAL = {"reordered", "layerscale", "normformer", "hybridnorm"}
 
 
 def reference_hidden(model, idx, norm, star=False):
@@ -123,8 +124,10 @@ def test_hybridnorm_star_matches_its_equation(depth):
     with torch.no_grad():
         want = reference_hidden(model, idx, "hybridnorm", star=True)
         torch.testing.assert_close(model.hidden(idx), want, atol=1e-6, rtol=1e-6)
-    assert model.blocks[0].attn.pre_norm is not None and model.blocks[0].mlp.sum_norm is None
-    assert all(b.attn.pre_norm is None and b.mlp.sum_norm is not None for b in model.blocks[1:])
+    assert model.blocks[0].attn.pre_norm is not None and model.blocks[0].attn.sum_norm is None
+    assert model.blocks[0].mlp.pre_norm is not None
+    assert all(b.attn.pre_norm is None and b.attn.sum_norm is not None and b.mlp.pre_norm is None
+               and b.mlp.sum_norm is None for b in model.blocks[1:])
 
 
 def test_reordered_with_flat_rms_qk_norm():
@@ -145,7 +148,7 @@ def test_hybridnorm_rejects_a_second_qk_norm():
 #: (pre, out, sum) norms of (attention, MLP); extra: learned lambda, head scales, QKV-norm, FFN inner norm
 SLOTS = {"reordered": ((0, 1, 0), (0, 1, 0)), "layerscale": ((1, 0, 0), (1, 0, 0)),
          "keel": ((1, 0, 1), (1, 0, 1)), "normformer": ((1, 1, 0), (1, 0, 0)),
-         "hybridnorm": ((0, 0, 0), (0, 0, 1))}
+         "hybridnorm": ((0, 0, 1), (0, 0, 0))}
 NORM_TYPE = {"reordered": torch.nn.RMSNorm}
 
 
@@ -179,7 +182,7 @@ def test_structure_and_initialisation_match_the_paper(norm, depth):
             assert attn.head_scale.shape == (2,) and (attn.head_scale == 1).all()  # gamma_h = 1
             assert mlp.inner_norm.normalized_shape == (4 * d,)  # LN over the FFN's hidden width
         if norm == "hybridnorm":
-            assert [n.normalized_shape for n in attn.qkv_norms] == [(d,)] * 3  # over d_model, per q, k, v
+            assert [n.normalized_shape for n in attn.qkv_norms] == [(d // 2,)] * 3  # per head, for q, k, v
     subs = model.sublayers()
     lams = [s.lam for s in subs]
     if norm == "layerscale":  # CaiT: 0.1 up to depth 18, 1e-5 up to 24, 1e-6 beyond
