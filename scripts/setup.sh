@@ -51,4 +51,11 @@ pip install "tensorboard==2.21.0"
 pip install "datasets==5.2.0" "tokenizers==0.23.3"
 # front13 (issue 13): lucidrains' nGPT, the ngpt peer (pure Python; imports einops and rotary-embedding-torch)
 pip install --no-deps "ngpt-pytorch==0.2.16" "rotary-embedding-torch==0.9.1"
+# olmo13 (issue 13): OLMo-core, the reordered/ngpt peer (tests/test_peer_olmo.py); --no-deps (it declares
+# torch) with the pure-Python imports of olmo_core.nn listed explicitly (checked with pip install --dry-run)
+pip install --no-deps "ai2-olmo-core==3.0.0" "cached_path==1.8.10" "google-cloud-storage==3.17.1" \
+    "google-api-core==2.44.0" "google-auth==2.63.0" "google-cloud-core==2.8.0" "google-resumable-media==2.11.0" \
+    "google-crc32c==1.9.0" "googleapis-common-protos==1.76.0" "proto-plus==1.29.0" "boto3==1.44.8" \
+    "botocore==1.44.8" "s3transfer==0.19.3" "jmespath==1.1.0" "cachetools==8.0.2" "pyasn1==0.6.5" \
+    "pyasn1-modules==0.4.2" "rsa==4.9.1" "rich==15.0.0" "dataclass-extensions==0.5.0" "bettermap==1.3.1"
 echo "set up in $VENV"
