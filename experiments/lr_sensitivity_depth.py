@@ -55,28 +55,38 @@ def lr_metrics(g: pd.DataFrame, l0: float) -> dict:
                 largest_stable_lr=largest_stable_lr_values(g.lr, g.final_eval_loss, l0, completed=~g.diverged))
 
 
+def plt_line(color):
+    from matplotlib.lines import Line2D
+
+    return Line2D([], [], color=color, marker="o")
+
+
 def plot(df, path) -> None:
     import seaborn as sns
 
     per = df.groupby(["variant", "depth", "seed"])[["lr_sensitivity", "best_loss", "largest_stable_lr"]].first()
     per = per.reset_index()
-    fig, axes = figure(3)
-    pal = palette(per.variant.unique())
+    variants = list(per.variant.unique())
+    fig, axes = figure(3, height=3.4 + 0.22 * -(-len(variants) // 6))  # room for the legend below
+    pal = palette(variants)
     for ax, col, label in zip(axes, ("lr_sensitivity", "best_loss", "largest_stable_lr"),
                               ("LR sensitivity (lower = stabler)", "best final loss l*", "largest stable LR")):
         sns.lineplot(data=per, x="depth", y=col, hue="variant", palette=pal, marker="o", errorbar="sd", ax=ax,
-                     legend=col == "lr_sensitivity")
+                     legend=False)
         ax.set(xscale="log", xlabel="depth (log)", ylabel=label)
         ax.set_xticks(sorted(per.depth.unique()), [str(d) for d in sorted(per.depth.unique())])
         ax.minorticks_off()
     axes[2].set_yscale("log")
+    handles = [plt_line(pal[v]) for v in variants]  # one legend for the three panels, below them
+    axes[1].legend(handles, variants, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=min(len(variants), 6),
+                   fontsize="small", frameon=False)
     save(fig, path, f"LR sensitivity vs depth per variant (Wortsman et al. 2023 harness, {data_label(df)})")
 
 
 register(Experiment(
     name="lr_sensitivity_depth",
     reference=REF,
-    summary="LR-sensitivity, best loss and largest stable LR vs depth for every registered variant (7 LRs)",
+    summary="LR-sensitivity, best loss and largest stable LR vs depth, 24 variants (7 LRs)",
     kind="train",
     grids={"full": dict(variants=["post", "pre", "rmsnorm", "deepnorm", "peri", "admin", "lns", "mixln"] + ISSUE12
                         + ISSUE13,
