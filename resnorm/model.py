@@ -71,10 +71,11 @@ class ModelShape:
             qk_norm=bool(m.qk_norm), z_loss=float(m.z_loss), **_attention_options(m), causal=causal,
         )
 
-    def norm(self, d: Optional[int] = None) -> nn.Module:
-        """A fresh norm layer of the configured kind, of width ``d`` (default d_model)."""
-        return make_norm(self.norm_layer, d or self.d_model, self.norm_eps, self.options.dyt_alpha0,
-                         self.options.derf_alpha0)
+    def norm(self, d: Optional[int] = None, eps: Optional[float] = None) -> nn.Module:
+        """A fresh norm layer of the configured kind, of width ``d`` (default d_model), epsilon ``eps``
+        (default ``model.norm_eps``)."""
+        return make_norm(self.norm_layer, d or self.d_model, self.norm_eps if eps is None else eps,
+                         self.options.dyt_alpha0, self.options.derf_alpha0)
 
     def attention(self, spec: Optional[SublayerSpec] = None) -> "Attention":
         """A fresh attention branch with the configured options (qk-norm, gate, soft-cap) and the
@@ -403,7 +404,8 @@ class Transformer(nn.Module):
         self.embed_norm = shape.norm() if self.variant.embed_norm else None
         self.blocks = nn.ModuleList(Block(specs, shape)
                                     for specs in self.variant.layer_specs(shape.depth, shape.options))
-        self.final_norm = shape.norm() if self.variant.final_norm else None
+        eps = self.variant.final_norm_eps
+        self.final_norm = shape.norm(eps=eps and eps(shape.options)) if self.variant.final_norm else None
         if shape.logit_softcap is None:
             self.head = nn.Linear(shape.d_model, shape.vocab_size, bias=False)
         else:
@@ -520,7 +522,9 @@ def b2t_stream(model: "Transformer", x: torch.Tensor, parts: Optional[list]) -> 
 
 def dual_stream(model: "Transformer", x: torch.Tensor, parts: Optional[list]) -> torch.Tensor:
     """ResiDual (Xie et al., arXiv:2304.14802): x is the Post-LN stream; y (scaled by s) accumulates
-    every branch output; the head reads x_L + N_final(y_L)."""
+    every branch output; the head reads x_L + N_final(y_L). As in the authors' code (microsoft/ResiDual,
+    ``ResiDualDecoder``): y_0 = s x_0, y += s F, and N_final is built with eps = ``model.resi_dual_eps``
+    (their 1e-7) and applied to the scaled y, so the output is theirs for every s."""
     s = model.shape.options.resi_dual_scale
     y = x * s if s != 1.0 else x
     for sub in model.sublayers():

@@ -176,6 +176,9 @@ class Variant:
     #: the name of a hook in resnorm.variant_optim.POST_STEP run after every optimizer step (nGPT's renormalisation)
     post_step: Optional[str] = None
     # --- end front13 ---
+    #: opts -> the final norm's epsilon where the variant's authors fix it apart from ``model.norm_eps``
+    #: (ResiDual's dual-stream norm: ``model.resi_dual_eps``, 1e-7 in microsoft/ResiDual); None: norm_eps
+    final_norm_eps: Optional[Callable[[VariantOptions], float]] = None
 
     def __post_init__(self):
         if self.stream not in STREAMS:
@@ -446,9 +449,11 @@ register(Variant(
     title="ResiDual (Xie et al. 2023, ResiDual: Transformer with Dual Residual Connections)",
     citation="arXiv:2304.14802",
     equation="x <- LN(x + F(x)) and y <- y + s * F(x) per sublayer, y_0 = s * x_0; "
-             "head reads x_L + LN(y_L); s = model.resi_dual_scale (1)",
+             "head reads x_L + LN_eps'(y_L); s = model.resi_dual_scale (1), eps' = model.resi_dual_eps (1e-7, "
+             "the authors' code)",
     sublayer=lambda layer, depth, opts: POST,
     stream="dual",
+    final_norm_eps=lambda opts: opts.resi_dual_eps,
 ))
 
 register(Variant(
@@ -568,7 +573,7 @@ register(Variant(
     title="nGPT (Loshchilov, Hsieh, Sun & Ginsburg 2024, nGPT: Normalized Transformer with Representation "
           "Learning on the Hypersphere)",
     citation="arXiv:2410.01131",
-    equation="h <- Norm(h + alpha_A (Norm(Attn(h)) - h)); h <- Norm(h + alpha_M (Norm(MLP(h)) - h)); "
+    equation="h <- Norm(h + |alpha_A| (Norm(Attn(h)) - h)); h <- Norm(h + |alpha_M| (Norm(MLP(h)) - h)); "
              "Norm(x) = x/||x||; q, k L2-normed per head times s_qk, softmax scale sqrt(d_head); SwiGLU "
              "with s_u, s_v sqrt(d); logits s_z E h; every matrix renormalised after each step; no norm layers",
     sublayer=lambda layer, depth, opts: SublayerSpec(),

@@ -76,8 +76,9 @@ def ref_mlp(h, m):
 def ref_logits(model, idx):
     h = nrm(model.tok_emb.weight[idx] + model.pos_emb.weight[: idx.shape[1]])
     for block, (a_att, a_mlp) in zip(model.blocks, zip(model.stream_params.alpha[::2], model.stream_params.alpha[1::2])):
-        h = nrm(h + eff(a_att) * (nrm(ref_attention(h, block.attn.branch)) - h))
-        h = nrm(h + eff(a_mlp) * (nrm(ref_mlp(h, block.mlp.branch)) - h))
+        # the step is |alpha| (the authors' code, NVIDIA/ngpt; the paper writes alpha)
+        h = nrm(h + eff(a_att).abs() * (nrm(ref_attention(h, block.attn.branch)) - h))
+        h = nrm(h + eff(a_mlp).abs() * (nrm(ref_mlp(h, block.mlp.branch)) - h))
     return eff(model.head.s_z) * (h @ model.head.weight.T)
 
 
