@@ -72,7 +72,8 @@ class SublayerSpec:
     (init 1) before the output projection (NormFormer); ``qkv_norm``: a norm of the norm layer's kind
     on q, k and v, each over a head's d_head (one norm per q, k, v, shared by the heads), after the
     split into heads (HybridNorm's official code); ``inner_norm``: a
-    norm of width d_ff after the MLP's activation (NormFormer).
+    norm inside the branch before its output projection: in the MLP of width d_ff after the activation
+    (NormFormer, Sub-LN), in attention of width d_model on the concatenated heads (Sub-LN).
     """
 
     pre_norm: bool = False
@@ -547,6 +548,24 @@ register(Variant(
     sublayer=_hybridnorm,
     init="Xavier-normal (model.init; the paper recommends Megatron-style init, model.init=gpt2 is close)",
 ))
+
+
+def magneto_gain(depth: int, opts: VariantOptions) -> float:
+    """Magneto's init gain sqrt(log 2N) (Wang et al., arXiv:2210.06423; torchscale's ``subln`` init for an
+    encoder-only or decoder-only stack of N layers), on v, out, fc1 and fc2."""
+    return math.sqrt(math.log(2.0 * depth))
+
+
+register(Variant(
+    name="subln",
+    title="Sub-LN (Wang et al. 2022, Foundation Transformers (Magneto))",
+    citation="arXiv:2210.06423",
+    equation="x <- x + W_o LN(MHA(LN(x))) (LN on the concatenated heads); x <- x + W_2 LN(GELU(W_1 LN(x))); "
+             "final LN",
+    sublayer=lambda layer, depth, opts: SublayerSpec(pre_norm=True, inner_norm=True),
+    init="Xavier-normal; v, out, fc1, fc2 gain sqrt(log(2L)) (torchscale's subln=True); LN gains 1",
+    branch_gain=magneto_gain,
+))
 # --- end issue 13 (s13) -------------------------------------------------------------------------------
 
 # --- front13 (issue 13, part 2): ngpt, completep, derf ----------------------------------------------
@@ -715,4 +734,4 @@ def variant_table() -> List[dict]:
 __all__ = ["SublayerSpec", "Variant", "VariantOptions", "VARIANTS", "STREAMS", "NORM_LAYERS", "ADMIN_MODES",
            "register", "get_variant", "deepnorm_constants", "deepnorm_alpha", "deepnorm_beta", "deepnorm_stack",
            "admin_omega_closed_form", "mixln_post_layers", "lns_scale", "variant_table",
-           "layerscale_init", "keel_alpha", "completep_multiplier", "completep_group_scales"]
+           "layerscale_init", "keel_alpha", "magneto_gain", "completep_multiplier", "completep_group_scales"]

@@ -39,6 +39,7 @@ SMALL = ("model.n_heads=2", "data=synthetic", "data.synthetic_tokens=3000")
 ELSEWHERE = set()
 ELSEWHERE |= {"reordered", "layerscale", "keel", "normformer", "hybridnorm"}  # issue 13 (s13): tests/test_schemes_norm.py
 ELSEWHERE |= {"ngpt", "completep", "derf"}  # front13 (issue 13): tests/test_schemes_ngpt.py
+ELSEWHERE |= {"subln"}  # tests/test_schemes_subln.py (Sub-LN, Magneto)
 HERE = sorted(set(VARIANTS) - ELSEWHERE)
 
 
