@@ -21,7 +21,8 @@ Forward side: :mod:`resnorm.monitors.forward` (its own docstring lists its quant
 
 Scheme side (:mod:`resnorm.monitors.schemes`, issue 12; builder ``scheme_probes(model, train_cfg)``,
 only for the variants that have the quantities): the composite gain of the HC/mHC mixing matrices
-(``hc_row_gain``, ``hc_col_gain``, ``hc_composite_row_gain``, ``hc_composite_col_gain``) and the
+(``hc_row_gain``, ``hc_col_gain``, ``hc_composite_row_gain``, ``hc_composite_col_gain``), what each
+stream carries (``hc_stream_share_<s>``, ``hc_stream_entropy``) and the
 AttnRes depth weights (``attnres_w_embed``, ``attnres_w_last``, ``attnres_entropy``,
 ``attnres_query_norm``) every ``train.probe_every``; DenseFormer's ``dwa_alpha_self``,
 ``dwa_alpha_embed``, ``dwa_alpha_rest`` and the learned value-mix ``value_lambda1``,
