@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import compose
-from resnorm.model import build_model
-from resnorm.multistream import MHC_PRE_EPS, MHC_SINKHORN_EPS
-from resnorm.ngpt import Scaled, ngpt_stream, normalize_matrices
+from resnorm.model.transformer import build_model
+from resnorm.model.multistream import MHC_PRE_EPS, MHC_SINKHORN_EPS
+from resnorm.model.ngpt import Scaled, ngpt_stream, normalize_matrices
 
 D, T, B, HEADS = 16, 6, 3, 2
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
@@ -134,7 +134,7 @@ def test_peer_authors_resi_dual_equals_microsoft_resi_dual(s, dtype):
     model, x = resi_dual_pair(s, dtype)
     assert model.final_norm.eps == 1e-7 and model.blocks[0].attn.sum_norm.eps == 1e-5
     layers, norm = port_resi_dual(model, s, 1e-7, dtype)
-    from resnorm.model import dual_stream
+    from resnorm.model.transformer import dual_stream
 
     with torch.no_grad():
         got = dual_stream(model, x, None)
@@ -147,7 +147,7 @@ def test_peer_authors_resi_dual_wrong_port_is_caught():
     departure the authors' code exposed; the comparison above must reject it."""
     model, x = resi_dual_pair(0.05, torch.float64)
     layers, norm = port_resi_dual(model, 0.05, 1e-5, torch.float64)
-    from resnorm.model import dual_stream
+    from resnorm.model.transformer import dual_stream
 
     with torch.no_grad():
         err = max_err(dual_stream(model, x, None), residual_decoder(x, layers, norm, 0.05))

@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from conftest import compose
-from resnorm.model import build_model
-from resnorm.variants import VARIANTS, magneto_gain
+from resnorm.model.transformer import build_model
+from resnorm.config.variants import VARIANTS, magneto_gain
 from test_variants import WEIGHTS, N, _std_ratio, ref_mlp, tiny_model  # noqa: F401
 
 D, H, T, B = 8, 2, 5, 3
