@@ -984,3 +984,25 @@ FIGURES: Dict[str, object] = {
     "monitor_profiles": monitor_profiles,
     "coord_check": coord_check,
 }
+
+#: what each figure needs beyond finished runs with losses (it is skipped, with the reason, without it):
+#: "depths" 2+ depths; "lrs" 2+ learning rates; "spikes" spike data (a spike column or spike_count);
+#: "probes" rows of the training probes in layers.parquet; "monitors" any other layers.parquet quantity
+NEEDS: Dict[str, Tuple[str, ...]] = {
+    "depth_vs_val_loss": (),
+    "failure_rate": ("depths",),
+    "spike_rate": ("spikes",),
+    "stability_frontier": ("depths", "lrs"),
+    "lr_depth_heatmap": ("depths", "lrs"),
+    "lr_sensitivity_vs_depth": ("depths", "lrs"),
+    "loss_curves": (),
+    "layer_profiles": ("probes",),
+    "monitor_profiles": ("monitors",),
+    "coord_check": ("depths", "probes"),
+}
+
+
+def drawable(has) -> List[str]:
+    """The figures of :data:`FIGURES` (in report order) a sweep with the data ``has`` (keys of
+    :data:`NEEDS`' values) can draw."""
+    return [name for name in FIGURES if set(NEEDS[name]) <= set(has)]
