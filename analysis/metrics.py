@@ -123,7 +123,7 @@ def run_metrics(sweep, spike_window: int = SPIKE_WINDOW, spike_factor: float = S
 
 def with_bits_per_byte(runs: pd.DataFrame) -> pd.DataFrame:
     """``runs`` with ``tokenizer``, ``val_tokens_per_byte``, ``final_val_bpb`` and ``best_val_bpb`` for
-    every run: a summary from before issue 14 trained on bytes (tokenizer ``bytes``, one token per
+    every run: a summary from before tokenizers were recorded trained on bytes (tokenizer ``bytes``, one token per
     byte: its bits per byte are its nats per token / ln 2) or, with ``data.name=synthetic``, on
     symbols that are not text (tokenizer ``synthetic``, no bits per byte)."""
     runs = runs.copy()
@@ -146,7 +146,7 @@ def with_bits_per_byte(runs: pd.DataFrame) -> pd.DataFrame:
 def loss_column(runs: pd.DataFrame) -> str:
     """What the figures compare: ``final_val_bpb`` when the runs were trained with different
     tokenizers of text (nats per token of different tokenizers do not compare), else
-    ``final_val_loss`` (synthetic symbols beside one tokenizer of text: as before issue 14)."""
+    ``final_val_loss`` (synthetic symbols beside one tokenizer of text: as before tokenizers were recorded)."""
     text = runs["tokenizer"].dropna() if "tokenizer" in runs.columns else pd.Series(dtype=object)
     if text[text != "synthetic"].nunique() > 1 and "final_val_bpb" in runs.columns:
         return "final_val_bpb"

@@ -1,4 +1,4 @@
-"""Attention Residuals (Kimi Team, arXiv:2603.15031): softmax attention over depth (issue 12).
+"""Attention Residuals (Kimi Team, arXiv:2603.15031): softmax attention over depth.
 
 A "layer" here is one sublayer (attention or MLP), as in the paper, whose output is its branch
 output ``v = F(N_pre(h))`` (``SublayerSpec(pre_norm=True, residual="none")``: the sublayer adds no

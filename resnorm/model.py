@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .multistream import STREAMS_S12, orthogonal_part, stream_module  # s12
-from .attnres import STREAMS_ATTNRES, attnres_module  # attnres (issue 12)
+from .multistream import STREAMS_S12, orthogonal_part, stream_module  # the multi-stream schemes
+from .attnres import STREAMS_ATTNRES, attnres_module  # Attention Residuals
 from .norms import make_norm
 from .variants import SublayerSpec, Variant, VariantOptions, get_variant
 
@@ -55,13 +55,13 @@ class ModelShape:
     attn_gate: bool = False  # Y * sigmoid(h W_g + b_g) before the output projection (Qiu et al. 2025)
     attn_softcap: Optional[float] = None  # attention logits -> C tanh(logits / C); None = off
     logit_softcap: Optional[float] = None  # output logits -> C tanh(logits / C); None = off
-    causal: bool = True  # obj14: False for an encoder (model.objective=mlm, resnorm.objectives)
+    causal: bool = True  # False for an encoder (model.objective=mlm, resnorm.objectives)
 
     @classmethod
     def from_config(cls, cfg) -> "ModelShape":
         m = cfg.model
         variant = get_variant(m.norm)
-        causal, extra_ids = objective_io(m)  # obj14: mlm is bidirectional and adds the mask token's id
+        causal, extra_ids = objective_io(m)  # mlm is bidirectional and adds the mask token's id
         return cls(
             variant=m.norm, depth=int(cfg.depth), d_model=m.d_model, n_heads=m.n_heads,
             d_ff=m.d_ff or 4 * m.d_model, vocab_size=m.vocab_size + extra_ids, context=cfg.train.seq_len,
@@ -95,7 +95,7 @@ class ModelShape:
 
 
 def _attention_options(m) -> dict:
-    """The model options every variant can use (README "Defaults"); a config written before a key
+    """The model options every variant can use (docs/configuration.md); a config written before a key
     existed gets the key's default (off)."""
     get = m.get if hasattr(m, "get") else lambda k, d: getattr(m, k, d)
     cap = lambda v: None if v is None else float(v)  # noqa: E731
@@ -154,7 +154,7 @@ class Attention(nn.Module):
     ``causal`` is an attribute, set from ``model.objective`` (False for ``mlm``, an encoder; the
     rank-collapse reproduction also sets it to False). ``key_mask``: None, or a (batch, T) bool tensor
     of the keys a query may see (False: padding), set for one batch by
-    :class:`resnorm.heads.TaskModel` (obj14); it joins the causal mask in forward and in the probes'
+    :class:`resnorm.heads.TaskModel` (fine-tuning); it joins the causal mask in forward and in the probes'
     :meth:`scores`, :meth:`max_logit` and :meth:`attention_probs`.
     """
 
@@ -180,9 +180,9 @@ class Attention(nn.Module):
         self.softcap = softcap
         self.head_scale = nn.Parameter(torch.ones(n_heads)) if head_scale else None
         self.qkv_norms = nn.ModuleList(qkv_norms) if qkv_norms is not None else None
-        self.value_hook = None  # s12: set by the value_residual stream for one call (V -> V')
-        self.softmax_scale: Optional[float] = None  # ngpt (issue 13): None = 1/sqrt(d_head), SDPA's default
-        self.key_mask: Optional[torch.Tensor] = None  # obj14: (batch, T) keys visible; None: all
+        self.value_hook = None  # set by the value_residual stream for one call (V -> V')
+        self.softmax_scale: Optional[float] = None  # nGPT: None = 1/sqrt(d_head), SDPA's default
+        self.key_mask: Optional[torch.Tensor] = None  # fine-tuning: (batch, T) keys visible; None: all
 
     def _qkv(self, x: torch.Tensor):
         b, t, d = x.shape
@@ -200,7 +200,7 @@ class Attention(nn.Module):
     def _mask(self, s: torch.Tensor, value: float) -> torch.Tensor:
         """``s`` with ``value`` above the diagonal when ``causal`` (SDPA's ``is_causal`` mask) and at
         the keys ``key_mask`` hides."""
-        if self.key_mask is not None:  # obj14: padding
+        if self.key_mask is not None:  # padding (fine-tuning)
             s = s.masked_fill(~self.key_mask[:, None, None, :], value)
         if not self.causal:
             return s
@@ -208,7 +208,7 @@ class Attention(nn.Module):
         return s.masked_fill(torch.triu(torch.ones(t, t, dtype=torch.bool, device=s.device), 1), value)
 
     def _visible(self, t: int) -> torch.Tensor:
-        """obj14: the (batch, 1, T, T) bool mask of the pairs a query sees (``key_mask``, causal)."""
+        """The (batch, 1, T, T) bool mask of the pairs a query sees (``key_mask``, causal)."""
         mask = self.key_mask[:, None, None, :]
         if self.causal:
             mask = mask & torch.ones(t, t, dtype=torch.bool, device=mask.device).tril()
@@ -228,9 +228,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self._qkv(x)
-        if self.value_hook is not None:  # s12: ResFormer's value residual (resnorm.multistream)
+        if self.value_hook is not None:  # ResFormer's value residual (resnorm.multistream)
             v = self.value_hook(v)
-        if self.softcap is None and self.key_mask is not None:  # obj14: padded batches
+        if self.softcap is None and self.key_mask is not None:  # padded batches (fine-tuning)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=self._visible(t), scale=self.softmax_scale)
         elif self.softcap is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=self.softmax_scale)
@@ -347,7 +347,7 @@ class Sublayer(nn.Module):
         s = self.spec
         if s.residual == "none":
             z = f
-        elif s.residual == "orthogonal":  # s12: Oh et al., only f's part orthogonal to x is added
+        elif s.residual == "orthogonal":  # Oh et al., only f's part orthogonal to x is added
             z = x + orthogonal_part(f, x)
         elif self.omega is not None:
             z = self.omega * x + f
@@ -410,11 +410,11 @@ class Transformer(nn.Module):
             self.head = SoftcapLinear(shape.d_model, shape.vocab_size, shape.logit_softcap)
         if shape.tie_weights:
             self.head.weight = self.tok_emb.weight
-        # s12: the learned parameters of a stream with state (resnorm.multistream); None for the others
+        # the learned parameters of a stream with state (resnorm.multistream); None for the others
         self.stream_params = stream_module(self.variant.stream, shape)
-        if self.stream_params is None:  # attnres (issue 12): the pseudo-queries (resnorm.attnres)
+        if self.stream_params is None:  # Attention Residuals: the pseudo-queries (resnorm.attnres)
             self.stream_params = attnres_module(self.variant.stream, shape)
-        if self.stream_params is None:  # ngpt (issue 13): nGPT's branches, head and alphas (resnorm.ngpt)
+        if self.stream_params is None:  # nGPT's branches, head and alphas (resnorm.ngpt)
             from .ngpt import ngpt_module
 
             self.stream_params = ngpt_module(self)
@@ -533,13 +533,11 @@ def dual_stream(model: "Transformer", x: torch.Tensor, parts: Optional[list]) ->
 
 
 STREAMS = {"single": single_stream, "b2t": b2t_stream, "dual": dual_stream}
-# --- s12 streams (issue 12): value residual, DenseFormer, Hyper-Connections, mHC ---
+# --- the multi-stream schemes: value residual, DenseFormer, Hyper-Connections, mHC ---
 STREAMS.update(STREAMS_S12)
-# --- end s12 streams ---
-# --- attnres streams (issue 12): Attention Residuals, full and block ---
+# --- Attention Residuals, full and block ---
 STREAMS.update(STREAMS_ATTNRES)
-# --- end attnres streams ---
-# --- ngpt stream (issue 13): the hypersphere updates (resnorm.ngpt imports this module, so lazily) ---
+# --- the ngpt stream: the hypersphere updates (resnorm.ngpt imports this module, so lazily) ---
 
 
 def ngpt_stream(model: "Transformer", x: torch.Tensor, parts: Optional[list]) -> torch.Tensor:

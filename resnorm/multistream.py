@@ -1,4 +1,4 @@
-"""Streams with state across layers (issue 12): value residuals, DenseFormer, Hyper-Connections, mHC.
+"""Streams with state across layers: value residuals, DenseFormer, Hyper-Connections, mHC.
 
 Each ``*_stream(model, x0, parts)`` is registered in :data:`resnorm.model.STREAMS`; its learned
 parameters live in the module :func:`stream_module` builds, which the :class:`Transformer` owns as

@@ -1,4 +1,4 @@
-"""nGPT, the normalized Transformer (Loshchilov, Hsieh, Sun & Ginsburg, arXiv:2410.01131; issue 13).
+"""nGPT, the normalized Transformer (Loshchilov, Hsieh, Sun & Ginsburg, arXiv:2410.01131).
 
 Every hidden state lives on the unit hypersphere and each sublayer moves it toward its (normalised)
 branch output by a learned, per-dimension step ("eigen learning rate")::

@@ -131,7 +131,7 @@ def run_job(cfg) -> Dict[str, Any]:
     from .config import validate
 
     validate(cfg)
-    stack = os.environ.get(STACK_ENV)  # a launcher job that trains a stack of runs (issue 15)
+    stack = os.environ.get(STACK_ENV)  # a launcher job that trains a stack of runs (stacked ensembles)
     if stack:
         from .stack import run_stack_job
 
