@@ -8,9 +8,11 @@ how the branch output is scaled (fixed, or a learned scalar initialised at a val
 normalised, whether a final norm sits before the head, how the stream is threaded through the
 layers (:data:`STREAMS`), and how its branch weights are initialised (depth-dependent Xavier gains).
 
-The forward pass that reads these records lives in one place: :class:`resnorm.model.Sublayer`
-(per sublayer) and, for the two variants whose stream is not one residual stream (``b2t``,
-``resi_dual``), :meth:`resnorm.model.Transformer.hidden`, the only reader of ``Variant.stream``.
+The forward pass that reads these records: :class:`resnorm.model.Sublayer` applies a sublayer's
+spec (its branch features are read where the branch is built, ``ModelShape.attention`` and
+``ModelShape.mlp``); ``Variant.stream`` picks the function of :data:`resnorm.model.STREAMS` that
+:meth:`resnorm.model.Transformer.hidden` runs, and is also read where the model is built (the
+stream's own parameters, ``Transformer.__init__``), by the scheme monitors and by Admin's profiling.
 Variant parameters a user may change (Mix-LN's fraction, DyT's alpha0, ...) arrive as
 :class:`VariantOptions`, whose fields are the ``model.*`` schema fields marked ``variant_option``
 in :mod:`resnorm.config` (declared there once). The full table, with each
@@ -28,7 +30,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 from .config import variant_option_fields
 
 RESIDUALS = ("identity", "none", "orthogonal")  # orthogonal: Oh et al.
-#: How the layers are threaded (read in resnorm.model.Transformer.hidden, nowhere else):
+#: How the layers are threaded (the stream function Transformer.hidden runs; see the module docstring):
 #: - ``single``: one residual stream, x_{i+1} = Sublayer_i(x_i);
 #: - ``b2t``: as ``single``, and the MLP sublayer of every layer also adds the layer's input x_l to
 #:   its sum before its last norm (Takase et al.'s bottom-to-top connection);
