@@ -161,16 +161,20 @@ def test_readme_layout_names_only_modules_that_exist():
 
 
 def test_docs_name_only_repository_paths_that_exist():
-    """A path in backticks (`resnorm/train/loop.py`, `tests/test_recipe.py`) must exist: a moved or
-    renamed module shows here with the page and line that still name its old place."""
+    """A path in backticks (`resnorm/train/loop.py`, `tests/test_recipe.py::test_name`) must exist, and
+    so must the test it names: a moved module or a renamed test shows here with the page and line that
+    still name its old place."""
     pattern = re.compile(r"`((?:resnorm|analysis|experiments|hydra_plugins|tests|benchmarks|scripts|conf)"
-                         r"/[\w./-]*?(?:\.py|\.yaml|\.sh|/))(?:::\w+)?`")
+                         r"/[\w./-]*?(?:\.py|\.yaml|\.sh|/))(?:::(\w+))?`")
     stale = []
     for page in pages():
         for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
-            for path in pattern.findall(line):
+            for path, name in pattern.findall(line):
+                where = f"{page.relative_to(ROOT)}:{number}: {path}"
                 if not (ROOT / path).exists():
-                    stale.append(f"{page.relative_to(ROOT)}:{number}: {path}")
+                    stale.append(where)
+                elif name and not re.search(rf"^\s*(?:def|class) {name}\b", (ROOT / path).read_text(), re.M):
+                    stale.append(f"{where} has no {name}")
     assert not stale, "paths that do not exist (update the page):\n" + "\n".join(stale)
 
 
