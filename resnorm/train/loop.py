@@ -188,7 +188,7 @@ def setup(cfg, job, rank: int, world: int, slots) -> Run:
 def start(run: Run) -> None:
     """The summary as training starts, the checkpoint's state (if any), then ``on_fit_start``."""
     from resnorm.train.checkpoint import restore
-    from resnorm.runs.summary import start_summary
+    from resnorm.train.summary import start_summary
 
     run.summary = start_summary(run)
     restore(run, run.callbacks)
