@@ -37,7 +37,7 @@ _TABLE = (
     ("b2t", "B2T", "#ff9896"),
     ("resi_dual", "ResiDual", "#c5b0d5"),
     ("depth_scaled", "Depth-scaled (1/\u221aL)", "#c49c94"),
-    # norm placements and streams: matplotlib's tab20b and tab20c, darkest first
+    # the norm placements used at scale and the multi-stream schemes: matplotlib's tab20b and tab20c, darkest first
     ("reordered", "Reordered norm (OLMo 2)", "#393b79"),
     ("layerscale", "LayerScale", "#637939"),
     ("keel", "Keel", "#8c6d31"),

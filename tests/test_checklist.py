@@ -123,8 +123,10 @@ def test_every_quantity_is_written_by_its_probe_and_has_its_docs_row():
 
     from resnorm.runs.quantities import QUANTITIES, monitors_markdown
 
+    from resnorm.runs.quantities import generated_part
+
     written = declared_by_probes()
-    page = _text("docs/monitors.md")
+    page = generated_part(_text("docs/monitors.md"))
     missing = []
     for name, q in QUANTITIES.items():
         if name not in written.get(q.probe, ()):
@@ -132,8 +134,8 @@ def test_every_quantity_is_written_by_its_probe_and_has_its_docs_row():
                            "schemes.FORWARD / PARAMS, or weights.register_scalar), or fix its probe= in "
                            "resnorm/runs/quantities.py")
         if f"| `{name}` |" not in page or page != monitors_markdown():
-            missing.append(f"docs/monitors.md: regenerate it for {name!r} "
-                           "(`python -m resnorm.runs.quantities > docs/monitors.md`)")
+            missing.append(f"docs/monitors.md: regenerate its quantity table for {name!r} "
+                           "(`python -m resnorm.runs.quantities docs/monitors.md`)")
     declared = set(QUANTITIES)
     missing += [f"resnorm/runs/quantities.py: declare {name!r} (written by {probe}) in _LIST"
                 for probe, names in written.items() for name in sorted(names) if name not in declared]

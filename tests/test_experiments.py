@@ -37,16 +37,15 @@ def test_registry_declares_reference_grids_and_claims():
         assert exp.claims or exp.name == "lr_sensitivity_depth"  # the one uncalibrated, report-only figure
 
 
-def test_lr_sensitivity_depth_covers_every_new_stream_and_norm_scheme():
-    """Every variant on a new stream (or with the orthogonal residual) is one of the figure's schemes
-    (the multi-stream and cross-layer residuals, the newer norm placements), and every one of them is
-    in the figure's full grid."""
-    from experiments.lr_sensitivity_depth import ISSUE12, ISSUE13
+def test_lr_sensitivity_depth_covers_every_multi_stream_and_norm_placement_scheme():
+    """Every variant on a new stream (or with the orthogonal residual) is one of those schemes, and
+    every multi-stream and norm-placement scheme is in the figure's full grid."""
+    from experiments.lr_sensitivity_depth import MULTI_STREAM, NORM_PLACEMENTS
     from resnorm.config.variants import VARIANTS
 
     new = {n for n, v in VARIANTS.items() if v.stream not in ("single", "b2t", "dual")
            or any(spec.residual == "orthogonal" for pair in v.layer_specs(2) for spec in pair)}
-    schemes = set(ISSUE12) | set(ISSUE13)
+    schemes = set(MULTI_STREAM) | set(NORM_PLACEMENTS)
     assert new <= schemes <= set(VARIANTS)
     assert schemes <= set(experiments.get("lr_sensitivity_depth").grids["full"]["variants"])
 
@@ -105,9 +104,9 @@ def test_spearman_and_slope():
     assert loglog_slope([1, 4, 16], [1, 0.5, 0.25]) == pytest.approx(-0.5)
 
 
-#: claims that did not hold at this scale, reported as such in the README ("Reproduced figures"): they
-#: must keep failing at the ci size too (one that starts to pass means the README is out of date)
-DOES_NOT_HOLD = {"normformer_grad": {"normformer_closer_to_one", "normformer_closer_whole_block"}}  # front13
+#: claims that did not hold at this scale, reported as such in docs/reproductions.md: they
+#: must keep failing at the ci size too (one that starts to pass means docs/reproductions.md is out of date)
+DOES_NOT_HOLD = {"normformer_grad": {"normformer_closer_to_one", "normformer_closer_whole_block"}}  # docs/reproductions.md: does not hold at init
 
 
 @pytest.mark.parametrize("name", INIT)

@@ -8,9 +8,12 @@ how the branch output is scaled (fixed, or a learned scalar initialised at a val
 normalised, whether a final norm sits before the head, how the stream is threaded through the
 layers (:data:`STREAMS`), and how its branch weights are initialised (depth-dependent Xavier gains).
 
-The forward pass that reads these records lives in one place: :class:`resnorm.model.blocks.Sublayer`
-(per sublayer) and, for the two variants whose stream is not one residual stream (``b2t``,
-``resi_dual``), :meth:`resnorm.model.transformer.Transformer.hidden`, the only reader of ``Variant.stream``.
+The forward pass that reads these records: :class:`resnorm.model.blocks.Sublayer` applies a
+sublayer's spec (its branch features are read where the branch is built, ``ModelShape.attention``
+and ``ModelShape.mlp``); ``Variant.stream`` picks the function of
+:data:`resnorm.model.transformer.STREAMS` that :meth:`resnorm.model.transformer.Transformer.hidden`
+runs, and is also read where the model is built (the stream's own parameters,
+``Transformer.__init__``), by the scheme monitors and by Admin's profiling.
 Variant parameters a user may change (Mix-LN's fraction, DyT's alpha0, ...) arrive as
 :class:`VariantOptions`, whose fields are the ``model.*`` schema fields marked ``variant_option``
 in :mod:`resnorm.config.schema` (declared there once). The full table, with each
@@ -67,7 +70,7 @@ class SublayerSpec:
         y = y + x_bottom                only in the MLP sublayer of a ``b2t`` stream
         y = N_sum(y)                    if sum_norm
 
-    Branch features (read by resnorm.model.transformer's Attention and MLP, and Sublayer.run):
+    Branch features (read by resnorm.model.blocks's Attention and MLP, and Sublayer.run):
     ``branch_channel_learned``: f = diag(lambda) f with a learned per-channel lambda initialised at
     branch_scale (LayerScale); ``head_scale``: each attention head's output times a learned scalar
     (init 1) before the output projection (NormFormer); ``qkv_norm``: a norm of the norm layer's kind
@@ -86,13 +89,11 @@ class SublayerSpec:
     branch_learned: bool = False
     share_gate: bool = False
     input_scale: float = 1.0
-    # --- branch features (NormFormer, HybridNorm, Keel, OLMo 2's reordered norm) ---
+    # --- branch features ---
     branch_channel_learned: bool = False
     head_scale: bool = False
     qkv_norm: bool = False
     inner_norm: bool = False
-    # --- end branch features ---
-
     def __post_init__(self):
         if self.residual not in RESIDUALS:
             raise ValueError(f"residual={self.residual!r}: choose one of {', '.join(RESIDUALS)}")
@@ -167,7 +168,7 @@ class Variant:
     branch_gain: GainFn = field(default=_one)
     qk_gain: GainFn = field(default=_one)
     profiled_skip: bool = False
-    # --- a variant's optimizer rules (nGPT, CompleteP), read by resnorm.train.variant_optim ---
+    # --- a variant's optimizer rules, read by resnorm.train.variant_optim ---
     #: (optim key, value) pairs the variant trains with (nGPT: no warm-up, no weight decay); they replace
     #: the schema defaults, and a different explicit value is an error (config RULE variant_optim_preset)
     optim_preset: Tuple[Tuple[str, object], ...] = ()
@@ -176,8 +177,6 @@ class Variant:
     param_group_scales: Optional[Callable[[int, VariantOptions], Dict[str, Tuple[float, float]]]] = None
     #: the name of a hook in resnorm.train.variant_optim.POST_STEP run after every optimizer step (nGPT's renormalisation)
     post_step: Optional[str] = None
-    # --- end optimizer rules ---
-
     def __post_init__(self):
         if self.stream not in STREAMS:
             raise ValueError(f"{self.name}: stream={self.stream!r}: choose one of {', '.join(STREAMS)}")
@@ -463,7 +462,7 @@ register(Variant(
 ))
 
 
-# --- norm placements: reordered, layerscale, keel, normformer, hybridnorm ------------------------------
+# --- norm placements used at scale: reordered, layerscale, keel, normformer, hybridnorm ---
 # Equations, inits and the choices where a paper is ambiguous: docs/variants.md; tests:
 # tests/test_schemes_norm.py (float64 references, init, peers).
 
@@ -543,9 +542,7 @@ register(Variant(
     sublayer=_hybridnorm,
     init="Xavier-normal (model.init; the paper recommends Megatron-style init, model.init=gpt2 is close)",
 ))
-# --- end norm placements -------------------------------------------------------------------------------
-
-# --- hypersphere, depth-transfer and Derf: ngpt, completep, derf --------------------------------------
+# --- nGPT, CompleteP, Derf ---
 # Equations, inits and the choices where a paper is ambiguous: docs/variants.md; tests:
 # tests/test_schemes_ngpt.py (float64 references, init, renormalisation, peers).
 
@@ -604,9 +601,7 @@ register(Variant(
     init="Xavier-normal; alpha = model.derf_alpha0 (0.5), s = 0, gamma = 1, beta = 0",
     norm_layer="derf",
 ))
-# --- end ngpt, completep, derf -----------------------------------------------------------------------
-
-# --- streams: value residual, orthogonal update, DenseFormer, Hyper-Connections, mHC -----------------
+# --- multi-stream and cross-layer schemes: value residual, orthogonal update, DenseFormer, Hyper-Connections, mHC ---
 
 register(Variant(
     name="value_residual",
@@ -670,10 +665,7 @@ register(Variant(
     init="Xavier-normal; phi = 0, alpha = 0.01, b_pre = e_(k mod n), b_post = 0, b_res = I (logits)",
     stream="mhc",
 ))
-
-# --- end streams ---
-
-# --- attnres: Attention Residuals, full and block (resnorm.model.attnres) ----------------------------------
+# --- Attention Residuals, full and block (resnorm.model.attnres) ---
 
 ATTNRES_SPEC = SublayerSpec(pre_norm=True, residual="none")  # v_l = F(LN(h_l)); the stream holds the skips
 
@@ -698,10 +690,6 @@ register(Variant(
     init="Xavier-normal; pseudo-queries w_l = 0: uniform weights over the sources at init",
     stream="attnres_block",
 ))
-
-# --- end attnres ---
-
-
 def variant_table() -> List[dict]:
     """One row per registered variant (name, equation, init, paper), for the README and ``--help``."""
     return [dict(name=v.name, equation=v.equation, init=v.init, title=v.title, citation=v.citation)
