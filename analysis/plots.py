@@ -591,8 +591,8 @@ def monitor_profiles(sweep, path) -> Optional[Path]:
     present is drawn), one row each (:data:`MONITOR_ORDER` first, then by name), at each run's first
     and last logged step of that quantity. Each row's axis says how its block value is made of the
     block's sublayers (:data:`resnorm.runs.quantities.COMBINE`: e.g. the mean of attention and MLP for
-    a cosine, the attention value alone for an attention-only quantity). Quantities with no finite value are left out; skipped
-    when there is none (runs written before the monitor).
+    a cosine, the attention value alone for an attention-only quantity). Quantities with no finite
+    value are left out; skipped when there is none (runs written before the monitor).
     """
     present = _layer_quantities(sweep)
     if present is None:
