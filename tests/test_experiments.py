@@ -24,25 +24,28 @@ TRAIN = [n for n, e in experiments.REGISTRY.items() if e.kind == "train"]
 
 
 def test_registry_declares_reference_grids_and_claims():
-    assert set(INIT) == {"xiong_grad", "admin_amplification", "rank_collapse", "deepnet_update", "curse_of_depth",
-                         "normformer_grad"}  # front13
-    assert set(TRAIN) == {"wortsman_lr", "xiong_warmup", "lr_sensitivity_depth", "ngpt_speed",
-                          "completep_transfer", "mhc_amplification", "value_residual_depth"}  # the last four: issues 13, 12
+    """Every module of experiments/ that registers an experiment is imported (registered under its
+    module's name), and each experiment is one of the two kinds the tests below run."""
+    modules = {p.stem for p in (ROOT / "experiments").glob("*.py")
+               if p.stem != "core" and "register(" in p.read_text()}
+    assert set(experiments.REGISTRY) == modules, \
+        f"import {sorted(modules - set(experiments.REGISTRY))} in experiments/__init__.py"
+    assert set(INIT) | set(TRAIN) == set(experiments.REGISTRY)
     for exp in experiments.REGISTRY.values():
         assert exp.reference.arxiv and exp.reference.figure and exp.reference.title
         assert {"full", "ci"} <= set(exp.grids)
         assert exp.claims or exp.name == "lr_sensitivity_depth"  # the one uncalibrated, report-only figure
 
 
-def test_lr_sensitivity_depth_covers_every_issue12_and_issue13_scheme():
-    """Every variant on a new stream (or with the orthogonal residual) is one of the issues' schemes, and
-    every scheme of issues 12 and 13 is in the figure's full grid."""
-    from experiments.lr_sensitivity_depth import ISSUE12, ISSUE13
+def test_lr_sensitivity_depth_covers_every_multi_stream_and_norm_placement_scheme():
+    """Every variant on a new stream (or with the orthogonal residual) is one of those schemes, and
+    every multi-stream and norm-placement scheme is in the figure's full grid."""
+    from experiments.lr_sensitivity_depth import MULTI_STREAM, NORM_PLACEMENTS
     from resnorm.config.variants import VARIANTS
 
     new = {n for n, v in VARIANTS.items() if v.stream not in ("single", "b2t", "dual")
            or any(spec.residual == "orthogonal" for pair in v.layer_specs(2) for spec in pair)}
-    schemes = set(ISSUE12) | set(ISSUE13)
+    schemes = set(MULTI_STREAM) | set(NORM_PLACEMENTS)
     assert new <= schemes <= set(VARIANTS)
     assert schemes <= set(experiments.get("lr_sensitivity_depth").grids["full"]["variants"])
 
@@ -101,9 +104,9 @@ def test_spearman_and_slope():
     assert loglog_slope([1, 4, 16], [1, 0.5, 0.25]) == pytest.approx(-0.5)
 
 
-#: claims that did not hold at this scale, reported as such in the README ("Reproduced figures"): they
-#: must keep failing at the ci size too (one that starts to pass means the README is out of date)
-DOES_NOT_HOLD = {"normformer_grad": {"normformer_closer_to_one", "normformer_closer_whole_block"}}  # front13
+#: claims that did not hold at this scale, reported as such in docs/reproductions.md: they
+#: must keep failing at the ci size too (one that starts to pass means docs/reproductions.md is out of date)
+DOES_NOT_HOLD = {"normformer_grad": {"normformer_closer_to_one", "normformer_closer_whole_block"}}  # docs/reproductions.md: does not hold at init
 
 
 @pytest.mark.parametrize("name", INIT)
@@ -183,13 +186,6 @@ def test_loss_spikes_run_metrics_and_ci(tmp_path):
     assert mean == 2.0 and half == pytest.approx(4.302653 * 1.0 / math.sqrt(3), rel=1e-6)  # t(0.975, 2)
 
 
-#: every figure a sweep over variants x depths x learning rates with probes must get
-STABILITY_FIGURES = ("depth_vs_val_loss", "failure_rate", "spike_rate", "stability_frontier", "lr_depth_heatmap",
-                     "lr_sensitivity_vs_depth", "loss_curves", "layer_profiles", "coord_check")
-#: figures drawn only from what newer training records (the monitor's per-layer quantities)
-OPTIONAL_FIGURES = ("monitor_profiles",)
-
-
 def test_stability_figures_from_run_folders(tmp_path):
     """A small real sweep (variants x depths x LRs, trained by resnorm.train.job) -> every figure of the
     report, each embedded in report.md, and the seed and LR tables."""
@@ -207,14 +203,14 @@ def test_stability_figures_from_run_folders(tmp_path):
                 train(cfg, JobInfo(run_dir=sweep / name, run_name=name, group="s", overrides=[]))
     out = tmp_path / "results" / "s"
     written = make_report(sweep, out)
-    assert set(STABILITY_FIGURES) | set(OPTIONAL_FIGURES) == set(plots.FIGURES)
     report = (out / "report.md").read_text()
-    for name in STABILITY_FIGURES:
+    # variants x depths x learning rates, trained with every probe: each kind of data a figure can need
+    assert plots.drawable({need for needs in plots.NEEDS.values() for need in needs}) == list(plots.FIGURES)
+    for name in plots.FIGURES:
         png = out / f"{name}.png"
         assert png in written and png.stat().st_size > 0 and png.read_bytes()[:4] == b"\x89PNG", name
         assert f"]({name}.png)" in report, name
-    assert not [line for line in report.splitlines()
-                if "Not drawn" in line and not any(f"Not drawn: {n}:" in line for n in OPTIONAL_FIGURES)]
+    assert not [line for line in report.splitlines() if "Not drawn" in line]
     assert "| run | variant |" in report and "## Over seeds" in report and "## LR sensitivity" in report
 
     runs = pd.read_csv(out / "summary.csv")

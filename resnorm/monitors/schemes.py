@@ -1,4 +1,4 @@
-"""Scheme monitors (issue 12): the quantities of the multi-stream and cross-layer residuals, per
+"""Scheme monitors: the quantities of the multi-stream and cross-layer residuals, per
 (layer, sublayer) in ``layers.parquet`` (W&B: ``<quantity>/<sublayer>/<layer>``), only for the
 variants that have them, with ``train.probes`` (the default).
 
@@ -18,7 +18,7 @@ paper averages over the tokens of a sequence), not taken of a mean matrix.
 - ``hc_composite_row_gain``, ``hc_composite_col_gain``: the same of the composite
   ``R_{K-1} ... R_{k+1} R_k``, from the sublayer to the top (the paper's prod_{i=1}^{L-l} H^res_{L-i});
   the first sublayer (0, attn) holds the product over the whole stack [1].
-- ``hc_stream_share_<s>`` (s = 0 .. n-1): what stream s carries after sublayer k's update, RMS(H_s) /
+- ``hc_stream_share_<s>`` (s = 0 .. n-1, the first :data:`HC_SHARE_STREAMS`): what stream s carries after sublayer k's update, RMS(H_s) /
   RMS(H) over the batch's tokens and the width (H: all n streams) [1 each when the streams are equally
   large; sqrt(n) for a stream that carries everything, 0 for a dead one];
 - ``hc_stream_entropy``: the entropy -sum_s p_s ln p_s of the streams' energy fractions
@@ -127,11 +127,12 @@ def share_entropy(shares: torch.Tensor) -> torch.Tensor:
 
 
 def share_stats(outs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """(1 + n, K): the entropy of the streams' energy fractions, then each stream's share, per sublayer."""
+    """(1 + min(n, HC_SHARE_STREAMS), K): the entropy of the streams' energy fractions (all n), then each
+    stream's share (the first HC_SHARE_STREAMS streams), per sublayer."""
     cols = []
     for H in outs:
         shares = stream_shares(H)
-        cols.append(torch.cat([share_entropy(shares)[None], shares]))
+        cols.append(torch.cat([share_entropy(shares)[None], shares[:HC_SHARE_STREAMS]]))
     return torch.stack(cols, dim=1)
 
 
@@ -140,9 +141,9 @@ def hyper_stats(model, idx: torch.Tensor) -> torch.Tensor:
     return torch.cat([gain_stats(maps), share_stats(outs).to(maps[0].device)])
 
 
-def hyper_quantities(model) -> Tuple[str, ...]:
-    n = model.stream_params.n
-    return HC_GAINS + ("hc_stream_entropy",) + tuple(f"hc_stream_share_{s}" for s in range(n))
+def hyper_rows(model) -> int:
+    """How many of :data:`HC_QUANTITIES` the model's streams fill: the gains, the entropy, one share per stream."""
+    return len(HC_GAINS) + 1 + min(model.stream_params.n, HC_SHARE_STREAMS)
 
 
 def attnres_stats(model, idx: torch.Tensor) -> torch.Tensor:
@@ -165,10 +166,16 @@ def attnres_stats(model, idx: torch.Tensor) -> torch.Tensor:
 
 
 HC_GAINS = ("hc_row_gain", "hc_col_gain", "hc_composite_row_gain", "hc_composite_col_gain")
-#: stream kind -> (quantities, or a function of the model giving them (one per stream for HC and mHC),
-#: function(model, batch) -> (len(quantities), n_sublayers) tensor)
-FORWARD: Dict[str, Tuple[object, Callable]] = {}
-_HC = (hyper_quantities, hyper_stats)
+#: the streams whose share is reported by name (``hc_stream_share_0`` ..): n = 4 is the paper's and the
+#: default; the entropy covers every stream whatever n
+HC_SHARE_STREAMS = 8
+HC_QUANTITIES = HC_GAINS + ("hc_stream_entropy",) + tuple(f"hc_stream_share_{s}" for s in range(HC_SHARE_STREAMS))
+#: stream kind -> (quantities, function(model, batch) -> (rows, n_sublayers) tensor); the rows are the
+#: first quantities (all of them unless :data:`ROWS` says how many the model fills)
+FORWARD: Dict[str, Tuple[Tuple[str, ...], Callable]] = {}
+#: stream kind -> function(model) -> how many of its FORWARD quantities the model writes
+ROWS: Dict[str, Callable] = {"hyper": hyper_rows, "hyper_dynamic": hyper_rows, "mhc": hyper_rows}
+_HC = (HC_QUANTITIES, hyper_stats)
 _ATTNRES = (("attnres_w_embed", "attnres_w_last", "attnres_entropy", "attnres_query_norm"), attnres_stats)
 FORWARD.update(hyper=_HC, hyper_dynamic=_HC, mhc=_HC, attnres=_ATTNRES, attnres_block=_ATTNRES)
 
@@ -208,7 +215,8 @@ class SchemeForwardProbe(_Periodic):
     def __init__(self, model, every: int):
         super().__init__(model, every, total_steps=0)
         quantities, self.compute = FORWARD[model.variant.stream]
-        self.quantities_before = tuple(quantities(model) if callable(quantities) else quantities)
+        rows = ROWS.get(model.variant.stream)
+        self.quantities_before = tuple(quantities if rows is None else quantities[:rows(model)])
 
     @torch.no_grad()
     def before_update(self, x: torch.Tensor) -> torch.Tensor:
