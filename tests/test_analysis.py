@@ -466,7 +466,7 @@ def test_run_metrics_counts_spikes_per_run(sweep):
 
 
 def test_layer_profile_combines_sublayers_and_picks_first_and_last_finite_step(sweep):
-    from analysis.plots import block_profile
+    from analysis.figures_layers import block_profile
 
     profile = block_profile(sweep.layers)
     pre4 = profile[profile["run_dir"].str.endswith("depth=4,model.norm=pre,seed=0")]
@@ -481,7 +481,7 @@ def test_layer_profile_combines_sublayers_and_picks_first_and_last_finite_step(s
 
 
 def test_block_values_combine_sublayers_per_quantity():
-    from analysis.plots import block_values
+    from analysis.figures_layers import block_values
 
     layers = pd.DataFrame({
         "run_dir": "r", "step": 0, "layer": [0, 0, 0, 0, 0, 0, 1, 1],
@@ -497,7 +497,7 @@ def test_block_values_combine_sublayers_per_quantity():
 
 
 def test_depth_thirds_cover_every_third_at_every_depth():
-    from analysis.plots import depth_thirds
+    from analysis.figures_layers import depth_thirds
 
     def groups(depth):
         blocks = depth_thirds(pd.DataFrame({"layer": range(depth), "depth": depth}))
@@ -751,12 +751,12 @@ def build_outcome_sweep(root: Path) -> Path:
 
 
 def test_failure_rate_per_depth_with_wilson_bounds_by_hand(tmp_path):
-    from analysis import plots
+    from analysis import figures_stability
     from analysis.load import load_sweep
     from analysis.report import make_report
 
     sweep = load_sweep(build_outcome_sweep(tmp_path))
-    found = plots._failure_table(sweep)
+    found = figures_stability._failure_table(sweep)
     assert found is not None
     table = found[1].set_index(["variant", "depth"])
     post2, post4 = table.loc[("post", 2)], table.loc[("post", 4)]
@@ -816,7 +816,7 @@ def test_spike_rate_figure_drawn_from_spike_data_and_skipped_without(tmp_path, c
 
 
 def test_profiles_draw_every_recorded_quantity(tmp_path):
-    from analysis import plots
+    from analysis import figures_layers, plots
     from analysis.load import load_sweep
 
     sweep_dir = tmp_path / "monitor"
@@ -828,7 +828,7 @@ def test_profiles_draw_every_recorded_quantity(tmp_path):
         store_run(sweep_dir, f"pre-{depth}", variant="pre", depth=depth, outcome="trained", layers=layers)
     sweep = load_sweep(sweep_dir)
     monitor = ["update_grad_cos", "attn_entropy_mean", "dyt_alpha"]
-    rows = plots._profile_rows(sweep, monitor)
+    rows = figures_layers._profile_rows(sweep, monitor)
     assert sorted(set(rows["quantity"])) == ["attn_entropy_mean", "update_grad_cos"]
     cos = rows[(rows["quantity"] == "update_grad_cos") & rows["run_dir"].str.endswith("pre-2")]
     assert sorted(set(cos["step"])) == [0, 9]  # the first and the last logged step

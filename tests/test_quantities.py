@@ -62,7 +62,7 @@ def test_docs_monitors_table_is_the_generated_one():
 
 
 def test_loggers_and_figures_read_the_catalogue():
-    from analysis import plots
+    from analysis import canvas as plots
     from resnorm.runs.quantities import training_quantities
     from resnorm.train.callbacks import step_scalars
 
@@ -88,7 +88,7 @@ def test_block_values_combine_as_declared():
 
     import pandas as pd
 
-    from analysis.plots import block_values
+    from analysis.figures_layers import block_values
 
     expect = {"norm": 5.0, "rms": math.sqrt(12.5), "max": 4.0, "mean": 3.5}
     for q in QUANTITIES.values():

@@ -19,7 +19,9 @@ Variant parameters a user may change (Mix-LN's fraction, DyT's alpha0, ...) arri
 in :mod:`resnorm.config.schema` (declared there once). The full table, with each
 paper's equation and the choices made where a paper is ambiguous, is in ``docs/variants.md``.
 
-This module imports no torch, so configs can be validated before anything heavy is loaded.
+This module imports no torch, so configs can be validated before anything heavy is loaded. It is a data
+table (one record per variant, with its paper) and longer than the other modules for that reason: splitting
+the records by paper would scatter the one list a reader scans to compare schemes.
 """
 
 from __future__ import annotations
