@@ -22,6 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,6 +40,7 @@ class TaskModel(Transformer):
     def __init__(self, shape: ModelShape, kind: str, n_labels: int):
         super().__init__(shape)
         self.kind = kind
+        self.pooling = "last" if shape.causal else "mean"  # classify: see the module docstring
         self.head = nn.Linear(shape.d_model, n_labels)
 
     @torch.no_grad()
@@ -54,18 +56,20 @@ class TaskModel(Transformer):
                 module.key_mask = real
         return super().embed(idx.clamp(min=0))
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """(batch, n_labels) for classify, (batch, T, n_labels) for tag."""
+    def features(self, idx: torch.Tensor) -> torch.Tensor:
+        """What the head reads: (batch, d_model) pooled for classify, (batch, T, d_model) for tag."""
         h = self.hidden(idx)
         if self.kind == "tag":
-            return self.head(h)
+            return h
         real = (idx >= 0).to(h.dtype)
-        if self.shape.causal:  # the last real token (inputs are padded on the right)
+        if self.pooling == "last":  # the last real token (inputs are padded on the right)
             last = real.sum(dim=1).long().clamp(min=1) - 1
-            pooled = h[torch.arange(h.shape[0], device=h.device), last]
-        else:
-            pooled = (h * real[..., None]).sum(dim=1) / real.sum(dim=1, keepdim=True).clamp(min=1)
-        return self.head(pooled)
+            return h[torch.arange(h.shape[0], device=h.device), last]
+        return (h * real[..., None]).sum(dim=1) / real.sum(dim=1, keepdim=True).clamp(min=1)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """(batch, n_labels) for classify, (batch, T, n_labels) for tag."""
+        return self.head(self.features(idx))
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, z_loss: bool = True) -> torch.Tensor:
         logits = self(idx).float()
@@ -107,12 +111,12 @@ def score(run) -> Dict[str, Any]:
     preds = predictions(model, run.val_batches, run.device)
     gold = [y for _, y in run.val_batches]
     out: Dict[str, Any] = dict(task=data.name, task_kind=data.kind, task_labels=list(data.labels),
-                               task_train_examples=len(data.train[0]), task_eval_examples=len(data.val[0]))
+                               task_train_examples=len((data.fit or data.train)[0]), task_eval_examples=len(data.val[0]))
     if data.kind == "classify":
         p, g = torch.cat(preds), torch.cat(gold)
         acc = float((p == g).double().mean())
         return {**out, "task_metric": "accuracy", "task_score": acc, "task_accuracy": acc,
-                "task_majority_accuracy": majority_accuracy(data.train[1], g)}
+                "task_majority_accuracy": majority_accuracy((data.fit or data.train)[1], g)}
     words_gold, words_pred = [], []
     for p, g in zip(preds, gold):
         for pi, gi in zip(p, g):
@@ -130,11 +134,63 @@ class TaskScore(Callback):
     """At the end of a completed fine-tune, the task metric (:func:`score`) into the summary, before
     the run store writes it (list it before :class:`resnorm.callbacks.RunStoreWriter`)."""
 
-    def __init__(self, pretrained_run_id: Any = None):
+    def __init__(self, pretrained_run_id: Any = None, recipe: Dict[str, Any] = None):
         self.pretrained_run_id = pretrained_run_id
+        self.recipe = recipe or {}
 
     def on_fit_end(self, run, summary) -> None:
         summary["pretrained_run_id"] = self.pretrained_run_id
+        summary.update(self.recipe)
         summary["pretrained_objective"] = run.cfg.model.get("objective", "clm")
         if summary["status"] == "completed":
             summary.update(score(run))
+
+
+@torch.no_grad()
+def frozen_features(model: TaskModel, x: torch.Tensor, y: torch.Tensor, batch: int = 64):
+    """The frozen model's features (numpy): one per row (classify) or per scored word (tag), with
+    the matching label ids."""
+    feats, labels = [], []
+    with eval_mode(model):
+        for i in range(0, len(x), batch):
+            f, t = model.features(x[i:i + batch]).float(), y[i:i + batch]
+            if model.kind == "tag":
+                keep = t != -100
+                f, t = f[keep], t[keep]
+            feats.append(f)
+            labels.append(t)
+    return torch.cat(feats).numpy(), torch.cat(labels).numpy()
+
+
+def floors(model: TaskModel, data, max_len: int) -> Dict[str, Any]:
+    """The three floors (:mod:`resnorm.floors`) of ``data`` on its own split, the probe on ``model``'s
+    features as they are now (call it before fine-tuning): ``floor_majority``, ``floor_ngram``,
+    ``floor_probe`` and the C each chose."""
+    from . import floors as fl
+    from .tasks import IGNORE, _words, majority_accuracy
+
+    parts = {"fit": data.fit, "dev": data.dev, "held": data.val}
+    rows = {k: data.rows[k] for k in parts}
+    out: Dict[str, Any] = {}
+    if data.kind == "classify":
+        out["floor_majority"] = majority_accuracy(data.fit[1], data.val[1])
+        texts = {k: [fl.visible_text(data.tokenizer, str(r["text"]), max_len) for r in v] for k, v in rows.items()}
+        ngram = fl.ngram_classify(texts, {k: [str(r["label"]) for r in v] for k, v in rows.items()})
+        feats = {k: frozen_features(model, *parts[k]) for k in parts}
+        probe = fl.probe_floor("classify", {k: f for k, (f, _) in feats.items()},
+                               {k: y for k, (_, y) in feats.items()})
+    else:
+        scored = {k: (parts[k][1] != IGNORE).sum(dim=1).tolist() for k in parts}
+        words = {k: [_words(r["tokens"])[:n] for r, n in zip(rows[k], scored[k])] for k in parts}
+        tags = {k: [_words(r["tags"])[:n] for r, n in zip(rows[k], scored[k])] for k in parts}
+        held_tags = [t for row in tags["held"] for t in row]
+        out["floor_majority"] = 0.0  # all-O: no span predicted, span F1 0
+        out["floor_majority_word_accuracy"] = sum(t == "O" for t in held_tags) / max(len(held_tags), 1)
+        ngram = fl.ngram_tag(words, tags)
+        feats = {k: frozen_features(model, *parts[k]) for k in parts}
+        names = np.asarray(data.labels)
+        probe = fl.probe_floor("tag", {k: f for k, (f, _) in feats.items()},
+                               {k: names[y] for k, (_, y) in feats.items()}, rows=tags)
+    out.update(floor_ngram=ngram["score"], floor_ngram_C=ngram["C"], floor_probe=probe["score"],
+               floor_probe_C=probe["C"])
+    return out

@@ -161,6 +161,37 @@ def split_rows(rows: Sequence[dict], source: str) -> Tuple[List[dict], List[dict
     return train, held
 
 
+GROUP_COLUMNS = ("group", "play")  # a row's group: the validation part takes whole groups
+VAL_EVERY = 5  # every fifth training group (or row) is validation
+
+
+def group_of(row: dict) -> Optional[str]:
+    for column in GROUP_COLUMNS:
+        if column in row and row[column] not in (None, ""):
+            return str(row[column])
+    return None
+
+
+def carve_validation(rows: Sequence[dict], every: int = VAL_EVERY) -> Tuple[List[dict], List[dict]]:
+    """(fitting rows, validation rows), both from ``rows`` (the task's *training* rows: the held-out
+    rows are never passed here). With a group column (``group`` or ``play``) on every row and at least
+    ``every`` groups, every ``every``-th group in sorted order from the third on is validation (so it
+    asks the held-out split's question: unseen groups); else every ``every``-th row (rows every-1,
+    2*every-1, ...)."""
+    groups = [group_of(r) for r in rows]
+    names = sorted({g for g in groups if g is not None})
+    if None not in groups and len(names) >= every:
+        val_groups = set(names[min(2, every - 1)::every])
+        fit = [r for r, g in zip(rows, groups) if g not in val_groups]
+        val = [r for r, g in zip(rows, groups) if g in val_groups]
+    else:
+        fit = [r for i, r in enumerate(rows) if i % every != every - 1]
+        val = [r for i, r in enumerate(rows) if i % every == every - 1]
+    if not fit or not val:
+        raise DataError(f"{len(rows)} training rows: too few to carve a validation part (every {every}th row)")
+    return fit, val
+
+
 def _words(value: Any) -> List[str]:
     return value.split() if isinstance(value, str) else [str(v) for v in value]
 
@@ -184,9 +215,27 @@ def label_set(rows: Sequence[dict], kind: str, source: str) -> List[str]:
     return sorted(tags)
 
 
-def encode_rows(rows: Sequence[dict], kind: str, labels: List[str], tokenizer, max_len: int):
+def label_positions(word_of: Sequence[Optional[int]], at: str) -> Dict[int, int]:
+    """position -> word index: each word's first token (``at="first"``) or last token (``"last"``)."""
+    out: Dict[int, int] = {}
+    for pos, w in enumerate(word_of):
+        if w is None:
+            continue
+        if at == "first" and (pos == 0 or word_of[pos - 1] != w):
+            out[pos] = w
+        if at == "last" and (pos == len(word_of) - 1 or word_of[pos + 1] != w):
+            out[pos] = w
+    return out
+
+
+TAG_AT = {True: "last", False: "first"}  # causal model: a word's last token (it has seen the whole word)
+
+
+def encode_rows(rows: Sequence[dict], kind: str, labels: List[str], tokenizer, max_len: int,
+                at: str = "first"):
     """(X, Y): X (N, T) token ids padded with -1 (T <= max_len); Y (N,) label ids for classify, or
-    (N, T) tag ids at each word's first token and -100 elsewhere for tag."""
+    (N, T) tag ids at each word's first (``at="first"``) or last token and -100 elsewhere for tag
+    (a word whose labelled token lies past ``max_len`` is not scored)."""
     index = {lab: i for i, lab in enumerate(labels)}
     seqs, targets = [], []
     for r in rows:
@@ -196,11 +245,12 @@ def encode_rows(rows: Sequence[dict], kind: str, labels: List[str], tokenizer, m
             targets.append(index[str(r["label"])])
             continue
         ids, word_of = tokenizer.encode_words(_words(r["tokens"]))
-        ids, word_of = ids[:max_len], word_of[:max_len]
+        positions = label_positions(word_of, at)
+        ids = ids[:max_len]
         tags = _words(r["tags"])
         y = [IGNORE] * len(ids)
-        for pos, w in enumerate(word_of):
-            if w is not None and (pos == 0 or word_of[pos - 1] != w):
+        for pos, w in positions.items():
+            if pos < max_len:
                 y[pos] = index[tags[w]]
         seqs.append(ids or [0])
         targets.append(y or [IGNORE])
@@ -239,6 +289,10 @@ class TaskData:
     tokenizer_name: str = "bytes"  # the pre-trained run's tokenizer (the summary's ``tokenizer``)
     vocab_size: int = 256  # its vocabulary
     val_tokens_per_byte: Optional[float] = None  # the targets are labels, not text: no bits per byte
+    fit: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # the training rows less the validation part
+    dev: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # the validation part carved from the training rows
+    rows: Optional[Dict[str, List[dict]]] = None  # "fit", "dev", "train", "held": the rows of each part
+    tokenizer: Any = None
 
 
 def load_task_data(cfg) -> TaskData:
@@ -250,12 +304,19 @@ def load_task_data(cfg) -> TaskData:
     kind = kind_of(rows, source)
     labels = label_set(rows, kind, source)
     train, held = split_rows(rows, source)
+    fit, dev = carve_validation(train)
     tok = load_run_tokenizer(Path(cfg.finetune.init_from), cfg)
-    x, y = encode_rows(train, kind, labels, tok, cfg.train.seq_len)
-    vx, vy = encode_rows(held, kind, labels, tok, cfg.train.seq_len)
+    from .model import objective_io
+
+    at = TAG_AT[objective_io(cfg.model)[0]]
+    x, y = encode_rows(train, kind, labels, tok, cfg.train.seq_len, at)
+    vx, vy = encode_rows(held, kind, labels, tok, cfg.train.seq_len, at)
     return TaskData(task_name(spec), kind, labels, (x, y), (vx, vy),
                     f"{source} ({kind}: {len(train)} train, {len(held)} held-out rows, {len(labels)} labels)",
-                    label_entropy(y), tokenizer_name=tok.name, vocab_size=int(tok.vocab_size))
+                    label_entropy(y), tokenizer_name=tok.name, vocab_size=int(tok.vocab_size),
+                    fit=encode_rows(fit, kind, labels, tok, cfg.train.seq_len, at),
+                    dev=encode_rows(dev, kind, labels, tok, cfg.train.seq_len, at),
+                    rows=dict(fit=fit, dev=dev, train=train, held=held), tokenizer=tok)
 
 
 class ExampleSampler:
