@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .errors import ConfigError, DataError
 
-DEFAULTS = dict(steps=600, lr=None, batch=16, head_lr_scale=1.0, patience=6, eval_every=25)
+DEFAULTS = dict(steps=400, lr=None, batch=16, head_lr_scale=1.0, patience=4, eval_every=25)
 
 
 def _positive(kind):
@@ -56,16 +56,16 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--task", required=True, help="a built-in task (play_genre, speaker_tags) or a CSV / JSON "
                                                  "lines file or HF dataset folder with columns text,label or tokens,tags")
     p.add_argument("--steps", type=_positive(int), default=DEFAULTS["steps"],
-                   help="most fine-tuning steps per rate; early stopping may end sooner (default 600)")
+                   help="most fine-tuning steps per rate; early stopping may end sooner (default 400)")
     p.add_argument("--lr", type=_positive(float), action="append", default=DEFAULTS["lr"],
-                   help="a learning rate of the grid (repeat for several; default: 1e-4 3e-4 1e-3 3e-3)")
+                   help="a learning rate of the grid (repeat for several; default: 3e-4 1e-3 3e-3)")
     p.add_argument("--head-lr-scale", type=_positive(float), default=DEFAULTS["head_lr_scale"],
                    help="the head's learning rate over the body's (default 1)")
     p.add_argument("--batch", type=_positive(int), default=DEFAULTS["batch"], help="examples per step (default 16)")
     p.add_argument("--eval-every", type=_positive(int), default=DEFAULTS["eval_every"],
                    help="steps between validation scores (default 25)")
     p.add_argument("--patience", type=_positive(int), default=DEFAULTS["patience"],
-                   help="validation scores without a new best before a rate stops (default 6)")
+                   help="validation scores without a new best before a rate stops (default 4)")
     return p.parse_args(argv)
 
 
@@ -209,6 +209,18 @@ def read_seed(run_dir: Path) -> int:
     return int((summary.get("config") or {}).get("seed", 0) or 0)
 
 
+def recipe_key(summary: Dict[str, Any], task: str, args) -> str:
+    """What the recipe's choice depends on: the pre-trained run, the task's content, the flags."""
+    import dataclasses
+    import hashlib
+    import json
+
+    from .tasks import task_fingerprint
+
+    spec = dict(run=summary.get("run_id"), task=task_fingerprint(task), recipe=dataclasses.asdict(recipe_of(args)))
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def finetune_run(run_dir: Path, summary: Dict[str, Any], task: str, args) -> Dict[str, Any]:
     """Fine-tune one run on ``task`` in ``<run>/finetune/<task>/`` (skipped when done); its summary.
     The recipe (:func:`choose`) picks the rate and the steps; the loop then fine-tunes at that rate
@@ -222,10 +234,11 @@ def finetune_run(run_dir: Path, summary: Dict[str, Any], task: str, args) -> Dic
 
     name = task_name(task)
     folder = run_dir / FINETUNE / name
+    key = recipe_key(summary, task, args)
     done = read_summary(folder) if (folder / "summary.json").is_file() else None
-    if done is not None and done.get("status") == "completed":
-        return {**done, "skipped": True}
-    chosen = choose(run_dir, task, args)
+    if done is not None and done.get("status") == "completed" and done.get("recipe_key") == key:
+        return {**done, "skipped": True}  # the same run, task content and recipe: no need to choose again
+    chosen = {**choose(run_dir, task, args), "recipe_key": key}
     cfg, overrides = finetune_config(run_dir, summary, task, args, chosen["recipe_lr"], chosen["recipe_steps"])
     job = JobInfo(folder, f"{summary.get('run_name', run_dir.name)} finetune={name}",
                   cfg.name, list(summary.get("overrides") or []) + overrides,

@@ -93,36 +93,24 @@ def build_task_model(cfg, data) -> TaskModel:
     return model
 
 
-@torch.no_grad()
-def predictions(model: TaskModel, batches, device) -> List[torch.Tensor]:
-    """The arg-max labels of every held-out batch, in eval mode (CPU tensors)."""
-    out = []
-    with eval_mode(model):
-        for x, _ in batches:
-            out.append(model(x.to(device)).argmax(dim=-1).cpu())
-    return out
-
-
 def score(run) -> Dict[str, Any]:
-    """The task metric of a fine-tuned run on its held-out examples (the summary's ``task_*`` keys)."""
-    from .tasks import majority_accuracy, span_f1
+    """The task metric of a fine-tuned run on its held-out rows (the summary's ``task_*`` keys); a
+    classified row's prediction is the mean of its windows' logits (:func:`resnorm.tasks.row_logits`)."""
+    from .recipe import predict, tag_words
+    from .tasks import majority_accuracy, row_targets, span_f1
 
     data, model = run.data, run.model
-    preds = predictions(model, run.val_batches, run.device)
-    gold = [y for _, y in run.val_batches]
+    row_of = data.row_of or {}
+    preds, _, gold = predict(model, *data.val, row_of=row_of.get("held"))
+    fit = data.fit or data.train
     out: Dict[str, Any] = dict(task=data.name, task_kind=data.kind, task_labels=list(data.labels),
-                               task_train_examples=len((data.fit or data.train)[0]), task_eval_examples=len(data.val[0]))
+                               task_train_examples=len(data.rows["fit"]) if data.rows else len(fit[0]),
+                               task_eval_examples=len(gold))
     if data.kind == "classify":
-        p, g = torch.cat(preds), torch.cat(gold)
-        acc = float((p == g).double().mean())
+        acc = float((preds == gold).double().mean())
         return {**out, "task_metric": "accuracy", "task_score": acc, "task_accuracy": acc,
-                "task_majority_accuracy": majority_accuracy((data.fit or data.train)[1], g)}
-    words_gold, words_pred = [], []
-    for p, g in zip(preds, gold):
-        for pi, gi in zip(p, g):
-            keep = gi != -100
-            words_gold.append([data.labels[i] for i in gi[keep].tolist()])
-            words_pred.append([data.labels[i] for i in pi[keep].tolist()])
+                "task_majority_accuracy": majority_accuracy(row_targets(fit[1], row_of.get("fit")), gold)}
+    words_gold, words_pred = tag_words(data.labels, preds, gold)
     spans = span_f1(words_gold, words_pred)
     n_words = sum(len(w) for w in words_gold)
     right = sum(a == b for gw, pw in zip(words_gold, words_pred) for a, b in zip(gw, pw))
@@ -147,9 +135,15 @@ class TaskScore(Callback):
 
 
 @torch.no_grad()
-def frozen_features(model: TaskModel, x: torch.Tensor, y: torch.Tensor, batch: int = 64):
-    """The frozen model's features (numpy): one per row (classify) or per scored word (tag), with
-    the matching label ids."""
+def frozen_features(model: TaskModel, x: torch.Tensor, y: torch.Tensor, row_of=None, batch: int = 64):
+    """The frozen model's features (numpy): one per row (classify: the mean over its windows) or per
+    scored word (tag), with the matching label ids."""
+    from .tasks import row_logits, row_targets
+
+    if row_of is not None:
+        f, t = frozen_features(model, x, y, None, batch)
+        return (row_logits(torch.from_numpy(f), row_of).numpy(),
+                row_targets(torch.from_numpy(t), row_of).numpy())
     feats, labels = [], []
     with eval_mode(model):
         for i in range(0, len(x), batch):
@@ -167,16 +161,17 @@ def floors(model: TaskModel, data, max_len: int) -> Dict[str, Any]:
     features as they are now (call it before fine-tuning): ``floor_majority``, ``floor_ngram``,
     ``floor_probe`` and the C each chose."""
     from . import floors as fl
-    from .tasks import IGNORE, _words, majority_accuracy
+    from .tasks import IGNORE, WINDOWS, _words, majority_accuracy
 
     parts = {"fit": data.fit, "dev": data.dev, "held": data.val}
     rows = {k: data.rows[k] for k in parts}
     out: Dict[str, Any] = {}
     if data.kind == "classify":
-        out["floor_majority"] = majority_accuracy(data.fit[1], data.val[1])
-        texts = {k: [fl.visible_text(data.tokenizer, str(r["text"]), max_len) for r in v] for k, v in rows.items()}
+        feats = {k: frozen_features(model, *parts[k], row_of=data.row_of[k]) for k in parts}
+        out["floor_majority"] = majority_accuracy(torch.from_numpy(feats["fit"][1]), torch.from_numpy(feats["held"][1]))
+        texts = {k: [fl.visible_text(data.tokenizer, str(r["text"]), max_len * WINDOWS) for r in v]
+                 for k, v in rows.items()}
         ngram = fl.ngram_classify(texts, {k: [str(r["label"]) for r in v] for k, v in rows.items()})
-        feats = {k: frozen_features(model, *parts[k]) for k in parts}
         probe = fl.probe_floor("classify", {k: f for k, (f, _) in feats.items()},
                                {k: y for k, (_, y) in feats.items()})
     else:

@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3)
+LR_GRID = (3e-4, 1e-3, 3e-3)
 
 
 @dataclass
@@ -34,12 +34,12 @@ class Recipe:
     """The recipe's settings (``python -m resnorm.finetune`` flags)."""
 
     lrs: Sequence[float] = LR_GRID
-    steps: int = 600
+    steps: int = 400
     batch: int = 16
     head_lr_scale: float = 1.0
     warmup: int = 30
     eval_every: int = 25
-    patience: int = 6
+    patience: int = 4
     weight_decay: float = 0.01
     seed: int = 0
 
@@ -78,20 +78,25 @@ def tag_words(labels: Sequence[str], preds: torch.Tensor, gold: torch.Tensor) ->
 
 
 @torch.no_grad()
-def predict(model, x: torch.Tensor, y: torch.Tensor, batch: int = 64) -> Tuple[torch.Tensor, float]:
-    """Arg-max predictions for every row of ``x`` (eval mode) and the mean cross-entropy."""
+def predict(model, x: torch.Tensor, y: torch.Tensor, row_of: Optional[torch.Tensor] = None,
+            batch: int = 64) -> Tuple[torch.Tensor, float, torch.Tensor]:
+    """(arg-max predictions, mean cross-entropy, gold), in eval mode; with ``row_of`` (classify over
+    windows) one prediction per row from the mean of its windows' logits, and each row's label."""
     from .model import eval_mode
+    from .tasks import row_logits, row_targets
 
-    preds, loss, n = [], 0.0, 0
+    out, loss, n = [], 0.0, 0
+    device = next(model.parameters()).device
     with eval_mode(model):
         for i in range(0, len(x), batch):
-            logits = model(x[i:i + batch]).float()
+            logits = model(x[i:i + batch].to(device)).float().cpu()
             target = y[i:i + batch]
             loss += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                           reduction="sum"))
             n += int((target != -100).sum())
-            preds.append(logits.argmax(dim=-1))
-    return torch.cat(preds), loss / max(n, 1)
+            out.append(logits)
+    logits = row_logits(torch.cat(out), row_of)
+    return logits.argmax(dim=-1), loss / max(n, 1), row_targets(y, row_of)
 
 
 def optimizer_for(model, lr: float, recipe: Recipe) -> torch.optim.AdamW:
@@ -128,8 +133,8 @@ def train_one(model, data, fit: Tuple[torch.Tensor, torch.Tensor], val: Tuple[to
         trial.steps_run = step
         if step % recipe.eval_every and step != recipe.steps:
             continue
-        preds, val_loss = predict(model, *val)
-        score = task_metric(data.kind, data.labels, preds, val[1])
+        preds, val_loss, gold = predict(model, *val, row_of=(data.row_of or {}).get("dev"))
+        score = task_metric(data.kind, data.labels, preds, gold)
         trial.history.append((step, score, val_loss))
         if not math.isfinite(val_loss):
             break

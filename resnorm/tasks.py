@@ -266,6 +266,46 @@ def encode_rows(rows: Sequence[dict], kind: str, labels: List[str], tokenizer, m
     return x, y
 
 
+WINDOWS = 4  # classify: a text is read as up to this many context-sized windows
+
+
+def encode_windows(rows: Sequence[dict], labels: List[str], tokenizer, max_len: int, windows: int = WINDOWS):
+    """A classification task's examples as windows: each text's first ``windows * max_len`` tokens cut
+    into windows of ``max_len`` (a shorter text gives fewer), each window an example with its text's
+    label. (X, Y, row_of): X (M, T) padded with -1, Y (M,), row_of (M,) the row each window is from
+    (rows in order), so a row's prediction is the mean of its windows' logits (:func:`row_logits`)."""
+    index = {lab: i for i, lab in enumerate(labels)}
+    split = []
+    for i, r in enumerate(rows):
+        ids = list(tokenizer.encode(str(r["text"])))[:windows * max_len] or [0]
+        split.append((str(r["label"]), i, [ids[j:j + max_len] for j in range(0, len(ids), max_len)]))
+    chunks = [c for _, _, cs in split for c in cs]
+    x = torch.full((len(chunks), max(len(c) for c in chunks)), PAD, dtype=torch.long)
+    for j, c in enumerate(chunks):
+        x[j, :len(c)] = torch.tensor(c, dtype=torch.long)
+    y = torch.tensor([index[lab] for lab, _, cs in split for _ in cs], dtype=torch.long)
+    row_of = torch.tensor([i for _, i, cs in split for _ in cs], dtype=torch.long)
+    return x, y, row_of
+
+
+def row_logits(logits: torch.Tensor, row_of: Optional[torch.Tensor]) -> torch.Tensor:
+    """The mean of each row's windows' logits ((M, L) -> (rows, L)); unchanged without ``row_of``."""
+    if row_of is None:
+        return logits
+    n = int(row_of.max()) + 1
+    total = logits.new_zeros(n, logits.shape[-1]).index_add_(0, row_of, logits)
+    return total / torch.bincount(row_of, minlength=n).clamp(min=1)[:, None].to(logits.dtype)
+
+
+def row_targets(y: torch.Tensor, row_of: Optional[torch.Tensor]) -> torch.Tensor:
+    """Each row's label (its first window's) for classify; unchanged without ``row_of``."""
+    if row_of is None:
+        return y
+    first = torch.ones_like(row_of, dtype=torch.bool)
+    first[1:] = row_of[1:] != row_of[:-1]
+    return y[first]
+
+
 def label_entropy(y: torch.Tensor) -> float:
     """Nats: the entropy of the training targets' label frequencies (the loss of predicting the
     label priors, the fine-tuning analogue of the unigram loss)."""
@@ -292,6 +332,7 @@ class TaskData:
     fit: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # the training rows less the validation part
     dev: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # the validation part carved from the training rows
     rows: Optional[Dict[str, List[dict]]] = None  # "fit", "dev", "train", "held": the rows of each part
+    row_of: Optional[Dict[str, torch.Tensor]] = None  # classify: part -> each window's row (encode_windows)
     tokenizer: Any = None
 
 
@@ -309,14 +350,18 @@ def load_task_data(cfg) -> TaskData:
     from .model import objective_io
 
     at = TAG_AT[objective_io(cfg.model)[0]]
-    x, y = encode_rows(train, kind, labels, tok, cfg.train.seq_len, at)
-    vx, vy = encode_rows(held, kind, labels, tok, cfg.train.seq_len, at)
-    return TaskData(task_name(spec), kind, labels, (x, y), (vx, vy),
+    parts = dict(fit=fit, dev=dev, train=train, held=held)
+    if kind == "classify":
+        enc = {k: encode_windows(v, labels, tok, cfg.train.seq_len) for k, v in parts.items()}
+        row_of = {k: e[2] for k, e in enc.items()}
+    else:
+        enc = {k: encode_rows(v, kind, labels, tok, cfg.train.seq_len, at) for k, v in parts.items()}
+        row_of = None
+    xy = {k: (e[0], e[1]) for k, e in enc.items()}
+    return TaskData(task_name(spec), kind, labels, xy["train"], xy["held"],
                     f"{source} ({kind}: {len(train)} train, {len(held)} held-out rows, {len(labels)} labels)",
-                    label_entropy(y), tokenizer_name=tok.name, vocab_size=int(tok.vocab_size),
-                    fit=encode_rows(fit, kind, labels, tok, cfg.train.seq_len, at),
-                    dev=encode_rows(dev, kind, labels, tok, cfg.train.seq_len, at),
-                    rows=dict(fit=fit, dev=dev, train=train, held=held), tokenizer=tok)
+                    label_entropy(xy["train"][1]), tokenizer_name=tok.name, vocab_size=int(tok.vocab_size),
+                    fit=xy["fit"], dev=xy["dev"], rows=parts, row_of=row_of, tokenizer=tok)
 
 
 class ExampleSampler:
