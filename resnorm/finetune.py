@@ -2,13 +2,17 @@
 
 Every run under the folder (any folder holding a ``summary.json``; the search does not descend into
 a run) that completed and kept its checkpoint (``train.keep_checkpoint=true``) is fine-tuned on the
-task, through the same loop as pre-training (:func:`resnorm.train.execute`: lock, skip, resume,
-failure record; guard, outcomes, probes, monitors, W&B as the run's own config says). Its config is
-the run's own, with ``finetune.task`` and ``finetune.init_from`` set and ``train.steps``,
-``optim.lr``, ``train.batch_size``, ``train.eval_every`` from the flags (warm-up: at most a tenth
-of the steps; no checkpoint kept). The results go to ``<run>/finetune/<task>/``: an ordinary run
-folder whose ``summary.json`` adds the task's score (``task_metric``: ``accuracy`` or ``span_f1``,
-``task_score``, the majority-class accuracy or the span precision and recall, ``pretrained_run_id``).
+task. First the recipe (:func:`choose`, :mod:`resnorm.recipe`): the floors (:mod:`resnorm.floors`),
+then a learning-rate grid fine-tuned on the training rows less a validation part carved from them,
+early-stopped on that part's score; then the chosen rate for the chosen number of steps through the
+same loop as pre-training (:func:`resnorm.train.execute`: lock, skip, resume, failure record; guard,
+outcomes, probes, monitors, W&B as the run's own config says). Its config is the run's own, with
+``finetune.task`` and ``finetune.init_from`` set, ``optim.lr`` and ``train.steps`` the recipe's
+choice, a constant rate after the warm-up, ``train.batch_size`` from the flags, no checkpoint kept.
+The results go to ``<run>/finetune/<task>/``: an ordinary run folder whose ``summary.json`` adds
+the task's score (``task_metric``: ``accuracy`` or ``span_f1``, ``task_score``, the majority-class
+accuracy or the span precision and recall, ``pretrained_run_id``), the floors (``floor_*``) and the
+recipe's choice (``recipe_*``).
 Re-running skips what is done. ``python -m analysis`` then draws the downstream score against depth.
 
 Bad input is one line and exit status 2: a folder that does not exist or holds no run, an unknown

@@ -279,6 +279,9 @@ def test_finetune_a_sweep_then_skip_then_the_downstream_figure(sweep, tmp_path, 
     assert len(loaded.runs) == 3  # the fine-tunes inside the run folders are not runs of the sweep
     figure = downstream.figures(loaded)["downstream"](loaded, tmp_path / "downstream.png")  # as make_report does
     assert figure == tmp_path / "downstream.png" and figure.stat().st_size > 0
+    assert table[list(downstream.FLOORS)].notna().all().all()  # every fine-tune reports its three floors
+    scores = downstream.score_intervals(table)
+    assert len(scores) == 4 and (scores["n_seeds"] == 1).all() and scores["ci_low"].isna().all()
 
 
 def test_an_interrupted_finetune_resumes_bit_for_bit(sweep, tmp_path, monkeypatch, capsys):
