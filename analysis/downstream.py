@@ -21,7 +21,7 @@ from typing import Callable, Dict, Optional
 import numpy as np
 import pandas as pd
 
-from resnorm.runfolder import FINETUNE as FINETUNE_DIR, read_summary
+from resnorm.runs.folder import FINETUNE as FINETUNE_DIR, read_summary
 
 FLOORS = {"floor_majority": ("majority class", "--"), "floor_ngram": ("n-gram logistic regression", ":"),
           "floor_probe": ("linear probe, frozen features", "-.")}  # summary key -> (label, line style)

