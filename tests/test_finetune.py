@@ -91,6 +91,9 @@ def test_task_files_their_kinds_splits_and_encoding(tmp_path):
                        ByteTokenizer(), 64)
     assert bytes(x[0].tolist()).decode() == "Bob Lee saw"
     assert [(i, v) for i, v in enumerate(y[0].tolist()) if v != IGNORE] == [(0, 0), (4, 1), (8, 2)]  # first bytes
+    x, y = encode_rows([{"tokens": ["Bob", "Lee", "saw"], "tags": ["B-NAME", "I-NAME", "O"]}], "tag", labels,
+                       ByteTokenizer(), 9, at="last")  # last bytes; "saw" ends past the context: not scored
+    assert [(i, v) for i, v in enumerate(y[0].tolist()) if v != IGNORE] == [(2, 0), (6, 1)]
     split = [{"text": "t", "label": "a", "split": s} for s in ("train", "test", "train", "validation")]
     assert [len(p) for p in split_rows(split, "s")] == [2, 2]
 

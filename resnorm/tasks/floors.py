@@ -12,7 +12,7 @@ the model scores. scikit-learn does the fitting.
   logistic regression. (tag): a per-token logistic regression on the word and its two neighbours on
   each side (the word, lower-cased, its shape: capitals, title case, a final period, its suffix).
 - **probe**: a logistic regression on the frozen pre-trained model's features (the pooled vector
-  the classify head reads, or the first token of each word for tag), :func:`probe_floor`.
+  the classify head reads, or the labelled token of each word for tag), :func:`probe_floor`.
 """
 
 from __future__ import annotations

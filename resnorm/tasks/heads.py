@@ -10,7 +10,7 @@ out of every attention (``Attention.key_mask``), of the pooling and of the loss.
 - **classify**: one vector per sequence, then the head. An encoder (``mlm``) takes the mean of its
   last hidden states over the real tokens (each has seen the whole passage); a causal model
   (``clm``) takes its last real token's (the only one that has seen the whole passage).
-- **tag**: the head on every token; the loss and the prediction are at each word's first token.
+- **tag**: the head on every token; the loss and the prediction are at each word's last token.
 
 The loss is the cross-entropy over the targets that are not -100 (no z-loss: that regularises LM
 logits). :func:`score` is the task metric on the held-out examples: accuracy (classify) or CoNLL

@@ -17,7 +17,7 @@ are its ``split``), else every fifth row (rows 4, 9, 14, ... counting from 0), d
 
 Texts are tokenized with the pre-trained run's tokenizer (:func:`resnorm.data.tokenizer.load_run_tokenizer`)
 and cut to the model's context (``train.seq_len``); words past it are not scored. A tag is learned
-and predicted at the first token of its word (first-subtoken labelling); the other tokens' targets
+and predicted at the last token of its word (:data:`TAG_AT`); the other tokens' targets
 are -100. Shorter sequences are padded with -1, which :class:`resnorm.tasks.heads.TaskModel` masks out of
 attention, pooling and the loss.
 """
@@ -228,7 +228,9 @@ def label_positions(word_of: Sequence[Optional[int]], at: str) -> Dict[int, int]
     return out
 
 
-TAG_AT = {True: "last", False: "first"}  # causal model: a word's last token (it has seen the whole word)
+# where a word's tag is learned and read: its last token, for a causal model the only one that has
+# seen the whole word, and measured better for an encoder too (docs/finetune.md)
+TAG_AT = {True: "last", False: "last"}
 
 
 def encode_rows(rows: Sequence[dict], kind: str, labels: List[str], tokenizer, max_len: int,

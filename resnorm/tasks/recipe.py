@@ -58,7 +58,7 @@ class Trial:
 
 
 def task_metric(kind: str, labels: Sequence[str], preds: torch.Tensor, gold: torch.Tensor) -> float:
-    """Accuracy (classify) or span F1 over the first tokens of words (tag; targets -100 elsewhere)."""
+    """Accuracy (classify) or span F1 over the labelled tokens of words (tag; targets -100 elsewhere)."""
     if kind == "classify":
         return float((preds == gold).double().mean())
     from resnorm.tasks.labelled import span_f1
