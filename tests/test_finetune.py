@@ -354,6 +354,7 @@ def test_the_recipe_never_sees_the_held_out_rows(sweep, tmp_path):
     """The rate grid's validation scores and choice are the same whatever the held-out rows' labels
     say; the fitting and validation rows are training rows only."""
     from resnorm.finetune import choose, parse_args, task_setup
+    from resnorm.tasks.recipe import LR_GRID
 
     _, dirs = sweep
     a = _write_csv(tmp_path / "a.csv", _cue_rows())
@@ -365,7 +366,7 @@ def test_the_recipe_never_sees_the_held_out_rows(sweep, tmp_path):
     args = parse_args([str(dirs["clm"]), "--task", str(a), "--steps", "30", "--eval-every", "10", "--batch", "8"])
     ca, cb = choose(dirs["clm"], str(a), args), choose(dirs["clm"], str(b), args)
     assert ca["recipe_grid"] == cb["recipe_grid"] and ca["recipe_lr"] == cb["recipe_lr"]
-    assert len(ca["recipe_grid"]) == len(args.lr or __import__("resnorm.tasks.recipe").recipe.LR_GRID)
+    assert len(ca["recipe_grid"]) == len(LR_GRID)
     assert ca["floor_majority"] != cb["floor_majority"]  # the floors do score the held-out rows
 
 
