@@ -42,8 +42,8 @@ METRICS = "metrics.parquet"
 LAYERS = "layers.parquet"
 CHECKPOINT = "checkpoint.pt"
 LOCK = ".lock"
-TENSORBOARD = "tensorboard"  # logger.tensorboard=true: the TensorBoard event files (recipe14, issue 14)
-FINETUNE = "finetune"  # obj14: <run>/finetune/<task>/, a fine-tune's own run folder (resnorm.finetune)
+TENSORBOARD = "tensorboard"  # logger.tensorboard=true: the TensorBoard event files
+FINETUNE = "finetune"  # <run>/finetune/<task>/, a fine-tune's own run folder (resnorm.finetune)
 
 #: a run's ``status`` in its summary, in the order of its life: it is ``running`` until it ends
 STATUSES = ("running", "completed", "diverged", "failed")
