@@ -6,8 +6,10 @@ Reads the fine-tuning results ``python -m resnorm.finetune`` leaves in each run 
 
 :func:`downstream_table` is the tidy table (one row per run and task); :func:`downstream_vs_depth`
 draws it: one panel per task (and setting), x = depth, y = the task's held-out score (accuracy or
-span F1), one line per variant (mean over seeds, error bars of one sd), the majority-class accuracy
-as a dashed grey line for classification tasks. Fine-tunes that did not complete are left out.
+span F1), one line per variant (mean over seeds, error bars of one sd), and the floors in grey
+(:data:`FLOORS`: the majority class, dashed; the n-gram logistic regression, dotted; the linear probe
+on the frozen pre-trained features, dash-dotted, per depth). :func:`score_intervals` is the
+per-seed table with Student-t intervals. Fine-tunes that did not complete are left out.
 :func:`figures` adds it to the report (:func:`analysis.report.make_report`) when there is something to draw.
 """
 
@@ -21,8 +23,10 @@ import pandas as pd
 
 from resnorm.runs.folder import FINETUNE as FINETUNE_DIR, read_summary
 
+FLOORS = {"floor_majority": ("majority class", "--"), "floor_ngram": ("n-gram logistic regression", ":"),
+          "floor_probe": ("linear probe, frozen features", "-.")}  # summary key -> (label, line style)
 COLUMNS = ("run_dir", "variant", "depth", "seed", "setting", "task", "task_metric", "task_score",
-           "task_majority_accuracy", "status")
+           "task_majority_accuracy", *FLOORS, "recipe_lr", "status")
 
 
 def figures(sweep) -> Dict[str, Callable]:
@@ -47,11 +51,32 @@ def downstream_table(sweep) -> pd.DataFrame:
             rows.append(dict(run_dir=run["run_dir"], variant=run["variant"], depth=run["depth"], seed=run["seed"],
                              setting=run.get("setting", "") or "", task=s.get("task") or task_dir.name,
                              task_metric=s.get("task_metric"), task_score=s.get("task_score"),
-                             task_majority_accuracy=s.get("task_majority_accuracy"), status=s.get("status")))
+                             task_majority_accuracy=s.get("task_majority_accuracy"),
+                             **{k: s.get(k) for k in FLOORS}, recipe_lr=s.get("recipe_lr"), status=s.get("status")))
     table = pd.DataFrame(rows, columns=list(COLUMNS))
-    for column in ("task_score", "task_majority_accuracy"):
+    for column in ("task_score", "task_majority_accuracy", *FLOORS, "recipe_lr"):
         table[column] = pd.to_numeric(table[column], errors="coerce").astype(float)
     return table
+
+
+def score_intervals(table: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
+    """Per task, setting, variant and depth: the completed fine-tunes' mean score over seeds, its
+    Student-t interval (scipy; none from one seed), the mean of each floor, and the seeds."""
+    from scipy import stats
+
+    done = table[table["status"] == "completed"]
+    rows = []
+    for key, part in done.groupby(["task", "setting", "variant", "depth"]):
+        scores = part["task_score"].dropna().to_numpy()
+        n = len(scores)
+        mean = float(scores.mean()) if n else float("nan")
+        lo = hi = float("nan")
+        if n > 1:
+            lo, hi = stats.t.interval(confidence, n - 1, loc=mean, scale=stats.sem(scores))
+        rows.append(dict(zip(("task", "setting", "variant", "depth"), key), n_seeds=n, score_mean=mean,
+                         ci_low=lo, ci_high=hi, **{k: part[k].mean() for k in FLOORS},
+                         scores=";".join(f"{v:.4f}" for v in scores)))
+    return pd.DataFrame(rows)
 
 
 def downstream_vs_depth(sweep, path) -> Optional[Path]:
@@ -78,20 +103,23 @@ def downstream_vs_depth(sweep, path) -> Optional[Path]:
         sns.lineplot(data=part, x="depth", y="task_score", hue="variant", hue_order=present,
                      palette={v: colours[v] for v in present}, estimator="mean", errorbar="sd",
                      err_style="bars", marker="o", markersize=6, err_kws={"capsize": 3}, legend=False, ax=ax)
-        majority = part["task_majority_accuracy"].dropna()
-        if len(majority):
-            ax.axhline(float(majority.iloc[0]), color=style.NEUTRAL, ls="--", lw=1)
+        for key, (_, ls) in FLOORS.items():
+            level = part.groupby("depth")[key].mean().dropna()
+            if key == "floor_probe" and len(level) > 1:  # the probe depends on the run: one level per depth
+                ax.plot(level.index, level.values, color=style.NEUTRAL, ls=ls, lw=1)
+            elif len(level):
+                ax.axhline(float(level.mean()), color=style.NEUTRAL, ls=ls, lw=1)
         plots._depth_axis(ax, depths)
         metric = part["task_metric"].iloc[0]
         ax.set(xlabel="depth (blocks)", ylabel=f"held-out {str(metric).replace('_', ' ')}",
                title=task + (f"\n{setting}" if setting else ""))
-    values = pd.concat([done["task_score"], done["task_majority_accuracy"].dropna()])
+    values = pd.concat([done["task_score"], *(done[k].dropna() for k in FLOORS)])
     axes.flat[0].set_ylim(max(0.0, values.min() - 0.05), min(1.0, values.max() + 0.05))
     handles = plots._variant_handles(variants, marker="o")
-    if done["task_majority_accuracy"].notna().any():
-        from matplotlib.lines import Line2D
+    from matplotlib.lines import Line2D
 
-        handles.append(Line2D([], [], color=style.NEUTRAL, ls="--", lw=1, label="majority class"))
+    handles += [Line2D([], [], color=style.NEUTRAL, ls=ls, lw=1, label=label)
+                for key, (label, ls) in FLOORS.items() if done[key].notna().any()]
     plots._legend(fig, handles)
     fig.suptitle(f"{sweep.name}: downstream score after fine-tuning vs depth")
     return plots._save(fig, path)

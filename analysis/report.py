@@ -294,6 +294,10 @@ def make_report(sweep_dir, out_dir, spike_window: int = metrics.SPIKE_WINDOW,
     seed_table = _seed_table(sweep)
     written.append(atomic_write(out / "seed_summary.csv", lambda tmp: seed_table.to_csv(tmp, index=False)))
 
+    if downstream.figures(sweep):  # fine-tuned: per-seed scores, t intervals and the floors
+        scores = downstream.score_intervals(downstream.downstream_table(sweep))
+        written.append(atomic_write(out / "downstream.csv", lambda tmp: scores.to_csv(tmp, index=False)))
+
     lr_table = _lr_table(sweep)
     lr_csv = out / "lr_sensitivity.csv"
     if lr_table is not None:

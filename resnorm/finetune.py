@@ -2,13 +2,17 @@
 
 Every run under the folder (any folder holding a ``summary.json``; the search does not descend into
 a run) that completed and kept its checkpoint (``train.keep_checkpoint=true``) is fine-tuned on the
-task, through the same loop as pre-training (:func:`resnorm.train.job.execute`: lock, skip, resume,
-failure record; guard, outcomes, probes, monitors, W&B as the run's own config says). Its config is
-the run's own, with ``finetune.task`` and ``finetune.init_from`` set and ``train.steps``,
-``optim.lr``, ``train.batch_size``, ``train.eval_every`` from the flags (warm-up: at most a tenth
-of the steps; no checkpoint kept). The results go to ``<run>/finetune/<task>/``: an ordinary run
-folder whose ``summary.json`` adds the task's score (``task_metric``: ``accuracy`` or ``span_f1``,
-``task_score``, the majority-class accuracy or the span precision and recall, ``pretrained_run_id``).
+task. First the recipe (:func:`choose`, :mod:`resnorm.tasks.recipe`): the floors (:mod:`resnorm.tasks.floors`),
+then a learning-rate grid fine-tuned on the training rows less a validation part carved from them,
+early-stopped on that part's score; then the chosen rate for the chosen number of steps through the
+same loop as pre-training (:func:`resnorm.train.job.execute`: lock, skip, resume, failure record; guard,
+outcomes, probes, monitors, W&B as the run's own config says). Its config is the run's own, with
+``finetune.task`` and ``finetune.init_from`` set, ``optim.lr`` and ``train.steps`` the recipe's
+choice, a constant rate after the warm-up, ``train.batch_size`` from the flags, no checkpoint kept.
+The results go to ``<run>/finetune/<task>/``: an ordinary run folder whose ``summary.json`` adds
+the task's score (``task_metric``: ``accuracy`` or ``span_f1``, ``task_score``, the majority-class
+accuracy or the span precision and recall, ``pretrained_run_id``), the floors (``floor_*``) and the
+recipe's choice (``recipe_*``).
 Re-running skips what is done. ``python -m analysis`` then draws the downstream score against depth.
 
 Bad input is one line and exit status 2: a folder that does not exist or holds no run, an unknown
@@ -23,12 +27,13 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from resnorm.errors import ConfigError, DataError
 
-DEFAULTS = dict(steps=200, lr=3e-4, batch=16)
+DEFAULTS = dict(steps=400, lr=None, batch=16, head_lr_scale=1.0, patience=4, eval_every=25)
 
 
 def _positive(kind):
@@ -54,12 +59,27 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("path", metavar="SWEEP_OR_RUN_DIR", help="a sweep folder (multirun/<name>) or one run folder")
     p.add_argument("--task", required=True, help="a built-in task (play_genre, speaker_tags) or a CSV / JSON "
                                                  "lines file or HF dataset folder with columns text,label or tokens,tags")
-    p.add_argument("--steps", type=_positive(int), default=DEFAULTS["steps"], help="fine-tuning steps (default 200)")
-    p.add_argument("--lr", type=_positive(float), default=DEFAULTS["lr"], help="peak learning rate (default 3e-4)")
+    p.add_argument("--steps", type=_positive(int), default=DEFAULTS["steps"],
+                   help="most fine-tuning steps per rate; early stopping may end sooner (default 400)")
+    p.add_argument("--lr", type=_positive(float), action="append", default=DEFAULTS["lr"],
+                   help="a learning rate of the grid (repeat for several; default: 3e-4 1e-3 3e-3)")
+    p.add_argument("--head-lr-scale", type=_positive(float), default=DEFAULTS["head_lr_scale"],
+                   help="the head's learning rate over the body's (default 1)")
     p.add_argument("--batch", type=_positive(int), default=DEFAULTS["batch"], help="examples per step (default 16)")
-    p.add_argument("--eval-every", type=_positive(int), default=None,
-                   help="steps between held-out losses (default: a quarter of the steps)")
+    p.add_argument("--eval-every", type=_positive(int), default=DEFAULTS["eval_every"],
+                   help="steps between validation scores (default 25)")
+    p.add_argument("--patience", type=_positive(int), default=DEFAULTS["patience"],
+                   help="validation scores without a new best before a rate stops (default 4)")
     return p.parse_args(argv)
+
+
+def recipe_of(args, seed: int = 0):
+    """The :class:`resnorm.tasks.recipe.Recipe` the flags describe."""
+    from resnorm.tasks.recipe import LR_GRID, Recipe
+
+    return Recipe(lrs=tuple(args.lr or LR_GRID), steps=args.steps, batch=args.batch,
+                  head_lr_scale=args.head_lr_scale, eval_every=args.eval_every, patience=args.patience,
+                  warmup=min(30, max(1, args.steps // 10)), seed=seed)
 
 
 def why_not(run_dir: Path, summary: Optional[Dict[str, Any]]) -> Optional[str]:
@@ -87,7 +107,7 @@ def _flat(node: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 def stored_overrides(run_dir: Path, summary: Dict[str, Any]) -> List[str]:
     """The run's resolved config (its summary's, else ``.hydra/config.yaml``) as one override per key,
-    so :func:`resnorm.config.compose.compose` rebuilds it on the current schema (keys added since take their
+    so :func:`resnorm.config.compose` rebuilds it on the current schema (keys added since take their
     defaults)."""
     from resnorm.config.compose import override
 
@@ -99,29 +119,66 @@ def stored_overrides(run_dir: Path, summary: Dict[str, Any]) -> List[str]:
     return [override(k, v) for k, v in _flat({k: v for k, v in stored.items() if k != "hydra"}).items()]
 
 
-def finetune_config(run_dir: Path, summary: Dict[str, Any], task: str, args) -> Tuple[Any, List[str]]:
-    """The fine-tune's config (validated) and its overrides against the run's own config."""
+def finetune_config(run_dir: Path, summary: Dict[str, Any], task: str, args, lr: Optional[float] = None,
+                    steps: Optional[int] = None) -> Tuple[Any, List[str]]:
+    """The fine-tune's config (validated) and its overrides against the run's own config: the
+    recipe's chosen rate ``lr`` (default: the grid's first) for ``steps`` (default ``--steps``),
+    its warm-up, then a constant rate."""
     from resnorm.config.compose import compose, override
     from resnorm.tasks.labelled import _builtins
     from resnorm.train.preflight import validate
 
     base = stored_overrides(run_dir, summary)
-    warmup = int(compose(base).optim.warmup_steps)
+    recipe = recipe_of(args)
+    steps = steps or args.steps
     spec = task if task in _builtins() else str(Path(task).expanduser().resolve())
-    values = {"finetune.task": spec, "finetune.init_from": str(run_dir.resolve()), "train.steps": args.steps,
-              "optim.lr": args.lr, "train.batch_size": args.batch,
-              "train.eval_every": args.eval_every or max(1, args.steps // 4),
-              "optim.warmup_steps": min(warmup, args.steps // 10), "train.keep_checkpoint": False}
+    values = {"finetune.task": spec, "finetune.init_from": str(run_dir.resolve()), "train.steps": steps,
+              "optim.lr": lr or recipe.lrs[0], "train.batch_size": args.batch,
+              "train.eval_every": max(1, min(args.eval_every, steps)), "optim.schedule": "constant",
+              "optim.warmup_steps": min(recipe.warmup, steps), "train.keep_checkpoint": False}
     overrides = [override(k, v) for k, v in values.items()]
     cfg = compose(base + overrides)
     validate(cfg)
     return cfg, overrides
 
 
+@dataclass
+class TaskSetup:
+    """A fine-tune's parts: its config, the task's data (:class:`resnorm.tasks.TaskData`, with the
+    validation part carved from the training rows) and the pre-trained model with a fresh head."""
+
+    cfg: Any
+    data: Any
+    model: Any
+
+    @property
+    def fit(self):
+        return self.data.fit
+
+    @property
+    def val(self):
+        return self.data.dev
+
+
+def task_setup(run_dir: Path, task: str, seed: int = 0, args=None) -> TaskSetup:
+    """The config, data and model of fine-tuning the run ``run_dir`` on ``task`` (no training)."""
+    import torch
+
+    from resnorm.runs.folder import read_summary
+    from resnorm.tasks.heads import build_task_model
+    from resnorm.tasks.labelled import load_task_data
+
+    args = args or argparse.Namespace(**DEFAULTS)
+    cfg, _ = finetune_config(run_dir, read_summary(run_dir), task, args)
+    data = load_task_data(cfg)
+    torch.manual_seed(seed)
+    return TaskSetup(cfg, data, build_task_model(cfg, data))
+
+
 def identity_config(cfg, summary: Dict[str, Any]):
     """What a fine-tune's identity hashes: its config with the two paths replaced by what they stand
     for, the pre-trained run's ``run_id`` and the task's name and content
-    (:func:`resnorm.tasks.labelled.task_fingerprint`), so a sweep moved or copied elsewhere finds its
+    (:func:`resnorm.tasks.task_fingerprint`), so a sweep moved or copied elsewhere finds its
     fine-tunes done (and a task file edited since is a new fine-tune)."""
     import copy
 
@@ -133,20 +190,66 @@ def identity_config(cfg, summary: Dict[str, Any]):
     return ident
 
 
+def choose(run_dir: Path, task: str, args) -> Dict[str, Any]:
+    """The recipe on one run: the floors (the probe on the frozen pre-trained features), then the
+    rate grid on the validation part carved from the training rows (:func:`resnorm.tasks.recipe.select`).
+    The held-out rows are scored only by the floors' final models here; the fine-tune's own held-out
+    score is the loop's (:class:`resnorm.train.callbacks.TaskScore`)."""
+    import time
+
+    from resnorm.tasks.heads import floors
+    from resnorm.tasks.recipe import select, trials_record
+
+    t0 = time.time()
+    seed = int(read_seed(run_dir))
+    setup = task_setup(run_dir, task, seed, args)
+    out = floors(setup.model, setup.data, setup.cfg.train.seq_len)
+    best, trials = select(setup.model, setup.data, setup.fit, setup.val, recipe_of(args, seed))
+    return {**out, "recipe_lr": best.lr, "recipe_steps": max(best.best_step, 1), "recipe_val_score": best.best_score,
+            "recipe_grid": trials_record(trials), "recipe_seconds": time.time() - t0}
+
+
+def read_seed(run_dir: Path) -> int:
+    from resnorm.runs.folder import read_summary
+
+    summary = read_summary(run_dir) or {}
+    return int((summary.get("config") or {}).get("seed", 0) or 0)
+
+
+def recipe_key(summary: Dict[str, Any], task: str, args) -> str:
+    """What the recipe's choice depends on: the pre-trained run, the task's content, the flags."""
+    import dataclasses
+    import hashlib
+    import json
+
+    from resnorm.tasks.labelled import task_fingerprint
+
+    spec = dict(run=summary.get("run_id"), task=task_fingerprint(task), recipe=dataclasses.asdict(recipe_of(args)))
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def finetune_run(run_dir: Path, summary: Dict[str, Any], task: str, args) -> Dict[str, Any]:
-    """Fine-tune one run on ``task`` in ``<run>/finetune/<task>/`` (skipped when done); its summary."""
-    from resnorm.train.callbacks import TaskScore, default_callbacks
+    """Fine-tune one run on ``task`` in ``<run>/finetune/<task>/`` (skipped when done); its summary.
+    The recipe (:func:`choose`) picks the rate and the steps; the loop then fine-tunes at that rate
+    for that many steps on the same fitting rows and scores the held-out rows once."""
+    from resnorm.runs.folder import FINETUNE, read_summary
     from resnorm.runs.identity import run_id
-    from resnorm.runs.folder import FINETUNE
     from resnorm.tasks.labelled import task_name
+    from resnorm.train.callbacks import TaskScore, default_callbacks
     from resnorm.train.job import JobInfo, execute
 
-    cfg, overrides = finetune_config(run_dir, summary, task, args)
     name = task_name(task)
-    job = JobInfo(run_dir / FINETUNE / name, f"{summary.get('run_name', run_dir.name)} finetune={name}",
+    folder = run_dir / FINETUNE / name
+    key = recipe_key(summary, task, args)
+    done = read_summary(folder) if (folder / "summary.json").is_file() else None
+    if done is not None and done.get("status") == "completed" and done.get("recipe_key") == key:
+        return {**done, "skipped": True}  # the same run, task content and recipe: no need to choose again
+    chosen = {**choose(run_dir, task, args), "recipe_key": key}
+    cfg, overrides = finetune_config(run_dir, summary, task, args, chosen["recipe_lr"], chosen["recipe_steps"])
+    job = JobInfo(folder, f"{summary.get('run_name', run_dir.name)} finetune={name}",
                   cfg.name, list(summary.get("overrides") or []) + overrides,
                   run_id(identity_config(cfg, summary)))
-    extra = [TaskScore(summary.get("run_id"))]
+    extra = [TaskScore(summary.get("run_id"), chosen)]
     return execute(cfg, job, callbacks=lambda run: default_callbacks(run, extra=extra))
 
 

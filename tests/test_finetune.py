@@ -91,6 +91,9 @@ def test_task_files_their_kinds_splits_and_encoding(tmp_path):
                        ByteTokenizer(), 64)
     assert bytes(x[0].tolist()).decode() == "Bob Lee saw"
     assert [(i, v) for i, v in enumerate(y[0].tolist()) if v != IGNORE] == [(0, 0), (4, 1), (8, 2)]  # first bytes
+    x, y = encode_rows([{"tokens": ["Bob", "Lee", "saw"], "tags": ["B-NAME", "I-NAME", "O"]}], "tag", labels,
+                       ByteTokenizer(), 9, at="last")  # last bytes; "saw" ends past the context: not scored
+    assert [(i, v) for i, v in enumerate(y[0].tolist()) if v != IGNORE] == [(2, 0), (6, 1)]
     split = [{"text": "t", "label": "a", "split": s} for s in ("train", "test", "train", "validation")]
     assert [len(p) for p in split_rows(split, "s")] == [2, 2]
 
@@ -279,6 +282,9 @@ def test_finetune_a_sweep_then_skip_then_the_downstream_figure(sweep, tmp_path, 
     assert len(loaded.runs) == 3  # the fine-tunes inside the run folders are not runs of the sweep
     figure = downstream.figures(loaded)["downstream"](loaded, tmp_path / "downstream.png")  # as make_report does
     assert figure == tmp_path / "downstream.png" and figure.stat().st_size > 0
+    assert table[list(downstream.FLOORS)].notna().all().all()  # every fine-tune reports its three floors
+    scores = downstream.score_intervals(table)
+    assert len(scores) == 4 and (scores["n_seeds"] == 1).all() and scores["ci_low"].isna().all()
 
 
 def test_an_interrupted_finetune_resumes_bit_for_bit(sweep, tmp_path, monkeypatch, capsys):
@@ -288,7 +294,7 @@ def test_an_interrupted_finetune_resumes_bit_for_bit(sweep, tmp_path, monkeypatc
 
     _, dirs = sweep
     ref, task = _letters_task(tmp_path / "ref.csv"), _letters_task(tmp_path / "again.csv")
-    steps = ("--steps", "8", "--batch", "4")
+    steps = ("--steps", "8", "--batch", "4", "--eval-every", "8")  # one validation score: the loop runs 8 steps
     assert main([str(dirs["clm"]), "--task", str(ref), *steps]) == 0
     interrupt_at(monkeypatch, 6)
     with pytest.raises(Interrupt):
@@ -323,3 +329,73 @@ def test_a_missing_checkpoint_is_a_config_error():
         validate(compose(*TINY, "finetune.task=play_genre"))
     with pytest.raises(DataError, match="not a built-in task"):
         task_kind("nothing_here")
+
+
+# --- the recipe and the floors ---------------------------------------------------------------------
+
+def _cue_rows(n: int = 150, held_label=None):
+    """Three classes (60% / 20% / 20%) told apart by one cue word among shared filler; every fifth
+    row a held-out row (split column), its label replaced by ``held_label`` when given."""
+    filler, cues = ["the", "of", "and", "a", "to", "in"], {"alpha": "red", "beta": "green", "gamma": "blue"}
+    rows = []
+    for i in range(n):
+        label = "alpha" if i % 5 < 3 else ("beta" if i % 5 == 3 else "gamma")
+        if i % 10 == 9:
+            label = "gamma" if label == "beta" else "beta"
+        words = [filler[(i * 7 + j) % 6] for j in range(6)]
+        words.insert(i % 5, cues[label])
+        held = i % 7 == 6
+        rows.append(dict(text=" ".join(words), label=held_label if held and held_label else label,
+                         split="test" if held else "train", n=i))
+    return rows
+
+
+def test_the_recipe_never_sees_the_held_out_rows(sweep, tmp_path):
+    """The rate grid's validation scores and choice are the same whatever the held-out rows' labels
+    say; the fitting and validation rows are training rows only."""
+    from resnorm.finetune import choose, parse_args, task_setup
+    from resnorm.tasks.recipe import LR_GRID
+
+    _, dirs = sweep
+    a = _write_csv(tmp_path / "a.csv", _cue_rows())
+    b = _write_csv(tmp_path / "b.csv", _cue_rows(held_label="gamma"))
+    setup = task_setup(dirs["clm"], str(a))
+    held = {r["n"] for r in setup.data.rows["held"]}
+    seen = [r["n"] for r in setup.data.rows["fit"] + setup.data.rows["dev"]]
+    assert held and not held & set(seen) and sorted(seen, key=int) == [str(i) for i in range(150) if i % 7 != 6]
+    args = parse_args([str(dirs["clm"]), "--task", str(a), "--steps", "30", "--eval-every", "10", "--batch", "8"])
+    ca, cb = choose(dirs["clm"], str(a), args), choose(dirs["clm"], str(b), args)
+    assert ca["recipe_grid"] == cb["recipe_grid"] and ca["recipe_lr"] == cb["recipe_lr"]
+    assert len(ca["recipe_grid"]) == len(LR_GRID)
+    assert ca["floor_majority"] != cb["floor_majority"]  # the floors do score the held-out rows
+
+
+def test_the_floors_are_on_the_same_split(sweep, tmp_path):
+    from resnorm.tasks.heads import floors
+    from resnorm.finetune import task_setup
+
+    _, dirs = sweep
+    rows = _cue_rows()
+    setup = task_setup(dirs["mlm"], str(_write_csv(tmp_path / "cues.csv", rows)))
+    out = floors(setup.model, setup.data, setup.cfg.train.seq_len)
+    fit_labels = [r["label"] for r in setup.data.rows["fit"]]
+    top = max(set(fit_labels), key=fit_labels.count)
+    held = [r["label"] for r in rows if r["split"] == "test"]
+    assert out["floor_majority"] == pytest.approx(held.count(top) / len(held))
+    assert out["floor_ngram"] >= 0.95  # one cue word per class: a bag of words reads it
+    assert 0.0 <= out["floor_probe"] <= 1.0
+    tags = task_setup(dirs["clm"], str(_names_task(tmp_path / "names.jsonl")))
+    out = floors(tags.model, tags.data, tags.cfg.train.seq_len)
+    assert out["floor_majority"] == 0.0 and out["floor_ngram"] >= 0.9  # capitalised names: the word itself
+    assert 0.5 < out["floor_majority_word_accuracy"] < 1.0
+
+
+def test_default_fine_tuning_beats_the_majority_class_on_a_cue_task(sweep, tmp_path, capsys):
+    """End to end with the default recipe (grid, early stopping) on a tiny pre-trained run: a word
+    cue per class, the majority class 60% of the held-out rows."""
+    _, dirs = sweep
+    task = _write_csv(tmp_path / "cue.csv", _cue_rows(200))
+    assert main([str(dirs["mlm"]), "--task", str(task), "--steps", "150", "--batch", "16"]) == 0
+    s = json.loads((dirs["mlm"] / "finetune" / "cue" / "summary.json").read_text())
+    assert s["task_accuracy"] >= s["task_majority_accuracy"] + 0.2
+    assert s["recipe_lr"] in [g["lr"] for g in s["recipe_grid"]] and s["floor_ngram"] >= 0.9

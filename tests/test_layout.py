@@ -53,8 +53,11 @@ def test_no_module_is_longer_than_600_lines_unless_it_is_a_data_table():
     (r"^def fit\(", ["resnorm/train/loop.py"]),
     (r"fcntl\.flock\(", ["resnorm/runs/locks.py"]),  # run folders, device slots and the token cache
     # optimizer steps: the one training loop, and DeepNet's one-step model-update measurement at init
-    # (and resnorm.train.optimizers.OptimizerChain.step, which steps Muon and AdamW as one optimizer)
-    (r"optimizer\.step\(\)|opt\.step\(\)", ["resnorm/monitors/measure.py", "resnorm/train/loop.py", "resnorm/train/optimizers.py"]),
+    # (and resnorm.train.optimizers.OptimizerChain.step, which steps Muon and AdamW as one optimizer;
+    # and the fine-tuning recipe's rate grid, in-process copies early-stopped on a validation part,
+    # whose chosen rate the loop then replays: resnorm.tasks.recipe.train_one)
+    (r"optimizer\.step\(\)|opt\.step\(\)", ["resnorm/monitors/measure.py", "resnorm/tasks/recipe.py",
+                                                "resnorm/train/loop.py", "resnorm/train/optimizers.py"]),
 ])
 def test_one_copy_of_each_piece_of_plumbing(pattern, home):
     found = [str(p.relative_to(ROOT)) for p in _sources(*PACKAGES, "hydra_plugins")

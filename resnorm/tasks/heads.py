@@ -1,6 +1,6 @@
-"""A pre-trained model with a task head, for fine-tuning (``classify`` and ``tag``, :mod:`resnorm.tasks.labelled`).
+"""A pre-trained model with a task head, for fine-tuning (``classify`` and ``tag``, :mod:`resnorm.tasks`).
 
-:class:`TaskModel` is a :class:`resnorm.model.transformer.Transformer` of the pre-trained run's shape (variant,
+:class:`TaskModel` is a :class:`resnorm.model.Transformer` of the pre-trained run's shape (variant,
 depth, widths, ``model.objective``'s attention direction) whose LM head is replaced by a task head,
 ``Linear(d_model, n_labels)`` (weights N(0, 0.02), bias 0, seeded by ``seed``); everything else is
 loaded from the run's ``checkpoint.pt``. Being a Transformer, it trains through the same loop with
@@ -10,7 +10,7 @@ out of every attention (``Attention.key_mask``), of the pooling and of the loss.
 - **classify**: one vector per sequence, then the head. An encoder (``mlm``) takes the mean of its
   last hidden states over the real tokens (each has seen the whole passage); a causal model
   (``clm``) takes its last real token's (the only one that has seen the whole passage).
-- **tag**: the head on every token; the loss and the prediction are at each word's first token.
+- **tag**: the head on every token; the loss and the prediction are at each word's last token.
 
 The loss is the cross-entropy over the targets that are not -100 (no z-loss: that regularises LM
 logits). :func:`score` is the task metric on the held-out examples: accuracy (classify) or CoNLL
@@ -22,6 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,6 +40,7 @@ class TaskModel(Transformer):
     def __init__(self, shape: ModelShape, kind: str, n_labels: int):
         super().__init__(shape)
         self.kind = kind
+        self.pooling = "last" if shape.causal else "mean"  # classify: see the module docstring
         self.head = nn.Linear(shape.d_model, n_labels)
 
     @torch.no_grad()
@@ -54,18 +56,20 @@ class TaskModel(Transformer):
                 module.key_mask = real
         return super().embed(idx.clamp(min=0))
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """(batch, n_labels) for classify, (batch, T, n_labels) for tag."""
+    def features(self, idx: torch.Tensor) -> torch.Tensor:
+        """What the head reads: (batch, d_model) pooled for classify, (batch, T, d_model) for tag."""
         h = self.hidden(idx)
         if self.kind == "tag":
-            return self.head(h)
+            return h
         real = (idx >= 0).to(h.dtype)
-        if self.shape.causal:  # the last real token (inputs are padded on the right)
+        if self.pooling == "last":  # the last real token (inputs are padded on the right)
             last = real.sum(dim=1).long().clamp(min=1) - 1
-            pooled = h[torch.arange(h.shape[0], device=h.device), last]
-        else:
-            pooled = (h * real[..., None]).sum(dim=1) / real.sum(dim=1, keepdim=True).clamp(min=1)
-        return self.head(pooled)
+            return h[torch.arange(h.shape[0], device=h.device), last]
+        return (h * real[..., None]).sum(dim=1) / real.sum(dim=1, keepdim=True).clamp(min=1)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """(batch, n_labels) for classify, (batch, T, n_labels) for tag."""
+        return self.head(self.features(idx))
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, z_loss: bool = True) -> torch.Tensor:
         logits = self(idx).float()
@@ -89,38 +93,83 @@ def build_task_model(cfg, data) -> TaskModel:
     return model
 
 
-@torch.no_grad()
-def predictions(model: TaskModel, batches, device) -> List[torch.Tensor]:
-    """The arg-max labels of every held-out batch, in eval mode (CPU tensors)."""
-    out = []
-    with eval_mode(model):
-        for x, _ in batches:
-            out.append(model(x.to(device)).argmax(dim=-1).cpu())
-    return out
-
-
 def score(run) -> Dict[str, Any]:
-    """The task metric of a fine-tuned run on its held-out examples (the summary's ``task_*`` keys)."""
-    from resnorm.tasks.labelled import majority_accuracy, span_f1
+    """The task metric of a fine-tuned run on its held-out rows (the summary's ``task_*`` keys); a
+    classified row's prediction is the mean of its windows' logits (:func:`resnorm.tasks.labelled.row_logits`)."""
+    from resnorm.tasks.recipe import predict, tag_words
+    from resnorm.tasks.labelled import majority_accuracy, row_targets, span_f1
 
     data, model = run.data, run.model
-    preds = predictions(model, run.val_batches, run.device)
-    gold = [y for _, y in run.val_batches]
+    row_of = data.row_of or {}
+    preds, _, gold = predict(model, *data.val, row_of=row_of.get("held"))
+    fit = data.fit or data.train
     out: Dict[str, Any] = dict(task=data.name, task_kind=data.kind, task_labels=list(data.labels),
-                               task_train_examples=len(data.train[0]), task_eval_examples=len(data.val[0]))
+                               task_train_examples=len(data.rows["fit"]) if data.rows else len(fit[0]),
+                               task_eval_examples=len(gold))
     if data.kind == "classify":
-        p, g = torch.cat(preds), torch.cat(gold)
-        acc = float((p == g).double().mean())
+        acc = float((preds == gold).double().mean())
         return {**out, "task_metric": "accuracy", "task_score": acc, "task_accuracy": acc,
-                "task_majority_accuracy": majority_accuracy(data.train[1], g)}
-    words_gold, words_pred = [], []
-    for p, g in zip(preds, gold):
-        for pi, gi in zip(p, g):
-            keep = gi != -100
-            words_gold.append([data.labels[i] for i in gi[keep].tolist()])
-            words_pred.append([data.labels[i] for i in pi[keep].tolist()])
+                "task_majority_accuracy": majority_accuracy(row_targets(fit[1], row_of.get("fit")), gold)}
+    words_gold, words_pred = tag_words(data.labels, preds, gold)
     spans = span_f1(words_gold, words_pred)
     n_words = sum(len(w) for w in words_gold)
     right = sum(a == b for gw, pw in zip(words_gold, words_pred) for a, b in zip(gw, pw))
     return {**out, "task_metric": "span_f1", "task_score": spans["span_f1"],
             **{f"task_{k}": v for k, v in spans.items()}, "task_word_accuracy": right / n_words if n_words else None}
+
+
+@torch.no_grad()
+def frozen_features(model: TaskModel, x: torch.Tensor, y: torch.Tensor, row_of=None, batch: int = 64):
+    """The frozen model's features (numpy): one per row (classify: the mean over its windows) or per
+    scored word (tag), with the matching label ids."""
+    from resnorm.tasks.labelled import row_logits, row_targets
+
+    if row_of is not None:
+        f, t = frozen_features(model, x, y, None, batch)
+        return (row_logits(torch.from_numpy(f), row_of).numpy(),
+                row_targets(torch.from_numpy(t), row_of).numpy())
+    feats, labels = [], []
+    with eval_mode(model):
+        for i in range(0, len(x), batch):
+            f, t = model.features(x[i:i + batch]).float(), y[i:i + batch]
+            if model.kind == "tag":
+                keep = t != -100
+                f, t = f[keep], t[keep]
+            feats.append(f)
+            labels.append(t)
+    return torch.cat(feats).numpy(), torch.cat(labels).numpy()
+
+
+def floors(model: TaskModel, data, max_len: int) -> Dict[str, Any]:
+    """The three floors (:mod:`resnorm.tasks.floors`) of ``data`` on its own split, the probe on ``model``'s
+    features as they are now (call it before fine-tuning): ``floor_majority``, ``floor_ngram``,
+    ``floor_probe`` and the C each chose."""
+    from resnorm.tasks import floors as fl
+    from resnorm.tasks.labelled import IGNORE, WINDOWS, _words, majority_accuracy
+
+    parts = {"fit": data.fit, "dev": data.dev, "held": data.val}
+    rows = {k: data.rows[k] for k in parts}
+    out: Dict[str, Any] = {}
+    if data.kind == "classify":
+        feats = {k: frozen_features(model, *parts[k], row_of=data.row_of[k]) for k in parts}
+        out["floor_majority"] = majority_accuracy(torch.from_numpy(feats["fit"][1]), torch.from_numpy(feats["held"][1]))
+        texts = {k: [fl.visible_text(data.tokenizer, str(r["text"]), max_len * WINDOWS) for r in v]
+                 for k, v in rows.items()}
+        ngram = fl.ngram_classify(texts, {k: [str(r["label"]) for r in v] for k, v in rows.items()})
+        probe = fl.probe_floor("classify", {k: f for k, (f, _) in feats.items()},
+                               {k: y for k, (_, y) in feats.items()})
+    else:
+        scored = {k: (parts[k][1] != IGNORE).sum(dim=1).tolist() for k in parts}
+        words = {k: [_words(r["tokens"])[:n] for r, n in zip(rows[k], scored[k])] for k in parts}
+        tags = {k: [_words(r["tags"])[:n] for r, n in zip(rows[k], scored[k])] for k in parts}
+        held_tags = [t for row in tags["held"] for t in row]
+        out["floor_majority"] = 0.0  # all-O: no span predicted, span F1 0
+        out["floor_majority_word_accuracy"] = sum(t == "O" for t in held_tags) / max(len(held_tags), 1)
+        ngram = fl.ngram_tag(words, tags)
+        feats = {k: frozen_features(model, *parts[k]) for k in parts}
+        names = np.asarray(data.labels)
+        probe = fl.probe_floor("tag", {k: f for k, (f, _) in feats.items()},
+                               {k: names[y] for k, (_, y) in feats.items()}, rows=tags)
+    out.update(floor_ngram=ngram["score"], floor_ngram_C=ngram["C"], floor_probe=probe["score"],
+               floor_probe_C=probe["C"])
+    return out

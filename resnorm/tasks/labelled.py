@@ -17,7 +17,7 @@ are its ``split``), else every fifth row (rows 4, 9, 14, ... counting from 0), d
 
 Texts are tokenized with the pre-trained run's tokenizer (:func:`resnorm.data.tokenizer.load_run_tokenizer`)
 and cut to the model's context (``train.seq_len``); words past it are not scored. A tag is learned
-and predicted at the first token of its word (first-subtoken labelling); the other tokens' targets
+and predicted at the last token of its word (:data:`TAG_AT`); the other tokens' targets
 are -100. Shorter sequences are padded with -1, which :class:`resnorm.tasks.heads.TaskModel` masks out of
 attention, pooling and the loss.
 """
@@ -161,6 +161,37 @@ def split_rows(rows: Sequence[dict], source: str) -> Tuple[List[dict], List[dict
     return train, held
 
 
+GROUP_COLUMNS = ("group", "play")  # a row's group: the validation part takes whole groups
+VAL_EVERY = 5  # every fifth training group (or row) is validation
+
+
+def group_of(row: dict) -> Optional[str]:
+    for column in GROUP_COLUMNS:
+        if column in row and row[column] not in (None, ""):
+            return str(row[column])
+    return None
+
+
+def carve_validation(rows: Sequence[dict], every: int = VAL_EVERY) -> Tuple[List[dict], List[dict]]:
+    """(fitting rows, validation rows), both from ``rows`` (the task's *training* rows: the held-out
+    rows are never passed here). With a group column (``group`` or ``play``) on every row and at least
+    ``every`` groups, every ``every``-th group in sorted order from the third on is validation (so it
+    asks the held-out split's question: unseen groups); else every ``every``-th row (rows every-1,
+    2*every-1, ...)."""
+    groups = [group_of(r) for r in rows]
+    names = sorted({g for g in groups if g is not None})
+    if None not in groups and len(names) >= every:
+        val_groups = set(names[min(2, every - 1)::every])
+        fit = [r for r, g in zip(rows, groups) if g not in val_groups]
+        val = [r for r, g in zip(rows, groups) if g in val_groups]
+    else:
+        fit = [r for i, r in enumerate(rows) if i % every != every - 1]
+        val = [r for i, r in enumerate(rows) if i % every == every - 1]
+    if not fit or not val:
+        raise DataError(f"{len(rows)} training rows: too few to carve a validation part (every {every}th row)")
+    return fit, val
+
+
 def _words(value: Any) -> List[str]:
     return value.split() if isinstance(value, str) else [str(v) for v in value]
 
@@ -184,9 +215,29 @@ def label_set(rows: Sequence[dict], kind: str, source: str) -> List[str]:
     return sorted(tags)
 
 
-def encode_rows(rows: Sequence[dict], kind: str, labels: List[str], tokenizer, max_len: int):
+def label_positions(word_of: Sequence[Optional[int]], at: str) -> Dict[int, int]:
+    """position -> word index: each word's first token (``at="first"``) or last token (``"last"``)."""
+    out: Dict[int, int] = {}
+    for pos, w in enumerate(word_of):
+        if w is None:
+            continue
+        if at == "first" and (pos == 0 or word_of[pos - 1] != w):
+            out[pos] = w
+        if at == "last" and (pos == len(word_of) - 1 or word_of[pos + 1] != w):
+            out[pos] = w
+    return out
+
+
+# where a word's tag is learned and read: its last token, for a causal model the only one that has
+# seen the whole word, and measured better for an encoder too (docs/finetune.md)
+TAG_AT = {True: "last", False: "last"}
+
+
+def encode_rows(rows: Sequence[dict], kind: str, labels: List[str], tokenizer, max_len: int,
+                at: str = "first"):
     """(X, Y): X (N, T) token ids padded with -1 (T <= max_len); Y (N,) label ids for classify, or
-    (N, T) tag ids at each word's first token and -100 elsewhere for tag."""
+    (N, T) tag ids at each word's first (``at="first"``) or last token and -100 elsewhere for tag
+    (a word whose labelled token lies past ``max_len`` is not scored)."""
     index = {lab: i for i, lab in enumerate(labels)}
     seqs, targets = [], []
     for r in rows:
@@ -196,11 +247,12 @@ def encode_rows(rows: Sequence[dict], kind: str, labels: List[str], tokenizer, m
             targets.append(index[str(r["label"])])
             continue
         ids, word_of = tokenizer.encode_words(_words(r["tokens"]))
-        ids, word_of = ids[:max_len], word_of[:max_len]
+        positions = label_positions(word_of, at)
+        ids = ids[:max_len]
         tags = _words(r["tags"])
         y = [IGNORE] * len(ids)
-        for pos, w in enumerate(word_of):
-            if w is not None and (pos == 0 or word_of[pos - 1] != w):
+        for pos, w in positions.items():
+            if pos < max_len:
                 y[pos] = index[tags[w]]
         seqs.append(ids or [0])
         targets.append(y or [IGNORE])
@@ -214,6 +266,46 @@ def encode_rows(rows: Sequence[dict], kind: str, labels: List[str], tokenizer, m
     for i, t in enumerate(targets):
         y[i, :len(t)] = torch.tensor(t, dtype=torch.long)
     return x, y
+
+
+WINDOWS = 4  # classify: a text is read as up to this many context-sized windows
+
+
+def encode_windows(rows: Sequence[dict], labels: List[str], tokenizer, max_len: int, windows: int = WINDOWS):
+    """A classification task's examples as windows: each text's first ``windows * max_len`` tokens cut
+    into windows of ``max_len`` (a shorter text gives fewer), each window an example with its text's
+    label. (X, Y, row_of): X (M, T) padded with -1, Y (M,), row_of (M,) the row each window is from
+    (rows in order), so a row's prediction is the mean of its windows' logits (:func:`row_logits`)."""
+    index = {lab: i for i, lab in enumerate(labels)}
+    split = []
+    for i, r in enumerate(rows):
+        ids = list(tokenizer.encode(str(r["text"])))[:windows * max_len] or [0]
+        split.append((str(r["label"]), i, [ids[j:j + max_len] for j in range(0, len(ids), max_len)]))
+    chunks = [c for _, _, cs in split for c in cs]
+    x = torch.full((len(chunks), max(len(c) for c in chunks)), PAD, dtype=torch.long)
+    for j, c in enumerate(chunks):
+        x[j, :len(c)] = torch.tensor(c, dtype=torch.long)
+    y = torch.tensor([index[lab] for lab, _, cs in split for _ in cs], dtype=torch.long)
+    row_of = torch.tensor([i for _, i, cs in split for _ in cs], dtype=torch.long)
+    return x, y, row_of
+
+
+def row_logits(logits: torch.Tensor, row_of: Optional[torch.Tensor]) -> torch.Tensor:
+    """The mean of each row's windows' logits ((M, L) -> (rows, L)); unchanged without ``row_of``."""
+    if row_of is None:
+        return logits
+    n = int(row_of.max()) + 1
+    total = logits.new_zeros(n, logits.shape[-1]).index_add_(0, row_of, logits)
+    return total / torch.bincount(row_of, minlength=n).clamp(min=1)[:, None].to(logits.dtype)
+
+
+def row_targets(y: torch.Tensor, row_of: Optional[torch.Tensor]) -> torch.Tensor:
+    """Each row's label (its first window's) for classify; unchanged without ``row_of``."""
+    if row_of is None:
+        return y
+    first = torch.ones_like(row_of, dtype=torch.bool)
+    first[1:] = row_of[1:] != row_of[:-1]
+    return y[first]
 
 
 def label_entropy(y: torch.Tensor) -> float:
@@ -239,6 +331,11 @@ class TaskData:
     tokenizer_name: str = "bytes"  # the pre-trained run's tokenizer (the summary's ``tokenizer``)
     vocab_size: int = 256  # its vocabulary
     val_tokens_per_byte: Optional[float] = None  # the targets are labels, not text: no bits per byte
+    fit: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # the training rows less the validation part
+    dev: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # the validation part carved from the training rows
+    rows: Optional[Dict[str, List[dict]]] = None  # "fit", "dev", "train", "held": the rows of each part
+    row_of: Optional[Dict[str, torch.Tensor]] = None  # classify: part -> each window's row (encode_windows)
+    tokenizer: Any = None
 
 
 def load_task_data(cfg) -> TaskData:
@@ -250,12 +347,23 @@ def load_task_data(cfg) -> TaskData:
     kind = kind_of(rows, source)
     labels = label_set(rows, kind, source)
     train, held = split_rows(rows, source)
+    fit, dev = carve_validation(train)
     tok = load_run_tokenizer(Path(cfg.finetune.init_from), cfg)
-    x, y = encode_rows(train, kind, labels, tok, cfg.train.seq_len)
-    vx, vy = encode_rows(held, kind, labels, tok, cfg.train.seq_len)
-    return TaskData(task_name(spec), kind, labels, (x, y), (vx, vy),
+    from resnorm.model.blocks import objective_io
+
+    at = TAG_AT[objective_io(cfg.model)[0]]
+    parts = dict(fit=fit, dev=dev, train=train, held=held)
+    if kind == "classify":
+        enc = {k: encode_windows(v, labels, tok, cfg.train.seq_len) for k, v in parts.items()}
+        row_of = {k: e[2] for k, e in enc.items()}
+    else:
+        enc = {k: encode_rows(v, kind, labels, tok, cfg.train.seq_len, at) for k, v in parts.items()}
+        row_of = None
+    xy = {k: (e[0], e[1]) for k, e in enc.items()}
+    return TaskData(task_name(spec), kind, labels, xy["train"], xy["held"],
                     f"{source} ({kind}: {len(train)} train, {len(held)} held-out rows, {len(labels)} labels)",
-                    label_entropy(y), tokenizer_name=tok.name, vocab_size=int(tok.vocab_size))
+                    label_entropy(xy["train"][1]), tokenizer_name=tok.name, vocab_size=int(tok.vocab_size),
+                    fit=xy["fit"], dev=xy["dev"], rows=parts, row_of=row_of, tokenizer=tok)
 
 
 class ExampleSampler:

@@ -380,11 +380,13 @@ class TaskScore(Callback):
     """At the end of a completed fine-tune, the task metric (:func:`resnorm.tasks.heads.score`) into the summary, before
     the run store writes it (list it before :class:`RunStoreWriter`)."""
 
-    def __init__(self, pretrained_run_id: Any = None):
+    def __init__(self, pretrained_run_id: Any = None, recipe: Optional[Dict[str, Any]] = None):
         self.pretrained_run_id = pretrained_run_id
+        self.recipe = recipe or {}  # the recipe's choice and the floors (resnorm.finetune.choose)
 
     def on_fit_end(self, run, summary) -> None:
         summary["pretrained_run_id"] = self.pretrained_run_id
+        summary.update(self.recipe)
         summary["pretrained_objective"] = run.cfg.model.get("objective", "clm")
         if summary["status"] == "completed":
             from resnorm.tasks.heads import score

@@ -150,7 +150,8 @@ def _task_build(cfg, data):
 def _task_sampler(cfg, data):
     from resnorm.tasks.labelled import ExampleSampler
 
-    return ExampleSampler(*data.train, cfg.train.batch_size, cfg.seed)
+    # the fitting rows: the training rows less the validation part the recipe chose the rate on
+    return ExampleSampler(*(data.fit or data.train), cfg.train.batch_size, cfg.seed)
 
 
 def _task_val(cfg, data):
