@@ -274,7 +274,8 @@ class OptimConfig:
                                "rest's; one schedule scales both)", range=POSITIVE)
     muon_momentum: float = key(0.95, "optim=muon: Muon's momentum", range=interval("[0, 1)"))
     muon_nesterov: bool = key(True, "optim=muon: Nesterov momentum in Muon")
-    muon_ns_steps: int = key(5, "optim=muon: Newton-Schulz iterations of the orthogonalisation", range=POSITIVE)
+    muon_ns_steps: int = key(5, "optim=muon: Newton-Schulz iterations of the orthogonalisation (torch.optim.Muon "
+                                "takes fewer than 100)", range=interval("[1, 99]"))
     muon_adjust_lr: str = key("original", "optim=muon: the per-matrix LR scale, torch.optim.Muon's adjust_lr_fn: "
                                           "original (Keller Jordan's sqrt(max(1, rows/cols))) | match_rms_adamw "
                                           "(Moonshot's 0.2 sqrt(max(rows, cols)))", choices=MUON_ADJUST_LR)

@@ -51,6 +51,9 @@ class Probe:
     labels: List[Label] = []
     quantities_before: Tuple[str, ...] = ()
     quantities_after: Tuple[str, ...] = ()
+    #: quantities that exist only for attention sublayers: written for those labels alone (an MLP has
+    #: no attention entropy; its value in the tensor is a NaN placeholder that is never stored)
+    attention_only: Tuple[str, ...] = ()
 
     def due(self, step: int, last: bool) -> bool:
         raise NotImplementedError
@@ -67,7 +70,11 @@ class Probe:
     def rows(self, quantities: Sequence[str], values: Sequence[Sequence[float]]) -> Iterator[tuple]:
         """(quantity, labels, values) per quantity, for :meth:`resnorm.runfolder.RunStore.add_layers`."""
         for quantity, vals in zip(quantities, values):
-            yield quantity, self.labels, vals
+            if quantity in self.attention_only:
+                keep = [i for i, (_, sub) in enumerate(self.labels) if sub == "attn"]
+                yield quantity, [self.labels[i] for i in keep], [vals[i] for i in keep]
+            else:
+                yield quantity, self.labels, vals
 
     def state_dict(self) -> dict:
         return {}
@@ -124,13 +131,14 @@ class ActivationProbe(Probe):
     """Per-(layer, sublayer) statistics every ``every`` steps (and on the last step).
 
     Before the update: ``act_rms`` (RMS of the sublayer's output stream), ``branch_ratio``
-    (||F|| / ||x||) and ``max_attn_logit`` (attention sublayers; NaN for MLPs), from a no-grad
+    (||F|| / ||x||) and ``max_attn_logit`` (attention sublayers only), from a no-grad
     trace of the step's batch in eval mode; a copy of the 2-D weights is kept. After the update:
     ``update_ratio`` (||dW||_F / ||W||_F of the sublayer's 2-D weights over the step's update).
     """
 
     quantities_before = ("act_rms", "branch_ratio", "max_attn_logit")
     quantities_after = ("update_ratio",)
+    attention_only = ("max_attn_logit",)
 
     def __init__(self, model, every: int, total_steps: int):
         self.model, self.every, self.total_steps = model, every, total_steps

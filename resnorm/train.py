@@ -21,7 +21,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from . import devices
 from .identity import run_id
 from .loop import fit
-from .runfolder import DONE, job_lock, job_state, read_summary, remove_stale_temporaries, write_summary
+from .runfolder import (DONE, DiskFullError, is_disk_full, job_lock, job_state, read_summary, remove_stale_temporaries,
+                        write_summary)
 from .stack_plan import STACK_ENV
 
 log = logging.getLogger(__name__)
@@ -106,10 +107,21 @@ def execute(cfg, job: JobInfo, callbacks: Optional[Callable] = None) -> Dict[str
 
 
 def _record_failure(job: JobInfo, exc: Exception) -> Dict[str, Any]:
+    """Record the run as ``failed`` with the error; a full disk is one line (the file that could not be
+    written), without the traceback, written in place if need be (:func:`resnorm.runfolder.write_summary`)."""
     summary = read_summary(job.run_dir) or {"run_name": job.run_name, "group": job.group,
                                             "overrides": job.overrides, "run_id": job.run_id}
-    summary.update(status="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
-    write_summary(job.run_dir, summary)
+    full = is_disk_full(exc)
+    if full and not isinstance(exc, DiskFullError):
+        exc = DiskFullError(getattr(exc, "filename", None) or job.run_dir)
+    summary.update(status="failed", error=f"{type(exc).__name__}: {exc}",
+                   traceback=None if full else traceback.format_exc())
+    try:
+        write_summary(job.run_dir, summary, in_place_if_full=full)
+    except OSError as again:
+        log.error("run %s failed (%s) and its summary.json could not be updated (%s)", job.run_name,
+                  summary["error"], again)
+        return summary
     log.error("run %s failed: %s", job.run_name, summary["error"])
     return summary
 
@@ -126,10 +138,32 @@ def _print_progress(job: JobInfo) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+def quiet_log_file_errors() -> None:
+    """A log file that cannot be written costs at most one warning line (none for a full disk, which
+    the run's failure reports), not Python's ``--- Logging error ---`` traceback for every record: its
+    handler is then dropped (the console handler keeps the lines)."""
+    import sys
+
+    def handler_error(handler: logging.FileHandler):
+        def handle_error(record) -> None:
+            exc = sys.exc_info()[1]
+            logging.getLogger().removeHandler(handler)
+            if not is_disk_full(exc):  # a full disk: the run's own failure line names the file and says so
+                print(f"warning: cannot write the log file {handler.baseFilename} ({type(exc).__name__}: {exc}); "
+                      "its lines go to the console only", file=sys.stderr, flush=True)
+        return handle_error
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and not getattr(handler, "_resnorm_quiet", False):
+            handler.handleError = handler_error(handler)
+            handler._resnorm_quiet = True
+
+
 def run_job(cfg) -> Dict[str, Any]:
     """Hydra's task function: validate (raises ConfigError), then skip, resume or train the job."""
     from .config import validate
 
+    quiet_log_file_errors()
     validate(cfg)
     stack = os.environ.get(STACK_ENV)  # a launcher job that trains a stack of runs (issue 15)
     if stack:

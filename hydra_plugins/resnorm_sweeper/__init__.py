@@ -65,8 +65,9 @@ class ValidatingSweeper(BasicSweeper):
         if order not in ORDERS:
             _config_error(f"hydra.sweeper.order={order!r} is invalid: choose one of {', '.join(ORDERS)}")
         self.order = order
-        stack = {True: "on", False: "off"}.get(stack, stack)  # YAML reads a bare on/off as a boolean
-        if stack not in STACK_MODES:
+        if isinstance(stack, bool):  # YAML reads a bare on/off as a boolean (0 and 1 stay numbers: refused)
+            stack = "on" if stack else "off"
+        if not isinstance(stack, str) or stack not in STACK_MODES:
             _config_error(f"hydra.sweeper.stack={stack!r} is invalid: choose one of {', '.join(STACK_MODES)}")
         self.stack = stack
 
