@@ -39,6 +39,9 @@ METADATA_KEYS = {
     "pattern": "(regex, reason): a string must match regex as a whole; reason is the error text",
     "note": "appended in parentheses to a range error, e.g. what 0 means",
     "variant_option": "True: also a field of resnorm.variants.VariantOptions (read by one variant)",
+    "neutral": "for a key added after runs were made: the value that reproduces the behaviour from before "
+               "it existed; at that value the key is left out of the run's identity (resnorm.identity), so "
+               "earlier runs are still found done",
 }
 
 
@@ -411,9 +414,14 @@ def _unwrap(hint: Any) -> Tuple[Any, bool]:
     return hint, False
 
 
+def leaves(schema: Optional[type] = None, prefix: str = "") -> Tuple[Leaf, ...]:
+    """Every leaf key of ``schema`` (default: :class:`Config` as this module holds it now), depth first,
+    in declaration order (``depth``, ..., ``model.norm``, ...)."""
+    return _leaves(Config if schema is None else schema, prefix)
+
+
 @functools.lru_cache(maxsize=None)
-def leaves(schema: type = Config, prefix: str = "") -> Tuple[Leaf, ...]:
-    """Every leaf key of ``schema``, depth first, in declaration order (``depth``, ..., ``model.norm``, ...)."""
+def _leaves(schema: type, prefix: str) -> Tuple[Leaf, ...]:
     hints = get_type_hints(schema)
     out = []
     for f in fields(schema):

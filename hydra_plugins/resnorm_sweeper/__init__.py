@@ -37,7 +37,8 @@ from resnorm.config import check_override, composition_error, validate
 from resnorm.errors import ConfigError
 from resnorm.identity import OPERATIONAL_KEYS, register_resolver
 from resnorm.stack_plan import STACK_MODES, group_labels, launch_overrides, stack_groups
-from resnorm.sweeper import LAST_OUTCOME, JobPlan, duplicates, job_table, longest_first, plan_job, write_plan
+from resnorm.sweeper import (LAST_OUTCOME, JobPlan, duplicates, job_table, longest_first, plan_job, version_note,
+                             write_plan)
 
 register_resolver()  # also in the launchers' workers, which unpickle Hydra's plugin registry
 log = logging.getLogger(__name__)
@@ -139,6 +140,9 @@ class ValidatingSweeper(BasicSweeper):
         if done:
             log.info("%d of %d jobs already done in %s, not launched again: %s", len(done), len(plans),
                      sweep_dir, ", ".join(f"{p.run_id} ({p.state})" for p in done))
+        versions = version_note(plans)
+        if versions:
+            log.warning(versions)
         todo_plans = [p for p in plans if not p.done]
         if self.order == "longest_first" and len(todo_plans) > 1:
             todo_plans = longest_first(todo_plans)
