@@ -61,11 +61,12 @@ class Range:
 
     def relation(self) -> str:
         """The range as a short phrase: ``> 0``, ``>= 0``, ``in [0, 1]``, ``strictly between 0 and 1``."""
+        low, high = _number(self.low), _number(self.high)
         if self.high is None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
+            return f"{'>' if self.low_open else '>='} {low}"
         if self.low_open and self.high_open:
-            return f"strictly between {self.low:g} and {self.high:g}"
-        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            return f"strictly between {low} and {high}"
+        return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
 
     def reason(self, integer: bool) -> str:
         """The error text for a value outside the range (or of the wrong type)."""
@@ -76,6 +77,13 @@ class Range:
         if self.high is None:
             return f"must be an integer {self.relation()}" if integer else f"must be {self.relation()}"
         return f"must lie {self.relation()}"
+
+
+def _number(x: Optional[float]) -> str:
+    """An end of a range as written: whole numbers in full (1048576, not 1.04858e+06), others by ``g``."""
+    if x is None:
+        return ""
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
 
 
 def interval(text: str) -> Range:
@@ -236,7 +244,9 @@ class DataConfig:
     text_field: str = key("text", "data=hf: the column holding the text")
     tokenizer: str = key("bytes", "data=hf: bytes (vocab 256) | bpe (a byte-level BPE trained on the training split, "
                                   "data.vocab_size tokens) | file (data.tokenizer_path)", choices=TOKENIZERS)
-    vocab_size: int = key(512, "data.tokenizer=bpe: the tokens it trains (model.vocab_size follows)", range=POSITIVE)
+    vocab_size: int = key(512, "data.tokenizer=bpe: the tokens it trains (model.vocab_size follows); at most 2^20 "
+                               "(the BPE trainer's memory grows with it) and 257 + the training text's bytes",
+                          range=interval("(0, 1048576]"))
     tokenizer_path: Optional[str] = key(None, "data.tokenizer=file: a saved tokenizer.json (the tokenizers format)")
     cache_dir: Optional[str] = key(None, "trained tokenizers and tokenized streams; null: $RESNORM_CACHE, else "
                                          "~/.cache/resnorm")
@@ -640,19 +650,31 @@ def tokenizer_fits_data(get: Callable[[str], Any]) -> None:
         if size < MIN_BPE_VOCAB:
             raise ConfigError("data.vocab_size", size, f"a byte-level BPE needs >= {MIN_BPE_VOCAB} (256 bytes + "
                                                        f"{MIN_BPE_VOCAB - 256} special token)")
+        bpe_fits_data(get, size)
     else:
         if not path:
             raise ConfigError("data.tokenizer_path", path, "data.tokenizer=file needs data.tokenizer_path=FILE "
                                                            "(a saved tokenizer.json)")
-        try:
-            size, source = file_vocab_size(path), f"data.tokenizer_path={path}"
-        except (OSError, ValueError) as exc:
-            raise ConfigError("data.tokenizer_path", path, f"not a readable tokenizer.json ({exc})") from None
+        size, source = file_vocab_size(path), f"data.tokenizer_path={path}"
     model, default = get("model.vocab_size"), leaf("model.vocab_size").default
     if model != default and model < size:
         raise ConfigError("model.vocab_size", model, f"must be >= {size} (the tokens of {source}), or left at "
                                                      f"{default} to follow the tokenizer")
 # --- end data14 rules ---
+
+
+def bpe_fits_data(get: Callable[[str], Any], size: int) -> None:
+    """A BPE learns one token per merge, and a text of N bytes has fewer than N merges to make: data.vocab_size
+    above 257 + N (N read cheaply from data.path's files: resnorm.hf_source.text_bytes_bound) asks for
+    tokens the data cannot supply."""
+    from .hf_source import resolve, text_bytes_bound
+    from .tokenizer import MIN_BPE_VOCAB
+
+    bound = text_bytes_bound(resolve(get("data.path"), get("data.hub_id"), get("data.hub_config")), get("data.text_field"))
+    if bound is not None and size > MIN_BPE_VOCAB + bound:
+        raise ConfigError("data.vocab_size", size, f"the training text of data.path={get('data.path')} has at most "
+                                                   f"{bound} bytes: a BPE of it has at most {MIN_BPE_VOCAB + bound} "
+                                                   "tokens")
 
 
 def corpus_tokens(get: Callable[[str], Any]) -> Tuple[Optional[int], str]:

@@ -168,9 +168,7 @@ def columns(source: Source, split: str) -> Optional[Tuple[str, ...]]:
     if source.builder == "text":
         return (TEXT_BUILDER_COLUMN,)
     if source.builder == "parquet":
-        import pyarrow.parquet as pq
-
-        return tuple(pq.read_schema(first).names)
+        return None  # every file's footer is read by check_files
     with open(first, encoding="utf-8", errors="replace") as f:
         line = f.readline().strip()
     try:
@@ -181,11 +179,41 @@ def columns(source: Source, split: str) -> Optional[Tuple[str, ...]]:
 
 
 def check_split_and_field(source: Source, split: str, key: str, text_field: str) -> None:
-    """``split`` (at ``key``: data.split or data.val_split) exists and has the column ``data.text_field``."""
+    """``split`` (at ``key``: data.split or data.val_split) exists and has the column ``data.text_field``;
+    data files open and hold rows (:mod:`resnorm.hf_files`: the file, the line, what is wrong)."""
     names = splits(source)
     if names is not None and split not in names:
         raise ConfigError(key, split, f"{source.describe()} has the split(s) {', '.join(names)}")
+    if source.kind == "files":
+        from .hf_files import problems_before_training
+
+        problem = problems_before_training(source.files, source.builder, text_field)
+        if problem:
+            raise ConfigError(source.key, source.value, problem)
     cols = columns(source, split)
     if cols is not None and text_field not in cols:
         raise ConfigError("data.text_field", text_field,
                           f"{source.describe()} (split {split}) has the columns {', '.join(cols) or '(none)'}")
+
+
+def text_bytes_bound(source: Source, text_field: str) -> Optional[int]:
+    """An upper bound on the bytes of text a source holds, read cheaply (None: unknown without loading):
+    JSON lines and text files' sizes; parquet files' uncompressed size of the text column (footers)."""
+    if source.kind != "files":
+        return None
+    if source.builder != "parquet":
+        return sum(p.stat().st_size for p in source.files)
+    import pyarrow.parquet as pq
+
+    total = 0
+    try:
+        for p in source.files:
+            meta = pq.ParquetFile(p).metadata
+            names = meta.schema.to_arrow_schema().names
+            if text_field not in names:
+                return None
+            col = names.index(text_field)
+            total += sum(meta.row_group(g).column(col).total_uncompressed_size for g in range(meta.num_row_groups))
+    except Exception:  # noqa: BLE001  # a broken file: resnorm.hf_files reports it
+        return None
+    return total

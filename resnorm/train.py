@@ -112,10 +112,12 @@ def _record_failure(job: JobInfo, exc: Exception) -> Dict[str, Any]:
     summary = read_summary(job.run_dir) or {"run_name": job.run_name, "group": job.group,
                                             "overrides": job.overrides, "run_id": job.run_id}
     full = is_disk_full(exc)
-    if full and not isinstance(exc, DiskFullError):
-        exc = DiskFullError(getattr(exc, "filename", None) or job.run_dir)
-    summary.update(status="failed", error=f"{type(exc).__name__}: {exc}",
-                   traceback=None if full else traceback.format_exc())
+    error = f"{type(exc).__name__}: {exc}"
+    if full and getattr(exc, "filename", None) and not isinstance(exc, DiskFullError):
+        error = f"DiskFullError: {DiskFullError(exc.filename)}"
+    elif full and "disk is full" not in error:
+        error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''} (the disk is full)"
+    summary.update(status="failed", error=error, traceback=None if full else traceback.format_exc())
     try:
         write_summary(job.run_dir, summary, in_place_if_full=full)
     except OSError as again:
