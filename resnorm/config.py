@@ -776,6 +776,9 @@ RULES: Tuple[Callable[[Callable[[str], Any]], None], ...] = (
     heads_divide_width, norm_layer_needs_norms, variant_optim_preset, text_data_needs_a_file, synthetic_vocab_fits_vocab,
     byte_data_needs_byte_vocab, hf_data_is_on_this_machine, tokenizer_fits_data, sequence_fits_corpus,
     devices_divide_batch, grad_accum_splits_batch, sgd_nesterov_needs_momentum, finetune_needs_a_run)
+#: the rules that read the pre-training data (its files, the tokenizer file, the corpus size): a fine-tune
+#: never reads data.*, so they are skipped for it (a sweep copied without its corpus can be fine-tuned)
+DATA_RULES = (text_data_needs_a_file, hf_data_is_on_this_machine, tokenizer_fits_data, sequence_fits_corpus)
 #: the checks that hold only on the machine the job trains on (skipped where jobs run elsewhere: SLURM, Ray)
 HOST_RULES: Tuple[Callable[[Callable[[str], Any]], None], ...] = (device_is_present, tensorboard_is_installed)
 
@@ -824,14 +827,19 @@ def validate(cfg: Any, host: bool = True) -> None:
     get = reader(cfg)
     for lf in leaves():
         check_leaf(lf, get(lf.key))
+    finetune = get("finetune.task") is not None  # reads the run's checkpoint and tokenizer, never data.*
     for rule in RULES + (HOST_RULES if host else ()):
-        rule(get)
+        if not (finetune and rule in DATA_RULES):
+            rule(get)
 
 
 _validate = validate  # compose's keyword argument ``validate`` hides the function
 
 
 # --- composing ------------------------------------------------------------------------------------
+
+_ESCAPES = {"'": "\\'", "${": "\\${", "": ""}
+
 
 def override(dotted: str, value: Any) -> str:
     """The command-line override that sets ``dotted`` to ``value`` (``null``, ``true``, quoted strings)."""
@@ -840,8 +848,9 @@ def override(dotted: str, value: Any) -> str:
     if isinstance(value, bool):
         return f"{dotted}={str(value).lower()}"
     if isinstance(value, str):
-        # Hydra's quoted strings: a run of backslashes before a quote or the end is doubled
-        escaped = re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), value)
+        # Hydra's quoted strings: a run of backslashes before a quote, an interpolation or the end is
+        # doubled, and the quote or ``${`` escaped: the value is taken as written, never resolved
+        escaped = re.sub(r"(\\*)('|\$\{|$)", lambda m: m.group(1) * 2 + _ESCAPES[m.group(2)], value)
         return f"{dotted}='{escaped}'"
     return f"{dotted}={value!r}"
 

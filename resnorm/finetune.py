@@ -59,7 +59,24 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--batch", type=_positive(int), default=DEFAULTS["batch"], help="examples per step (default 16)")
     p.add_argument("--eval-every", type=_positive(int), default=None,
                    help="steps between held-out losses (default: a quarter of the steps)")
-    return p.parse_args(argv)
+    p.add_argument("settings", nargs="*", metavar="KEY=VALUE",
+                   help="where and how the fine-tunes run: logger.*, train.device, train.threads and the other "
+                        "keys outside a run's identity (resnorm.identity.OPERATIONAL_KEYS); a copied run "
+                        "folder's own values of these are never used")
+    args = p.parse_args(argv)
+    for line in args.settings:
+        key = line.split("=", 1)[0].lstrip("+")
+        if "=" not in line or not _operational(key):
+            p.error(f"{line!r}: only KEY=VALUE of the keys outside a run's identity can be set here "
+                    "(logger.*, train.device, train.devices, train.threads, train.progress, ...)")
+    return args
+
+
+def _operational(dotted: str) -> bool:
+    """Whether ``dotted`` is one of (or under one of) resnorm.identity.OPERATIONAL_KEYS."""
+    from .identity import OPERATIONAL_KEYS
+
+    return any(dotted == k or dotted.startswith(k + ".") for k in OPERATIONAL_KEYS)
 
 
 def why_not(run_dir: Path, summary: Optional[Dict[str, Any]]) -> Optional[str]:
@@ -72,7 +89,9 @@ def why_not(run_dir: Path, summary: Optional[Dict[str, Any]]) -> Optional[str]:
         return f"status {summary.get('status')}: only completed runs are fine-tuned"
     if not (run_dir / CHECKPOINT).is_file():
         return f"no {CHECKPOINT}: pre-train it with train.keep_checkpoint=true to fine-tune it"
-    return None
+    from .heads import checkpoint_problem
+
+    return checkpoint_problem(run_dir / CHECKPOINT, summary.get("run_id"))
 
 
 def _flat(node: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -88,7 +107,9 @@ def _flat(node: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 def stored_overrides(run_dir: Path, summary: Dict[str, Any]) -> List[str]:
     """The run's resolved config (its summary's, else ``.hydra/config.yaml``) as one override per key,
     so :func:`resnorm.config.compose` rebuilds it on the current schema (keys added since take their
-    defaults)."""
+    defaults). Stored values are data: quoted so that nothing in them is resolved (an ``${oc.env:...}``
+    stays that text), and the operational keys (W&B, device, threads, cache folder: the folder may be
+    someone else's) are left out, to come from the fine-tune's own command line."""
     from .config import override
 
     stored = summary.get("config")
@@ -96,7 +117,10 @@ def stored_overrides(run_dir: Path, summary: Dict[str, Any]) -> List[str]:
         import yaml
 
         stored = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
-    return [override(k, v) for k, v in _flat({k: v for k, v in stored.items() if k != "hydra"}).items()]
+    if not isinstance(stored, dict):
+        raise DataError(f"{run_dir}: its stored config is a {type(stored).__name__}, not an object")
+    flat = _flat({k: v for k, v in stored.items() if k != "hydra"})
+    return [override(k, v) for k, v in flat.items() if not _operational(k)]
 
 
 def finetune_config(run_dir: Path, summary: Dict[str, Any], task: str, args) -> Tuple[Any, List[str]]:
@@ -111,7 +135,7 @@ def finetune_config(run_dir: Path, summary: Dict[str, Any], task: str, args) -> 
               "optim.lr": args.lr, "train.batch_size": args.batch,
               "train.eval_every": args.eval_every or max(1, args.steps // 4),
               "optim.warmup_steps": min(warmup, args.steps // 10), "train.keep_checkpoint": False}
-    overrides = [override(k, v) for k, v in values.items()]
+    overrides = [override(k, v) for k, v in values.items()] + list(getattr(args, "settings", None) or [])
     return compose(base + overrides, validate=True), overrides
 
 
@@ -149,11 +173,13 @@ def finetune_run(run_dir: Path, summary: Dict[str, Any], task: str, args) -> Dic
 
 
 def _check_task(task: str) -> None:
-    """One-line DataError for an unknown task or a file without the needed columns, before any run."""
-    from .tasks import _builtins, kind_of, label_set, read_rows, split_rows
+    """One-line DataError for an unknown task, a file without the needed columns or with one label, or a
+    name that makes no folder, before any run."""
+    from .tasks import _builtins, kind_of, label_set, read_rows, split_rows, task_name
 
     if task in _builtins():
         return
+    task_name(task)
     rows, source = read_rows(task)
     label_set(rows, kind_of(rows, source), source)
     split_rows(rows, source)
@@ -184,16 +210,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not runs:
         print(f"error: {args.path}: no run folder (with a summary.json) under it", file=sys.stderr)
         return 2
-    ready = [(d, s) for d, s in runs if why_not(d, s) is None]
+    runs = [(d, s, why_not(d, s)) for d, s in runs]
+    ready = [(d, s) for d, s, why in runs if why is None]
     if not ready:
-        d, s = runs[0]
-        why = why_not(d, s) if len(runs) == 1 else \
-            f"none of its {len(runs)} runs can be fine-tuned (the first: {why_not(d, s)})"
+        d, s, why = runs[0]
+        why = why if len(runs) == 1 else f"none of its {len(runs)} runs can be fine-tuned (the first: {why})"
         print(f"error: {d if len(runs) == 1 else args.path}: {why}", file=sys.stderr)
         return 2
-    for d, s in runs:
-        if why_not(d, s) is not None:
-            print(f"{d}: skipped, {why_not(d, s)}", file=sys.stderr)
+    for d, s, why in runs:
+        if why is not None:
+            print(f"{d}: skipped, {why}", file=sys.stderr)
     failed = 0
     for d, s in ready:
         try:

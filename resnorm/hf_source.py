@@ -168,7 +168,12 @@ def columns(source: Source, split: str) -> Optional[Tuple[str, ...]]:
     if source.builder == "text":
         return (TEXT_BUILDER_COLUMN,)
     if source.builder == "parquet":
-        return None  # every file's footer is read by check_files
+        import pyarrow.parquet as pq
+
+        try:
+            return tuple(pq.read_schema(first).names)
+        except Exception:  # noqa: BLE001  # not a readable parquet file: resnorm.hf_files says which and why
+            return None
     with open(first, encoding="utf-8", errors="replace") as f:
         line = f.readline().strip()
     try:
@@ -184,16 +189,16 @@ def check_split_and_field(source: Source, split: str, key: str, text_field: str)
     names = splits(source)
     if names is not None and split not in names:
         raise ConfigError(key, split, f"{source.describe()} has the split(s) {', '.join(names)}")
+    cols = columns(source, split)
+    if cols is not None and text_field not in cols:
+        raise ConfigError("data.text_field", text_field,
+                          f"{source.describe()} (split {split}) has the columns {', '.join(cols) or '(none)'}")
     if source.kind == "files":
         from .hf_files import problems_before_training
 
         problem = problems_before_training(source.files, source.builder, text_field)
         if problem:
             raise ConfigError(source.key, source.value, problem)
-    cols = columns(source, split)
-    if cols is not None and text_field not in cols:
-        raise ConfigError("data.text_field", text_field,
-                          f"{source.describe()} (split {split}) has the columns {', '.join(cols) or '(none)'}")
 
 
 def text_bytes_bound(source: Source, text_field: str) -> Optional[int]:

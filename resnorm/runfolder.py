@@ -316,6 +316,23 @@ def tensorboard_dir(run_dir: Path) -> Path:
     return Path(run_dir) / TENSORBOARD
 
 
+def link_problem(run_dir: Path) -> Optional[str]:
+    """Why a job folder is refused, or None: it is a symbolic link, or it holds one at its top (a
+    ``run.log``, ``summary.json``, ``checkpoint.pt``, ... pointing elsewhere). Run files are written only
+    where the folder lies, so a folder copied from someone else cannot direct them at another file. The
+    folders above it may be links (``multirun`` -> a scratch disk): those were made by the user."""
+    path = Path(run_dir)
+    if path.is_symlink():
+        return f"{path} is a symbolic link (to {os.readlink(path)}): a job folder must be a real folder"
+    if not path.is_dir():
+        return None
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        if entry.is_symlink():
+            return (f"{path / entry.name} is a symbolic link (to {os.readlink(entry.path)}): run files are written "
+                    "only where the job folder lies; remove the link")
+    return None
+
+
 # --- the folder's state machine and its lock ----------------------------------------------------
 
 def job_state(run_dir: Path, run_id: str) -> str:

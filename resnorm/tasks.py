@@ -55,8 +55,15 @@ def unknown_task(spec: str) -> DataError:
 
 
 def task_name(spec: str) -> str:
-    """The folder name of a task's results: a built-in's name, or the file's (folder's) stem."""
-    return spec if spec in _builtins() else Path(spec).expanduser().name.split(".")[0]
+    """The folder name of a task's results: a built-in's name, or the file's (folder's) name up to its
+    first dot, leading dots dropped (``.x.csv`` is ``x``); DataError when nothing is left to name a folder."""
+    if spec in _builtins():
+        return spec
+    name = Path(spec).expanduser().name.lstrip(".").split(".")[0]
+    if not name or name in (".", ".."):
+        raise DataError(f"--task {spec!r}: its file name leaves no task name (the results go to "
+                        "<run>/finetune/<name>/): rename the file")
+    return name
 
 
 def task_fingerprint(spec: str) -> str:
@@ -172,16 +179,24 @@ def check_bio(tags: Sequence[str], where: str) -> None:
 
 
 def label_set(rows: Sequence[dict], kind: str, source: str) -> List[str]:
+    """The task's labels (classify) or tags (tag), sorted; DataError when there is only one (every
+    prediction would score 1.0: nothing is measured)."""
     if kind == "classify":
-        return sorted({str(r["label"]) for r in rows})
-    tags = set()
-    for i, r in enumerate(rows):
-        words, row_tags = _words(r["tokens"]), _words(r["tags"])
-        if len(words) != len(row_tags):
-            raise DataError(f"{source}: row {i} has {len(words)} tokens and {len(row_tags)} tags; one tag per token")
-        check_bio(row_tags, f"{source}: row {i}")
-        tags.update(row_tags)
-    return sorted(tags)
+        labels = sorted({str(r["label"]) for r in rows})
+    else:
+        tags = set()
+        for i, r in enumerate(rows):
+            words, row_tags = _words(r["tokens"]), _words(r["tags"])
+            if len(words) != len(row_tags):
+                raise DataError(f"{source}: row {i} has {len(words)} tokens and {len(row_tags)} tags; one tag per token")
+            check_bio(row_tags, f"{source}: row {i}")
+            tags.update(row_tags)
+        labels = sorted(tags)
+    if len(labels) < 2:
+        what = "label" if kind == "classify" else "tag"
+        raise DataError(f"{source}: every row has the {what} {labels[0] if labels else '(none)'!r}; a task needs at "
+                        f"least two {what}s (with one, every prediction is right and nothing is measured)")
+    return labels
 
 
 def encode_rows(rows: Sequence[dict], kind: str, labels: List[str], tokenizer, max_len: int):

@@ -21,8 +21,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from . import devices
 from .identity import run_id
 from .loop import fit
-from .runfolder import (DONE, DiskFullError, is_disk_full, job_lock, job_state, read_summary, remove_stale_temporaries,
-                        write_summary)
+from .runfolder import (DONE, DiskFullError, is_disk_full, job_lock, job_state, link_problem, read_summary,
+                        remove_stale_temporaries, write_summary)
 from .stack_plan import STACK_ENV
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,12 @@ def admit(job: JobInfo, ours: bool) -> Optional[Dict[str, Any]]:
 def execute(cfg, job: JobInfo, callbacks: Optional[Callable] = None) -> Dict[str, Any]:
     """Skip, resume or train a validated job in its folder; return its summary (``skipped``: True
     when the folder already held the finished run). A crash becomes ``failed``; a folder locked by
-    another process (the same sweep started twice) is left to it and returned as ``running``."""
+    another process (the same sweep started twice) is left to it and returned as ``running``; a folder
+    that is (or holds) a symbolic link is refused untouched (:func:`resnorm.runfolder.link_problem`)."""
+    linked = link_problem(job.run_dir)
+    if linked:
+        log.error("run %s not trained: %s", job.run_name, linked)
+        return {"status": "failed", "run_name": job.run_name, "run_id": job.run_id, "error": linked}
     with job_lock(job.run_dir) as ours:
         verdict = admit(job, ours)
         if verdict is not None:

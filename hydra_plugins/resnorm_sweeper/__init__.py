@@ -36,6 +36,7 @@ from omegaconf import OmegaConf, open_dict
 from resnorm.config import check_override, composition_error, validate
 from resnorm.errors import ConfigError
 from resnorm.identity import OPERATIONAL_KEYS, register_resolver
+from resnorm.runfolder import link_problem
 from resnorm.stack_plan import STACK_MODES, group_labels, launch_overrides, stack_groups
 from resnorm.sweeper import (LAST_OUTCOME, JobPlan, duplicates, job_table, longest_first, plan_job, version_note,
                              write_plan)
@@ -113,6 +114,10 @@ class ValidatingSweeper(BasicSweeper):
             validate(cfg, host=self.jobs_run_here())
         except ConfigError as err:
             _config_error(f"{err} (job: {' '.join(overrides)})")
+        linked = link_problem(run_dir) if run_dir is not None else None
+        if linked:  # one line, before anything is written
+            print(f"error: refusing the job folder {run_dir}: {linked} (job: {' '.join(overrides)})", file=sys.stderr)
+            raise SystemExit(2)
         return plan_job(overrides, cfg, run_dir, run_name, hydra_yaml)
 
     def sweep(self, arguments: List[str]) -> Any:
