@@ -63,7 +63,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                    help="where and how the fine-tunes run: logger.*, train.device, train.threads and the other "
                         "keys outside a run's identity (resnorm.identity.OPERATIONAL_KEYS); a copied run "
                         "folder's own values of these are never used")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # KEY=VALUE settings may follow the flags
     for line in args.settings:
         key = line.split("=", 1)[0].lstrip("+")
         if "=" not in line or not _operational(key):

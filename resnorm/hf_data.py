@@ -40,7 +40,7 @@ def _open(source: Source, split: str, key: str, hf_cache: str, hub_config: Optio
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a bad file: our one line says which and why
     if source.kind == "saved":
         try:
             ds = datasets.load_from_disk(str(source.files[0]))
@@ -163,7 +163,13 @@ class SplitTexts:
         return self._pieces
 
     def _docs(self, split: str, key: str) -> List[str]:
-        return ["" if t is None else t for t in self._split(split, key)[self.cfg.text_field]]
+        ds = self._split(split, key)
+        try:
+            return ["" if t is None else t for t in ds[self.cfg.text_field]]
+        except Exception as exc:  # noqa: BLE001  # bytes that are not UTF-8 show only when the rows are read
+            if self.source.kind != "files":
+                raise
+            raise _unreadable(self.source, self.cfg.text_field, self.hf_cache, exc) from None
 
 
 def tokenizer_for(cfg, root, texts: SplitTexts):
