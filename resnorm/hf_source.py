@@ -143,7 +143,14 @@ def resolve(path: Optional[str], hub_id: Optional[str], hub_config: Optional[str
 def _saved_splits(folder: Path) -> Tuple[str, ...]:
     """The splits of a save_to_disk folder (a single Dataset: ``train``)."""
     dict_file = folder / "dataset_dict.json"
-    return tuple(json.loads(dict_file.read_text())["splits"]) if dict_file.is_file() else ("train",)
+    if not dict_file.is_file():
+        return ("train",)
+    try:
+        splits = json.loads(dict_file.read_text())["splits"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise ConfigError("data.path", str(folder), f"{dict_file.name} is not a save_to_disk split list "
+                                                    f"({type(exc).__name__})") from None
+    return tuple(str(s) for s in splits)
 
 
 def splits(source: Source) -> Optional[Tuple[str, ...]]:
@@ -163,7 +170,10 @@ def columns(source: Source, split: str) -> Optional[Tuple[str, ...]]:
         root = source.files[0]
         folder = root / split if (root / "dataset_dict.json").is_file() else root
         info = folder / "dataset_info.json"
-        return tuple(json.loads(info.read_text()).get("features") or ()) if info.is_file() else None
+        try:
+            return tuple(json.loads(info.read_text()).get("features") or ()) if info.is_file() else None
+        except (OSError, ValueError, AttributeError, TypeError, RecursionError):
+            return None  # a damaged info file: datasets' load reports the folder
     first = source.files[0]
     if source.builder == "text":
         return (TEXT_BUILDER_COLUMN,)
@@ -178,7 +188,7 @@ def columns(source: Source, split: str) -> Optional[Tuple[str, ...]]:
         line = f.readline().strip()
     try:
         row = json.loads(line) if first.suffix.lower() == ".jsonl" or line.startswith("{") else None
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return None
     return tuple(row) if isinstance(row, dict) else None
 

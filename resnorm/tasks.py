@@ -85,9 +85,13 @@ def _read_json(path: Path) -> List[dict]:
     text = path.read_text(encoding="utf-8")
     try:
         rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except RecursionError:
+        raise DataError(f"task file {path}: nested too deeply to be a task's rows") from None
     except json.JSONDecodeError:
         try:
             rows = json.loads(text)
+        except RecursionError:
+            raise DataError(f"task file {path}: nested too deeply to be a task's rows") from None
         except json.JSONDecodeError as exc:
             raise DataError(f"task file {path}: neither JSON lines nor a JSON list ({exc.msg}, line {exc.lineno})") from None
     if len(rows) == 1 and isinstance(rows[0], list):
@@ -120,11 +124,18 @@ def read_rows(spec: str) -> Tuple[List[dict], str]:
         return _read_dataset(path), str(path)
     if not path.is_file():
         raise unknown_task(spec)
+    try:
+        return _read_file(path), str(path)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"task file {path}: not UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
+
+
+def _read_file(path: Path) -> List[dict]:
     if path.suffix == ".csv":
         with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f)), str(path)
+            return list(csv.DictReader(f))
     if path.suffix in (".jsonl", ".json"):
-        return _read_json(path), str(path)
+        return _read_json(path)
     raise DataError(f"task file {path}: unknown format {path.suffix or '(no suffix)'}; use {FILE_KINDS}")
 
 

@@ -421,3 +421,13 @@ def test_the_code_version_is_recorded_and_mixed_versions_are_reported(reference,
         loaded = load_sweep(sweep)
     assert loaded.versions == "1 run at 1111111111, 1 at 2222222222+dirty"
     assert any("mixes code versions" in str(w.message) for w in caught)
+    # the sweeper: the finished runs' versions and this checkout's for the jobs still to run
+    from resnorm.sweeper import JobPlan, version_note
+
+    done = JobPlan([], "a", sweep / "a", "completed", None)
+    todo = JobPlan([], "c", tmp_path / "c", "new", None)
+    note = version_note([done, todo])
+    assert note.startswith("this sweep mixes code versions (1 run at 1111111111, 1 at ") and "start a new sweep name" in note
+    s = summary(sweep / "a")
+    (sweep / "a" / "summary.json").write_text(json.dumps({**s, "git_commit": git_commit()}))
+    assert version_note([done, todo]) is None  # one version: nothing to say
