@@ -61,7 +61,7 @@ def json_problem(path: Path, text_field: str) -> Optional[str]:
             if not raw.strip():
                 continue
             try:
-                row = json.loads(raw.decode("utf-8"))
+                row = json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8"))  # a BOM, as datasets allows
             except UnicodeDecodeError as exc:
                 return f"{path}: line {number}: not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"
             except json.JSONDecodeError as exc:

@@ -146,11 +146,10 @@ def _saved_splits(folder: Path) -> Tuple[str, ...]:
     if not dict_file.is_file():
         return ("train",)
     try:
-        splits = json.loads(dict_file.read_text())["splits"]
+        return tuple(str(s) for s in json.loads(dict_file.read_text())["splits"])
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise ConfigError("data.path", str(folder), f"{dict_file.name} is not a save_to_disk split list "
                                                     f"({type(exc).__name__})") from None
-    return tuple(str(s) for s in splits)
 
 
 def splits(source: Source) -> Optional[Tuple[str, ...]]:

@@ -243,7 +243,7 @@ def _tmpfs(folder: Path, size: str) -> None:
 
 
 def _umount(folder: Path) -> None:
-    subprocess.run(["umount", str(folder)], capture_output=True, timeout=60)
+    subprocess.run(["umount", "-l", str(folder)], capture_output=True, timeout=60)  # lazy: datasets may hold a map
 
 
 @pytest.mark.slow
