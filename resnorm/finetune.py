@@ -181,8 +181,9 @@ def _check_task(task: str) -> None:
         return
     task_name(task)
     rows, source = read_rows(task)
-    label_set(rows, kind_of(rows, source), source)
+    kind = kind_of(rows, source)
     split_rows(rows, source)
+    label_set(rows, kind, source)
 
 
 def _report(run_dir: Path, result: Dict[str, Any]) -> str:

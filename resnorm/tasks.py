@@ -274,8 +274,8 @@ def load_task_data(cfg) -> TaskData:
     spec = cfg.finetune.task
     rows, source = read_rows(spec)
     kind = kind_of(rows, source)
-    labels = label_set(rows, kind, source)
     train, held = split_rows(rows, source)
+    labels = label_set(rows, kind, source)
     tok = load_run_tokenizer(Path(cfg.finetune.init_from), cfg)
     x, y = encode_rows(train, kind, labels, tok, cfg.train.seq_len)
     vx, vy = encode_rows(held, kind, labels, tok, cfg.train.seq_len)
