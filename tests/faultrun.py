@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _install(kind: str, n: int) -> None:
-    from resnorm import checkpoint, runfolder
+    from resnorm.train import checkpoint
+    from resnorm.runs import folder as runfolder
 
     count = {"n": 0}
 
@@ -69,14 +70,14 @@ def _add_schema_key(spec: str) -> None:
     """A new float key GROUP.KEY in the schema, default and ``neutral`` both VALUE."""
     from dataclasses import field, fields, make_dataclass
 
-    from resnorm import config
+    from resnorm.config import schema
 
     dotted, _, value = spec.partition("=")
     group, name = dotted.split(".")
-    node = {f.name: f for f in fields(config.Config)}[group].default_factory
-    grown = make_dataclass(node.__name__, [(name, float, config.key(float(value), "a key of a later version",
+    node = {f.name: f for f in fields(schema.Config)}[group].default_factory
+    grown = make_dataclass(node.__name__, [(name, float, schema.key(float(value), "a key of a later version",
                                                                       neutral=float(value)))], bases=(node,))
-    config.Config = make_dataclass("Config", [(group, grown, field(default_factory=grown))], bases=(config.Config,))
+    schema.Config = make_dataclass("Config", [(group, grown, field(default_factory=grown))], bases=(schema.Config,))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import PYTHON, ROOT, TINY, compose, run_cli
 from resnorm.errors import ConfigError, DataError
-from resnorm.identity import run_id
+from resnorm.runs.identity import run_id
 from test_faults import NO_ANALYSIS, RUN, assert_same_run, one_line, reference, summary  # noqa: F401
 
 pd = pytest.importorskip("pandas")
@@ -79,7 +79,7 @@ def bad_sources(tmp_path_factory):
 
 def test_bad_data_files_are_one_line_before_training(bad_sources, tmp_path):
     """Every broken file is named, with its line, by the up-front check (a ConfigError on data.path)."""
-    from resnorm.config import validate
+    from resnorm.train.preflight import validate
 
     for name, folder, words in bad_sources:
         with pytest.raises(ConfigError) as err:
@@ -92,8 +92,8 @@ def test_bad_data_files_are_one_line_before_training(bad_sources, tmp_path):
 def test_bad_data_files_are_named_when_loading_too(bad_sources, tmp_path, monkeypatch):
     """Files too large to read up front (here: a limit of 0 bytes) are read when ``datasets`` fails:
     the loader's DataError names the file and the line, not ``DatasetGenerationError``."""
-    from resnorm import hf_files
-    from resnorm.hf_data import load_hf
+    from resnorm.data import hf_files
+    from resnorm.data.hf import load_hf
 
     monkeypatch.setattr(hf_files, "SCAN_LIMIT", 0)
     for name, folder, words in bad_sources:
@@ -116,8 +116,8 @@ def test_a_bad_data_file_on_the_command_line_writes_nothing(bad_sources, tmp_pat
 
 
 def test_bpe_vocabulary_is_bounded_by_the_schema_and_the_data(tmp_path):
-    from resnorm.config import validate
-    from resnorm.token_cache import entry
+    from resnorm.train.preflight import validate
+    from resnorm.data.token_cache import entry
 
     src = _parquet(tmp_path / "d" / "a.parquet", TEXTS[:3])
     base = ("data=hf", f"data.path={src}", "data.tokenizer=bpe", f"data.cache_dir={tmp_path}")
@@ -140,7 +140,7 @@ def pretrained(tmp_path_factory):
     """A sweep folder with a run pre-trained on a text file (its checkpoint kept), and one twice as wide."""
     import torch
 
-    from resnorm.train import JobInfo, train
+    from resnorm.train.job import JobInfo, train
 
     root = tmp_path_factory.mktemp("ft")
     corpus = root / "corpus.txt"
@@ -268,7 +268,7 @@ def test_a_disk_that_fills_up_mid_run_is_one_line_then_resumes(tmp_path, referen
 
 
 def test_a_full_token_cache_is_one_line_and_leaves_no_temporary(tmp_path):
-    from resnorm.hf_data import load_hf
+    from resnorm.data.hf import load_hf
 
     text = tmp_path / "text" / "big.txt"
     text.parent.mkdir()
@@ -373,7 +373,7 @@ def test_auto_packing_on_fake_gpus_without_their_memory_writes_nothing(tmp_path)
 
 def test_an_unwritable_tensorboard_folder_is_one_warning(tmp_path, capfd):
     pytest.importorskip("tensorboard")
-    from resnorm.train import JobInfo, train
+    from resnorm.train.job import JobInfo, train
 
     (tmp_path / "tensorboard").write_text("a file where the folder goes")
     result = train(compose(*RUN, "logger.tensorboard=true"), JobInfo(tmp_path, "r", "g", []))
@@ -408,7 +408,7 @@ def test_a_key_added_later_leaves_a_finished_sweep_done(done_sweep, tmp_path, re
 
 def test_the_code_version_is_recorded_and_mixed_versions_are_reported(reference, tmp_path):
     from analysis.load import load_sweep
-    from resnorm.provenance import git_commit
+    from resnorm.runs.provenance import git_commit
 
     assert summary(reference)["git_commit"] == git_commit()
     sweep = tmp_path / "sweep"
@@ -422,7 +422,7 @@ def test_the_code_version_is_recorded_and_mixed_versions_are_reported(reference,
     assert loaded.versions == "1 run at 1111111111, 1 at 2222222222+dirty"
     assert any("mixes code versions" in str(w.message) for w in caught)
     # the sweeper: the finished runs' versions and this checkout's for the jobs still to run
-    from resnorm.sweeper import JobPlan, version_note
+    from resnorm.sweep.plan import JobPlan, version_note
 
     done = JobPlan([], "a", sweep / "a", "completed", None)
     todo = JobPlan([], "c", tmp_path / "c", "new", None)
