@@ -92,10 +92,10 @@ def test_bad_data_files_are_one_line_before_training(bad_sources, tmp_path):
 def test_bad_data_files_are_named_when_loading_too(bad_sources, tmp_path, monkeypatch):
     """Files too large to read up front (here: a limit of 0 bytes) are read when ``datasets`` fails:
     the loader's DataError names the file and the line, not ``DatasetGenerationError``."""
-    from resnorm.data import hf_files
+    from resnorm.data import hf_source
     from resnorm.data.hf import load_hf
 
-    monkeypatch.setattr(hf_files, "SCAN_LIMIT", 0)
+    monkeypatch.setattr(hf_source, "SCAN_LIMIT", 0)
     for name, folder, words in bad_sources:
         if not name.startswith(("json", "txt")):
             continue

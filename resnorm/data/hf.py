@@ -67,8 +67,8 @@ def _open(source: Source, split: str, key: str, hf_cache: str, hub_config: Optio
 
 def _unreadable(source: Source, text_field: str, hf_cache: str, exc: BaseException) -> DataError:
     """One line for data files ``datasets`` could not read: the broken file, line and reason
-    (:func:`resnorm.hf_files.file_problem`), else the innermost error's first line."""
-    from resnorm.data.hf_files import file_problem, first_line
+    (:func:`resnorm.data.hf_source.file_problem`), else the innermost error's first line."""
+    from resnorm.data.hf_source import file_problem, first_line
     from resnorm.runs.folder import is_disk_full
 
     if is_disk_full(exc):
