@@ -72,11 +72,21 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     return args
 
 
+#: the keys a copied run folder never sets for a fine-tune: where its results are sent (W&B), which
+#: devices it takes, where it caches; they come from the fine-tune's command line (else their defaults).
+#: The other operational keys (checkpoint interval, threads, micro-batches) are inherited from the run.
+FROM_COMMAND = ("logger", "train.device", "train.devices", "data.cache_dir")
+
+
+def _under(dotted: str, keys) -> bool:
+    return any(dotted == k or dotted.startswith(k + ".") for k in keys)
+
+
 def _operational(dotted: str) -> bool:
     """Whether ``dotted`` is one of (or under one of) resnorm.runs.identity.OPERATIONAL_KEYS."""
     from resnorm.runs.identity import OPERATIONAL_KEYS
 
-    return any(dotted == k or dotted.startswith(k + ".") for k in OPERATIONAL_KEYS)
+    return _under(dotted, OPERATIONAL_KEYS)
 
 
 def why_not(run_dir: Path, summary: Optional[Dict[str, Any]]) -> Optional[str]:
@@ -108,8 +118,8 @@ def stored_overrides(run_dir: Path, summary: Dict[str, Any]) -> List[str]:
     """The run's resolved config (its summary's, else ``.hydra/config.yaml``) as one override per key,
     so :func:`resnorm.config.compose.compose` rebuilds it on the current schema (keys added since take their
     defaults). Stored values are data: quoted so that nothing in them is resolved (an ``${oc.env:...}``
-    stays that text), and the operational keys (W&B, device, threads, cache folder: the folder may be
-    someone else's) are left out, to come from the fine-tune's own command line."""
+    stays that text), and the keys of :data:`FROM_COMMAND` (W&B, devices, the cache folder: the folder
+    may be someone else's) are left out, to come from the fine-tune's own command line."""
     from resnorm.config.compose import override
 
     stored = summary.get("config")
@@ -120,7 +130,7 @@ def stored_overrides(run_dir: Path, summary: Dict[str, Any]) -> List[str]:
     if not isinstance(stored, dict):
         raise DataError(f"{run_dir}: its stored config is a {type(stored).__name__}, not an object")
     flat = _flat({k: v for k, v in stored.items() if k != "hydra"})
-    return [override(k, v) for k, v in flat.items() if not _operational(k)]
+    return [override(k, v) for k, v in flat.items() if not _under(k, FROM_COMMAND)]
 
 
 def finetune_config(run_dir: Path, summary: Dict[str, Any], task: str, args) -> Tuple[Any, List[str]]:
@@ -177,15 +187,16 @@ def finetune_run(run_dir: Path, summary: Dict[str, Any], task: str, args) -> Dic
 def _check_task(task: str) -> None:
     """One-line DataError for an unknown task, a file without the needed columns or with one label, or a
     name that makes no folder, before any run."""
-    from resnorm.tasks.labelled import _builtins, kind_of, label_set, read_rows, split_rows, task_name
+    from resnorm.tasks.labelled import _builtins, check_label_count, kind_of, label_set, read_rows, split_rows, task_name
 
     if task in _builtins():
         return
     task_name(task)
     rows, source = read_rows(task)
     kind = kind_of(rows, source)
+    labels = label_set(rows, kind, source)
     split_rows(rows, source)
-    label_set(rows, kind, source)
+    check_label_count(labels, kind, source)
 
 
 def _report(run_dir: Path, result: Dict[str, Any]) -> str:

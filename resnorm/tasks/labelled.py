@@ -190,8 +190,7 @@ def check_bio(tags: Sequence[str], where: str) -> None:
 
 
 def label_set(rows: Sequence[dict], kind: str, source: str) -> List[str]:
-    """The task's labels (classify) or tags (tag), sorted; DataError when there is only one (every
-    prediction would score 1.0: nothing is measured)."""
+    """The task's labels (classify) or tags (tag), sorted; every row checked (BIO, one tag per token)."""
     if kind == "classify":
         labels = sorted({str(r["label"]) for r in rows})
     else:
@@ -203,11 +202,15 @@ def label_set(rows: Sequence[dict], kind: str, source: str) -> List[str]:
             check_bio(row_tags, f"{source}: row {i}")
             tags.update(row_tags)
         labels = sorted(tags)
+    return labels
+
+
+def check_label_count(labels: Sequence[str], kind: str, source: str) -> None:
+    """DataError for a task with a single label (or tag): every prediction would be right, nothing measured."""
     if len(labels) < 2:
         what = "label" if kind == "classify" else "tag"
         raise DataError(f"{source}: every row has the {what} {labels[0] if labels else '(none)'!r}; a task needs at "
                         f"least two {what}s (with one, every prediction is right and nothing is measured)")
-    return labels
 
 
 def encode_rows(rows: Sequence[dict], kind: str, labels: List[str], tokenizer, max_len: int):
@@ -274,8 +277,9 @@ def load_task_data(cfg) -> TaskData:
     spec = cfg.finetune.task
     rows, source = read_rows(spec)
     kind = kind_of(rows, source)
-    train, held = split_rows(rows, source)
     labels = label_set(rows, kind, source)
+    train, held = split_rows(rows, source)
+    check_label_count(labels, kind, source)
     tok = load_run_tokenizer(Path(cfg.finetune.init_from), cfg)
     x, y = encode_rows(train, kind, labels, tok, cfg.train.seq_len)
     vx, vy = encode_rows(held, kind, labels, tok, cfg.train.seq_len)
