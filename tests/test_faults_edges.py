@@ -121,7 +121,7 @@ def test_bpe_vocabulary_is_bounded_by_the_schema_and_the_data(tmp_path):
 
     src = _parquet(tmp_path / "d" / "a.parquet", TEXTS[:3])
     base = ("data=hf", f"data.path={src}", "data.tokenizer=bpe", f"data.cache_dir={tmp_path}")
-    for size, words in ((1_000_000_000, "must lie in (0, 1048576]"), (1_048_576, "a BPE of it has at most")):
+    for size, words in ((1_000_000_000, "must be an integer in (0, 1048576]"), (1_048_576, "a BPE of it has at most")):
         with pytest.raises(ConfigError) as err:
             validate(compose(*base, f"data.vocab_size={size}"))
         assert str(err.value).startswith(f"data.vocab_size={size}") and words in str(err.value), str(err.value)

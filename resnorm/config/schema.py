@@ -74,7 +74,7 @@ class Range:
             return "must be a positive number" if self.low_open else "must be a finite number >= 0"
         if self.high is None:
             return f"must be an integer {self.relation()}" if integer else f"must be {self.relation()}"
-        return f"must lie {self.relation()}"
+        return f"must be an integer {self.relation()}" if integer else f"must lie {self.relation()}"
 
 
 def _number(x: Optional[float]) -> str:
