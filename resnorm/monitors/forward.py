@@ -83,7 +83,6 @@ class ForwardStatsProbe(_Periodic):
 
     quantities_before = ("act_absmax", "act_kurtosis", "attn_entropy_mean", "attn_entropy_min_head",
                          "attn_sink_mass")
-    attention_only = ("attn_entropy_mean", "attn_entropy_min_head", "attn_sink_mass")
 
     def __init__(self, model, every: int, total_steps: int, share=None):
         super().__init__(model, every, total_steps)

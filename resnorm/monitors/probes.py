@@ -24,6 +24,8 @@ at two fixed points of a step, and the order is part of the study:
   ``update_ratio`` ||dW||_F/||W||_F over the step's optimizer update.
 
 The formulas (``rms``, ``branch_ratio``) are :mod:`resnorm.monitors.measure`'s, where each paper's formula lives.
+Every quantity a probe writes is declared once in :mod:`resnorm.runs.quantities` (unit, sublayers, how
+a block's sublayers combine in the figures, one-line description; docs/monitors.md is generated from it).
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ import torch
 from torch import nn
 
 from resnorm.monitors.measure import branch_ratio, rms
+from resnorm.runs.quantities import QUANTITIES, SUBLAYERS
 
-SUBLAYERS = ("attn", "mlp")
 Label = Tuple[int, str]
 
 
@@ -51,9 +53,6 @@ class Probe:
     labels: List[Label] = []
     quantities_before: Tuple[str, ...] = ()
     quantities_after: Tuple[str, ...] = ()
-    #: quantities that exist only for attention sublayers: written for those labels alone (an MLP has
-    #: no attention entropy; its value in the tensor is a NaN placeholder that is never stored)
-    attention_only: Tuple[str, ...] = ()
 
     def due(self, step: int, last: bool) -> bool:
         raise NotImplementedError
@@ -70,11 +69,12 @@ class Probe:
     def rows(self, quantities: Sequence[str], values: Sequence[Sequence[float]]) -> Iterator[tuple]:
         """(quantity, labels, values) per quantity, for :meth:`resnorm.runs.folder.RunStore.add_layers`."""
         for quantity, vals in zip(quantities, values):
-            if quantity in self.attention_only:
-                keep = [i for i, (_, sub) in enumerate(self.labels) if sub == "attn"]
-                yield quantity, [self.labels[i] for i in keep], [vals[i] for i in keep]
-            else:
+            only = QUANTITIES[quantity].sublayers if quantity in QUANTITIES else None
+            if only is None or set(only) >= {sub for _, sub in self.labels}:
                 yield quantity, self.labels, vals
+            else:  # a quantity of some sublayers only (resnorm.runs.quantities): no rows for the others
+                keep = [i for i, (_, sub) in enumerate(self.labels) if sub in only]
+                yield quantity, [self.labels[i] for i in keep], [vals[i] for i in keep]
 
     def state_dict(self) -> dict:
         return {}
@@ -138,7 +138,6 @@ class ActivationProbe(Probe):
 
     quantities_before = ("act_rms", "branch_ratio", "max_attn_logit")
     quantities_after = ("update_ratio",)
-    attention_only = ("max_attn_logit",)
 
     def __init__(self, model, every: int, total_steps: int):
         self.model, self.every, self.total_steps = model, every, total_steps
@@ -178,12 +177,3 @@ class ActivationProbe(Probe):
         self._saved = None
         return torch.stack(upd).view(1, -1)
 
-
-def build_probes(model, train_cfg) -> Tuple[GradNormProbe, List[Probe]]:
-    """The gradient-norm probe (always: the guard needs the total norm) and the periodic probes the
-    config asks for."""
-    grad = GradNormProbe(model, per_layer=train_cfg.probes, log_every=train_cfg.log_every)
-    periodic: List[Probe] = []
-    if train_cfg.probes and train_cfg.probe_every:
-        periodic.append(ActivationProbe(model, train_cfg.probe_every, train_cfg.steps))
-    return grad, periodic
