@@ -48,6 +48,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
+from resnorm.runs.provenance import mixed_versions
 from resnorm.runs.folder import (LAYERS, METRICS, OUTCOMES, SUMMARY, classify_outcome, diverge_kind_of,
                                 find_run_dirs, read_summary, summary_problem)
 
@@ -96,6 +97,8 @@ class Sweep:
     axes: List[str] = field(default_factory=list)
     #: (run folder relative to the sweep, why): runs left out, and runs loaded without their metrics
     skipped: List[Tuple[str, str]] = field(default_factory=list)
+    #: ``3 runs at <commit>, 1 at <commit>+dirty`` when the runs come from several code versions, else None
+    versions: Optional[str] = None
 
     @property
     def name(self) -> str:
@@ -372,6 +375,10 @@ def load_sweep(path) -> Sweep:
     if not loaded:
         raise ValueError(f"no run in {root}: no folder under it holds a readable summary.json")
 
+    versions = mixed_versions(r.info.get("git_commit") for r in loaded)
+    if versions:
+        warnings.warn(f"{root}: the sweep mixes code versions ({versions}): its runs may not be comparable",
+                      stacklevel=2)
     runs = with_bits_per_byte(_coerce(pd.DataFrame([r.info for r in loaded])))
     axes = sweep_axes(runs["overrides"])
     runs["setting"] = _settings(runs, axes)
@@ -381,4 +388,4 @@ def load_sweep(path) -> Sweep:
         for column in ("depth", "seed"):
             table[column] = pd.to_numeric(table[column], errors="coerce").astype("Int64")
         table["lr"] = pd.to_numeric(table["lr"], errors="coerce").astype(float)
-    return Sweep(path=root, runs=runs, steps=steps, layers=layers, axes=axes, skipped=skipped)
+    return Sweep(path=root, runs=runs, steps=steps, layers=layers, axes=axes, skipped=skipped, versions=versions)

@@ -200,6 +200,9 @@ def _markdown(sweep, table: pd.DataFrame, figures: Dict[str, Optional[Path]], sk
              f"Source: {sweep_source(sweep.path)}: {len(table)} runs ({status}"
              + (f"; outcomes: {outcome_text}" if outcome_text else "") + ").",
              f"Code: git {', '.join(commits) or 'unknown'}; torch {', '.join(torches) or 'unknown'}.", ""]
+    if getattr(sweep, "versions", None):
+        lines += [f"**Mixed code versions:** {sweep.versions}. Runs of different commits (or of a tree with "
+                  "local changes) are comparable only if the changes between them cannot move the numbers.", ""]
     lines += _outcome_note(sweep)
     if sweep.axes:
         lines += [f"Swept keys: {', '.join(f'`{a}`' for a in sweep.axes)}.", ""]

@@ -103,7 +103,13 @@ def _check_writable(folder: Path) -> None:
     probe = Path(folder).absolute()
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
+    from resnorm.runs.folder import link_problem
+
     problem = None
+    linked = link_problem(folder)
+    if linked:
+        print(f"error: refusing the run folder {folder}: {linked}", file=sys.stderr)
+        raise SystemExit(2)
     if not probe.is_dir():
         problem = f"{probe} is not a folder"
     elif not os.access(probe, os.W_OK | os.X_OK):

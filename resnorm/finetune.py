@@ -70,7 +70,34 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                    help="steps between validation scores (default 25)")
     p.add_argument("--patience", type=_positive(int), default=DEFAULTS["patience"],
                    help="validation scores without a new best before a rate stops (default 4)")
-    return p.parse_args(argv)
+    p.add_argument("settings", nargs="*", metavar="KEY=VALUE",
+                   help="where and how the fine-tunes run: logger.*, train.device, train.threads and the other "
+                        "keys outside a run's identity (resnorm.runs.identity.OPERATIONAL_KEYS); a copied run "
+                        "folder's own values of these are never used")
+    args = p.parse_intermixed_args(argv)  # KEY=VALUE settings may follow the flags
+    for line in args.settings:
+        key = line.split("=", 1)[0].lstrip("+")
+        if "=" not in line or not _operational(key):
+            p.error(f"{line!r}: only KEY=VALUE of the keys outside a run's identity can be set here "
+                    "(logger.*, train.device, train.devices, train.threads, train.progress, ...)")
+    return args
+
+
+#: the keys a copied run folder never sets for a fine-tune: where its results are sent (W&B), which
+#: devices it takes, where it caches; they come from the fine-tune's command line (else their defaults).
+#: The other operational keys (checkpoint interval, threads, micro-batches) are inherited from the run.
+FROM_COMMAND = ("logger", "train.device", "train.devices", "data.cache_dir")
+
+
+def _under(dotted: str, keys) -> bool:
+    return any(dotted == k or dotted.startswith(k + ".") for k in keys)
+
+
+def _operational(dotted: str) -> bool:
+    """Whether ``dotted`` is one of (or under one of) resnorm.runs.identity.OPERATIONAL_KEYS."""
+    from resnorm.runs.identity import OPERATIONAL_KEYS
+
+    return _under(dotted, OPERATIONAL_KEYS)
 
 
 def recipe_of(args, seed: int = 0):
@@ -92,7 +119,9 @@ def why_not(run_dir: Path, summary: Optional[Dict[str, Any]]) -> Optional[str]:
         return f"status {summary.get('status')}: only completed runs are fine-tuned"
     if not (run_dir / CHECKPOINT).is_file():
         return f"no {CHECKPOINT}: pre-train it with train.keep_checkpoint=true to fine-tune it"
-    return None
+    from resnorm.tasks.heads import checkpoint_problem
+
+    return checkpoint_problem(run_dir / CHECKPOINT, summary.get("run_id"))
 
 
 def _flat(node: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -107,8 +136,10 @@ def _flat(node: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 def stored_overrides(run_dir: Path, summary: Dict[str, Any]) -> List[str]:
     """The run's resolved config (its summary's, else ``.hydra/config.yaml``) as one override per key,
-    so :func:`resnorm.config.compose` rebuilds it on the current schema (keys added since take their
-    defaults)."""
+    so :func:`resnorm.config.compose.compose` rebuilds it on the current schema (keys added since take their
+    defaults). Stored values are data: quoted so that nothing in them is resolved (an ``${oc.env:...}``
+    stays that text), and the keys of :data:`FROM_COMMAND` (W&B, devices, the cache folder: the folder
+    may be someone else's) are left out, to come from the fine-tune's own command line."""
     from resnorm.config.compose import override
 
     stored = summary.get("config")
@@ -116,7 +147,10 @@ def stored_overrides(run_dir: Path, summary: Dict[str, Any]) -> List[str]:
         import yaml
 
         stored = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
-    return [override(k, v) for k, v in _flat({k: v for k, v in stored.items() if k != "hydra"}).items()]
+    if not isinstance(stored, dict):
+        raise DataError(f"{run_dir}: its stored config is a {type(stored).__name__}, not an object")
+    flat = _flat({k: v for k, v in stored.items() if k != "hydra"})
+    return [override(k, v) for k, v in flat.items() if not _under(k, FROM_COMMAND)]
 
 
 def finetune_config(run_dir: Path, summary: Dict[str, Any], task: str, args, lr: Optional[float] = None,
@@ -136,7 +170,7 @@ def finetune_config(run_dir: Path, summary: Dict[str, Any], task: str, args, lr:
               "optim.lr": lr or recipe.lrs[0], "train.batch_size": args.batch,
               "train.eval_every": max(1, min(args.eval_every, steps)), "optim.schedule": "constant",
               "optim.warmup_steps": min(recipe.warmup, steps), "train.keep_checkpoint": False}
-    overrides = [override(k, v) for k, v in values.items()]
+    overrides = [override(k, v) for k, v in values.items()] + list(getattr(args, "settings", None) or [])
     cfg = compose(base + overrides)
     validate(cfg)
     return cfg, overrides
@@ -254,14 +288,18 @@ def finetune_run(run_dir: Path, summary: Dict[str, Any], task: str, args) -> Dic
 
 
 def _check_task(task: str) -> None:
-    """One-line DataError for an unknown task or a file without the needed columns, before any run."""
-    from resnorm.tasks.labelled import _builtins, kind_of, label_set, read_rows, split_rows
+    """One-line DataError for an unknown task, a file without the needed columns or with one label, or a
+    name that makes no folder, before any run."""
+    from resnorm.tasks.labelled import _builtins, check_label_count, kind_of, label_set, read_rows, split_rows, task_name
 
     if task in _builtins():
         return
+    task_name(task)
     rows, source = read_rows(task)
-    label_set(rows, kind_of(rows, source), source)
+    kind = kind_of(rows, source)
+    labels = label_set(rows, kind, source)
     split_rows(rows, source)
+    check_label_count(labels, kind, source)
 
 
 def _report(run_dir: Path, result: Dict[str, Any]) -> str:
@@ -289,16 +327,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not runs:
         print(f"error: {args.path}: no run folder (with a summary.json) under it", file=sys.stderr)
         return 2
-    ready = [(d, s) for d, s in runs if why_not(d, s) is None]
+    runs = [(d, s, why_not(d, s)) for d, s in runs]
+    ready = [(d, s) for d, s, why in runs if why is None]
     if not ready:
-        d, s = runs[0]
-        why = why_not(d, s) if len(runs) == 1 else \
-            f"none of its {len(runs)} runs can be fine-tuned (the first: {why_not(d, s)})"
+        d, s, why = runs[0]
+        why = why if len(runs) == 1 else f"none of its {len(runs)} runs can be fine-tuned (the first: {why})"
         print(f"error: {d if len(runs) == 1 else args.path}: {why}", file=sys.stderr)
         return 2
-    for d, s in runs:
-        if why_not(d, s) is not None:
-            print(f"{d}: skipped, {why_not(d, s)}", file=sys.stderr)
+    for d, s, why in runs:
+        if why is not None:
+            print(f"{d}: skipped, {why}", file=sys.stderr)
     failed = 0
     for d, s in ready:
         try:

@@ -8,6 +8,9 @@ jobs of a sweep run by the basic launcher):
   written, not yet renamed);
 - ``kill_in_summary:N``: SIGKILL in the middle of the N-th write of a final summary (completed);
 - ``raise_in_checkpoint:N``: the N-th checkpoint write raises (the run fails).
+
+``RESNORM_SCHEMA_ADD=GROUP.KEY=VALUE`` adds a float key to the schema first, with ``neutral=VALUE``
+(as a later version of resnorm would add it): what an upgrade does to the identities of earlier runs.
 """
 
 import os
@@ -63,7 +66,23 @@ def _install(kind: str, n: int) -> None:
         raise SystemExit(f"unknown RESNORM_FAULT kind {kind!r}")
 
 
+def _add_schema_key(spec: str) -> None:
+    """A new float key GROUP.KEY in the schema, default and ``neutral`` both VALUE."""
+    from dataclasses import field, fields, make_dataclass
+
+    from resnorm.config import schema
+
+    dotted, _, value = spec.partition("=")
+    group, name = dotted.split(".")
+    node = {f.name: f for f in fields(schema.Config)}[group].default_factory
+    grown = make_dataclass(node.__name__, [(name, float, schema.key(float(value), "a key of a later version",
+                                                                      neutral=float(value)))], bases=(node,))
+    schema.Config = make_dataclass("Config", [(group, grown, field(default_factory=grown))], bases=(schema.Config,))
+
+
 if __name__ == "__main__":
+    if os.environ.get("RESNORM_SCHEMA_ADD"):
+        _add_schema_key(os.environ["RESNORM_SCHEMA_ADD"])
     fault = os.environ.get("RESNORM_FAULT")
     if fault:
         kind, _, n = fault.partition(":")

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from conftest import TINY, compose
 from resnorm.monitors import measure as M
+from resnorm.runs.quantities import QUANTITIES
 from resnorm.model.blocks import Attention
 from resnorm.model.transformer import build_model
 from resnorm.monitors.forward import ForwardStatsProbe, StreamGradProbe, forward_probes
@@ -266,7 +267,9 @@ def test_probes_rows_reach_layers_parquet_through_fit(tmp_path):
     for q in names:
         rows = t[t.quantity == q]
         assert sorted(set(rows.step)) == [0, 2, 3], q
-        assert len(rows) == 3 * 2  # (0, attn), (0, mlp) per probe step
+        per_step = len(QUANTITIES[q].sublayers)  # an MLP has no attention quantity: no row for it
+        assert len(rows) == 3 * per_step  # (0, attn), (0, mlp) per probe step
     attn = t[t.quantity.isin(names) & (t.sublayer == "attn")]
     assert attn.value.map(math.isfinite).all()
-    assert t[(t.quantity == "attn_sink_mass") & (t.sublayer == "mlp")].value.isna().all()
+    attention = [q for q in names if QUANTITIES[q].sublayers == ("attn",)]
+    assert attention and set(t[t.quantity.isin(attention)].sublayer) == {"attn"}  # no all-NaN MLP series

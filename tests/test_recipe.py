@@ -70,7 +70,8 @@ def test_choices_are_the_registries():
     ("optim.name=adam", "optim.name='adam' is invalid: choose one of adamw, sgd, muon"),
     ("train.precision=fp8", "train.precision='fp8' is invalid: choose one of fp32, bf16, fp16"),
     ("train.grad_accum=0", "train.grad_accum=0 is invalid: must be a positive integer"),
-    ("optim.muon_ns_steps=0", "optim.muon_ns_steps=0 is invalid: must be a positive integer"),
+    ("optim.muon_ns_steps=0", "optim.muon_ns_steps=0 is invalid: must be an integer in [1, 99]"),
+    ("optim.muon_ns_steps=100", "optim.muon_ns_steps=100 is invalid: must be an integer in [1, 99]"),  # torch's limit
     ("optim.muon_adjust_lr=spectral", "optim.muon_adjust_lr='spectral' is invalid: choose one of original, "
                                       "match_rms_adamw"),
     ("optim.sgd_momentum=1.0", "optim.sgd_momentum=1.0 is invalid: must lie in [0, 1)"),

@@ -27,9 +27,12 @@ def test_bpe_is_deterministic_and_its_file_vocab_is_read_from_json(tmp_path):
     path = tmp_path / "t.json"
     a.tokenizer.save(str(path))
     assert file_vocab_size(path) == a.vocab_size
-    (tmp_path / "bad.json").write_text(json.dumps({"vocab": {}}))
-    with pytest.raises(ValueError, match="no 'model' object"):
-        file_vocab_size(tmp_path / "bad.json")
+    bad = {"no-model.json": {"vocab": {}}, "wrong-type.json": {**json.loads(a.to_json()), "added_tokens": "x"},
+           "model-not-a-tokenizer.json": {**json.loads(a.to_json()), "model": {"type": "BPE"}}}
+    for name, spec in bad.items():  # loaded by the library itself: what it refuses is refused up front
+        (tmp_path / name).write_text(json.dumps(spec))
+        with pytest.raises(ValueError, match="the tokenizers library cannot load it"):
+            file_vocab_size(tmp_path / name)
     with pytest.raises(ValueError, match=f">= {MIN_BPE_VOCAB}"):
         train_bpe(iter(docs), MIN_BPE_VOCAB - 1)
 

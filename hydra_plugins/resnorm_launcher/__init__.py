@@ -57,6 +57,8 @@ class ParallelLauncher(Launcher):
             raise SystemExit(2) from None
         self.fake_gpu_free_gb = fake_gpu_free_gb
         self.n_jobs, self.fake_gpus, self.threads_per_job = n_jobs, int(fake_gpus or 0), threads_per_job
+        if self.jobs_per_device == "auto" and self.fake_gpus and fake_gpu_free_gb is None:
+            self._no_fake_free_memory()  # before the sweeper writes the sweep folder
         self.gpus = None if gpus is None else [int(g) for g in gpus]
         self.lock_dir = lock_dir
         self.joblib_extra = OmegaConf.to_container(joblib) if OmegaConf.is_config(joblib) else dict(joblib or {})
@@ -87,10 +89,14 @@ class ParallelLauncher(Launcher):
         if not self.fake_gpus:
             return cuda_free_bytes([d.index for d in devices])
         if self.fake_gpu_free_gb is None:
-            print("config error: hydra.launcher.jobs_per_device=auto with fake_gpus needs their free memory: "
-                  "set hydra.launcher.fake_gpu_free_gb", file=sys.stderr)
-            raise SystemExit(2)
+            self._no_fake_free_memory()
         return [float(self.fake_gpu_free_gb) * 1e9] * len(devices)
+
+    @staticmethod
+    def _no_fake_free_memory() -> None:
+        print("config error: hydra.launcher.jobs_per_device=auto with fake_gpus needs their free memory: "
+              "set hydra.launcher.fake_gpu_free_gb", file=sys.stderr)
+        raise SystemExit(2)
 
     def job_bytes(self, job_overrides: Optional[Sequence[Sequence[str]]]) -> float:
         """The largest estimated GPU memory of the jobs (:func:`resnorm.sweep.packing.job_memory_bytes`)."""

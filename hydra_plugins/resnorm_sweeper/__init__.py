@@ -37,10 +37,11 @@ from resnorm.config.compose import check_override, composition_error
 
 from resnorm.train.preflight import validate
 from resnorm.errors import ConfigError
+from resnorm.runs.folder import link_problem
 from resnorm.runs.identity import OPERATIONAL_KEYS, register_resolver
 from resnorm.train.stack_plan import STACK_MODES, group_labels, launch_overrides, stack_groups
 from resnorm.runs.progress import LAST_OUTCOME
-from resnorm.sweep.plan import JobPlan, duplicates, job_table, longest_first, plan_job, write_plan
+from resnorm.sweep.plan import JobPlan, duplicates, job_table, longest_first, plan_job, version_note, write_plan
 
 register_resolver()  # also in the launchers' workers, which unpickle Hydra's plugin registry
 log = logging.getLogger(__name__)
@@ -68,8 +69,9 @@ class ValidatingSweeper(BasicSweeper):
         if order not in ORDERS:
             _config_error(f"hydra.sweeper.order={order!r} is invalid: choose one of {', '.join(ORDERS)}")
         self.order = order
-        stack = {True: "on", False: "off"}.get(stack, stack)  # YAML reads a bare on/off as a boolean
-        if stack not in STACK_MODES:
+        if isinstance(stack, bool):  # YAML reads a bare on/off as a boolean (0 and 1 stay numbers: refused)
+            stack = "on" if stack else "off"
+        if not isinstance(stack, str) or stack not in STACK_MODES:
             _config_error(f"hydra.sweeper.stack={stack!r} is invalid: choose one of {', '.join(STACK_MODES)}")
         self.stack = stack
 
@@ -114,6 +116,10 @@ class ValidatingSweeper(BasicSweeper):
             validate(cfg, host=self.jobs_run_here())
         except ConfigError as err:
             _config_error(f"{err} (job: {' '.join(overrides)})")
+        linked = link_problem(run_dir) if run_dir is not None else None
+        if linked:  # one line, before anything is written
+            print(f"error: refusing the job folder {run_dir}: {linked} (job: {' '.join(overrides)})", file=sys.stderr)
+            raise SystemExit(2)
         return plan_job(overrides, cfg, run_dir, run_name, hydra_yaml)
 
     def sweep(self, arguments: List[str]) -> Any:
@@ -141,6 +147,9 @@ class ValidatingSweeper(BasicSweeper):
         if done:
             log.info("%d of %d jobs already done in %s, not launched again: %s", len(done), len(plans),
                      sweep_dir, ", ".join(f"{p.run_id} ({p.state})" for p in done))
+        versions = version_note(plans)
+        if versions:
+            log.warning(versions)
         todo_plans = [p for p in plans if not p.done]
         if self.order == "longest_first" and len(todo_plans) > 1:
             todo_plans = longest_first(todo_plans)

@@ -13,6 +13,9 @@ from resnorm.config.schema import CONF_DIR, _leaf_index, leaf, register_schemas,
 from resnorm.errors import ConfigError
 
 
+_ESCAPES = {"'": "\\'", "${": "\\${", "": ""}
+
+
 def override(dotted: str, value: Any) -> str:
     """The command-line override that sets ``dotted`` to ``value`` (``null``, ``true``, quoted strings)."""
     if value is None:
@@ -20,8 +23,9 @@ def override(dotted: str, value: Any) -> str:
     if isinstance(value, bool):
         return f"{dotted}={str(value).lower()}"
     if isinstance(value, str):
-        # Hydra's quoted strings: a run of backslashes before a quote or the end is doubled
-        escaped = re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), value)
+        # Hydra's quoted strings: a run of backslashes before a quote, an interpolation or the end is
+        # doubled, and the quote or ``${`` escaped: the value is taken as written, never resolved
+        escaped = re.sub(r"(\\*)('|\$\{|$)", lambda m: m.group(1) * 2 + _ESCAPES[m.group(2)], value)
         return f"{dotted}='{escaped}'"
     return f"{dotted}={value!r}"
 

@@ -37,6 +37,11 @@ METADATA_KEYS = {
     "pattern": "(regex, reason): a string must match regex as a whole; reason is the error text",
     "note": "appended in parentheses to a range error, e.g. what 0 means",
     "variant_option": "True: also a field of resnorm.config.variants.VariantOptions (read by one variant)",
+    "neutral": "for a key added after runs were made: the value that reproduces the behaviour from before "
+               "it existed; at that value the key is left out of the run's identity (resnorm.runs.identity), "
+               "so earlier runs are still found done",
+    "read_by": "for a key only some variants read: their names; with any other model.norm the key cannot change "
+               "what a run computes, so it is left out of the run's identity (resnorm.runs.identity)",
 }
 
 
@@ -56,11 +61,12 @@ class Range:
 
     def relation(self) -> str:
         """The range as a short phrase: ``> 0``, ``>= 0``, ``in [0, 1]``, ``strictly between 0 and 1``."""
+        low, high = _number(self.low), _number(self.high)
         if self.high is None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
+            return f"{'>' if self.low_open else '>='} {low}"
         if self.low_open and self.high_open:
-            return f"strictly between {self.low:g} and {self.high:g}"
-        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            return f"strictly between {low} and {high}"
+        return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
 
     def reason(self, integer: bool) -> str:
         """The error text for a value outside the range (or of the wrong type)."""
@@ -70,7 +76,14 @@ class Range:
             return "must be a positive number" if self.low_open else "must be a finite number >= 0"
         if self.high is None:
             return f"must be an integer {self.relation()}" if integer else f"must be {self.relation()}"
-        return f"must lie {self.relation()}"
+        return f"must be an integer {self.relation()}" if integer else f"must lie {self.relation()}"
+
+
+def _number(x: Optional[float]) -> str:
+    """An end of a range as written: whole numbers in full (1048576, not 1.04858e+06), others by ``g``."""
+    if x is None:
+        return ""
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
 
 
 def interval(text: str) -> Range:
@@ -153,7 +166,7 @@ class ModelConfig:
                                  range=interval("(0, 1]"), variant_option=True)
     resi_dual_eps: float = key(1e-7, "resi_dual: epsilon of the dual-stream norm LN(y) (the authors' code, "
                                      "microsoft/ResiDual: 1e-7, applied to the s-scaled y)", range=POSITIVE,
-                               variant_option=True)
+                               variant_option=True, read_by=("resi_dual",))
     admin_mode: str = key("profile", "admin: profile (omega from one batch of the training data) | "
                                      "closed_form (omega_i = sqrt(i))", variant_option=True)
     depth_scale_a: float = key(1.0, "depth_scaled: branch multiplier a / sqrt(depth)", range=POSITIVE,
@@ -181,7 +194,7 @@ class ModelConfig:
                                   range=POSITIVE, variant_option=True)
     mhc_head: str = key("mix", "mhc: how the head reads the n streams: mix (DeepSeek's mhc_head, a learned "
                                "sigmoid-weighted sum with its own projection, scale and bias) | sum (the plain "
-                               "sum, as hyper)", choices=("mix", "sum"), variant_option=True)
+                               "sum, as hyper)", choices=("mix", "sum"), variant_option=True, read_by=("mhc",))
     objective: str = key("clm", "clm: causal (decoder-only) next-token LM; mlm: bidirectional encoder, BERT's masked-"
                                 "token objective (resnorm.train.objectives; DeepNorm then takes its encoder constants)",
                          choices=OBJECTIVES, variant_option=True)
@@ -221,7 +234,9 @@ class DataConfig:
     text_field: str = key("text", "data=hf: the column holding the text")
     tokenizer: str = key("bytes", "data=hf: bytes (vocab 256) | bpe (a byte-level BPE trained on the training split, "
                                   "data.vocab_size tokens) | file (data.tokenizer_path)", choices=TOKENIZERS)
-    vocab_size: int = key(512, "data.tokenizer=bpe: the tokens it trains (model.vocab_size follows)", range=POSITIVE)
+    vocab_size: int = key(512, "data.tokenizer=bpe: the tokens it trains (model.vocab_size follows); at most 2^20 "
+                               "(the BPE trainer's memory grows with it) and 257 + the training text's bytes",
+                          range=interval("(0, 1048576]"))
     tokenizer_path: Optional[str] = key(None, "data.tokenizer=file: a saved tokenizer.json (the tokenizers format)")
     cache_dir: Optional[str] = key(None, "trained tokenizers and tokenized streams; null: $RESNORM_CACHE, else "
                                          "~/.cache/resnorm")
@@ -258,7 +273,8 @@ class OptimConfig:
                                "rest's; one schedule scales both)", range=POSITIVE)
     muon_momentum: float = key(0.95, "optim=muon: Muon's momentum", range=interval("[0, 1)"))
     muon_nesterov: bool = key(True, "optim=muon: Nesterov momentum in Muon")
-    muon_ns_steps: int = key(5, "optim=muon: Newton-Schulz iterations of the orthogonalisation", range=POSITIVE)
+    muon_ns_steps: int = key(5, "optim=muon: Newton-Schulz iterations of the orthogonalisation (torch.optim.Muon "
+                                "takes fewer than 100)", range=interval("[1, 99]"))
     muon_adjust_lr: str = key("original", "optim=muon: the per-matrix LR scale, torch.optim.Muon's adjust_lr_fn: "
                                           "original (Keller Jordan's sqrt(max(1, rows/cols))) | match_rms_adamw "
                                           "(Moonshot's 0.2 sqrt(max(rows, cols)))", choices=MUON_ADJUST_LR)
@@ -388,9 +404,14 @@ def _unwrap(hint: Any) -> Tuple[Any, bool]:
     return hint, False
 
 
+def leaves(schema: Optional[type] = None, prefix: str = "") -> Tuple[Leaf, ...]:
+    """Every leaf key of ``schema`` (default: :class:`Config` as this module holds it now, so a schema
+    grown later is seen), depth first, in declaration order (``depth``, ..., ``model.norm``, ...)."""
+    return _leaves(Config if schema is None else schema, prefix)
+
+
 @functools.lru_cache(maxsize=None)
-def leaves(schema: type = Config, prefix: str = "") -> Tuple[Leaf, ...]:
-    """Every leaf key of ``schema``, depth first, in declaration order (``depth``, ..., ``model.norm``, ...)."""
+def _leaves(schema: type, prefix: str) -> Tuple[Leaf, ...]:
     hints = get_type_hints(schema)
     out = []
     for f in fields(schema):

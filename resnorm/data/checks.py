@@ -71,18 +71,30 @@ def tokenizer_fits_data(get: Callable[[str], Any]) -> None:
         if size < MIN_BPE_VOCAB:
             raise ConfigError("data.vocab_size", size, f"a byte-level BPE needs >= {MIN_BPE_VOCAB} (256 bytes + "
                                                        f"{MIN_BPE_VOCAB - 256} special token)")
+        bpe_fits_data(get, size)
     else:
         if not path:
             raise ConfigError("data.tokenizer_path", path, "data.tokenizer=file needs data.tokenizer_path=FILE "
                                                            "(a saved tokenizer.json)")
-        try:
-            size, source = file_vocab_size(path), f"data.tokenizer_path={path}"
-        except (OSError, ValueError) as exc:
-            raise ConfigError("data.tokenizer_path", path, f"not a readable tokenizer.json ({exc})") from None
+        size, source = file_vocab_size(path), f"data.tokenizer_path={path}"  # loaded by the tokenizers library
     model, default = get("model.vocab_size"), leaf("model.vocab_size").default
     if model != default and model < size:
         raise ConfigError("model.vocab_size", model, f"must be >= {size} (the tokens of {source}), or left at "
                                                      f"{default} to follow the tokenizer")
+
+
+def bpe_fits_data(get: Callable[[str], Any], size: int) -> None:
+    """A BPE learns one token per merge, and a text of N bytes has fewer than N merges to make: data.vocab_size
+    above 257 + N (N read cheaply from data.path's files: resnorm.data.hf_source.text_bytes_bound) asks for
+    tokens the data cannot supply."""
+    from resnorm.data.hf_source import resolve, text_bytes_bound
+    from resnorm.data.tokenizer import MIN_BPE_VOCAB
+
+    bound = text_bytes_bound(resolve(get("data.path"), get("data.hub_id"), get("data.hub_config")), get("data.text_field"))
+    if bound is not None and size > MIN_BPE_VOCAB + bound:
+        raise ConfigError("data.vocab_size", size, f"the training text of data.path={get('data.path')} has at most "
+                                                   f"{bound} bytes: a BPE of it has at most {MIN_BPE_VOCAB + bound} "
+                                                   "tokens")
 
 
 def corpus_tokens(get: Callable[[str], Any]) -> Tuple[Optional[int], str]:
@@ -124,5 +136,6 @@ def sequence_fits_corpus(get: Callable[[str], Any]) -> None:
                               f"{fraction:g}), fewer than one sequence of seq_len + 1 = {need}; {advice}")
 
 
-#: the data checks, by name (their order among all the checks: resnorm.train.preflight.CHECKS)
+#: the data checks, by name (their order among all the checks: resnorm.train.preflight.CHECKS); a fine-tune
+#: never reads data.*, so they are skipped for it (a sweep copied without its corpus can be fine-tuned)
 DATA_RULES = (text_data_needs_a_file, hf_data_is_on_this_machine, tokenizer_fits_data, sequence_fits_corpus)

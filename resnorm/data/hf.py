@@ -33,15 +33,20 @@ ENCODE_CHUNK = 1024  # documents per encode_batch call
 STRING_TYPES = ("string", "large_string")
 
 
-def _open(source: Source, split: str, key: str, hf_cache: str, hub_config: Optional[str] = None):
+def _open(source: Source, split: str, key: str, hf_cache: str, hub_config: Optional[str] = None,
+          text_field: str = "text"):
     """One split of the source as a ``datasets.Dataset`` (offline)."""
     offline()
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a bad file: our one line says which and why
     if source.kind == "saved":
-        ds = datasets.load_from_disk(str(source.files[0]))
+        try:
+            ds = datasets.load_from_disk(str(source.files[0]))
+        except Exception as exc:  # noqa: BLE001  # a damaged save_to_disk folder
+            raise DataError(f"{source.describe()}: not a readable save_to_disk folder ({type(exc).__name__}: "
+                            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise ConfigError(key, split, f"{source.describe()} has the split(s) {', '.join(ds)}")
@@ -52,9 +57,29 @@ def _open(source: Source, split: str, key: str, hf_cache: str, hub_config: Optio
     if source.kind == "files":
         if split != "train":
             raise ConfigError(key, split, f"{source.describe()} ({source.builder} files) has the one split train")
-        return datasets.load_dataset(source.builder, data_files=[str(f) for f in source.files], split="train",
-                                     cache_dir=hf_cache)
+        try:
+            return datasets.load_dataset(source.builder, data_files=[str(f) for f in source.files], split="train",
+                                         cache_dir=hf_cache)
+        except Exception as exc:  # noqa: BLE001  # datasets names neither the file nor the reason: find them
+            raise _unreadable(source, text_field, hf_cache, exc) from None
     return _open_hub(source.value, split, key, hub_config)
+
+
+def _unreadable(source: Source, text_field: str, hf_cache: str, exc: BaseException) -> DataError:
+    """One line for data files ``datasets`` could not read: the broken file, line and reason
+    (:func:`resnorm.data.hf_source.file_problem`), else the innermost error's first line."""
+    from resnorm.data.hf_source import file_problem, first_line
+    from resnorm.runs.folder import is_disk_full
+
+    if is_disk_full(exc):
+        return DataError(f"{source.describe()}: cannot write the datasets cache {hf_cache} (data.cache_dir): the disk "
+                         "is full; free space or point data.cache_dir (or $RESNORM_CACHE) at a larger disk")
+    problem = file_problem(source.files, source.builder, text_field)
+    if problem is None:
+        while exc.__cause__ is not None or exc.__context__ is not None:
+            exc = exc.__cause__ or exc.__context__
+        problem = f"the datasets library could not read it ({type(exc).__name__}: {first_line(exc)})"
+    return DataError(f"{source.describe()}: {problem}")
 
 
 def _open_hub(hub_id: str, split: str, key: str, hub_config: Optional[str]):
@@ -111,7 +136,7 @@ class SplitTexts:
 
     def _split(self, split: str, key: str):
         if split not in self._sets:
-            ds = _open(self.source, split, key, self.hf_cache, self.cfg.hub_config)
+            ds = _open(self.source, split, key, self.hf_cache, self.cfg.hub_config, self.cfg.text_field)
             _check_text_column(ds, self.source, split, self.cfg.text_field)
             self._sets[split] = ds
         return self._sets[split]
@@ -138,7 +163,13 @@ class SplitTexts:
         return self._pieces
 
     def _docs(self, split: str, key: str) -> List[str]:
-        return ["" if t is None else t for t in self._split(split, key)[self.cfg.text_field]]
+        ds = self._split(split, key)
+        try:
+            return ["" if t is None else t for t in ds[self.cfg.text_field]]
+        except Exception as exc:  # noqa: BLE001  # bytes that are not UTF-8 show only when the rows are read
+            if self.source.kind != "files":
+                raise
+            raise _unreadable(self.source, self.cfg.text_field, self.hf_cache, exc) from None
 
 
 def tokenizer_for(cfg, root, texts: SplitTexts):

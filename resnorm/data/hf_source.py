@@ -8,6 +8,14 @@ is not there; :func:`columns` reads its column names cheaply (the parquet schema
 ``dataset_info.json``, the first JSON line). Nothing is downloaded: :func:`offline` forces
 ``datasets`` and ``huggingface_hub`` offline before they are imported.
 
+The data files are also read through (:func:`file_problem`), since ``datasets`` reports a bad file as
+``DatasetGenerationError: An error occurred while generating the dataset``, naming neither the file
+nor the reason: a parquet file whose footer does not open (truncated, not parquet), that has no rows
+or lacks the text column; a JSON lines line that is not a JSON object (its number, the parser's
+reason); bytes that are not UTF-8 (the line). :func:`problems_before_training` runs the cheap part up
+front (every parquet footer; JSON and text files when they hold at most :data:`SCAN_LIMIT` bytes
+together); the loader runs the whole of it when ``datasets`` fails.
+
 The config rules (:mod:`resnorm.config.schema`) and the loader (:mod:`resnorm.data.hf`) share these checks.
 """
 
@@ -18,7 +26,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 from resnorm.errors import ConfigError
 
@@ -143,7 +151,13 @@ def resolve(path: Optional[str], hub_id: Optional[str], hub_config: Optional[str
 def _saved_splits(folder: Path) -> Tuple[str, ...]:
     """The splits of a save_to_disk folder (a single Dataset: ``train``)."""
     dict_file = folder / "dataset_dict.json"
-    return tuple(json.loads(dict_file.read_text())["splits"]) if dict_file.is_file() else ("train",)
+    if not dict_file.is_file():
+        return ("train",)
+    try:
+        return tuple(str(s) for s in json.loads(dict_file.read_text())["splits"])
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise ConfigError("data.path", str(folder), f"{dict_file.name} is not a save_to_disk split list "
+                                                    f"({type(exc).__name__})") from None
 
 
 def splits(source: Source) -> Optional[Tuple[str, ...]]:
@@ -163,25 +177,32 @@ def columns(source: Source, split: str) -> Optional[Tuple[str, ...]]:
         root = source.files[0]
         folder = root / split if (root / "dataset_dict.json").is_file() else root
         info = folder / "dataset_info.json"
-        return tuple(json.loads(info.read_text()).get("features") or ()) if info.is_file() else None
+        try:
+            return tuple(json.loads(info.read_text()).get("features") or ()) if info.is_file() else None
+        except (OSError, ValueError, AttributeError, TypeError, RecursionError):
+            return None  # a damaged info file: datasets' load reports the folder
     first = source.files[0]
     if source.builder == "text":
         return (TEXT_BUILDER_COLUMN,)
     if source.builder == "parquet":
         import pyarrow.parquet as pq
 
-        return tuple(pq.read_schema(first).names)
+        try:
+            return tuple(pq.read_schema(first).names)
+        except Exception:  # noqa: BLE001  # not a readable parquet file: file_problem says which and why
+            return None
     with open(first, encoding="utf-8", errors="replace") as f:
         line = f.readline().strip()
     try:
         row = json.loads(line) if first.suffix.lower() == ".jsonl" or line.startswith("{") else None
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return None
     return tuple(row) if isinstance(row, dict) else None
 
 
 def check_split_and_field(source: Source, split: str, key: str, text_field: str) -> None:
-    """``split`` (at ``key``: data.split or data.val_split) exists and has the column ``data.text_field``."""
+    """``split`` (at ``key``: data.split or data.val_split) exists and has the column ``data.text_field``;
+    data files open and hold rows (:func:`problems_before_training`: the file, the line, what is wrong)."""
     names = splits(source)
     if names is not None and split not in names:
         raise ConfigError(key, split, f"{source.describe()} has the split(s) {', '.join(names)}")
@@ -189,3 +210,118 @@ def check_split_and_field(source: Source, split: str, key: str, text_field: str)
     if cols is not None and text_field not in cols:
         raise ConfigError("data.text_field", text_field,
                           f"{source.describe()} (split {split}) has the columns {', '.join(cols) or '(none)'}")
+    if source.kind == "files":
+        problem = problems_before_training(source.files, source.builder, text_field)
+        if problem:
+            raise ConfigError(source.key, source.value, problem)
+
+
+def text_bytes_bound(source: Source, text_field: str) -> Optional[int]:
+    """An upper bound on the bytes of text a source holds, read cheaply (None: unknown without loading):
+    JSON lines and text files' sizes; parquet files' uncompressed size of the text column (footers)."""
+    if source.kind != "files":
+        return None
+    if source.builder != "parquet":
+        return sum(p.stat().st_size for p in source.files)
+    import pyarrow.parquet as pq
+
+    total = 0
+    try:
+        for p in source.files:
+            meta = pq.ParquetFile(p).metadata
+            names = meta.schema.to_arrow_schema().names
+            if text_field not in names:
+                return None
+            col = names.index(text_field)
+            total += sum(meta.row_group(g).column(col).total_uncompressed_size for g in range(meta.num_row_groups))
+    except Exception:  # noqa: BLE001  # a broken file: file_problem reports it
+        return None
+    return total
+
+
+# --- the data files read through: which one is broken, where and how ---------------------------------
+
+#: JSON lines and text files are read through before training when together at most this many bytes
+SCAN_LIMIT = 64 << 20
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def parquet_problem(path: Path, text_field: str) -> Optional[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except Exception as exc:  # noqa: BLE001  # any reason the footer does not open
+        return f"{path}: not a readable parquet file ({first_line(exc)})"
+    names = meta.schema.to_arrow_schema().names
+    if text_field not in names:
+        return f"{path}: no column {text_field!r} (data.text_field); its columns: {', '.join(names) or '(none)'}"
+    if meta.num_rows == 0:
+        return f"{path}: has no rows (remove it, or add rows)"
+    return None
+
+
+def json_problem(path: Path, text_field: str) -> Optional[str]:
+    """The first line of a JSON lines file that is not a JSON object (a file holding one JSON list is
+    read whole); ``text_field`` is checked on the first row only (resnorm.hf_source.columns)."""
+    with open(path, "rb") as f:
+        head = f.read(64).lstrip()
+    if head.startswith(b"["):
+        try:
+            rows = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            return f"{path}: not UTF-8 at byte {exc.start}"
+        except json.JSONDecodeError as exc:
+            return f"{path}: line {exc.lineno}: not valid JSON ({exc.msg})"
+        return next((f"{path}: item {i}: a JSON {type(r).__name__}, not an object" for i, r in enumerate(rows)
+                     if not isinstance(r, dict)), None)
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8"))  # a BOM, as datasets allows
+            except UnicodeDecodeError as exc:
+                return f"{path}: line {number}: not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"
+            except json.JSONDecodeError as exc:
+                return f"{path}: line {number}: not valid JSON ({exc.msg}, column {exc.colno})"
+            if not isinstance(row, dict):
+                return f"{path}: line {number}: a JSON {type(row).__name__}, not an object"
+    return None  # a row without data.text_field is an empty document, as datasets reads it
+
+
+def text_problem(path: Path, text_field: str = "text") -> Optional[str]:
+    """The first line of a text file that is not UTF-8."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return f"{path}: line {number}: not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"
+    return None
+
+
+#: the data files' builder (resnorm.hf_source.FORMATS) -> what reads one file through
+CHECKS = {"parquet": parquet_problem, "json": json_problem, "text": text_problem}
+#: the builders whose check reads only a file's footer (always cheap)
+FOOTER_ONLY = ("parquet",)
+
+
+def file_problem(files: Iterable[Path], builder: str, text_field: str) -> Optional[str]:
+    """What is wrong with the first broken file of ``files`` (all of ``builder``'s format), or None."""
+    check = CHECKS[builder]
+    return next((p for p in (check(Path(f), text_field) for f in files) if p), None)
+
+
+def problems_before_training(files, builder: str, text_field: str) -> Optional[str]:
+    """:func:`file_problem` where it is cheap: parquet footers always; JSON and text files when they
+    hold at most :data:`SCAN_LIMIT` bytes together (else the loader finds a bad line if there is one)."""
+    files = [Path(f) for f in files]
+    if builder not in FOOTER_ONLY and sum(f.stat().st_size for f in files) > SCAN_LIMIT:
+        return None
+    return file_problem(files, builder, text_field)

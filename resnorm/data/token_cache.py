@@ -29,6 +29,8 @@ from typing import Any, Callable, Dict, Iterator, Optional
 
 import numpy as np
 
+from resnorm.errors import DataError
+
 ENV = "RESNORM_CACHE"
 DEFAULT_ROOT = "~/.cache/resnorm"
 META = "meta.json"
@@ -65,17 +67,35 @@ def entry(root: Path, kind: str, key: str, build: Callable[[Path], None]) -> Pat
     with lock(root, key):
         if (final / META).is_file():  # built by another process while we waited
             return final
+        for stale in (root / kind).glob(f".{key}.*.tmp"):  # a build killed (or aborted) mid-way: we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = root / kind / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        tmp.mkdir(parents=True)
         try:
+            tmp.mkdir(parents=True)
             build(tmp)
             if final.exists():  # a stale entry without its meta.json: a build killed mid-way
                 shutil.rmtree(final)
             os.replace(tmp, final)
-        except BaseException:
+        except BaseException as exc:
+            full = isinstance(exc, OSError) and _disk_full(exc, root)  # before the space is given back
             shutil.rmtree(tmp, ignore_errors=True)
+            if full:
+                raise DataError(f"cannot write the token cache {root / kind} (data.cache_dir): the disk is full; free "
+                                "space or point data.cache_dir (or $RESNORM_CACHE) at a larger disk") from None
             raise
     return final
+
+
+def _disk_full(exc: OSError, root: Path) -> bool:
+    """Whether a failed cache write ran out of space (numpy's ``tofile`` says only how much it wrote)."""
+    from resnorm.runs.folder import FULL_BELOW, is_disk_full
+
+    if is_disk_full(exc):
+        return True
+    try:
+        return shutil.disk_usage(root).free < FULL_BELOW
+    except OSError:
+        return False
 
 
 def write_meta(folder: Path, meta: Dict[str, Any]) -> None:

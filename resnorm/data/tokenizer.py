@@ -149,17 +149,26 @@ def load_file(path) -> TextTokenizer:
 
 
 def file_vocab_size(path) -> int:
-    """The vocabulary of a saved ``tokenizer.json`` from its JSON alone (the model's vocab plus added
-    tokens outside it); raises ValueError when it is not such a file."""
-    spec = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
-    if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
-        raise ValueError("not a tokenizers JSON file (no 'model' object)")
-    vocab = spec["model"].get("vocab")
-    ids = set(vocab.values()) if isinstance(vocab, dict) else set(range(len(vocab or ())))
-    ids |= {t["id"] for t in spec.get("added_tokens") or ()}
-    if not ids:
-        raise ValueError("the tokenizer has an empty vocabulary")
-    return max(ids) + 1
+    """The vocabulary of a saved ``tokenizer.json``, loaded by the ``tokenizers`` library as a run will
+    load it; a ConfigError on ``data.tokenizer_path`` naming why it is not such a file."""
+    from resnorm.errors import ConfigError
+
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("data.tokenizer_path", path, f"cannot be read ({type(exc).__name__}: "
+                                                       f"{getattr(exc, 'strerror', None) or exc})") from None
+    try:
+        size = from_json(text).vocab_size
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001  # the library's errors (a Rust panic is a BaseException)
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError("data.tokenizer_path", path, f"not a readable tokenizer.json: the tokenizers library "
+                                                       f"cannot load it ({why}); save one with Tokenizer.save(path)") from None
+    if size == 0:
+        raise ConfigError("data.tokenizer_path", path, "the tokenizer has an empty vocabulary")
+    return size
 
 
 def write_run_tokenizer(run_dir, tokenizer) -> Optional[Path]:

@@ -23,7 +23,7 @@ eval and train mode compute the same; the mode is restored):
 - ``attn_sink_mass``: the attention probability on the first token, averaged over heads, batch and
   queries (a probability in [0, 1]; uniform causal attention gives mean_t 1 / (t + 1)).
 
-The three ``attn_*`` quantities are NaN on MLP sublayers (as ``max_attn_logit`` is).
+The three ``attn_*`` quantities (and ``max_attn_logit``) are written for attention sublayers only.
 
 :class:`StreamGradProbe`, read from the training step's own backward, at no extra forward or backward:
 

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from resnorm.monitors.measure import branch_ratio, rms
-from resnorm.runs.quantities import SUBLAYERS
+from resnorm.runs.quantities import QUANTITIES, SUBLAYERS
 
 Label = Tuple[int, str]
 
@@ -69,7 +69,12 @@ class Probe:
     def rows(self, quantities: Sequence[str], values: Sequence[Sequence[float]]) -> Iterator[tuple]:
         """(quantity, labels, values) per quantity, for :meth:`resnorm.runs.folder.RunStore.add_layers`."""
         for quantity, vals in zip(quantities, values):
-            yield quantity, self.labels, vals
+            only = QUANTITIES[quantity].sublayers if quantity in QUANTITIES else None
+            if only is None or set(only) >= {sub for _, sub in self.labels}:
+                yield quantity, self.labels, vals
+            else:  # a quantity of some sublayers only (resnorm.runs.quantities): no rows for the others
+                keep = [i for i, (_, sub) in enumerate(self.labels) if sub in only]
+                yield quantity, [self.labels[i] for i in keep], [vals[i] for i in keep]
 
     def state_dict(self) -> dict:
         return {}
@@ -126,7 +131,7 @@ class ActivationProbe(Probe):
     """Per-(layer, sublayer) statistics every ``every`` steps (and on the last step).
 
     Before the update: ``act_rms`` (RMS of the sublayer's output stream), ``branch_ratio``
-    (||F|| / ||x||) and ``max_attn_logit`` (attention sublayers; NaN for MLPs), from a no-grad
+    (||F|| / ||x||) and ``max_attn_logit`` (attention sublayers only), from a no-grad
     trace of the step's batch in eval mode; a copy of the 2-D weights is kept. After the update:
     ``update_ratio`` (||dW||_F / ||W||_F of the sublayer's 2-D weights over the step's update).
     """

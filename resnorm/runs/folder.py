@@ -29,9 +29,11 @@ so the analysis and the sweeper read run folders through it on any machine.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
@@ -82,10 +84,65 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        full = is_disk_full(exc) or (isinstance(exc, (OSError, RuntimeError)) and _no_space_left(path.parent))
         tmp.unlink(missing_ok=True)
+        if full and not isinstance(exc, DiskFullError):
+            raise DiskFullError(path) from None
         raise
     return path
+
+
+def _no_space_left(folder: Path) -> bool:
+    """Whether ``folder``'s disk has less than :data:`FULL_BELOW` bytes free: a writer that failed there
+    (torch's, which says only ``unexpected pos``) most likely ran out of space."""
+    try:
+        return shutil.disk_usage(folder).free < FULL_BELOW
+    except OSError:
+        return False
+
+
+#: a failed write on a disk with less free space than this is reported as a full disk
+FULL_BELOW = 1 << 20
+#: the errno values of a full disk (no space; the user's quota exhausted)
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from) says the disk is full."""
+    while exc is not None:
+        if isinstance(exc, OSError) and (exc.errno in DISK_FULL_ERRNOS or "No space left on device" in str(exc)):
+            return True  # pyarrow's and numpy's write errors carry the words, not the errno
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+class DiskFullError(OSError):
+    """A file could not be written because its disk is full: one line naming the file."""
+
+    def __init__(self, path: Path):
+        super().__init__(errno.ENOSPC, f"cannot write {path}: the disk is full (free space, then run the same "
+                                       "command again: it resumes)")
+        self.filename = str(path)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def writable_folder_problem(folder: Path) -> Optional[str]:
+    """Why files cannot be created in ``folder`` (created if absent), or None: a file where the folder
+    should be, no permission, a read-only or full disk (a file is created and removed to find out)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".probe.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        probe.unlink()
+    except FileExistsError:
+        return f"{folder} is a file, not a folder"
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc.strerror}"
+    return None
 
 
 def write_text(path: Path, text: str) -> Path:
@@ -111,10 +168,25 @@ def check_status(summary: Dict[str, Any]) -> None:
         raise ValueError(f"summary status {summary.get('status')!r} is not one of {STATUSES}")
 
 
-def write_summary(run_dir: Path, summary: Dict[str, Any]) -> Path:
-    """Check the status, then atomically write ``run_dir/summary.json`` (sorted keys, NaN as null)."""
+def write_summary(run_dir: Path, summary: Dict[str, Any], in_place_if_full: bool = False) -> Path:
+    """Check the status, then atomically write ``run_dir/summary.json`` (sorted keys, NaN as null).
+
+    ``in_place_if_full`` (the failure record of a run whose disk filled up): when the atomic write
+    finds the disk full, the file is rewritten in place instead, into the blocks it already holds, so
+    the run is not left ``running``; a crash in that write leaves a summary that does not parse, which
+    a re-run treats as none (it resumes from the checkpoint)."""
     check_status(summary)
-    return write_text(Path(run_dir) / SUMMARY, json.dumps(json_safe(summary), indent=2, sort_keys=True))
+    text = json.dumps(json_safe(summary), indent=2, sort_keys=True)
+    path = Path(run_dir) / SUMMARY
+    try:
+        return write_text(path, text)
+    except DiskFullError:
+        if not in_place_if_full or not path.is_file():
+            raise
+    with open(path, "r+", encoding="utf-8") as f:
+        f.write(text)
+        f.truncate()
+    return path
 
 
 # --- reading ------------------------------------------------------------------------------------
@@ -158,6 +230,8 @@ def read_summary(run_dir: Path, strict: bool = False) -> Optional[Dict[str, Any]
         raise ValueError(f"{path}: cannot be read ({type(exc).__name__}: {exc.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: not valid JSON ({exc}); is it half-written or corrupt?") from None
+    except RecursionError:  # JSON nested deeper than Python's parser recurses: no summary is
+        raise ValueError(f"{path}: nested too deeply to be a run's summary") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -240,6 +314,23 @@ def checkpoint_path(run_dir: Path) -> Path:
 def tensorboard_dir(run_dir: Path) -> Path:
     """Where ``logger.tensorboard=true`` writes its event files."""
     return Path(run_dir) / TENSORBOARD
+
+
+def link_problem(run_dir: Path) -> Optional[str]:
+    """Why a job folder is refused, or None: it is a symbolic link, or it holds one at its top (a
+    ``run.log``, ``summary.json``, ``checkpoint.pt``, ... pointing elsewhere). Run files are written only
+    where the folder lies, so a folder copied from someone else cannot direct them at another file. The
+    folders above it may be links (``multirun`` -> a scratch disk): those were made by the user."""
+    path = Path(run_dir)
+    if path.is_symlink():
+        return f"{path} is a symbolic link (to {os.readlink(path)}): a job folder must be a real folder"
+    if not path.is_dir():
+        return None
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        if entry.is_symlink():
+            return (f"{path / entry.name} is a symbolic link (to {os.readlink(entry.path)}): run files are written "
+                    "only where the job folder lies; remove the link")
+    return None
 
 
 # --- the folder's state machine and its lock ----------------------------------------------------

@@ -6,8 +6,14 @@ verbosely a job runs (W&B and TensorBoard settings, progress bar, threads, devic
 processes, micro-batches per step, ``torch.compile``, checkpoint interval, the data cache's folder),
 not what it computes. Everything else counts, the sweep's ``name`` included (it is the W&B group, and
 the W&B run id is the identity, which W&B wants unique in a project). So the same job always gets the
-same id, whatever launcher, machine or command line produced it; a config key added to the schema
-later changes every id (the runs are then new runs).
+same id, whatever launcher, machine or command line produced it. A key added to the schema later
+declares its ``neutral`` value (:data:`resnorm.config.schema.METADATA_KEYS`: the value that reproduces the
+behaviour from before it existed); at that value it is left out of the hash, so upgrading resnorm
+leaves the identities of earlier runs, and a re-run of last month's sweep finds them done. A key
+set to any other value counts, as every key does. (A key added without a ``neutral`` value changes
+every id: tests/test_faults.py pins the default config's id to catch it.) The code version is not
+part of the identity; every run records it (``git_commit`` in its summary, :mod:`resnorm.provenance`)
+and the sweeper and the analysis say when one sweep mixes versions.
 
 In a multirun the job folder is ``multirun/<name>/<run_id>/`` (``hydra.sweep.subdir: ${run_id:}``
 in ``conf/config.yaml``): re-running a sweep finds every job where it left it. The readable name
@@ -25,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 #: dotted keys that do not change what a job computes, so not part of its identity
 OPERATIONAL_KEYS = (
@@ -64,6 +70,7 @@ STACKABLE_KEYS = (
     "train.spike_sigma",
 )
 ID_LENGTH = 12
+_ABSENT = object()
 RESOLVER = "run_id"
 
 
@@ -82,9 +89,39 @@ def _plain(cfg: Any) -> Dict[str, Any]:
     return out
 
 
+def neutral_keys(plain: Dict[str, Any]) -> Tuple[str, ...]:
+    """The dotted keys of ``plain`` (a resolved config as plain dicts) that hold their schema ``neutral``
+    value: keys added after runs were made, set to reproduce the behaviour from before they existed."""
+    from resnorm.config.schema import leaves
+
+    out = []
+    for lf in leaves():
+        if "neutral" not in lf.meta:
+            continue
+        node: Any = plain
+        for part in lf.key.split("."):
+            node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+        if node is not _ABSENT and node == lf.meta["neutral"] and type(node) is type(lf.meta["neutral"]):
+            out.append(lf.key)
+    return tuple(out)
+
+
+def unread_keys(plain: Dict[str, Any]) -> Tuple[str, ...]:
+    """The dotted keys of ``plain`` whose schema ``read_by`` names the variants that read them, when the
+    config's variant (``model.norm``) is not one of them: such a key cannot change what the run computes."""
+    from resnorm.config.schema import leaves
+
+    variant = (plain.get("model") or {}).get("norm") if isinstance(plain.get("model"), dict) else None
+    return tuple(lf.key for lf in leaves() if "read_by" in lf.meta and variant not in lf.meta["read_by"])
+
+
 def identity_config(cfg: Any) -> Dict[str, Any]:
-    """What the identity hashes: the resolved config minus :data:`OPERATIONAL_KEYS`."""
-    return _without(cfg, OPERATIONAL_KEYS)
+    """What the identity hashes: the resolved config minus :data:`OPERATIONAL_KEYS` and minus every key
+    at its schema ``neutral`` value (:func:`neutral_keys`), so adding a key that leaves behaviour as it
+    was leaves every earlier run's identity as it was, and minus every key its run's variant does not read
+    (:func:`unread_keys`)."""
+    plain = _without(cfg, OPERATIONAL_KEYS)
+    return _without(plain, neutral_keys(plain) + unread_keys(plain))
 
 
 def _without(cfg: Any, keys) -> Dict[str, Any]:

@@ -36,7 +36,9 @@ def progress_line(sweep_dir: Path) -> Optional[str]:
     """
     try:
         plan = json.loads((Path(sweep_dir) / PLAN_FILE).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # absent, damaged, or nested too deeply
+        return None
+    if not isinstance(plan, dict) or not isinstance(plan.get("jobs"), list):
         return None
     counts: Counter = Counter()
     done_flops = left_flops = 0.0

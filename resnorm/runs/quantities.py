@@ -14,7 +14,7 @@ How a block's two sublayers (attention, MLP) make one value per block (:data:`CO
 ``norm`` sqrt(attn^2 + mlp^2) (norms over parameters: the whole block's norm), ``rms``
 sqrt(mean of squares) (RMS of same-sized tensors, ratios), ``max``, ``mean`` (signed or bounded
 values: cosines, entropies, gates). A quantity that exists for one sublayer only (``sublayers`` of
-length one; NaN on the other row) is that sublayer's value.
+length one; the other sublayer has no row) is that sublayer's value.
 
 The order of :data:`QUANTITIES` is the order figures draw their rows in.
 """
@@ -46,7 +46,7 @@ class Quantity:
     probe: str  # the Probe class (in resnorm.monitors) that writes it
     label: str  # short axis label
     description: str  # one line
-    sublayers: Tuple[str, ...] = BOTH  # the sublayers it exists for (NaN on the others)
+    sublayers: Tuple[str, ...] = BOTH  # the sublayers it exists for (no rows for the others)
     where: str = "every variant"  # which runs have it
 
     def __post_init__(self):
@@ -205,7 +205,7 @@ def monitors_markdown() -> str:
              "`step, layer, sublayer, quantity, value`) and logged to W&B and TensorBoard as "
              "`<quantity>/<sublayer>/<layer>` (the layer with three digits). All are on with "
              "`train.probes=true` (the default); the `train.probe_every` ones not when it is 0. A quantity "
-             "that exists for one sublayer only is NaN on the other row. The per-layer figures "
+             "that exists for one sublayer only has no row for the other (older runs stored NaN there). The per-layer figures "
              "(`layer_profiles` for the training probes, `monitor_profiles` for the rest, `coord_check`) "
              "draw one value per block, made of the block's attention and MLP values as *per block* says "
              "(and their axes say so); a non-finite value of a sublayer that has the quantity makes its "

@@ -113,7 +113,7 @@ class WandbTracker:
                           f"logged offline in {folder}")
             log.warning("wandb: no answer from %s (%s): logging offline in %s; upload later with "
                         "`wandb sync %s/offline-run-*`", server, type(exc).__name__, folder, folder)
-            return self._init(wandb, "offline")
+            return self._init(wandb, "offline", timeout)  # its exit bounded too
 
     def _fail(self, where: str, exc: Exception) -> None:
         self.error = f"wandb {where} failed: {type(exc).__name__}: {exc}"

@@ -82,6 +82,20 @@ def duplicates(plans: Sequence[JobPlan]) -> Optional[Tuple[JobPlan, JobPlan]]:
     return None
 
 
+def version_note(plans: Sequence[JobPlan]) -> Optional[str]:
+    """One line when the sweep's runs would come from more than one code version: the finished ones'
+    ``git_commit`` (their summaries) and this checkout's for the jobs still to run; else None."""
+    from resnorm.runs.provenance import git_commit, mixed_versions
+
+    current = git_commit()
+    commits = [(read_summary(p.run_dir) or {}).get("git_commit") if p.done else current for p in plans]
+    mixed = mixed_versions(commits)
+    if mixed is None:
+        return None
+    return (f"this sweep mixes code versions ({mixed}; the jobs to run use this checkout's): compare its runs "
+            "only if the changes between them cannot move the numbers, or start a new sweep name")
+
+
 # --- the dry run's job table ---------------------------------------------------------------------
 
 def model_size(cfg) -> Tuple[int, int]:
@@ -184,6 +198,9 @@ def job_table(plans: Sequence[JobPlan], flops_per_s: float, sweep_dir: str, laun
     slots = dry_run_slots(max(memory, default=0.0), launcher)
     if slots:
         lines.append(slots)
+    versions = version_note(plans)
+    if versions:
+        lines.append(f"warning: {versions}")
     done = len(plans) - todo
     lines.append(f"to run: {todo} of {len(plans)} jobs, {_si(todo_flops)}FLOP, about {_duration(todo_flops / flops_per_s)} "
                  f"one after the other at {flops_per_s:.2g} FLOP/s per job (hydra.sweeper.flops_per_s); "

@@ -20,7 +20,7 @@ span F1 over BIO spans (tag), with the majority-class accuracy and the per-word 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -76,19 +76,51 @@ class TaskModel(Transformer):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
+def _load_checkpoint(path: Path):
+    """(the checkpoint's dict, None) or (None, why it is not a run's checkpoint)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001  # truncated, garbled, not a torch file
+        return None, f"{path.name} cannot be read ({type(exc).__name__})"
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        return None, f"{path.name} holds a {type(state).__name__}, not a run's checkpoint"
+    return state, None
+
+
+def checkpoint_problem(path: Path, run_id: Any) -> Optional[str]:
+    """Why the checkpoint at ``path`` is not the pre-trained state of run ``run_id`` (the folder's
+    summary says which run it holds), or None: unreadable, not a checkpoint, or another run's (its own
+    ``run_id`` differs: a checkpoint copied in from elsewhere is not credited to this run)."""
+    state, why = _load_checkpoint(Path(path))
+    if why:
+        return why
+    if state.get("run_id") != run_id:
+        return (f"{Path(path).name} belongs to run {state.get('run_id')}, not to the folder's run {run_id}: "
+                "fine-tune the run it came from")
+    return None
+
+
 def build_task_model(cfg, data) -> TaskModel:
-    """The run ``cfg.finetune.init_from``'s model from its ``checkpoint.pt``, with a fresh head."""
+    """The run ``cfg.finetune.init_from``'s model from its ``checkpoint.pt``, with a fresh head. A
+    checkpoint of another shape (or not a checkpoint) is one DataError line naming the first parameter
+    that differs."""
     path = Path(cfg.finetune.init_from).expanduser() / "checkpoint.pt"
     if not path.is_file():
         raise DataError(f"{path.parent}: no checkpoint.pt to fine-tune; pre-train with train.keep_checkpoint=true")
     model = TaskModel(ModelShape.from_config(cfg), data.kind, len(data.labels))
-    state = torch.load(path, map_location="cpu", weights_only=True)["model"]
-    state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    wrong = sorted(set(missing) - {"head.weight", "head.bias"}) + sorted(unexpected)
-    if wrong:
-        raise DataError(f"{path}: does not match the run's config (parameter {wrong[0]}); was the folder's "
-                        "config changed after training?")
+    state, why = _load_checkpoint(path)
+    if why:
+        raise DataError(f"{path.parent}: {why}")
+    state = {k: v for k, v in state["model"].items() if not k.startswith("head.")}
+    own = model.state_dict()
+    shapes = [f"{k} is {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in the run's config"
+              for k, v in state.items() if k in own and getattr(v, "shape", None) != own[k].shape]
+    wrong = sorted(set(own) - set(state) - {"head.weight", "head.bias"}) + sorted(set(state) - set(own))
+    if shapes or wrong:
+        detail = shapes[0] if shapes else f"parameter {wrong[0]}"
+        raise DataError(f"{path}: does not match the run's config ({detail}); was the folder's config changed "
+                        "after training, or the checkpoint copied from another run?")
+    model.load_state_dict(state, strict=False)
     model.reset_head()
     return model
 

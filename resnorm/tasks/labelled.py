@@ -55,8 +55,15 @@ def unknown_task(spec: str) -> DataError:
 
 
 def task_name(spec: str) -> str:
-    """The folder name of a task's results: a built-in's name, or the file's (folder's) stem."""
-    return spec if spec in _builtins() else Path(spec).expanduser().name.split(".")[0]
+    """The folder name of a task's results: a built-in's name, or the file's (folder's) name up to its
+    first dot, leading dots dropped (``.x.csv`` is ``x``); DataError when nothing is left to name a folder."""
+    if spec in _builtins():
+        return spec
+    name = Path(spec).expanduser().name.lstrip(".").split(".")[0]
+    if not name or name in (".", ".."):
+        raise DataError(f"--task {spec!r}: its file name leaves no task name (the results go to "
+                        "<run>/finetune/<name>/): rename the file")
+    return name
 
 
 def task_fingerprint(spec: str) -> str:
@@ -78,9 +85,13 @@ def _read_json(path: Path) -> List[dict]:
     text = path.read_text(encoding="utf-8")
     try:
         rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except RecursionError:
+        raise DataError(f"task file {path}: nested too deeply to be a task's rows") from None
     except json.JSONDecodeError:
         try:
             rows = json.loads(text)
+        except RecursionError:
+            raise DataError(f"task file {path}: nested too deeply to be a task's rows") from None
         except json.JSONDecodeError as exc:
             raise DataError(f"task file {path}: neither JSON lines nor a JSON list ({exc.msg}, line {exc.lineno})") from None
     if len(rows) == 1 and isinstance(rows[0], list):
@@ -113,11 +124,18 @@ def read_rows(spec: str) -> Tuple[List[dict], str]:
         return _read_dataset(path), str(path)
     if not path.is_file():
         raise unknown_task(spec)
+    try:
+        return _read_file(path), str(path)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"task file {path}: not UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
+
+
+def _read_file(path: Path) -> List[dict]:
     if path.suffix == ".csv":
         with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f)), str(path)
+            return list(csv.DictReader(f))
     if path.suffix in (".jsonl", ".json"):
-        return _read_json(path), str(path)
+        return _read_json(path)
     raise DataError(f"task file {path}: unknown format {path.suffix or '(no suffix)'}; use {FILE_KINDS}")
 
 
@@ -203,16 +221,27 @@ def check_bio(tags: Sequence[str], where: str) -> None:
 
 
 def label_set(rows: Sequence[dict], kind: str, source: str) -> List[str]:
+    """The task's labels (classify) or tags (tag), sorted; every row checked (BIO, one tag per token)."""
     if kind == "classify":
-        return sorted({str(r["label"]) for r in rows})
-    tags = set()
-    for i, r in enumerate(rows):
-        words, row_tags = _words(r["tokens"]), _words(r["tags"])
-        if len(words) != len(row_tags):
-            raise DataError(f"{source}: row {i} has {len(words)} tokens and {len(row_tags)} tags; one tag per token")
-        check_bio(row_tags, f"{source}: row {i}")
-        tags.update(row_tags)
-    return sorted(tags)
+        labels = sorted({str(r["label"]) for r in rows})
+    else:
+        tags = set()
+        for i, r in enumerate(rows):
+            words, row_tags = _words(r["tokens"]), _words(r["tags"])
+            if len(words) != len(row_tags):
+                raise DataError(f"{source}: row {i} has {len(words)} tokens and {len(row_tags)} tags; one tag per token")
+            check_bio(row_tags, f"{source}: row {i}")
+            tags.update(row_tags)
+        labels = sorted(tags)
+    return labels
+
+
+def check_label_count(labels: Sequence[str], kind: str, source: str) -> None:
+    """DataError for a task with a single label (or tag): every prediction would be right, nothing measured."""
+    if len(labels) < 2:
+        what = "label" if kind == "classify" else "tag"
+        raise DataError(f"{source}: every row has the {what} {labels[0] if labels else '(none)'!r}; a task needs at "
+                        f"least two {what}s (with one, every prediction is right and nothing is measured)")
 
 
 def label_positions(word_of: Sequence[Optional[int]], at: str) -> Dict[int, int]:
@@ -347,6 +376,7 @@ def load_task_data(cfg) -> TaskData:
     kind = kind_of(rows, source)
     labels = label_set(rows, kind, source)
     train, held = split_rows(rows, source)
+    check_label_count(labels, kind, source)
     fit, dev = carve_validation(train)
     tok = load_run_tokenizer(Path(cfg.finetune.init_from), cfg)
     from resnorm.model.blocks import objective_io

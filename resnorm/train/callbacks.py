@@ -239,11 +239,19 @@ class TensorBoardLogger(Callback):
     def on_fit_start(self, run) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        from resnorm.runs.folder import tensorboard_dir
+        from resnorm.runs.folder import tensorboard_dir, writable_folder_problem
 
-        self.writer = SummaryWriter(str(tensorboard_dir(run.job.run_dir)), purge_step=run.state.step or None)
+        folder = tensorboard_dir(run.job.run_dir)
+        problem = writable_folder_problem(folder)  # else the writer thread dies with a traceback per event
+        if problem:
+            run.summary["tensorboard_error"] = f"cannot write {folder} ({problem}): no TensorBoard events"
+            log.warning("%s; training goes on, the run store stays complete", run.summary["tensorboard_error"])
+            return
+        self.writer = SummaryWriter(str(folder), purge_step=run.state.step or None)
 
     def on_step_end(self, run, rec) -> None:
+        if self.writer is None:
+            return
         for name, value in step_scalars(rec).items():
             self.writer.add_scalar(name, value, rec.step)
 

@@ -46,6 +46,10 @@ def load(path: Path, run_id: str) -> Optional[Dict[str, Any]]:
         log.warning("ignoring unreadable checkpoint %s (%s: %s); the run starts over", path,
                     type(exc).__name__, exc)
         return None
+    if not isinstance(state, dict):
+        log.warning("ignoring checkpoint %s: it holds a %s, not a run's checkpoint; the run starts over", path,
+                    type(state).__name__)
+        return None
     if state.get("format") != FORMAT or state.get("run_id") != run_id:
         log.warning("ignoring checkpoint %s: it belongs to run %s (format %s), not %s (format %s)", path,
                     state.get("run_id"), state.get("format"), run_id, FORMAT)

@@ -20,7 +20,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from resnorm.train import devices
 from resnorm.runs.identity import run_id
 from resnorm.train.loop import fit
-from resnorm.runs.folder import DONE, job_lock, job_state, read_summary, remove_stale_temporaries, write_summary
+from resnorm.runs.folder import (DONE, DiskFullError, is_disk_full, job_lock, job_state, link_problem,
+                                 read_summary, remove_stale_temporaries, write_summary)
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,12 @@ def admit(job: JobInfo, ours: bool) -> Optional[Dict[str, Any]]:
 def execute(cfg, job: JobInfo, callbacks: Optional[Callable] = None) -> Dict[str, Any]:
     """Skip, resume or train a validated job in its folder; return its summary (``skipped``: True
     when the folder already held the finished run). A crash becomes ``failed``; a folder locked by
-    another process (the same sweep started twice) is left to it and returned as ``running``."""
+    another process (the same sweep started twice) is left to it and returned as ``running``; a folder
+    that is (or holds) a symbolic link is refused untouched (:func:`resnorm.runfolder.link_problem`)."""
+    linked = link_problem(job.run_dir)
+    if linked:
+        log.error("run %s not trained: %s", job.run_name, linked)
+        return {"status": "failed", "run_name": job.run_name, "run_id": job.run_id, "error": linked}
     with job_lock(job.run_dir) as ours:
         verdict = admit(job, ours)
         if verdict is not None:
@@ -104,9 +110,43 @@ def execute(cfg, job: JobInfo, callbacks: Optional[Callable] = None) -> Dict[str
 
 
 def record_failure(job: JobInfo, exc: Exception) -> Dict[str, Any]:
+    """Record the run as ``failed`` with the error; a full disk is one line (the file that could not be
+    written), without the traceback, written in place if need be (:func:`resnorm.runs.folder.write_summary`)."""
     summary = read_summary(job.run_dir) or {"run_name": job.run_name, "group": job.group,
                                             "overrides": job.overrides, "run_id": job.run_id}
-    summary.update(status="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
-    write_summary(job.run_dir, summary)
+    full = is_disk_full(exc)
+    error = f"{type(exc).__name__}: {exc}"
+    if full and getattr(exc, "filename", None) and not isinstance(exc, DiskFullError):
+        error = f"DiskFullError: {DiskFullError(exc.filename)}"
+    elif full and "disk is full" not in error:
+        error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''} (the disk is full)"
+    summary.update(status="failed", error=error, traceback=None if full else traceback.format_exc())
+    try:
+        write_summary(job.run_dir, summary, in_place_if_full=full)
+    except OSError as again:
+        log.error("run %s failed (%s) and its summary.json could not be updated (%s)", job.run_name,
+                  summary["error"], again)
+        return summary
     log.error("run %s failed: %s", job.run_name, summary["error"])
     return summary
+
+
+def quiet_log_file_errors() -> None:
+    """A log file that cannot be written costs at most one warning line (none for a full disk, which
+    the run's failure reports), not Python's ``--- Logging error ---`` traceback for every record: its
+    handler is then dropped (the console handler keeps the lines)."""
+    import sys
+
+    def handler_error(handler: logging.FileHandler):
+        def handle_error(record) -> None:
+            exc = sys.exc_info()[1]
+            logging.getLogger().removeHandler(handler)
+            if not is_disk_full(exc):  # a full disk: the run's own failure line names the file and says so
+                print(f"warning: cannot write the log file {handler.baseFilename} ({type(exc).__name__}: {exc}); "
+                      "its lines go to the console only", file=sys.stderr, flush=True)
+        return handle_error
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and not getattr(handler, "_resnorm_quiet", False):
+            handler.handleError = handler_error(handler)
+            handler._resnorm_quiet = True

@@ -29,8 +29,10 @@ def _print_progress(job: JobInfo) -> None:
 
 def run_job(cfg) -> Dict[str, Any]:
     """Hydra's task function: validate (raises ConfigError), then skip, resume or train the job."""
+    from resnorm.train.job import quiet_log_file_errors
     from resnorm.train.preflight import validate
 
+    quiet_log_file_errors()
     validate(cfg)
     stack = os.environ.get(STACK_ENV)  # a launcher job that trains a stack of runs
     if stack:
