@@ -191,8 +191,8 @@ def test_a_foreign_or_misshapen_checkpoint_is_one_line(pretrained, tmp_path, cap
     state = torch.load(copy / "checkpoint.pt", weights_only=True)
     state["run_id"] = summary(copy)["run_id"]  # relabelled: now only its shape tells
     torch.save(state, copy / "checkpoint.pt")
-    assert _finetune(copy, "--task", task) == 1
-    out = capsys.readouterr().out
+    assert _finetune(copy, "--task", task) == 2  # refused when the recipe builds the model, before any step
+    out = capsys.readouterr().err
     assert out.count("\n") == 1 and "does not match the run's config (" in out and "Traceback" not in out
     assert "32) in the checkpoint, (" in out and "16) in the run's config" in out and "size mismatch" not in out
     torch.save([1, 2, 3], copy / "checkpoint.pt")  # not a checkpoint at all
