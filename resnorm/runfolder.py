@@ -112,9 +112,14 @@ def check_status(summary: Dict[str, Any]) -> None:
 
 
 def write_summary(run_dir: Path, summary: Dict[str, Any]) -> Path:
-    """Check the status, then atomically write ``run_dir/summary.json`` (sorted keys, NaN as null)."""
+    """Check the status, then atomically write ``run_dir/summary.json`` (sorted keys, NaN as null);
+    a final status also gets its line in the sweep folder's run index (:mod:`resnorm.runindex`)."""
+    from .runindex import record
+
     check_status(summary)
-    return write_text(Path(run_dir) / SUMMARY, json.dumps(json_safe(summary), indent=2, sort_keys=True))
+    path = write_text(Path(run_dir) / SUMMARY, json.dumps(json_safe(summary), indent=2, sort_keys=True))
+    record(run_dir, summary)
+    return path
 
 
 # --- reading ------------------------------------------------------------------------------------

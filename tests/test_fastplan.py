@@ -1,0 +1,166 @@
+"""Fast sweep planning (resnorm.fastplan) against Hydra's full compose of each job, and the sweep
+folder's run index and progress counters (resnorm.runindex)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf, open_dict
+
+from conftest import ROOT
+from resnorm.config import CONF_DIR, group_options, leaves, register_schemas, validate
+from resnorm.errors import ConfigError
+from resnorm.fastplan import FastPlanner, RuleCache
+from resnorm.identity import _plain, register_resolver, run_id
+from resnorm.runindex import count_finished, done_runs, read_index, record, start_counters
+
+GROUPS = ("data", "optim")  # the config groups a sweep chooses between (conf/<group>/*.yaml)
+
+
+@pytest.fixture(scope="module")
+def hydra_loader():
+    """Hydra's config loader over conf/ and a multirun's master config, as the sweeper gets them."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    register_schemas()
+    register_resolver()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        loader = GlobalHydra.instance().config_loader()
+        master = loader.load_configuration("config", overrides=["name=fastplan"], run_mode=RunMode.MULTIRUN)
+        yield master, loader
+    GlobalHydra.instance().clear()
+
+
+def random_value(lf, rng: random.Random):
+    """A value for a schema leaf, mostly allowed, sometimes not (null where it is not, out of range)."""
+    from resnorm.config import override
+
+    choices = lf.choices
+    rng_meta = lf.meta.get("range")
+    if rng.random() < 0.1:
+        return override(lf.key, None)
+    if lf.kind is bool:
+        return override(lf.key, rng.random() < 0.5)
+    if choices:
+        return override(lf.key, rng.choice(list(choices)))
+    if lf.kind is int:
+        low = int(rng_meta.low) if rng_meta is not None and rng_meta.low is not None else 0
+        return override(lf.key, low + rng.randrange(0, 5))
+    if lf.kind is float:
+        low = rng_meta.low if rng_meta is not None and rng_meta.low is not None else 0.0
+        high = rng_meta.high if rng_meta is not None and rng_meta.high is not None else low + 4.0
+        return override(lf.key, float(rng.choice([low, (low + high) / 2, high, low + 1e-3])))
+    return override(lf.key, rng.choice(["abc", "x y", "/no/such/file.txt"]))
+
+
+def random_jobs(n: int, seed: int = 0):
+    """``n`` jobs of a few random overrides each: every leaf of the schema (every key type) and every
+    option of the groups in :data:`GROUPS` appear; some jobs change the sweep's name (its folder)."""
+    rng = random.Random(seed)
+    keys = list(leaves())
+    jobs = []
+    for i in range(n):
+        chosen = [keys[i % len(keys)]] + rng.sample(keys, 2)
+        job = [random_value(lf, rng) for lf in chosen]
+        for group in GROUPS:
+            if rng.random() < 0.5:
+                job.insert(rng.randrange(len(job) + 1), f"{group}={rng.choice(group_options(group))}")
+        job.append(rng.choice(["name=fastplan", "name=other"]))
+        jobs.append(job)
+    return jobs
+
+
+def full_plan(master, loader, overrides):
+    """What the sweeper's full path gives: the config (no hydra node), its folder, name and hydra yaml;
+    None when it does not compose or validate."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        cfg = loader.load_sweep_config(master_config=master, sweep_overrides=list(overrides))
+    except Exception:  # noqa: BLE001  # Hydra refuses it: the fast path must not plan it either
+        return None
+    HydraConfig.instance().set_config(cfg)
+    run_dir = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
+    name = str(cfg.hydra.job.override_dirname or "default")
+    hydra_yaml = OmegaConf.to_yaml(OmegaConf.create({"hydra": cfg.hydra}))
+    with open_dict(cfg):
+        del cfg["hydra"]
+    try:
+        validate(cfg, host=True)
+    except ConfigError:
+        return None
+    return cfg, run_dir, name, hydra_yaml
+
+
+def test_fast_plan_equals_the_full_compose_on_random_jobs(hydra_loader):
+    master, loader = hydra_loader
+    planner = FastPlanner(master, loader, host=True)
+    jobs = random_jobs(200)
+    fast_count = valid = 0
+    for job in jobs:
+        full = full_plan(master, loader, job)
+        fast = planner.plan(job)
+        if full is None:
+            assert fast is None, f"the fast path planned a job Hydra or the validation refuses: {job}"
+            continue
+        valid += 1
+        if fast is None:
+            continue
+        fast_count += 1
+        cfg, run_dir, name, hydra_yaml = full
+        values, rid, fast_dir, fast_name, fast_yaml = fast
+        assert json.dumps(dict(values), sort_keys=True) == json.dumps(_plain(cfg), sort_keys=True), job
+        assert rid == run_id(cfg) and fast_dir == run_dir and fast_name == name, job
+        assert fast_yaml() == hydra_yaml, job
+    assert planner.enabled, "a representative job disagreed with its full compose"
+    assert valid >= 100 and fast_count == valid, (valid, fast_count)  # every valid job took the fast path
+
+
+def test_overrides_the_fast_path_does_not_reproduce_take_the_full_compose(hydra_loader):
+    master, loader = hydra_loader
+    planner = FastPlanner(master, loader, host=True)
+    assert planner.plan(["seed=3"]) is not None
+    for job in (["+foo=1"], ["~seed"], ["model.norm=${model.activation}"], ["train.steps=[1,2]"],
+                ["seed=-1"], ["model.n_heads=3"]):  # added, deleted, interpolated, a list, out of range, a rule
+        assert planner.plan(job) is None, job
+
+
+def test_rule_cache_reruns_a_rule_only_for_new_values():
+    calls = []
+
+    def rule(get):
+        calls.append(1)
+        if get("a") > 1 and get("b"):
+            raise ConfigError("b", get("b"), "not with a > 1")
+
+    cache = RuleCache()
+    for a, b in [(0, True), (0, False), (0, True), (2, True), (2, True), (2, False)]:
+        values = {"a": a, "b": b}
+        if a > 1 and b:
+            with pytest.raises(ConfigError):
+                cache.run(rule, values.get)
+        else:
+            cache.run(rule, values.get)
+    assert len(calls) == 3  # a=0 (reads a only), a=2 b=True, a=2 b=False
+
+
+def test_index_and_counters(tmp_path):
+    sweep = tmp_path / "sweep"
+    for rid, status in [("a", "completed"), ("b", "failed"), ("c", "running"), ("a", "diverged")]:
+        (sweep / rid).mkdir(parents=True, exist_ok=True)
+        (sweep / rid / "summary.json").write_text("{}")
+        record(sweep / rid, {"run_id": rid, "status": status, "outcome": "trained"})
+    assert {k: v["status"] for k, v in read_index(sweep).items()} == {"a": "diverged", "b": "failed"}
+    (sweep / "b" / "summary.json").unlink()
+    assert done_runs(sweep, ("completed", "diverged", "failed")) == {(str(sweep / "a"), "a"): "diverged"}
+    start_counters(sweep, [1.0, 3.0], runs=3, done={"trained": 1})
+    assert count_finished(sweep, ["trained"], 1.0)["finished"] == 2
+    counters = count_finished(sweep, ["stalled"], 3.0)
+    assert counters["counts"] == {"trained": 2, "stalled": 1} and counters["done_flops"] == 4.0
+    assert count_finished(tmp_path, ["trained"], 1.0) is None  # outside a launched sweep
