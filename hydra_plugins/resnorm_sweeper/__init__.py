@@ -64,7 +64,7 @@ ORDERS = ("longest_first", "given")
 class ValidatingSweeper(BasicSweeper):
     def __init__(self, max_batch_size: Optional[int], params: Optional[Dict[str, str]] = None,
                  dry_run: bool = False, flops_per_s: float = 1e10, order: str = "longest_first",
-                 stack: str = "auto") -> None:
+                 stack: str = "auto", fast_plan: bool = True) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)
         self.dry_run = bool(dry_run)
         self.flops_per_s = float(flops_per_s)
@@ -75,6 +75,7 @@ class ValidatingSweeper(BasicSweeper):
         if stack not in STACK_MODES:
             _config_error(f"hydra.sweeper.stack={stack!r} is invalid: choose one of {', '.join(STACK_MODES)}")
         self.stack = stack
+        self.fast_plan = bool(fast_plan)
 
     def _compose(self, overrides: Sequence[str]):
         return self.hydra_context.config_loader.load_sweep_config(
@@ -131,11 +132,12 @@ class ValidatingSweeper(BasicSweeper):
         overrides = parser.parse_overrides(self._parse_config() + list(arguments))
         (jobs,) = self.split_arguments(overrides, None)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        planner = FastPlanner(self.config, self.hydra_context.config_loader, self.jobs_run_here())
+        planner = (FastPlanner(self.config, self.hydra_context.config_loader, self.jobs_run_here())
+                   if self.fast_plan else None)
         indexed = done_runs(sweep_dir, DONE)
         plans = [self.plan(job, planner, indexed) for job in jobs]
-        log.info("planned %d jobs: %d from the base configs, %d composed in full", len(plans), planner.fast,
-                 len(plans) - planner.fast)
+        fast = planner.fast if planner else 0
+        log.info("planned %d jobs: %d from the base configs, %d composed in full", len(plans), fast, len(plans) - fast)
         same = duplicates(plans)
         if same:
             a, b = same
