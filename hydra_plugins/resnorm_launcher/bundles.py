@@ -77,9 +77,10 @@ class BundledSlurmLauncher(SlurmLauncher):
 
     def __call__(self, *job: Any) -> Any:
         """One array task: a bundle (a list of jobs' arguments) trained in turn, or one job."""
+        # the base class by name: Hydra's plugin scan and the task's unpickling load this module twice
         if len(job) == 1 and isinstance(job[0], list):
-            return [super(BundledSlurmLauncher, self).__call__(*args) for args in job[0]]
-        return super().__call__(*job)
+            return [SlurmLauncher.__call__(self, *args) for args in job[0]]
+        return SlurmLauncher.__call__(self, *job)
 
     def _executor(self) -> Any:
         """The submitit executor with the profile's parameters (as hydra-submitit-launcher builds it)."""
