@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
-from resnorm.runfolder import LAYERS, METRICS, SUMMARY, read_summary, summary_problem
+from resnorm.runs.folder import SUMMARY, read_summary, summary_problem
 
 #: threads reading files at once
 READERS = min(8, (os.cpu_count() or 1) * 2)

@@ -82,7 +82,7 @@ def dry_run(n: int, cwd: Path, fast: bool) -> Tuple[float, List[str]]:
 
 def finish(sweep: Path, ids: Sequence[str]) -> None:
     """Make every run of the sweep finished: a summary in its folder and its line in the run index."""
-    from resnorm.runindex import INDEX
+    from resnorm.runs.index import INDEX
 
     lines = []
     for rid in ids:
@@ -163,8 +163,8 @@ def analysis_rows(n: int, template: Path, baseline: bool) -> List[dict]:
 
 FLOOR = ("import sys, time, tempfile\n"
          "from pathlib import Path\n"
-         "from resnorm.config import compose\n"
-         "from resnorm.train import JobInfo, train\n"
+         "from resnorm.config.compose import compose\n"
+         "from resnorm.train.job import JobInfo, train\n"
          "n, extra = int(sys.argv[1]), sys.argv[2:]\n"
          "cfgs = [compose([*extra, f'seed={i}']) for i in range(n)]\n"
          "with tempfile.TemporaryDirectory() as tmp:\n"
@@ -192,7 +192,7 @@ def sweep_rows(n: int) -> List[dict]:
 
 
 def local_workers() -> int:
-    from resnorm.devices import cpu_count
+    from resnorm.train.devices import cpu_count
 
     return max(1, cpu_count())
 

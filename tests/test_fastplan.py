@@ -1,5 +1,5 @@
-"""Fast sweep planning (resnorm.fastplan) against Hydra's full compose of each job, and the sweep
-folder's run index and progress counters (resnorm.runindex)."""
+"""Fast sweep planning (resnorm.sweep.fastplan) against Hydra's full compose of each job, and the sweep
+folder's run index and progress counters (resnorm.runs.index)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf, open_dict
 
-from conftest import ROOT
-from resnorm.config import CONF_DIR, group_options, leaves, register_schemas, validate
+from resnorm.config.compose import group_options, override
+from resnorm.config.schema import CONF_DIR, leaves, register_schemas
 from resnorm.errors import ConfigError
-from resnorm.fastplan import FastPlanner, RuleCache
-from resnorm.identity import _plain, register_resolver, run_id
-from resnorm.runindex import count_finished, done_runs, read_index, record, start_counters
+from resnorm.runs.identity import _plain, register_resolver, run_id
+from resnorm.runs.index import count_finished, done_runs, read_index, record, start_counters
+from resnorm.sweep.fastplan import FastPlanner, RuleCache
+from resnorm.train.preflight import validate
 
 GROUPS = ("data", "optim")  # the config groups a sweep chooses between (conf/<group>/*.yaml)
 
@@ -39,8 +40,6 @@ def hydra_loader():
 
 def random_value(lf, rng: random.Random):
     """A value for a schema leaf, mostly allowed, sometimes not (null where it is not, out of range)."""
-    from resnorm.config import override
-
     choices = lf.choices
     rng_meta = lf.meta.get("range")
     if rng.random() < 0.1:

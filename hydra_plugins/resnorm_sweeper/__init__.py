@@ -2,14 +2,14 @@
 
 Hydra's basic sweeper (the same grid syntax, ``hydra.sweeper.params``, ``max_batch_size``) plus:
 
-- every job is composed and validated before any job runs (:mod:`resnorm.fastplan`: one Hydra
+- every job is composed and validated before any job runs (:mod:`resnorm.sweep.fastplan`: one Hydra
   compose per set of group choices, each job built from it; a job outside what it reproduces is
   composed by Hydra in full): a typo'd key is caught by Hydra when
   it composes the job, a bad value (``depth=0``, an unknown variant) here, in one line, exit 2;
 - two jobs that would be the same run (they differ only in keys that do not change what a run
-  computes, see :data:`resnorm.identity.OPERATIONAL_KEYS`) are refused;
+  computes, see :data:`resnorm.runs.identity.OPERATIONAL_KEYS`) are refused;
 - jobs whose folder (``multirun/<name>/<run_id>``) says ``completed`` or ``diverged`` are not
-  launched again (Hydra has no sweep resume; the sweep folder's run index, :mod:`resnorm.runindex`,
+  launched again (Hydra has no sweep resume; the sweep folder's run index, :mod:`resnorm.runs.index`,
   says which without reading every summary); interrupted ones are launched and resume from their
   checkpoint in the task function;
 - ``dry_run=true`` (``run.py --dry-run``) prints the job table and exits without launching
@@ -17,11 +17,11 @@ Hydra's basic sweeper (the same grid syntax, ``hydra.sweeper.params``, ``max_bat
 - the jobs still to run are launched longest first (estimated FLOPs; ``order=longest_first``, the
   default) so that parallel launchers do not end on one long job with idle workers; ``order=given``
   keeps the grid's order;
-- ``stack=on|auto|off`` (:mod:`resnorm.stack_plan`): jobs that differ only in keys that leave
+- ``stack=on|auto|off`` (:mod:`resnorm.train.stack_plan`): jobs that differ only in keys that leave
   every parameter shape unchanged (seed, optimizer settings, ...) are launched as one job that trains
-  them as one stacked model (:mod:`resnorm.stack`); each still writes its own run folder. ``auto``
+  them as one stacked model (:mod:`resnorm.train.stack`); each still writes its own run folder. ``auto``
   (the default) stacks only jobs that train on a CUDA device; the dry run shows the stacks;
-- the outcome of every job is counted in :data:`resnorm.sweeper.LAST_OUTCOME` (the exit code).
+- the outcome of every job is counted in :data:`resnorm.runs.progress.LAST_OUTCOME` (the exit code).
 """
 
 from __future__ import annotations
@@ -36,14 +36,17 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf, open_dict
 
-from resnorm.config import check_override, composition_error, validate
+from resnorm.config.compose import check_override, composition_error
+
+from resnorm.train.preflight import validate
 from resnorm.errors import ConfigError
-from resnorm.fastplan import FastPlanner
-from resnorm.identity import OPERATIONAL_KEYS, register_resolver
-from resnorm.runfolder import DONE
-from resnorm.runindex import done_runs
-from resnorm.stack_plan import STACK_MODES, group_labels, launch_overrides, stack_groups
-from resnorm.sweeper import LAST_OUTCOME, JobPlan, duplicates, job_table, longest_first, plan_job, write_plan
+from resnorm.runs.folder import DONE
+from resnorm.runs.identity import OPERATIONAL_KEYS, register_resolver
+from resnorm.runs.index import done_runs
+from resnorm.runs.progress import LAST_OUTCOME
+from resnorm.sweep.fastplan import FastPlanner
+from resnorm.sweep.plan import JobPlan, duplicates, job_table, longest_first, plan_job, write_plan
+from resnorm.train.stack_plan import STACK_MODES, group_labels, launch_overrides, stack_groups
 
 register_resolver()  # also in the launchers' workers, which unpickle Hydra's plugin registry
 log = logging.getLogger(__name__)
@@ -94,14 +97,14 @@ class ValidatingSweeper(BasicSweeper):
 
     def jobs_run_here(self) -> bool:
         """Whether the jobs train on this machine (the basic and local launchers), so that the checks
-        of this machine's devices (:data:`resnorm.config.HOST_RULES`) apply to them."""
+        of this machine's devices (:data:`resnorm.train.preflight.HOST_RULES`) apply to them."""
         target = str(OmegaConf.select(self.config, "hydra.launcher._target_", default=""))
         return target.endswith(HERE_LAUNCHERS)
 
     def plan(self, overrides: Sequence[str], planner: Optional[FastPlanner] = None,
              indexed: Optional[Dict] = None) -> JobPlan:
         """Compose one job (as Hydra does), validate its values, find its folder and state: from the
-        fast planner's base config where it can (:mod:`resnorm.fastplan`), else composed in full."""
+        fast planner's base config where it can (:mod:`resnorm.sweep.fastplan`), else composed in full."""
         fast = planner.plan(overrides) if planner is not None else None
         if fast is not None:
             cfg, rid, run_dir, run_name, hydra_yaml = fast
