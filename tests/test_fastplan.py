@@ -14,7 +14,8 @@ from resnorm.config.compose import group_options, override
 from resnorm.config.schema import CONF_DIR, leaves, register_schemas
 from resnorm.errors import ConfigError
 from resnorm.runs.identity import _plain, register_resolver, run_id
-from resnorm.runs.index import count_finished, done_runs, read_index, record, start_counters
+from resnorm.runs.folder import record
+from resnorm.runs.index import count_finished, done_runs, read_index, start_counters
 from resnorm.sweep.fastplan import FastPlanner, RuleCache
 from resnorm.train.preflight import validate
 

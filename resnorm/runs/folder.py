@@ -34,7 +34,7 @@ import math
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 #: the files of a run folder
 SUMMARY = "summary.json"
@@ -113,13 +113,37 @@ def check_status(summary: Dict[str, Any]) -> None:
 
 def write_summary(run_dir: Path, summary: Dict[str, Any]) -> Path:
     """Check the status, then atomically write ``run_dir/summary.json`` (sorted keys, NaN as null);
-    a final status also gets its line in the sweep folder's run index (:mod:`resnorm.runs.index`)."""
-    from resnorm.runs.index import record
-
+    a final status also gets its line in the sweep folder's run index (:func:`record`)."""
     check_status(summary)
     path = write_text(Path(run_dir) / SUMMARY, json.dumps(json_safe(summary), indent=2, sort_keys=True))
     record(run_dir, summary)
     return path
+
+
+#: the run index in a sweep folder: one JSON line per finished attempt of a run (resnorm.runs.index reads it)
+INDEX = ".runs.jsonl"
+#: statuses that end an attempt: the index gets a line for each
+FINAL = ("completed", "diverged", "failed")
+LOCK_TIMEOUT_S = 60.0
+
+
+def record(run_dir: Path, summary: Mapping[str, Any]) -> None:
+    """Append the run's line to its sweep folder's index (``run_dir``'s parent) when ``summary``'s
+    status is final; a run without a ``run_id`` is not indexed. Never raises for an index it
+    cannot write (the run folder is the truth; a re-run then reads the folder)."""
+    if summary.get("status") not in FINAL or not summary.get("run_id"):
+        return
+    from filelock import FileLock
+
+    run_dir = Path(run_dir)
+    line = json.dumps(dict(run_id=summary["run_id"], dir=run_dir.name, status=summary["status"],
+                           outcome=summary.get("outcome")), sort_keys=True)
+    index = run_dir.parent / INDEX
+    try:
+        with FileLock(str(index) + ".lock", timeout=LOCK_TIMEOUT_S), open(index, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+    except OSError:
+        pass
 
 
 # --- reading ------------------------------------------------------------------------------------

@@ -2,9 +2,9 @@
 instead of every run's summary.
 
 - :data:`INDEX` (``.runs.jsonl`` in the sweep folder): one JSON line per finished attempt of a run
-  (``run_id``, ``dir``: the run folder's name, ``status``, ``outcome``), appended by
-  :func:`resnorm.runs.folder.write_summary` whenever it writes a final status (``completed``,
-  ``diverged``, ``failed``), under a file lock (``filelock``). The last line of a run wins. It is a
+  (``run_id``, ``dir``: the run folder's name, ``status``, ``outcome``), appended under a file lock
+  (``filelock``, :func:`resnorm.runs.folder.record`) by :func:`resnorm.runs.folder.write_summary`
+  whenever it writes a final status (``completed``, ``diverged``, ``failed``). The last line of a run wins. It is a
   cache of the run folders, which stay the truth: a run the index calls done counts as done only
   while its ``summary.json`` is there (:func:`done_runs`); a run it does not know is read from its
   folder as before (a run killed before it finished has no line).
@@ -19,47 +19,24 @@ This module imports no torch (nor pandas).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import struct
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
-#: the run index in a sweep folder (one JSON line per finished attempt)
-INDEX = ".runs.jsonl"
+from resnorm.runs.folder import INDEX, LOCK_TIMEOUT_S, SUMMARY, atomic_write, write_text
+
 #: the sweep's progress counters (one small JSON object)
 COUNTERS = ".progress.json"
 #: the launcher jobs' estimated FLOPs, float64 each, in launch order
 FLOPS_FILE = ".sweep.flops"
-#: statuses that end an attempt: the index gets a line for each
-FINAL = ("completed", "diverged", "failed")
-_LOCK_TIMEOUT_S = 60.0
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def _locked(path: Path):
     from filelock import FileLock
 
-    with FileLock(str(path) + ".lock", timeout=_LOCK_TIMEOUT_S):
-        yield
-
-
-def record(run_dir: Path, summary: Mapping[str, Any]) -> None:
-    """Append the run's line to its sweep folder's index (``run_dir``'s parent) when ``summary``'s
-    status is final; a run without a ``run_id`` is not indexed. Never raises for an index it
-    cannot write (the run folder is the truth; a re-run then reads the folder)."""
-    if summary.get("status") not in FINAL or not summary.get("run_id"):
-        return
-    run_dir = Path(run_dir)
-    line = json.dumps(dict(run_id=summary["run_id"], dir=run_dir.name, status=summary["status"],
-                           outcome=summary.get("outcome")), sort_keys=True)
-    index = run_dir.parent / INDEX
-    try:
-        with _locked(index), open(index, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
-    except OSError:
-        pass
+    return FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT_S)
 
 
 def read_index(sweep_dir: Path) -> Dict[str, Dict[str, Any]]:
@@ -84,8 +61,6 @@ def read_index(sweep_dir: Path) -> Dict[str, Dict[str, Any]]:
 def done_runs(sweep_dir: Path, done: Sequence[str]) -> Dict[Tuple[str, str], str]:
     """(run folder ``str(sweep_dir / dir)``, run_id) -> status of the runs the index says are over (a status
     in ``done``) whose folder still holds its ``summary.json``."""
-    from resnorm.runs.folder import SUMMARY
-
     sweep_dir = Path(sweep_dir)
     out = {}
     for entry in read_index(sweep_dir).values():
@@ -101,8 +76,6 @@ def start_counters(sweep_dir: Path, job_flops: Sequence[float], runs: int, done:
     """Reset the counters for a launch of the launcher jobs whose estimated FLOPs are ``job_flops``
     (in launch order, written to :data:`FLOPS_FILE`), in a sweep of ``runs`` runs of which those
     counted in ``done`` (outcome -> runs) were over before the launch."""
-    from resnorm.runs.folder import atomic_write, write_text
-
     sweep_dir = Path(sweep_dir)
     data = struct.pack(f"<{len(job_flops)}d", *job_flops)
     atomic_write(sweep_dir / FLOPS_FILE, lambda tmp: tmp.write_bytes(data))
@@ -128,8 +101,6 @@ def job_flops(sweep_dir: Path, job_num: Optional[int]) -> float:
 def count_finished(sweep_dir: Path, outcomes: Sequence[str], flops: float) -> Optional[Dict[str, Any]]:
     """Add a finished launcher job (its runs' ``outcomes``, its estimated ``flops``) to the counters;
     return them updated, or None outside a launched sweep (no counters file)."""
-    from resnorm.runs.folder import write_text
-
     path = Path(sweep_dir) / COUNTERS
     if not path.is_file():
         return None
