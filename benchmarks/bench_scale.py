@@ -1,7 +1,7 @@
 """Studies of thousands of runs: planning, per-job overhead, analysis, peak memory (on demand).
 
     python -m benchmarks.bench_scale                      # N = 100, 1000, 10000
-    python -m benchmarks.bench_scale --sizes 100,1000 --sweep-sizes 100 --baseline
+    python -m benchmarks.bench_scale --sizes 100,1000 --sweep-sizes 100 --baseline plan,analysis
 
 For each N it prints:
 
@@ -16,7 +16,7 @@ For each N it prints:
   ``wall_s`` over the workers), the share of the wall time outside it, and the ratio sweep x
   workers / floor.
 
-``--baseline`` also times each planning and analysis row the way it ran before (every job composed
+``--baseline plan,analysis`` also times each planning and analysis row the way it ran before (every job composed
 by Hydra, ``hydra.sweeper.fast_plan=false``; the per-run reader, ``analysis.load.load_sweep_per_run``),
 alternated with the new one. The targets are printed as met or not met with the measured figure.
 Every row says the machine's load (``/proc/loadavg``) before and after. Results: benchmarks/README.md.
@@ -226,7 +226,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_scale", description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="100,1000,10000", help="N for planning and analysis")
     parser.add_argument("--sweep-sizes", default="100,1000", help="N for the tiny sweep against its floor")
-    parser.add_argument("--baseline", action="store_true", help="also time the full-compose planner and the per-run reader")
+    parser.add_argument("--baseline", default="", help="also time the old way of these sections, alternated with the "
+                        "new: plan (every job composed by Hydra), analysis (the per-run reader); e.g. plan,analysis")
     parser.add_argument("--only", default="plan,analysis,sweep", help="sections: plan, analysis, sweep")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s]
@@ -238,11 +239,11 @@ def main(argv=None) -> int:
         template = template_run(tmp)
     for n in sizes:
         if "plan" in only:
-            rows += plan_rows(n, args.baseline)
-            print(*(json.dumps(r) for r in rows[-(3 if args.baseline else 2):]), sep="\n", flush=True)
+            rows += plan_rows(n, "plan" in args.baseline)
+            print(*(json.dumps(r) for r in rows[-(3 if "plan" in args.baseline else 2):]), sep="\n", flush=True)
         if "analysis" in only:
-            rows += analysis_rows(n, template, args.baseline)
-            print(*(json.dumps(r) for r in rows[-(2 if args.baseline else 1):]), sep="\n", flush=True)
+            rows += analysis_rows(n, template, "analysis" in args.baseline)
+            print(*(json.dumps(r) for r in rows[-(2 if "analysis" in args.baseline else 1):]), sep="\n", flush=True)
     if "sweep" in only:
         for n in [int(s) for s in args.sweep_sizes.split(",") if s]:
             rows += sweep_rows(n)

@@ -197,11 +197,13 @@ def test_bundles_of_jobs_per_task_and_arrays_split_at_max_array_size(tmp_path):
     runs = summaries(sweep)
     assert set(runs) == {run_id(compose(*TINY, "depth=1", f"seed={s}", "name=bundles")) for s in range(10)}
     assert all(s["status"] == "completed" and s["attempts"] == 1 for s in runs.values())
-    scripts = sorted((sweep / ".submitit").glob("*/*_submission.sh"))
-    arrays = sorted(re.search(r"#SBATCH --array=0-(\d+)", p.read_text())[1] for p in scripts)
-    assert arrays == ["0", "3"], arrays  # 5 tasks: an array of 4 and one of 1
+    sizes = []  # tasks per submission: an array's --array=0-K, or a single job
+    for script in sorted((sweep / ".submitit").glob("*/*_submission.sh")):
+        array = re.search(r"#SBATCH --array=0-(\d+)", script.read_text())
+        sizes.append(int(array[1]) + 1 if array else 1)
+    assert sorted(sizes) == [1, 4], sizes  # 5 tasks: an array of 4, then one more
     # each task's log holds its two jobs, trained by one process
-    logs = sorted((sweep / ".submitit").glob("*_*/*_0_log.out"))
-    assert len(logs) == 5
+    logs = sorted((sweep / ".submitit").glob("*/*_log.out"))
+    assert len(logs) == 5, logs
     trained = [set(re.findall(r"run \S*\bseed=(\d+)\S*: completed", log.read_text())) for log in logs]
     assert sorted(len(t) for t in trained) == [2] * 5 and set().union(*trained) == {str(s) for s in range(10)}, trained
