@@ -11,6 +11,7 @@ import pytest
 from omegaconf import OmegaConf, open_dict
 
 from resnorm.config.compose import group_options, override
+from resnorm.config.rules import allowed
 from resnorm.config.schema import CONF_DIR, leaves, register_schemas
 from resnorm.errors import ConfigError
 from resnorm.runs.identity import _plain, register_resolver, run_id
@@ -41,7 +42,7 @@ def hydra_loader():
 
 def random_value(lf, rng: random.Random):
     """A value for a schema leaf, mostly allowed, sometimes not (null where it is not, out of range)."""
-    choices = lf.choices
+    choices = allowed(lf)
     rng_meta = lf.meta.get("range")
     if rng.random() < 0.1:
         return override(lf.key, None)
@@ -164,3 +165,22 @@ def test_index_and_counters(tmp_path):
     counters = count_finished(sweep, ["stalled"], 3.0)
     assert counters["counts"] == {"trained": 2, "stalled": 1} and counters["done_flops"] == 4.0
     assert count_finished(tmp_path, ["trained"], 1.0) is None  # outside a launched sweep
+
+
+def test_the_dry_runs_parameter_count_is_the_built_models_for_every_variant():
+    """model_size counts the model as constructed (no init, no Admin profile): the built model's count."""
+    import torch
+
+    from resnorm.config.compose import compose
+    from resnorm.config.variants import VARIANTS
+    from resnorm.model.transformer import build_model
+    from resnorm.sweep.plan import model_size
+
+    for norm in VARIANTS:
+        cfg = compose(["model.d_model=16", "model.n_heads=2", "depth=3", "data=synthetic", "train.seq_len=16",
+                      "train.batch_size=2", "data.synthetic_tokens=2000", f"model.norm={norm}"])
+        model = build_model(cfg)
+        total = sum(p.numel() for p in model.parameters())
+        embedding = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding)
+                        for p in m.parameters(recurse=False))
+        assert model_size(cfg) == (total, total - embedding), norm

@@ -110,16 +110,18 @@ def duplicates(plans: Sequence[JobPlan]) -> Optional[Tuple[JobPlan, JobPlan]]:
 # --- the dry run's job table ---------------------------------------------------------------------
 
 def model_size(cfg) -> Tuple[int, int]:
-    """(all parameters, parameters outside embedding tables), counted on the meta device."""
+    """(all parameters, parameters outside embedding tables), counted on the meta device: the model
+    as constructed, without the init scheme and Admin's profiling pass, which set values, not shapes
+    (tests/test_fastplan.py checks the counts against :func:`resnorm.model.transformer.build_model`)."""
     import torch
 
-    from resnorm.model.transformer import build_model
+    from resnorm.model.transformer import ModelShape, Transformer
 
     try:
         with torch.device("meta"):
-            model = build_model(cfg)
-    except Exception:  # an init that needs real tensors: build it on the CPU
-        model = build_model(cfg)
+            model = Transformer(ModelShape.from_config(cfg))
+    except Exception:  # a module that needs real tensors: build it on the CPU
+        model = Transformer(ModelShape.from_config(cfg))
     total = sum(p.numel() for p in model.parameters())
     embedding = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding)
                     for p in m.parameters(recurse=False))
