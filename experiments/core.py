@@ -235,7 +235,7 @@ def check_experiment(name: str, out: Path = RESULTS) -> List[ClaimResult]:
 
 
 def claim_table(exp: Experiment, results: List[ClaimResult]) -> str:
-    """A markdown table of the claims (for the README)."""
+    """A markdown table of the claims (for docs/reproductions.md)."""
     if not results:
         return "Report-only: no calibrated claim yet."
     rows = ["| claim | measured | threshold | result |", "|---|---|---|---|"]

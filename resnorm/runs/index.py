@@ -3,7 +3,7 @@ instead of every run's summary.
 
 - :data:`INDEX` (``.runs.jsonl`` in the sweep folder): one JSON line per finished attempt of a run
   (``run_id``, ``dir``: the run folder's name, ``status``, ``outcome``), appended under a file lock
-  (``filelock``, :func:`resnorm.runs.folder.record`) by :func:`resnorm.runs.folder.write_summary`
+  (:mod:`resnorm.runs.locks`, :func:`resnorm.runs.folder.record`) by :func:`resnorm.runs.folder.write_summary`
   whenever it writes a final status (``completed``, ``diverged``, ``failed``). The last line of a run wins. It is a
   cache of the run folders, which stay the truth: a run the index calls done counts as done only
   while its ``summary.json`` is there (:func:`done_runs`); a run it does not know is read from its
@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
-from resnorm.runs.folder import INDEX, LOCK_TIMEOUT_S, SUMMARY, atomic_write, write_text
+from resnorm.runs.folder import INDEX, SUMMARY, atomic_write, write_text
+from resnorm.runs.locks import exclusive
 
 #: the sweep's progress counters (one small JSON object)
 COUNTERS = ".progress.json"
@@ -34,9 +35,8 @@ FLOPS_FILE = ".sweep.flops"
 
 
 def _locked(path: Path):
-    from filelock import FileLock
-
-    return FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT_S)
+    """The lock of a sweep-folder file (``<file>.lock``, :func:`resnorm.runs.locks.exclusive`)."""
+    return exclusive(Path(str(path) + ".lock"))
 
 
 def read_index(sweep_dir: Path) -> Dict[str, Dict[str, Any]]:
