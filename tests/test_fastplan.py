@@ -41,23 +41,23 @@ def hydra_loader():
 
 
 def random_value(lf, rng: random.Random):
-    """A value for a schema leaf, mostly allowed, sometimes not (null where it is not, out of range)."""
+    """A value for a schema leaf: mostly allowed (its default or a neighbour, one of its choices),
+    sometimes not (null where null is not allowed, a string no rule accepts)."""
     choices = allowed(lf)
-    rng_meta = lf.meta.get("range")
-    if rng.random() < 0.1:
+    default = lf.default
+    if rng.random() < 0.05:
         return override(lf.key, None)
     if lf.kind is bool:
         return override(lf.key, rng.random() < 0.5)
     if choices:
         return override(lf.key, rng.choice(list(choices)))
     if lf.kind is int:
-        low = int(rng_meta.low) if rng_meta is not None and rng_meta.low is not None else 0
-        return override(lf.key, low + rng.randrange(0, 5))
+        base = default if isinstance(default, int) and default > 0 else 1
+        return override(lf.key, rng.choice([base, base + 1, 2 * base]))
     if lf.kind is float:
-        low = rng_meta.low if rng_meta is not None and rng_meta.low is not None else 0.0
-        high = rng_meta.high if rng_meta is not None and rng_meta.high is not None else low + 4.0
-        return override(lf.key, float(rng.choice([low, (low + high) / 2, high, low + 1e-3])))
-    return override(lf.key, rng.choice(["abc", "x y", "/no/such/file.txt"]))
+        base = default if isinstance(default, float) and default > 0 else 0.5
+        return override(lf.key, rng.choice([base, base / 2, float(base * 0.9)]))
+    return override(lf.key, rng.choice([default if isinstance(default, str) else "abc", "x y", "/no/such/file.txt"]))
 
 
 def random_jobs(n: int, seed: int = 0):
