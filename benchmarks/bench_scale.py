@@ -142,7 +142,8 @@ ANALYSE = ("import sys, resource, time\n"
            "from analysis.load import load_sweep_per_run\n"
            "if sys.argv[3] == 'per_run': r.load_sweep = load_sweep_per_run\n"
            "t = time.perf_counter(); r.make_report(sys.argv[1], sys.argv[2])\n"
-           "print('wall', time.perf_counter() - t, 'peak_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+           "u = resource.getrusage(resource.RUSAGE_SELF)\n"
+           "print('cpu', u.ru_utime + u.ru_stime, 'wall', time.perf_counter() - t, 'peak_kib', u.ru_maxrss)\n")
 
 
 def analysis_rows(n: int, template: Path, baseline: bool) -> List[dict]:
@@ -153,8 +154,9 @@ def analysis_rows(n: int, template: Path, baseline: bool) -> List[dict]:
         for reader in (["bulk", "per_run"] if baseline else ["bulk"]):
             before = load()
             wall, proc = timed(["-W", "ignore", "-c", ANALYSE, str(sweep), str(Path(tmp) / reader), reader], Path(tmp))
-            inner, peak = proc.stdout.split()[-3], int(proc.stdout.split()[-1])
-            rows.append(dict(what="analysis", n=n, reader=reader, wall_s=wall, report_s=float(inner),
+            words = proc.stdout.split()
+            cpu, inner, peak = float(words[-5]), float(words[-3]), int(words[-1])
+            rows.append(dict(what="analysis", n=n, reader=reader, wall_s=wall, report_s=inner, cpu_s=cpu,
                              per_run_s=wall / n, peak_gib=peak / 2 ** 20, load=f"{before}->{load()}"))
     return rows
 
