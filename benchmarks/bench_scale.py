@@ -57,11 +57,21 @@ def grid(n: int) -> List[str]:
     return [f"seed=range({seeds})", f"model.norm={','.join(NORMS)}", "depth=range(1,11)", "data=synthetic"]
 
 
+LAST_CPU = {"s": 0.0}  # CPU seconds (user + system) of the last subprocess and its children
+
+
 def timed(args: Sequence[str], cwd: Path) -> Tuple[float, subprocess.CompletedProcess]:
-    """Wall seconds of a subprocess (its peak RSS is read with :func:`peak_child_rss`)."""
-    t0 = time.perf_counter()
+    """Wall seconds of a subprocess (its CPU seconds in :data:`LAST_CPU`)."""
+    import resource
+
+    def cpu() -> float:
+        u = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return u.ru_utime + u.ru_stime
+
+    c0, t0 = cpu(), time.perf_counter()
     proc = subprocess.run([common.PYTHON, *args], cwd=cwd, env=env(), capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    LAST_CPU["s"] = cpu() - c0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)[:200]} failed:\n{proc.stderr[-2000:]}")
     return wall, proc
@@ -101,13 +111,13 @@ def plan_rows(n: int, baseline: bool) -> List[dict]:
             before = load()
             wall, ids = dry_run(n, Path(tmp), fast)
             rows.append(dict(what="dry run", n=n, plan="fast" if fast else "full compose", wall_s=wall,
-                             per_job_s=wall / n, load=f"{before}->{load()}"))
+                             cpu_s=LAST_CPU["s"], per_job_s=wall / n, load=f"{before}->{load()}"))
         finish(Path(tmp) / "multirun" / f"plan{n}", ids)
         before = load()
         wall, proc = timed(run_py("-m", *grid(n), f"name=plan{n}", "~hydra.callbacks.analysis"), Path(tmp))
         assert f"{n} of {n} jobs already done" in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-2000:]
-        rows.append(dict(what="skip-if-done re-run", n=n, plan="fast", wall_s=wall, per_job_s=wall / n,
-                         load=f"{before}->{load()}"))
+        rows.append(dict(what="skip-if-done re-run", n=n, plan="fast", wall_s=wall, cpu_s=LAST_CPU["s"],
+                         per_job_s=wall / n, load=f"{before}->{load()}"))
     return rows
 
 
