@@ -345,18 +345,71 @@ def with_bits_per_byte(runs: pd.DataFrame) -> pd.DataFrame:
     return runs
 
 
-def load_sweep(path) -> Sweep:
-    """Load every job under ``path`` (a Hydra multirun folder, or a single run folder).
-
-    Raises FileNotFoundError if ``path`` does not exist, ValueError if it is not a folder or holds
-    no readable run. A job whose ``summary.json`` cannot be read or parsed is skipped with a warning.
-    """
+def _root(path) -> Path:
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"sweep folder not found: {root}")
     if not root.is_dir():
         raise ValueError(f"not a sweep folder: {root} is a file")
-    root = root.resolve()
+    return root.resolve()
+
+
+def _sweep(root: Path, infos: List[Dict[str, Any]], steps: pd.DataFrame, layers: pd.DataFrame,
+           skipped: List[Tuple[str, str]]) -> Sweep:
+    """The Sweep of the loaded runs' rows and their stacked step and layer tables."""
+    if not infos:
+        raise ValueError(f"no run in {root}: no folder under it holds a readable summary.json")
+    versions = mixed_versions(info.get("git_commit") for info in infos)
+    if versions:
+        warnings.warn(f"{root}: the sweep mixes code versions ({versions}): its runs may not be comparable",
+                      stacklevel=3)
+    runs = with_bits_per_byte(_coerce(pd.DataFrame(infos)))
+    axes = sweep_axes(runs["overrides"])
+    runs["setting"] = _settings(runs, axes)
+    for table in (steps, layers):
+        for column in ("depth", "seed"):
+            table[column] = pd.to_numeric(table[column], errors="coerce").astype("Int64")
+        table["lr"] = pd.to_numeric(table["lr"], errors="coerce").astype(float)
+    return Sweep(path=root, runs=runs, steps=steps, layers=layers, axes=axes, skipped=skipped, versions=versions)
+
+
+def load_sweep(path) -> Sweep:
+    """Load every job under ``path`` (a Hydra multirun folder, or a single run folder), in bulk
+    (:mod:`analysis.bulk`: threads read the files, one concatenation per table).
+
+    Raises FileNotFoundError if ``path`` does not exist, ValueError if it is not a folder or holds
+    no readable run. A job whose ``summary.json`` cannot be read or parsed is skipped with a warning.
+    """
+    from .bulk import keyed_frame, read_runs, read_tables
+
+    root = _root(path)
+    infos: List[Dict[str, Any]] = []
+    dirs: List[Path] = []
+    skipped: List[Tuple[int, str, str]] = []  # (position in the sweep, run, why): the per-run reader's order
+    for i, (run_dir, summary, why) in enumerate(read_runs([d.resolve() for d in find_run_dirs(root)])):
+        if summary is None:
+            warnings.warn(f"skipping a run: {why}", stacklevel=2)  # the message names the file
+            skipped.append((i, run_dir.relative_to(root).as_posix() or ".",
+                            f"skipped: {why.replace(str(run_dir) + '/', '')}"))
+            continue
+        infos.append(dict(run_info(run_dir, summary), _position=i))
+        dirs.append(run_dir)
+    metrics, layers = read_tables(dirs, METRICS), read_tables(dirs, LAYERS)
+    for run_dir, info, table in zip(dirs, infos, metrics):
+        if table is None:
+            why = f"no readable {METRICS} (status {info['status']}): no curves"
+            warnings.warn(f"{run_dir}: {why}", stacklevel=2)
+            skipped.append((info["_position"], run_dir.relative_to(root).as_posix() or ".", why))
+    for info in infos:
+        del info["_position"]
+    return _sweep(root, infos, keyed_frame(metrics, infos, KEY_COLUMNS), keyed_frame(layers, infos, KEY_COLUMNS),
+                  [(where, why) for _, where, why in sorted(skipped, key=lambda s: s[0])])
+
+
+def load_sweep_per_run(path) -> Sweep:
+    """:func:`load_sweep` one run at a time (:func:`load_run` each, then one concatenation): the
+    reference the bulk reader is checked against."""
+    root = _root(path)
     loaded: List[Run] = []
     skipped: List[Tuple[str, str]] = []
     for run_dir in find_run_dirs(root):
@@ -372,20 +425,5 @@ def load_sweep(path) -> Sweep:
             why = f"no readable {METRICS} (status {run.info['status']}): no curves"
             warnings.warn(f"{run_dir}: {why}", stacklevel=2)
             skipped.append((where, why))
-    if not loaded:
-        raise ValueError(f"no run in {root}: no folder under it holds a readable summary.json")
-
-    versions = mixed_versions(r.info.get("git_commit") for r in loaded)
-    if versions:
-        warnings.warn(f"{root}: the sweep mixes code versions ({versions}): its runs may not be comparable",
-                      stacklevel=2)
-    runs = with_bits_per_byte(_coerce(pd.DataFrame([r.info for r in loaded])))
-    axes = sweep_axes(runs["overrides"])
-    runs["setting"] = _settings(runs, axes)
-    steps = _concat([r.steps for r in loaded])
-    layers = _concat([r.layers for r in loaded])
-    for table in (steps, layers):
-        for column in ("depth", "seed"):
-            table[column] = pd.to_numeric(table[column], errors="coerce").astype("Int64")
-        table["lr"] = pd.to_numeric(table["lr"], errors="coerce").astype(float)
-    return Sweep(path=root, runs=runs, steps=steps, layers=layers, axes=axes, skipped=skipped, versions=versions)
+    return _sweep(root, [r.info for r in loaded], _concat([r.steps for r in loaded]),
+                  _concat([r.layers for r in loaded]), skipped)

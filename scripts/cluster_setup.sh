@@ -5,6 +5,7 @@
 # Debian package mirror; no systemd (the daemons are started directly, as in a container), no
 # cgroups (proctrack/linuxproc, task/none), no accounting database (sacct answers "accounting
 # storage is disabled"; submitit then reads the jobs' result files, which is all it needs).
+# MaxArraySize is 4 (SLURM_MAX_ARRAY_SIZE): an array of more tasks is split by the launcher.
 #
 #   sudo bash scripts/cluster_setup.sh      # .ci/run calls it before the tests
 #
@@ -16,6 +17,7 @@ set -euo pipefail
 
 PARTITION=${SLURM_PARTITION:-debug}
 CONF=/etc/slurm/slurm.conf
+MAX_ARRAY_SIZE=${SLURM_MAX_ARRAY_SIZE:-4}
 LOG_DIR=/var/log/slurm
 SPOOL=/var/spool/slurm
 
@@ -87,6 +89,8 @@ JobRequeue=1
 KillWait=2
 MinJobAge=300
 SlurmdTimeout=60
+# small, so that the slurm launcher's split of a larger array into several is tested
+MaxArraySize=$MAX_ARRAY_SIZE
 $node NodeAddr=127.0.0.1 State=UNKNOWN
 PartitionName=$PARTITION Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF

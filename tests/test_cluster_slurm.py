@@ -179,3 +179,31 @@ def test_requeued_job_resumes_from_its_checkpoint(tmp_path):
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "reference" / "metrics.parquet")[STEP_COLUMNS],
                                   stored[STEP_COLUMNS])
     assert summary["final_val_loss"] == reference["final_val_loss"]
+
+
+def test_bundles_of_jobs_per_task_and_arrays_split_at_max_array_size(tmp_path):
+    """``jobs_per_task=2``: each array task trains two jobs one after the other in one process; five
+    tasks exceed the test cluster's MaxArraySize (4, scripts/cluster_setup.sh), so they go as two arrays."""
+    from hydra_plugins.resnorm_launcher.bundles import cluster_max_array_size
+
+    limit = cluster_max_array_size()
+    assert limit is not None and limit < 5, f"the test cluster's MaxArraySize is {limit}: run scripts/cluster_setup.sh"
+    name = f"resnorm-{uuid.uuid4().hex[:8]}"
+    proc = run_cli("-m", *ON_THIS_NODE, f"hydra.launcher.name={name}", "hydra.launcher.jobs_per_task=2", *TINY,
+                   "depth=1", "seed=range(10)", "train.threads=1", "name=bundles", NO_ANALYSIS, cwd=tmp_path,
+                   env_extra=job_env(), timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    sweep = tmp_path / "multirun" / "bundles"
+    runs = summaries(sweep)
+    assert set(runs) == {run_id(compose(*TINY, "depth=1", f"seed={s}", "name=bundles")) for s in range(10)}
+    assert all(s["status"] == "completed" and s["attempts"] == 1 for s in runs.values())
+    sizes = []  # tasks per submission: an array's --array=0-K, or a single job
+    for script in sorted((sweep / ".submitit").glob("*/*_submission.sh")):
+        array = re.search(r"#SBATCH --array=0-(\d+)", script.read_text())
+        sizes.append(int(array[1]) + 1 if array else 1)
+    assert sorted(sizes) == [1, 4], sizes  # 5 tasks: an array of 4, then one more
+    # each task's log holds its two jobs, trained by one process
+    logs = sorted((sweep / ".submitit").glob("*/*_log.out"))
+    assert len(logs) == 5, logs
+    trained = [set(re.findall(r"run \S*\bseed=(\d+)\S*: completed", log.read_text())) for log in logs]
+    assert sorted(len(t) for t in trained) == [2] * 5 and set().union(*trained) == {str(s) for s in range(10)}, trained

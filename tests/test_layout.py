@@ -74,8 +74,9 @@ def test_the_compose_helpers_of_tests_and_benchmarks_delegate():
 
 def test_configs_are_built_only_by_compose():
     """Nothing builds a run config by hand (``OmegaConf.structured(Config)`` + setattr) or composes
-    Hydra's conf/ itself, except resnorm.config.compose and the test that checks Hydra's own run-dir
-    resolution (it needs the ``hydra`` node, which compose leaves out)."""
+    Hydra's conf/ itself, except resnorm.config.compose, the test that checks Hydra's own run-dir
+    resolution and the test of the fast sweep planner against Hydra's full compose (both need the
+    ``hydra`` node, which compose leaves out)."""
     builders = []
     for path in _sources(*PACKAGES, "benchmarks", "tests", "hydra_plugins"):
         if path.name == "test_layout.py":
@@ -83,7 +84,8 @@ def test_configs_are_built_only_by_compose():
         text = path.read_text()
         if "OmegaConf.structured(Config)" in text or "initialize_config_dir" in text:
             builders.append(str(path.relative_to(ROOT)))
-    assert set(builders) <= {"resnorm/config/compose.py", "tests/test_config.py", "tests/test_scaling.py"}, builders
+    assert set(builders) <= {"resnorm/config/compose.py", "tests/test_config.py", "tests/test_scaling.py",
+                             "tests/test_fastplan.py"}, builders
 
 
 def test_every_registered_variant_has_a_fixed_colour_and_label():

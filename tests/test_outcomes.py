@@ -189,20 +189,19 @@ def test_resume_keeps_the_spike_state(tmp_path, monkeypatch):
 
 
 def test_sweep_progress_line_counts_outcomes_and_extrapolates_time(tmp_path):
-    import time
-
-    from resnorm.runs.folder import write_summary
-    from resnorm.runs.progress import PLAN_FILE, progress_line
+    """Each finished launcher job adds its runs and its estimated FLOPs to the sweep's counters
+    (resnorm.runs.index) and prints the line from them: no sibling run is read."""
+    from resnorm.runs.index import COUNTERS, start_counters
+    from resnorm.runs.progress import progress_line
 
     sweep = tmp_path / "grid"
     sweep.mkdir()
-    (sweep / PLAN_FILE).write_text(json.dumps(dict(started_at=time.time() - 60, jobs=[
-        dict(run_id="a", flops=1.0), dict(run_id="b", flops=1.0), dict(run_id="c", flops=2.0)])))
-    assert progress_line(sweep) == "sweep grid: 0/3 finished"
-    write_summary(sweep / "a", dict(status="completed", outcome="trained"))
-    write_summary(sweep / "b", dict(status="completed", outcome="stalled"))
-    write_summary(sweep / "c", dict(status="running"))
-    line = progress_line(sweep)
-    assert line.startswith("sweep grid: 2/3 finished (1 stalled, 1 trained), about ")
-    assert line.endswith("min left") or line.endswith("s left")  # 60 s for 2 FLOPs: ~120 s for the last 2
-    assert progress_line(tmp_path / "nowhere") is None
+    start_counters(sweep, [1.0, 1.0, 2.0], runs=4, done={"trained": 1})  # one run was done before the launch
+    counters = json.loads((sweep / COUNTERS).read_text())
+    (sweep / COUNTERS).write_text(json.dumps(dict(counters, started_at=counters["started_at"] - 60)))
+    assert progress_line(sweep, ["stalled"], 1).startswith("sweep grid: 2/4 finished (1 stalled, 1 trained), about ")
+    line = progress_line(sweep, ["trained"], 0)
+    assert line.startswith("sweep grid: 3/4 finished (1 stalled, 2 trained), about ")
+    assert line.endswith("min left") or line.endswith("s left")  # 60 s for 2 FLOPs: ~60 s for the last 2
+    assert progress_line(sweep, ["diverged"], 2) == "sweep grid: 4/4 finished (1 diverged, 1 stalled, 2 trained)"
+    assert progress_line(tmp_path / "nowhere", ["trained"], 0) is None

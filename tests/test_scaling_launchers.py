@@ -277,3 +277,20 @@ def test_ray_runs_two_jobs(tmp_path):
     runs = summaries(tmp_path / "multirun" / "ray")
     assert len(runs) == 2
     assert all(s["status"] == "completed" and s["threads"] == 1 for s in runs.values())
+
+
+@pytest.mark.slow
+def test_ray_bundles_jobs_per_task(tmp_path):
+    """``jobs_per_task=2``: three jobs in two Ray tasks, each job its own completed run folder."""
+    pytest.importorskip("ray", reason="Ray is optional: pip install -e '.[ray]'")
+    pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="hydra-ray-launcher is optional: "
+                        "pip install -e '.[ray]'")
+    proc = run_cli("-m", "hydra/launcher=ray_tasks", "hydra.launcher.jobs_per_task=2",
+                   "+hydra.launcher.ray.init.num_cpus=2", "+hydra.launcher.ray.init.include_dashboard=false", *TINY,
+                   "depth=1", "seed=0,1,2", "name=raybundles", NO_ANALYSIS, cwd=tmp_path,
+                   env_extra={"RAY_AUTH_MODE": "disabled"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ray launcher: 3 jobs, 2 per task: 2 task(s)" in proc.stdout + proc.stderr
+    runs = summaries(tmp_path / "multirun" / "raybundles")
+    assert {run_id(compose(*TINY, "depth=1", f"seed={s}", "name=raybundles")) for s in range(3)} == set(runs)
+    assert all(s["status"] == "completed" and s["threads"] == 1 for s in runs.values())

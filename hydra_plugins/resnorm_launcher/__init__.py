@@ -185,12 +185,27 @@ class ParallelLauncher(Launcher):
             return _core.launch(launcher=self, job_overrides=job_overrides, initial_job_idx=initial_job_idx)
 
 
+def _run_bundle(hydra_context: HydraContext, configs: Sequence[DictConfig], task_function: TaskFunction,
+                singleton_state: Any) -> List[JobReturn]:
+    """One Ray task training a bundle of jobs one after the other (hydra-ray-launcher's job runner each)."""
+    from hydra_plugins.hydra_ray_launcher._launcher_util import _run_job
+
+    return [_run_job(hydra_context=hydra_context, sweep_config=c, task_function=task_function,
+                     singleton_state=singleton_state) for c in configs]
+
+
 class RayLauncher(Launcher):
     """hydra-ray-launcher (``pip install -e ".[ray]"``), with one task per job that asks for
     ``train.devices`` GPUs when the Ray cluster has GPUs (Ray then sets the task's
-    ``CUDA_VISIBLE_DEVICES``), else for ``threads_per_job`` CPUs, with that many torch threads."""
+    ``CUDA_VISIBLE_DEVICES``), else for ``threads_per_job`` CPUs, with that many torch threads.
+    ``jobs_per_task=K`` (1): each task trains K jobs one after the other (each its own run folder)."""
 
-    def __init__(self, ray: Any = None, threads_per_job: int = 1) -> None:
+    def __init__(self, ray: Any = None, threads_per_job: int = 1, jobs_per_task: int = 1) -> None:
+        if not isinstance(jobs_per_task, int) or isinstance(jobs_per_task, bool) or jobs_per_task < 1:
+            print(f"config error: hydra.launcher.jobs_per_task={jobs_per_task!r} is invalid: a positive integer "
+                  "(jobs trained one after the other by one Ray task)", file=sys.stderr)
+            raise SystemExit(2)
+        self.jobs_per_task = jobs_per_task
         ray = OmegaConf.to_container(ray) if OmegaConf.is_config(ray) else dict(ray or {})
         self.init_cfg = dict(ray.get("init") or {})
         self.remote_cfg = dict(ray.get("remote") or {})
@@ -228,4 +243,28 @@ class RayLauncher(Launcher):
         remote = self.remote_options(ray.cluster_resources().get("GPU", 0))
         log.info("ray launcher: each job asks for %s", remote)
         self.ray_cfg = OmegaConf.create({"init": init, "remote": remote})
-        return _core.launch(launcher=self, job_overrides=job_overrides, initial_job_idx=initial_job_idx)
+        if self.jobs_per_task == 1:
+            return _core.launch(launcher=self, job_overrides=job_overrides, initial_job_idx=initial_job_idx)
+        return self.launch_bundles(job_overrides, initial_job_idx, remote)
+
+    def launch_bundles(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int,
+                       remote: Dict[str, Any]) -> List[JobReturn]:
+        """``jobs_per_task`` jobs per Ray task, composed here as hydra-ray-launcher composes each job."""
+        import ray
+        from hydra.core.singleton import Singleton
+        from omegaconf import open_dict
+
+        configs = []
+        for i, overrides in enumerate(job_overrides):
+            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            with open_dict(cfg):
+                cfg.hydra.job.id = f"job_id_for_{initial_job_idx + i}"
+                cfg.hydra.job.num = initial_job_idx + i
+            configs.append(cfg)
+        k = self.jobs_per_task
+        bundles = [configs[i:i + k] for i in range(0, len(configs), k)]
+        log.info("ray launcher: %d jobs, %d per task: %d task(s)", len(configs), k, len(bundles))
+        run = ray.remote(**remote)(_run_bundle) if remote else ray.remote(_run_bundle)
+        state = Singleton.get_state()
+        refs = [run.remote(self.hydra_context, b, self.task_function, state) for b in bundles]
+        return [ret for ref in refs for ret in ray.get(ref)]

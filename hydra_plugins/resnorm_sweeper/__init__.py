@@ -2,12 +2,15 @@
 
 Hydra's basic sweeper (the same grid syntax, ``hydra.sweeper.params``, ``max_batch_size``) plus:
 
-- every job is composed and validated before any job runs: a typo'd key is caught by Hydra when
+- every job is composed and validated before any job runs (:mod:`resnorm.sweep.fastplan`: one Hydra
+  compose per set of group choices, each job built from it; a job outside what it reproduces is
+  composed by Hydra in full): a typo'd key is caught by Hydra when
   it composes the job, a bad value (``depth=0``, an unknown variant) here, in one line, exit 2;
 - two jobs that would be the same run (they differ only in keys that do not change what a run
   computes, see :data:`resnorm.runs.identity.OPERATIONAL_KEYS`) are refused;
 - jobs whose folder (``multirun/<name>/<run_id>``) says ``completed`` or ``diverged`` are not
-  launched again (Hydra has no sweep resume); interrupted ones are launched and resume from their
+  launched again (Hydra has no sweep resume; the sweep folder's run index, :mod:`resnorm.runs.index`,
+  says which without reading every summary); interrupted ones are launched and resume from their
   checkpoint in the task function;
 - ``dry_run=true`` (``run.py --dry-run``) prints the job table and exits without launching
   anything (nor the end-of-sweep analysis);
@@ -37,11 +40,13 @@ from resnorm.config.compose import check_override, composition_error
 
 from resnorm.train.preflight import validate
 from resnorm.errors import ConfigError
-from resnorm.runs.folder import link_problem
+from resnorm.runs.folder import DONE, link_problem
 from resnorm.runs.identity import OPERATIONAL_KEYS, register_resolver
-from resnorm.train.stack_plan import STACK_MODES, group_labels, launch_overrides, stack_groups
+from resnorm.runs.index import done_runs
 from resnorm.runs.progress import LAST_OUTCOME
+from resnorm.sweep.fastplan import FastPlanner
 from resnorm.sweep.plan import JobPlan, duplicates, job_table, longest_first, plan_job, version_note, write_plan
+from resnorm.train.stack_plan import STACK_MODES, group_labels, launch_overrides, stack_groups
 
 register_resolver()  # also in the launchers' workers, which unpickle Hydra's plugin registry
 log = logging.getLogger(__name__)
@@ -62,7 +67,7 @@ ORDERS = ("longest_first", "given")
 class ValidatingSweeper(BasicSweeper):
     def __init__(self, max_batch_size: Optional[int], params: Optional[Dict[str, str]] = None,
                  dry_run: bool = False, flops_per_s: float = 1e10, order: str = "longest_first",
-                 stack: str = "auto") -> None:
+                 stack: str = "auto", fast_plan: bool = True) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)
         self.dry_run = bool(dry_run)
         self.flops_per_s = float(flops_per_s)
@@ -74,6 +79,7 @@ class ValidatingSweeper(BasicSweeper):
         if not isinstance(stack, str) or stack not in STACK_MODES:
             _config_error(f"hydra.sweeper.stack={stack!r} is invalid: choose one of {', '.join(STACK_MODES)}")
         self.stack = stack
+        self.fast_plan = bool(fast_plan)
 
     def _compose(self, overrides: Sequence[str]):
         return self.hydra_context.config_loader.load_sweep_config(
@@ -96,8 +102,14 @@ class ValidatingSweeper(BasicSweeper):
         target = str(OmegaConf.select(self.config, "hydra.launcher._target_", default=""))
         return target.endswith(HERE_LAUNCHERS)
 
-    def plan(self, overrides: Sequence[str]) -> JobPlan:
-        """Compose one job (as Hydra does), validate its values, find its folder and state."""
+    def plan(self, overrides: Sequence[str], planner: Optional[FastPlanner] = None,
+             indexed: Optional[Dict] = None) -> JobPlan:
+        """Compose one job (as Hydra does), validate its values, find its folder and state: from the
+        fast planner's base config where it can (:mod:`resnorm.sweep.fastplan`), else composed in full."""
+        fast = planner.plan(overrides) if planner is not None else None
+        if fast is not None:
+            cfg, rid, run_dir, run_name, hydra_yaml = fast
+            return plan_job(overrides, cfg, run_dir, run_name, hydra_yaml, rid=rid, indexed=indexed)
         try:
             for o in OverridesParser.create().parse_overrides(list(overrides)):
                 check_override(o)
@@ -120,21 +132,26 @@ class ValidatingSweeper(BasicSweeper):
         if linked:  # one line, before anything is written
             print(f"error: refusing the job folder {run_dir}: {linked} (job: {' '.join(overrides)})", file=sys.stderr)
             raise SystemExit(2)
-        return plan_job(overrides, cfg, run_dir, run_name, hydra_yaml)
+        return plan_job(overrides, cfg, run_dir, run_name, hydra_yaml, indexed=indexed)
 
     def sweep(self, arguments: List[str]) -> Any:
         LAST_OUTCOME.clear()
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         overrides = parser.parse_overrides(self._parse_config() + list(arguments))
         (jobs,) = self.split_arguments(overrides, None)
-        plans = [self.plan(job) for job in jobs]
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        planner = (FastPlanner(self.config, self.hydra_context.config_loader, self.jobs_run_here())
+                   if self.fast_plan else None)
+        indexed = done_runs(sweep_dir, DONE)
+        plans = [self.plan(job, planner, indexed) for job in jobs]
+        fast = planner.fast if planner else 0
+        log.info("planned %d jobs: %d from the base configs, %d composed in full", len(plans), fast, len(plans) - fast)
         same = duplicates(plans)
         if same:
             a, b = same
             _config_error(f"jobs '{' '.join(a.overrides)}' and '{' '.join(b.overrides)}' are the same run "
                           f"{a.run_id}: they differ only in keys that do not change what a run computes "
                           f"({', '.join(OPERATIONAL_KEYS)})")
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
         if self.dry_run:
             launcher = OmegaConf.select(self.config, "hydra.launcher._target_", default="?").rsplit(".", 1)[-1]
             labels = group_labels(stack_groups([p for p in plans if not p.done], self.stack))
@@ -157,7 +174,7 @@ class ValidatingSweeper(BasicSweeper):
         try:
             sweep_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-            write_plan(sweep_dir, plans)  # each finished job prints the sweep's progress line from it
+            write_plan(sweep_dir, plans, groups)  # each finished job counts itself and prints the progress line
             todo = launch_overrides(sweep_dir, groups)  # a stack: one launcher job (its file written)
         except OSError as exc:  # one line, before any job ran (exit 2, like a config error)
             print(f"error: cannot write the sweep folder {sweep_dir} ({type(exc).__name__}: {exc.strerror}); "

@@ -36,7 +36,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 #: the files of a run folder
 SUMMARY = "summary.json"
@@ -174,19 +174,46 @@ def write_summary(run_dir: Path, summary: Dict[str, Any], in_place_if_full: bool
     ``in_place_if_full`` (the failure record of a run whose disk filled up): when the atomic write
     finds the disk full, the file is rewritten in place instead, into the blocks it already holds, so
     the run is not left ``running``; a crash in that write leaves a summary that does not parse, which
-    a re-run treats as none (it resumes from the checkpoint)."""
+    a re-run treats as none (it resumes from the checkpoint). A final status also gets its line in the
+    sweep folder's run index (:func:`record`)."""
     check_status(summary)
     text = json.dumps(json_safe(summary), indent=2, sort_keys=True)
     path = Path(run_dir) / SUMMARY
     try:
-        return write_text(path, text)
+        write_text(path, text)
     except DiskFullError:
         if not in_place_if_full or not path.is_file():
             raise
-    with open(path, "r+", encoding="utf-8") as f:
-        f.write(text)
-        f.truncate()
+        with open(path, "r+", encoding="utf-8") as f:
+            f.write(text)
+            f.truncate()
+    record(run_dir, summary)
     return path
+
+
+#: the run index in a sweep folder: one JSON line per finished attempt of a run (resnorm.runs.index reads it)
+INDEX = ".runs.jsonl"
+#: statuses that end an attempt: the index gets a line for each
+FINAL = ("completed", "diverged", "failed")
+
+
+def record(run_dir: Path, summary: Mapping[str, Any]) -> None:
+    """Append the run's line to its sweep folder's index (``run_dir``'s parent) when ``summary``'s
+    status is final; a run without a ``run_id`` is not indexed. Never raises for an index it
+    cannot write (the run folder is the truth; a re-run then reads the folder)."""
+    if summary.get("status") not in FINAL or not summary.get("run_id"):
+        return
+    from resnorm.runs.locks import exclusive
+
+    run_dir = Path(run_dir)
+    line = json.dumps(dict(run_id=summary["run_id"], dir=run_dir.name, status=summary["status"],
+                           outcome=summary.get("outcome")), sort_keys=True)
+    index = run_dir.parent / INDEX
+    try:
+        with exclusive(index.parent / (INDEX + ".lock")), open(index, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+    except OSError:
+        pass
 
 
 # --- reading ------------------------------------------------------------------------------------

@@ -28,13 +28,32 @@ class JobPlan:
     run_id: str
     run_dir: Optional[Path]  # None when the job folder cannot be known before the job runs
     state: str  # see resnorm.runs.folder.job_state; "unknown" without a run_dir
-    cfg: Any  # the composed job config, without the hydra node
+    cfg: Any  # the composed job config, without the hydra node (resnorm.sweep.fastplan.Values on the fast path)
     run_name: Optional[str] = None  # Hydra's override_dirname (the summary's run_name)
-    hydra_yaml: Optional[str] = None  # the job's hydra node as Hydra saves it (.hydra/hydra.yaml)
+    hydra_yaml: Any = None  # the job's hydra node as Hydra saves it (.hydra/hydra.yaml), or a function making it
 
     @property
     def done(self) -> bool:
         return self.state in DONE
+
+    def hydra_text(self) -> Optional[str]:
+        return self.hydra_yaml() if callable(self.hydra_yaml) else self.hydra_yaml
+
+    def config(self) -> Any:
+        """The job config as a DictConfig (made from the plain values on the fast path)."""
+        from omegaconf import OmegaConf
+
+        return OmegaConf.create(dict(self.cfg)) if isinstance(self.cfg, dict) else self.cfg
+
+    def plain_config(self) -> Dict[str, Any]:
+        """The resolved job config as plain dicts and lists (a copy)."""
+        import json
+
+        from omegaconf import OmegaConf
+
+        if isinstance(self.cfg, dict):
+            return json.loads(json.dumps(self.cfg))
+        return OmegaConf.to_container(self.cfg, resolve=True)
 
     def state_label(self) -> str:
         if self.done:
@@ -65,9 +84,15 @@ def checkpoint_step(run_dir: Path, rid: str) -> Optional[int]:
 
 
 def plan_job(overrides: Sequence[str], cfg: Any, run_dir: Optional[Path], run_name: Optional[str] = None,
-             hydra_yaml: Optional[str] = None) -> JobPlan:
-    rid = run_id(cfg)
-    state = job_state(run_dir, rid) if run_dir is not None else "unknown"
+             hydra_yaml: Any = None, rid: Optional[str] = None,
+             indexed: Optional[Dict[Tuple[str, str], str]] = None) -> JobPlan:
+    """The job's plan; ``indexed``: the runs the sweep folder's index says are done
+    (:func:`resnorm.runs.index.done_runs`), whose state is taken from it instead of their folder."""
+    rid = rid or run_id(cfg)
+    if run_dir is None:
+        state = "unknown"
+    else:
+        state = (indexed or {}).get((str(run_dir), rid)) or job_state(run_dir, rid)
     return JobPlan(list(overrides), rid, run_dir, state, cfg, run_name, hydra_yaml)
 
 
@@ -99,33 +124,43 @@ def version_note(plans: Sequence[JobPlan]) -> Optional[str]:
 # --- the dry run's job table ---------------------------------------------------------------------
 
 def model_size(cfg) -> Tuple[int, int]:
-    """(all parameters, parameters outside embedding tables), counted on the meta device."""
+    """(all parameters, parameters outside embedding tables), counted on the meta device: the model
+    as constructed, without the init scheme and Admin's profiling pass, which set values, not shapes
+    (tests/test_fastplan.py checks the counts against :func:`resnorm.model.transformer.build_model`)."""
     import torch
 
-    from resnorm.model.transformer import build_model
+    from resnorm.model.transformer import ModelShape, Transformer
 
     try:
         with torch.device("meta"):
-            model = build_model(cfg)
-    except Exception:  # an init that needs real tensors: build it on the CPU
-        model = build_model(cfg)
+            model = Transformer(ModelShape.from_config(cfg))
+    except Exception:  # a module that needs real tensors: build it on the CPU
+        model = Transformer(ModelShape.from_config(cfg))
     total = sum(p.numel() for p in model.parameters())
     embedding = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding)
                     for p in m.parameters(recurse=False))
     return total, total - embedding
 
 
+#: model shape -> (parameters, matmul parameters), counted once per process
+_SIZES: Dict[str, Tuple[int, int]] = {}
+
+
 def job_costs(plans: Sequence[JobPlan]) -> List[Tuple[int, float]]:
     """``(parameters, estimated FLOPs)`` of each plan (:func:`train_flops`); jobs with the same model
     shape share one size count (a grid of seeds or learning rates builds each model once)."""
+    import json
+
     from omegaconf import OmegaConf
 
-    sizes: Dict[str, Tuple[int, int]] = {}
+    sizes = _SIZES
     out = []
     for plan in plans:
-        key = OmegaConf.to_yaml(plan.cfg.model) + f"depth={plan.cfg.depth}"
+        model = json.dumps(plan.cfg["model"], sort_keys=True) if isinstance(plan.cfg, dict) else OmegaConf.to_yaml(
+            plan.cfg.model)
+        key = model + f"depth={plan.cfg.depth}"
         if key not in sizes:
-            sizes[key] = model_size(plan.cfg)
+            sizes[key] = model_size(plan.config())
         n_params, n_matmul = sizes[key]
         out.append((n_params, train_flops(plan.cfg, n_matmul)))
     return out
@@ -215,12 +250,22 @@ def job_table(plans: Sequence[JobPlan], flops_per_s: float, sweep_dir: str, laun
 # --- the launch's record, read by the progress line (resnorm.runs.progress) -------------------------
 
 
-def write_plan(sweep_dir: Path, plans: Sequence[JobPlan]) -> None:
-    """Record the jobs of this launch (run id, estimated FLOPs) and its start, for :func:`resnorm.runs.progress.progress_line`."""
+def write_plan(sweep_dir: Path, plans: Sequence[JobPlan], launched: Sequence[Sequence[JobPlan]] = ()) -> None:
+    """Start the progress counters of this launch (:mod:`resnorm.runs.index`): ``launched`` holds the
+    plans of each launcher job in launch order (a stack is one job of several runs; default: each
+    plan not done, one job each); each finished job adds its runs and its estimated FLOPs
+    (:func:`resnorm.runs.progress.progress_line`)."""
     import json
     import time
 
     from resnorm.runs.folder import write_text
+    from resnorm.runs.index import read_index, start_counters
 
-    jobs = [dict(run_id=p.run_id, flops=c) for p, (_, c) in zip(plans, job_costs(plans))]
-    write_text(Path(sweep_dir) / PLAN_FILE, json.dumps(dict(started_at=time.time(), jobs=jobs)))
+    launched = list(launched) or [[p] for p in plans if not p.done]
+    costs = iter([c for _, c in job_costs([p for group in launched for p in group])])
+    flops = [sum(next(costs) for _ in group) for group in launched]
+    index = read_index(sweep_dir)
+    done: Counter = Counter((index.get(p.run_id) or {}).get("outcome") or p.state for p in plans if p.done)
+    start_counters(sweep_dir, flops, len(plans), done)
+    write_text(Path(sweep_dir) / PLAN_FILE, json.dumps(dict(started_at=time.time(), runs=len(plans),
+                                                            jobs=len(launched))))

@@ -62,7 +62,7 @@ def _ddp_process(rank: int, world: int, cfg, job: JobInfo, slots) -> None:
 
 def job_result(summary: Dict[str, Any], **extra) -> Dict[str, Any]:
     """What a job returns to Hydra (and so to the sweeper, which counts the statuses)."""
-    keys = ("status", "run_name", "run_id", "final_val_loss", "diverged_step", "error")
+    keys = ("status", "outcome", "run_name", "run_id", "final_val_loss", "diverged_step", "error")
     return {**{k: summary.get(k) for k in keys}, **extra}
 
 

@@ -96,13 +96,11 @@ def group_file(sweep_dir: Path, leader_run_id: str) -> Path:
 
 def write_group(sweep_dir: Path, group: Sequence[Any]) -> Path:
     """Write the members of a stack (run id, folder, name, overrides, config) for its launcher job."""
-    from omegaconf import OmegaConf
-
     from resnorm.runs.folder import write_text
 
     members = [dict(run_id=p.run_id, run_dir=str(p.run_dir), run_name=p.run_name or "default",
-                    overrides=list(p.overrides), config=OmegaConf.to_container(p.cfg, resolve=True),
-                    hydra=p.hydra_yaml) for p in group]
+                    overrides=list(p.overrides), config=p.plain_config(),
+                    hydra=p.hydra_text()) for p in group]
     return write_text(group_file(sweep_dir, group[0].run_id), json.dumps(dict(members=members), indent=1))
 
 

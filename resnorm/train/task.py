@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Sequence
 
 from resnorm.train.job import JobInfo, execute, job_result
 from resnorm.train.stack_plan import STACK_ENV
@@ -15,16 +15,28 @@ from resnorm.train.stack_plan import STACK_ENV
 log = logging.getLogger(__name__)
 
 
-def _print_progress(job: JobInfo) -> None:
-    """The sweep-level line (jobs finished / total, outcomes so far, time left) after each job of a
-    multirun, on stderr beside the per-run bars (:func:`resnorm.runs.progress.progress_line`)."""
+def _print_progress(job: JobInfo, results: Sequence[Dict[str, Any]]) -> None:
+    """The sweep-level line (runs finished / total, outcomes so far, time left) after each launcher
+    job of a multirun, on stderr beside the per-run bars (:func:`resnorm.runs.progress.progress_line`):
+    O(1), from the sweep's counters."""
     import sys
 
     from resnorm.runs.progress import progress_line
 
-    line = progress_line(Path(job.run_dir).parent)
+    line = progress_line(Path(job.run_dir).parent, [r.get("outcome") or r.get("status") or "unknown" for r in results],
+                         _job_num())
     if line:
         print(line, file=sys.stderr, flush=True)
+
+
+def _job_num() -> Optional[int]:
+    """This launcher job's index in the sweep's launch order (Hydra's ``hydra.job.num``), if any."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    num = HydraConfig.get().job.get("num")
+    return None if num is None else int(num)
 
 
 def run_job(cfg) -> Dict[str, Any]:
@@ -39,12 +51,12 @@ def run_job(cfg) -> Dict[str, Any]:
         from resnorm.train.stack import run_stack_job
 
         result = run_stack_job(cfg, stack)
-        _print_progress(JobInfo.from_hydra(cfg))
+        _print_progress(JobInfo.from_hydra(cfg), result.get("stack", [result]))
         return result
     job = JobInfo.from_hydra(cfg)
     summary = execute(cfg, job)
     log.info("run %s: %s, %s (final val loss %s)", job.run_name, summary["status"], summary.get("outcome"),
              summary.get("final_val_loss"))
-    _print_progress(job)
+    _print_progress(job, [summary])
     extra = {k: summary[k] for k in ("skipped", "note") if k in summary}
     return job_result(summary, **extra)
