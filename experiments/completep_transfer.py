@@ -15,7 +15,7 @@ import math
 import pandas as pd
 
 from .common import figure, palette, registered, save, select
-from .core import Claim, Experiment, Reference, register
+from .core import HAMLET, Claim, Experiment, Reference, Setting, register
 from .training import data_label, data_spec, loss_row, run_grid
 
 REF = Reference("Don't be lazy: CompleteP enables compute-efficient deep transformers", "2505.01618",
@@ -73,8 +73,9 @@ register(Experiment(
     summary="final loss vs peak LR at a shallow and a deep depth, Pre-LN vs depth_scaled vs CompleteP (d=32)",
     kind="train",
     grids={"full": dict(variants=["pre", "depth_scaled", "completep"], depths=[2, 16],
-                        lrs=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1], seeds=[0], steps=150),
+                        lrs=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1], seeds=[0, 1, 2], steps=150),
            "ci": dict(variants=["pre", "completep"], depths=[1, 2], lrs=[1e-3, 1e-2], seeds=[0], steps=10)},
+    robustness=[Setting("text_hamlet", seeds=[0, 1, 2], text=HAMLET, note="the Hamlet text (bytes) instead of the synthetic stream")],
     run=run,
     plot=plot,
     claims=[

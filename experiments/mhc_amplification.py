@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .common import figure, palette, save, spearman
-from .core import Claim, Experiment, Reference, Skip, register
+from .core import HAMLET, Claim, Experiment, Reference, Setting, Skip, register
 from .training import data_label, data_name, data_spec, run_grid, run_layers
 
 REF = Reference("mHC: Manifold-Constrained Hyper-Connections", "2512.24880",
@@ -134,20 +134,21 @@ register(Experiment(
     extra_refs=[HC_REF],
     summary="composite gain of the HC vs mHC residual mixing matrices over an LR x depth grid; failure rate",
     kind="train",
-    grids={"full": dict(variants=["hyper", "mhc"], depths=[4, 12, 24], lrs=[3e-3, 1e-2, 3e-2, 1e-1], seeds=[0],
+    grids={"full": dict(variants=["hyper", "mhc"], depths=[4, 12, 24], lrs=[3e-3, 1e-2, 3e-2, 1e-1], seeds=[0, 1, 2],
                         steps=100),
            "ci": dict(variants=["hyper", "mhc"], depths=[1, 2], lrs=[1e-2, 1e-1], seeds=[0], steps=20)},
+    robustness=[Setting("text_hamlet", seeds=[0, 1, 2], text=HAMLET, note="the Hamlet text (bytes) instead of the synthetic stream")],
     run=run,
     plot=plot,
     claims=[
         Claim("hc_gain_grows_with_depth", "HC: whole-stack composite gain at the largest / smallest depth, worst "
-              "LR (median over seeds)", hc_depth_growth, ">=", 2.0, needs=("hyper",)),
+              "LR (median over seeds)", hc_depth_growth, ">=", 2.0, needs=("hyper",), scale="log"),
         Claim("hc_gain_grows_with_lr", "HC: Spearman(lr, whole-stack composite gain), worst depth",
               hc_lr_growth, ">=", 0.8, needs=("hyper",)),
         Claim("mhc_gain_near_one", "mHC: largest |composite gain - 1| over runs, steps and layers (the paper's "
               "27B peak is 1.6)", mhc_deviation, "<=", 0.6, needs=("mhc",)),
         Claim("hc_over_mhc", "largest whole-stack gain over the grid: HC / mHC", hc_over_mhc, ">=", 10.0,
-              needs=("hyper", "mhc")),
+              needs=("hyper", "mhc"), scale="log"),
         Claim("hc_fails_more", "share of runs failed: HC minus mHC", failure_gap, ">", 0.0, needs=("hyper", "mhc")),
     ],
 ))

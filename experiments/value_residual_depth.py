@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .common import figure, palette, save
-from .core import Claim, Experiment, Reference, Skip, register
+from .core import HAMLET, Claim, Experiment, Reference, Setting, Skip, register
 from .training import data_label, data_name, data_spec, run_grid
 
 SHAPE = dict(d_model=32, n_heads=2, d_ff=128)
@@ -81,8 +81,9 @@ register(Experiment(
     reference=REF,
     summary="validation-loss gain of the value residual over Pre-LN at equal steps vs depth (2 peak LRs)",
     kind="train",
-    grids={"full": dict(depths=[4, 12, 24], lrs=[3e-3, 1e-2], seeds=[0], steps=150),
+    grids={"full": dict(depths=[4, 12, 24], lrs=[3e-3, 1e-2], seeds=[0, 1, 2], steps=150),
            "ci": dict(depths=[1, 2], lrs=[1e-2], seeds=[0], steps=20)},
+    robustness=[Setting("text_hamlet", seeds=[0, 1, 2], text=HAMLET, note="the Hamlet text (bytes) instead of the synthetic stream")],
     run=run,
     plot=plot,
     claims=[
