@@ -50,13 +50,32 @@ def _settings(args, exp) -> list:
     return [args.setting or DEFAULT]
 
 
+def _value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _only(items) -> dict:
+    out = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not values:
+            raise SystemExit(f"--only {item!r}: expected KEY=V1,V2 (a list of the grid and the values kept)")
+        out[key] = [_value(v) for v in values.split(",")]
+    return out
+
+
 def _run(args, names) -> int:
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     for name in names:
         for setting in _settings(args, REGISTRY[name]):
             _, results = run_experiment(name, size=args.size, out=args.out, runs_dir=RUNS, verbose=not args.quiet,
                                         seeds=seeds, text=args.text, workers=args.workers,
-                                        setting=setting)
+                                        setting=setting, only=_only(args.only))
             _print(name, setting, results)
     return 0
 
@@ -120,6 +139,8 @@ def main(argv=None) -> int:
             p.add_argument("--seeds", help="comma list replacing the grid's seeds, e.g. 5,6,7 (exploration; "
                            "a declared setting records them as part of the experiment)")
             p.add_argument("--text", type=Path, help="training-time experiments: train on this text file (bytes)")
+            p.add_argument("--only", action="append", default=[], metavar="KEY=V1,V2",
+                           help="keep a subset of one of the grid's lists (e.g. depths=4,24); repeatable")
         else:
             p.add_argument("--rerun", action="store_true", help="re-run each experiment into a scratch folder "
                            "and compare its verdicts with the record")

@@ -352,7 +352,7 @@ def csv_seeds(path: Path) -> List[int]:
 def run_experiment(name: str, size: str = "full", out: Path = RESULTS, runs_dir: Path = RUNS,
                    verbose: bool = True, threads: int = 1, seeds: Optional[Sequence[int]] = None,
                    text: Optional[str] = None, workers: int = 0, setting: Optional[str] = None,
-                   record: bool = True):
+                   record: bool = True, only: Optional[Dict[str, Sequence[Any]]] = None):
     """Run one experiment at ``size``, write its CSV, figure and claims; return (df, claim results).
 
     ``setting``: one of the experiment's declared settings (its seeds and text; the results go to
@@ -360,7 +360,8 @@ def run_experiment(name: str, size: str = "full", out: Path = RESULTS, runs_dir:
     training-time experiments on that text file (bytes, vocab 256) instead of the synthetic stream
     (init-time experiments probe with random tokens and ignore it). ``workers``: processes that train the
     training-time grids in parallel, one thread each (0: one per core). ``record=False`` writes the CSV and
-    figure but no ``claims.json`` (a re-run compared against the record, not replacing it).
+    figure but no ``claims.json`` (a re-run compared against the record, not replacing it). ``only``: keep a
+    subset of a grid list, e.g. ``{"depths": [4, 24]}`` (:func:`restrict`); the record names it.
     """
     import torch
 
@@ -378,6 +379,7 @@ def run_experiment(name: str, size: str = "full", out: Path = RESULTS, runs_dir:
         grid.update({k: list(seeds) for k in grid if k.startswith("seeds")})
     if text is not None:
         grid["text"] = str(text)
+    grid = restrict(grid, only or {}, name)
     from resnorm.devices import cpu_count
 
     ctx = Context(name=name, size=size, runs_dir=Path(runs_dir) / size / name, verbose=verbose,
@@ -387,7 +389,8 @@ def run_experiment(name: str, size: str = "full", out: Path = RESULTS, runs_dir:
     df = exp.run(grid, ctx)
     wall = time.perf_counter() - t0
     machine = dict(cores=cpu_count(), load_avg_start=load_start, load_avg_end=_load_average(),
-                   workers=ctx.workers, runs_trained=ctx.runs_trained, runs_cached=ctx.runs_cached)
+                   workers=ctx.workers, runs_trained=ctx.runs_trained, runs_cached=ctx.runs_cached,
+                   only={k: list(v) for k, v in (only or {}).items()} or None)
     p = paths(name, out)
     p["csv"].parent.mkdir(parents=True, exist_ok=True)
     old_seeds = csv_seeds(p["csv"])
@@ -400,6 +403,24 @@ def run_experiment(name: str, size: str = "full", out: Path = RESULTS, runs_dir:
                     old_seeds)
     ctx.log(f"done in {wall:.0f} s -> {p['png']}")
     return df, results
+
+
+def restrict(grid: Dict[str, Any], only: Dict[str, Sequence[Any]], name: str = "") -> Dict[str, Any]:
+    """``grid`` with some of its lists cut to a subset of their declared values (a smaller run of the same
+    experiment: every run it trains is a run of the declared grid, so a later full run reuses it). A key
+    that is not a list of the grid, or a value the grid does not declare, is an error naming both."""
+    out = dict(grid)
+    for key, values in only.items():
+        declared = grid.get(key)
+        if not isinstance(declared, list):
+            lists = [k for k, v in grid.items() if isinstance(v, list)]
+            raise KeyError(f"experiment {name}: --only {key}: not a list of the grid; choose one of {', '.join(lists)}")
+        extra = [v for v in values if v not in declared]
+        if extra:
+            raise KeyError(f"experiment {name}: --only {key}={','.join(map(str, extra))}: not declared; the grid "
+                           f"has {declared}")
+        out[key] = [v for v in declared if v in values]
+    return out
 
 
 def evaluate_saved(name: str, out: Path = RESULTS) -> List[ClaimResult]:
