@@ -55,6 +55,23 @@ def depth_gain(variant):
     return measure
 
 
+def notes(df) -> list:
+    """Sentences for the docs page, from the data: per variant and seed, the best loss over the LRs and the
+    LR that gave it at the shallow and the deep depth."""
+    out = []
+    lo, hi = df.depth.min(), df.depth.max()
+    for v, g in df.groupby("variant", sort=False):
+        per = []
+        for seed, s in g.groupby("seed"):
+            best = s.loc[s.groupby("depth").loss.idxmin()].set_index("depth")
+            if {lo, hi} <= set(best.index):
+                per.append(f"seed {seed}: {best.loss[lo]:.4f} (lr {best.lr[lo]:g}) vs {best.loss[hi]:.4f} "
+                           f"(lr {best.lr[hi]:g})")
+        if per:
+            out.append(f"{v}, best loss (its LR) at L={lo} vs L={hi}: " + "; ".join(per) + ".")
+    return out
+
+
 def plot(df, path) -> None:
     variants = list(df.variant.unique())
     fig, axes = figure(len(variants))
@@ -77,6 +94,7 @@ register(Experiment(
            "ci": dict(variants=["pre", "completep"], depths=[1, 2], lrs=[1e-3, 1e-2], seeds=[0], steps=10)},
     robustness=[Setting("text_hamlet", seeds=[0, 1, 2], text=HAMLET, note="the Hamlet text (bytes) instead of the synthetic stream")],
     run=run,
+    notes=notes,
     plot=plot,
     claims=[
         Claim("completep_drifts_least", "min over Pre-LN and depth_scaled of |log2 best-LR drift| minus CompleteP's "

@@ -93,7 +93,7 @@ register(Experiment(
     kind="init",
     grids={"full": dict(variants=["pre", "lns", "post", "peri", "mixln", "deepnorm"], depth=24, seeds=[0, 1, 2],
                         batch=4),
-           "ci": dict(variants=["pre", "lns", "post", "deepnorm"], depth=24, seeds=[0], batch=2)},
+           "ci": dict(variants=["pre", "lns", "post", "deepnorm"], depth=24, seeds=[0, 1, 2], batch=2)},
     run=run,
     plot=plot,
     claims=claims(),

@@ -105,6 +105,22 @@ def failure_gap(df) -> float:
     return float((1 - runs["hyper"]) - (1 - runs["mhc"]))
 
 
+def notes(df) -> list:
+    """Sentences for the docs page, from the data: each variant's failed runs, and the outcome per seed of
+    every run at the largest depth and LR (the cell where HC's amplification is largest)."""
+    runs = df[df.k == 0]
+    out = []
+    for v, g in runs.groupby("variant"):
+        failed = g[~g.trained.astype(bool)]
+        cells = ", ".join(f"L={r.depth} lr {r.lr:g} seed {r.seed}: {r.outcome}" for r in failed.itertuples())
+        out.append(f"{v}: {len(failed)} of {len(g)} runs failed (not trained){': ' + cells if cells else ''}.")
+    L, lr = runs.depth.max(), runs.lr.max()
+    for v, g in runs[(runs.depth == L) & (runs.lr == lr)].groupby("variant"):
+        per = ", ".join(f"seed {r.seed} {r.outcome}" for r in g.sort_values("seed").itertuples())
+        out.append(f"{v} at L={L}, lr {lr:g}: {per}.")
+    return out
+
+
 def plot(df, path) -> None:
     import seaborn as sns
 
@@ -139,6 +155,7 @@ register(Experiment(
            "ci": dict(variants=["hyper", "mhc"], depths=[1, 2], lrs=[1e-2, 1e-1], seeds=[0], steps=20)},
     robustness=[Setting("text_hamlet", seeds=[0, 1, 2], text=HAMLET, note="the Hamlet text (bytes) instead of the synthetic stream")],
     run=run,
+    notes=notes,
     plot=plot,
     claims=[
         Claim("hc_gain_grows_with_depth", "HC: whole-stack composite gain at the largest / smallest depth, worst "

@@ -88,7 +88,7 @@ register(Experiment(
     summary="per-block gradient norm at init and its first-to-last ratio, Pre-LN vs NormFormer (L = 6, 12, 24)",
     kind="init",
     grids={"full": dict(variants=["pre", "normformer"], depths=[6, 12, 24], seeds=[0, 1, 2], batches=2),
-           "ci": dict(variants=["pre", "normformer"], depths=[4, 8], seeds=[0], batches=1)},
+           "ci": dict(variants=["pre", "normformer"], depths=[4, 8], seeds=[0, 1, 2], batches=1)},
     robustness=[Setting("seeds_5_6_7", seeds=[5, 6, 7], note="three other seeds")],
     run=run,
     plot=plot,
