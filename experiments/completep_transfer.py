@@ -15,7 +15,7 @@ import math
 import pandas as pd
 
 from .common import figure, palette, registered, save, select
-from .core import HAMLET, Claim, Experiment, Reference, Setting, register
+from .core import HAMLET, Claim, Experiment, Reference, Setting, Skip, register
 from .training import data_label, data_spec, loss_row, run_grid
 
 REF = Reference("Don't be lazy: CompleteP enables compute-efficient deep transformers", "2505.01618",
@@ -44,6 +44,8 @@ def drift(variant):
 def completep_drifts_least(df) -> float:
     """min over the other variants of drift(other) - drift(completep) (>= 0: CompleteP drifts least)."""
     others = [v for v in df.variant.unique() if v != "completep"]
+    if not others:
+        raise Skip("no Pre-LN or depth_scaled runs to compare with")
     return min(drift(v)(df) - drift("completep")(df) for v in others)
 
 

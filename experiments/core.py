@@ -331,14 +331,17 @@ def _previous(old: Optional[Dict[str, Any]], old_seeds: List[int], r: ClaimResul
 
 def save_claims(exp: Experiment, results: List[ClaimResult], path: Path, size: str, wall_s: Optional[float],
                 machine: Optional[Dict[str, Any]] = None, setting: str = DEFAULT, data: str = "",
-                old_seeds: Optional[List[int]] = None) -> None:
-    """Write ``claims.json``: every claim's statistic, interval, seeds and verdict, and what it replaced."""
+                old_seeds: Optional[List[int]] = None, source: str = "") -> None:
+    """Write ``claims.json``: every claim's statistic, interval, seeds and verdict, and what it replaced;
+    ``source`` says where the data came from when it was not this call's run."""
     old = load_record(path)
     for r in results:
         r.previous = _previous(old, old_seeds or [], r)
     seeds = sorted({s for r in results for s in r.seeds})
     payload = dict(experiment=exp.name, reference=exp.reference.__dict__, size=size, setting=setting, data=data,
                    seeds=seeds, wall_s=wall_s, machine=machine, claims=[r.record() for r in results])
+    if source:
+        payload["source"] = source
     write_text(path, json.dumps(payload, indent=2))
 
 

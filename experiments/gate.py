@@ -85,7 +85,9 @@ def check_setting(name: str, setting: str = DEFAULT, out: Path = RESULTS, rerun:
         record = record or {}
         save_claims(exp, c.results, paths(name, where)["claims"], record.get("size") or "full", record.get("wall_s"),
                     record.get("machine"), setting, record.get("data") or "",
-                    record.get("seeds") or csv_seeds(paths(name, where)["csv"]))
+                    record.get("seeds") or csv_seeds(paths(name, where)["csv"]),
+                    source=record.get("source") or "re-judged from the saved CSV by `check --update` (the run's "
+                    "wall time and machine are the measuring run's)")
         return c
     c.changed = changes(record["claims"], c.results)
     return c

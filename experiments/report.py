@@ -104,16 +104,21 @@ def _setting_block(exp: Experiment, setting, results_dir: Path) -> Optional[str]
     saved = load_record(paths(exp.name, setting.out(results_dir))["claims"])
     head = "Default seeds" if setting.name == DEFAULT else f"Robustness `{setting.name}`"
     what = setting.note or ("declared seeds " + ", ".join(map(str, setting.seeds)) if setting.seeds else "")
+    if saved is None and setting.name == DEFAULT:
+        return None
     if saved is None or (exp.claims and any(r.verdict is None for r in saved["claims"])):
-        if setting.name == DEFAULT:
-            return None
-        return f"#### {head}{': ' + what if what else ''}\n\nNot measured with verdicts yet " \
-               f"(`python -m experiments run {exp.name} --setting {setting.name}`).\n"
+        opt = "" if setting.name == DEFAULT else f" --setting {setting.name}"
+        return f"#### {head}{': ' + what if what else ''}\n\nNot judged over seeds yet " \
+               f"(`python -m experiments run {exp.name}{opt}`).\n"
     data = f", data: {saved['data']}" if saved.get("data") else ""
     seeds = ", ".join(map(str, saved.get("seeds") or [])) or "-"
     cmd = f"python -m experiments run {exp.name}" + (f" --setting {setting.name}" if setting.name != DEFAULT else "")
+    only = (saved.get("machine") or {}).get("only")
+    subset = "; only " + ", ".join(f"{k} = {', '.join(map(str, v))}" for k, v in only.items()) if only else ""
+    source = f" {saved['source']}." if saved.get("source") else ""
     block = [f"#### {head}{': ' + what if what else ''}",
-             f"`{cmd}` (grid `{saved.get('size')}`, seeds {seeds}{data}{_timing(saved)})",
+             f"`{cmd}{''.join(f' --only {k}=' + ','.join(map(str, v)) for k, v in (only or {}).items())}` "
+             f"(grid `{saved.get('size')}`{subset}, seeds {seeds}{data}{_timing(saved)}).{source}",
              claim_table(exp, saved["claims"])]
     if saved["claims"]:
         block.append(_per_seed(saved["claims"]))
@@ -141,10 +146,30 @@ def summary_line(exp: Experiment, blocks: Dict[str, List[ClaimResult]]) -> str:
     return "; ".join(parts) + "."
 
 
+def _known(results_dir: Path) -> str:
+    """The list a reader must see first: every recorded claim that does not hold or is inconclusive."""
+    from . import REGISTRY
+
+    rows = []
+    for name, exp in REGISTRY.items():
+        for setting in exp.settings():
+            saved = load_record(paths(name, setting.out(results_dir))["claims"])
+            for r in (saved or {}).get("claims", []):
+                if r.verdict in (DOES_NOT_HOLD, INCONCLUSIVE):
+                    where = "" if setting.name == DEFAULT else f" ({setting.name})"
+                    rows.append(f"| `{name}`{where} | `{r.name}` | {_num(r.value)} {_interval(r)} | {r.n} | "
+                                f"{r.op} {r.threshold:g} | {r.verdict} |")
+    if not rows:
+        return ""
+    return "\n".join(["## Claims that do not hold or are undecided at this scale", "",
+                      "| experiment | claim | statistic [95% interval] | seeds | threshold | verdict |",
+                      "|---|---|---|---|---|---|", *rows, ""])
+
+
 def page(results_dir: Path = RESULTS) -> str:
     from . import REGISTRY
 
-    out = [HEAD]
+    out = [HEAD, _known(results_dir)]
     for name, exp in REGISTRY.items():
         blocks, measured = [], {}
         for setting in exp.settings():
