@@ -94,14 +94,16 @@ def check_setting(name: str, setting: str = DEFAULT, out: Path = RESULTS, rerun:
 
 
 def known(checked: List[Checked]) -> List[str]:
-    """The recorded verdicts a reader must know: every claim that does not hold or is inconclusive."""
+    """The recorded verdicts a reader must know: every claim recorded as not holding or inconclusive that
+    the check found unchanged (a changed one is reported as a change instead)."""
     lines = []
     for c in checked:
+        moved = {line.split(":")[0] for line in c.changed}
         for r in c.results:
-            if r.verdict in (DOES_NOT_HOLD, INCONCLUSIVE):
+            if r.verdict in (DOES_NOT_HOLD, INCONCLUSIVE) and r.name not in moved:
                 where = "" if c.setting == DEFAULT else f" [{c.setting}]"
-                lines.append(f"{r.verdict:13s} {c.name}.{r.name}{where}: {r.interval()} over {r.n} seeds "
-                             f"{r.op} {r.threshold:g}")
+                lines.append(f"{r.verdict:13s} {c.name}.{r.name}{where}: {r.interval()} over {r.n} "
+                             f"seed{'s' * (r.n != 1)} {r.op} {r.threshold:g}")
     return lines
 
 

@@ -128,33 +128,28 @@ def test_every_experiment_declares_its_seeds_and_settings():
 
 
 def test_gate_end_to_end_on_a_real_experiment(tmp_path):
-    """curse_of_depth at its reduced grid over 3 seeds: recorded, re-checked unchanged (exit 0); a recorded
-    verdict edited to another value fails the check (exit 1); a known non-holding record that the data
-    agrees with passes and is listed."""
-    run_experiment("curse_of_depth", size="ci", out=tmp_path, runs_dir=tmp_path / "runs", verbose=False,
-                   seeds=[0, 1, 2])
-    c = check_setting("curse_of_depth", out=tmp_path)
-    assert not c.changed and not c.failed and {r.n for r in c.results} == {3}
-    path = tmp_path / "curse_of_depth.claims.json"
+    """normformer_grad at its reduced grid (3 seeds), whose NormFormer claims do not hold at init: recorded,
+    re-checked unchanged, exit 0 with the non-holding claims listed as known; a recorded verdict edited
+    to another value fails the check (exit 1) and names the claim."""
+    _, results = run_experiment("normformer_grad", size="ci", out=tmp_path, runs_dir=tmp_path / "runs",
+                                verbose=False)
+    failing = [r.name for r in results if r.verdict == DOES_NOT_HOLD]
+    assert failing and {r.n for r in results} == {3}, [r.line() for r in results]
+    c = check_setting("normformer_grad", out=tmp_path)
+    assert not c.changed and not c.failed
+    listed = known([c])
+    assert len(listed) == len(failing) and all(f"normformer_grad.{n}:" in line for n, line in zip(failing, listed))
+    path = tmp_path / "normformer_grad.claims.json"
     saved = json.loads(path.read_text())
-    first = saved["claims"][0]
-    assert {"value", "low", "high", "n", "seeds", "per_seed", "verdict"} <= set(first)
-    py = [sys.executable, "-m", "experiments", "check", "curse_of_depth", "--out", str(tmp_path)]
+    assert {"value", "low", "high", "n", "seeds", "per_seed", "verdict"} <= set(saved["claims"][0])
+    py = [sys.executable, "-m", "experiments", "check", "normformer_grad", "--out", str(tmp_path)]
     ok = subprocess.run(py, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    flipped = DOES_NOT_HOLD if first["verdict"] != DOES_NOT_HOLD else HOLDS
-    path.write_text(json.dumps({**saved, "claims": [{**first, "verdict": flipped}, *saved["claims"][1:]]}))
+    assert f"does not hold normformer_grad.{failing[0]}:" in ok.stdout  # stated as known, not failing
+    edited = [{**r, "verdict": HOLDS} if r["name"] == failing[0] else r for r in saved["claims"]]
+    path.write_text(json.dumps({**saved, "claims": edited}))
     bad = subprocess.run(py, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 1 and f"VERDICT CHANGED {first['name']}: recorded {flipped}" in bad.stdout
-    # a claim recorded as not holding, and still not holding, passes and is listed as known
-    c = check_setting("curse_of_depth", out=tmp_path)
-    now = {r.name: r.verdict for r in c.results}
-    agreeing = [{**r, "verdict": now[r["name"]]} for r in saved["claims"]]
-    path.write_text(json.dumps({**saved, "claims": agreeing}))
-    assert not check_setting("curse_of_depth", out=tmp_path).changed
-    for r in c.results:
-        r.verdict = DOES_NOT_HOLD
-    assert len(known([c])) == len(c.results)
+    assert bad.returncode == 1 and f"VERDICT CHANGED {failing[0]}: recorded holds" in bad.stdout, bad.stdout
 
 
 def test_reproductions_page_matches_the_records():
