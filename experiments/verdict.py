@@ -6,7 +6,8 @@ decided here over the experiment's declared seeds (at least :data:`MIN_SEEDS`):
 
 - the claim's measure is evaluated on each seed's rows alone (the seeds pair the variants: one seed is one
   init and one data order for every arm), giving one value per seed;
-- the statistic is their mean with a two-sided 95% Student-t interval (``scipy.stats.t``); a claim declared
+- the statistic is their mean with a two-sided 95% Student-t interval (``scipy.stats.t`` through
+  :func:`analysis.verdicts.t_interval`); a claim declared
   on the ``log`` scale (a ratio, positive by construction, that spans orders of magnitude across seeds) is
   averaged and bounded on log values and reported back on its own scale (a geometric mean);
 - the verdict: :data:`HOLDS` when the whole interval is on the claim's side of the threshold,
@@ -25,7 +26,6 @@ import math
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
-from scipy import stats
 
 HOLDS, DOES_NOT_HOLD, INCONCLUSIVE, SKIPPED = "holds", "does not hold", "inconclusive", "skipped"
 VERDICTS = (HOLDS, DOES_NOT_HOLD, INCONCLUSIVE, SKIPPED)
@@ -35,28 +35,23 @@ SCALES = ("linear", "log")
 
 
 def mean_interval(values: Sequence[float], level: float = LEVEL, scale: str = "linear") -> Tuple[float, float, float]:
-    """(estimate, low, high): the mean of ``values`` with its two-sided Student-t interval at ``level``.
+    """(estimate, low, high): the mean of ``values`` with its two-sided Student-t interval at ``level``
+    (:func:`analysis.verdicts.t_interval`, the one the verdict studies use).
 
     ``scale="log"``: the geometric mean and the interval of the mean of log values, mapped back. One value:
     (value, nan, nan). Identical values: a zero-width interval at that value."""
+    from analysis.verdicts import t_interval
+
     if scale not in SCALES:
         raise ValueError(f"scale {scale!r} unknown; choose one of {', '.join(SCALES)}")
     x = np.asarray(values, dtype=float)
+    if x.size == 0:
+        raise ValueError("no values to average")
     if scale == "log":
         if (x <= 0).any():
             raise ValueError(f"a log-scale claim needs positive values, got {x.tolist()}")
         x = np.log(x)
-    if x.size == 0:
-        raise ValueError("no values to average")
-    mean = float(x.mean())
-    if x.size < 2:
-        lo = hi = float("nan")
-    else:
-        sem = float(stats.sem(x))
-        if sem == 0.0:
-            lo = hi = mean
-        else:
-            lo, hi = (float(v) for v in stats.t.interval(level, x.size - 1, loc=mean, scale=sem))
+    mean, lo, hi = t_interval(x, confidence=level)
     if scale == "log":
         return math.exp(mean), math.exp(lo), math.exp(hi)
     return mean, lo, hi
