@@ -70,9 +70,11 @@ def check_setting(name: str, setting: str = DEFAULT, out: Path = RESULTS, rerun:
         return c
     if rerun:
         with tempfile.TemporaryDirectory() as tmp:
-            _, c.results = run_experiment(name, out=Path(tmp), runs_dir=runs_dir, verbose=False,
+            only = ((record or {}).get("machine") or {}).get("only")  # the recorded run's grid subset, if any
+            _, c.results = run_experiment(name, size=(record or {}).get("size") or "full", out=Path(tmp),
+                                          runs_dir=runs_dir, verbose=False,
                                           setting=None if setting == DEFAULT else setting, record=False,
-                                          workers=workers)
+                                          workers=workers, only=only)
     else:
         try:
             c.results = evaluate_saved(name, where)
