@@ -112,7 +112,7 @@ register(Experiment(
                      seeds=[0, 1, 2, 3, 4], batches=4, scan_variants=["post", "pre"],
                      scan_depths=[2, 4, 8, 16, 32], seeds_scan=[0, 1, 2]),
         "ci": dict(profile_variants=["post", "pre"], profile_depths=[6, 12], seeds=[0, 1, 2, 3, 4], batches=2,
-                   scan_variants=["post", "pre"], scan_depths=[2, 4, 8, 16], seeds_scan=[0, 1]),
+                   scan_variants=["post", "pre"], scan_depths=[2, 4, 8, 16], seeds_scan=[0, 1, 2]),
     },
     run=run,
     plot=plot,
