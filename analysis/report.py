@@ -35,7 +35,7 @@ import pandas as pd
 
 from analysis import downstream, metrics, plots, style
 from analysis.load import load_sweep
-from resnorm.runfolder import OUTCOMES, atomic_write, write_text
+from resnorm.runs.folder import OUTCOMES, atomic_write, write_text
 
 log = logging.getLogger(__name__)
 

@@ -66,7 +66,7 @@ _COLOURS: Dict[str, str] = {name: colour for name, _, colour in _TABLE}
 NEUTRAL = "#222222"
 #: colour of the unigram-loss reference lines of the loss figures
 REFERENCE = "#888888"
-#: outcome (resnorm.runfolder.OUTCOMES) -> (display label, colour) in the failure-rate figure
+#: outcome (resnorm.runs.folder.OUTCOMES) -> (display label, colour) in the failure-rate figure
 OUTCOME_STYLE = {
     "trained": ("trained", "#c7e3c0"),
     "stalled": ("stalled (at the unigram loss)", "#f4a340"),

@@ -32,10 +32,10 @@ def ensure_root_on_path() -> None:
 
 
 def compose(*overrides: str):
-    """:func:`resnorm.config.compose` with the overrides as arguments (the config a user's command
+    """:func:`resnorm.config.compose.compose` with the overrides as arguments (the config a user's command
     line would give)."""
     ensure_root_on_path()
-    from resnorm.config import compose as config_compose
+    from resnorm.config.compose import compose as config_compose
 
     return config_compose(overrides)
 
@@ -189,6 +189,6 @@ def fmt_table(rows: List[dict], columns: Sequence[str]) -> str:
 
 
 def write_json(payload: dict, name: str) -> Path:
-    from resnorm.runfolder import write_text
+    from resnorm.runs.folder import write_text
 
     return write_text(OUT_DIR / name, json.dumps(payload, indent=2, sort_keys=False, default=str))

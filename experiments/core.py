@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import pandas as pd
 
-from resnorm.runfolder import write_text
+from resnorm.runs.folder import write_text
 
 from .verdict import DOES_NOT_HOLD, HOLDS, INCONCLUSIVE, SCALES, SKIPPED, judge
 
@@ -122,7 +122,7 @@ class Claim:
     ``measure`` is evaluated on each seed's rows alone and the verdict comes from the interval of the
     per-seed values (:func:`experiments.verdict.judge`); ``scale="log"`` for a positive ratio that spans
     orders of magnitude across seeds. ``needs``: variant names the claim depends on; when one is not
-    registered in :data:`resnorm.variants.VARIANTS` the claim is SKIPPED. ``measure`` may raise :class:`Skip`
+    registered in :data:`resnorm.config.variants.VARIANTS` the claim is SKIPPED. ``measure`` may raise :class:`Skip`
     (that seed does not count).
     """
 
@@ -147,7 +147,7 @@ class Claim:
             return None
 
     def evaluate(self, df: pd.DataFrame) -> ClaimResult:
-        from resnorm.variants import VARIANTS
+        from resnorm.config.variants import VARIANTS
 
         base = dict(name=self.name, text=self.text, op=self.op, threshold=self.threshold, scale=self.scale)
         missing = [v for v in self.needs if v not in VARIANTS]
@@ -383,7 +383,7 @@ def run_experiment(name: str, size: str = "full", out: Path = RESULTS, runs_dir:
     if text is not None:
         grid["text"] = str(text)
     grid = restrict(grid, only or {}, name)
-    from resnorm.devices import cpu_count
+    from resnorm.train.devices import cpu_count
 
     ctx = Context(name=name, size=size, runs_dir=Path(runs_dir) / size / name, verbose=verbose,
                   workers=workers or cpu_count())

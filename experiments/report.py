@@ -240,7 +240,7 @@ def page(results_dir: Path = RESULTS) -> str:
 
 
 def write(path: Path = PAGE, results_dir: Path = RESULTS) -> Path:
-    from resnorm.runfolder import write_text
+    from resnorm.runs.folder import write_text
 
     write_text(Path(path), page(results_dir))
     return Path(path)

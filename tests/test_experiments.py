@@ -1,7 +1,7 @@
 """The paper reproductions: the claim machinery, the stability metrics they share with the sweep
 analysis (:mod:`analysis.metrics`), and every init-time experiment at its reduced (``ci``) grid with
 its claims checked; the training-time ones at reduced size (slow). Also the stability report of a
-small real sweep trained by ``resnorm.train``."""
+small real sweep trained by ``resnorm.train.job``."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def test_lr_sensitivity_depth_covers_every_issue12_and_issue13_scheme():
     """Every variant on a new stream (or with the orthogonal residual) is one of the issues' schemes, and
     every scheme of issues 12 and 13 is in the figure's full grid."""
     from experiments.lr_sensitivity_depth import ISSUE12, ISSUE13
-    from resnorm.variants import VARIANTS
+    from resnorm.config.variants import VARIANTS
 
     new = {n for n, v in VARIANTS.items() if v.stream not in ("single", "b2t", "dual")
            or any(spec.residual == "orthogonal" for pair in v.layer_specs(2) for spec in pair)}
@@ -168,7 +168,7 @@ def test_training_time_experiment_runs_at_reduced_size_and_resumes(name, tmp_pat
 def test_loss_spikes_run_metrics_and_ci(tmp_path):
     from analysis.load import load_sweep
     from analysis.metrics import count_loss_spikes, mean_ci, run_metrics
-    from resnorm.runfolder import RunStore
+    from resnorm.runs.folder import RunStore
 
     flat = [2.0] * 20
     assert count_loss_spikes(flat) == 0
@@ -197,12 +197,12 @@ OPTIONAL_FIGURES = ("monitor_profiles",)
 
 
 def test_stability_figures_from_run_folders(tmp_path):
-    """A small real sweep (variants x depths x LRs, trained by resnorm.train) -> every figure of the
+    """A small real sweep (variants x depths x LRs, trained by resnorm.train.job) -> every figure of the
     report, each embedded in report.md, and the seed and LR tables."""
     from analysis import plots
     from analysis.report import make_report
     from conftest import TINY, compose
-    from resnorm.train import JobInfo, train
+    from resnorm.train.job import JobInfo, train
 
     sweep = tmp_path / "multirun" / "s"
     for norm in ("pre", "post"):

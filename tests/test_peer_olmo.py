@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from conftest import compose
-from resnorm.model import build_model
-from resnorm.ngpt import Scaled, ngpt_stream
+from resnorm.model.transformer import build_model
+from resnorm.model.ngpt import Scaled, ngpt_stream
 
 pytest.importorskip(
     "olmo_core.nn.transformer.config",

@@ -23,8 +23,9 @@ import pytest
 import torch
 
 from conftest import compose
-from resnorm.model import MLP, Attention, build_model
-from resnorm.variants import VARIANTS, keel_alpha, layerscale_init
+from resnorm.model.blocks import MLP, Attention
+from resnorm.model.transformer import build_model
+from resnorm.config.variants import VARIANTS, keel_alpha, layerscale_init
 from test_variants import (WEIGHTS, N, _std_ratio, _train, one_thread, ref_attention, ref_mlp,  # noqa: F401
                            tiny_model)
 

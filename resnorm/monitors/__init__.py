@@ -1,4 +1,4 @@
-"""Monitors: what a run measures beyond its loss, as :class:`resnorm.probes.Probe` subclasses (rows
+"""Monitors: what a run measures beyond its loss, as :class:`resnorm.monitors.probes.Probe` subclasses (rows
 of ``layers.parquet``, one per (layer, sublayer) and quantity) or as summary fields.
 
 Weight and optimizer side (:mod:`resnorm.monitors.weights`; builder
