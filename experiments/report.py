@@ -155,13 +155,13 @@ def _known(results_dir: Path) -> str:
         for setting in exp.settings():
             saved = load_record(paths(name, setting.out(results_dir))["claims"])
             for r in (saved or {}).get("claims", []):
-                if r.verdict in (DOES_NOT_HOLD, INCONCLUSIVE):
+                if r.verdict in (DOES_NOT_HOLD, INCONCLUSIVE, SKIPPED):
                     where = "" if setting.name == DEFAULT else f" ({setting.name})"
                     rows.append(f"| `{name}`{where} | `{r.name}` | {_num(r.value)} {_interval(r)} | {r.n} | "
                                 f"{r.op} {r.threshold:g} | {r.verdict} |")
     if not rows:
         return ""
-    return "\n".join(["## Claims that do not hold or are undecided at this scale", "",
+    return "\n".join(["## Claims that do not hold, are undecided or were not measured at this scale", "",
                       "| experiment | claim | statistic [95% interval] | seeds | threshold | verdict |",
                       "|---|---|---|---|---|---|", *rows, ""])
 
@@ -186,6 +186,14 @@ def _now(exp: Experiment, kind: str, what: str, results_dir: Path) -> Optional[s
     saved = load_record(paths(exp.name, results_dir)["claims"])
     if saved is None or any(r.verdict is None for r in saved["claims"]):
         return None
+    only = (saved.get("machine") or {}).get("only")
+    if only:
+        return (_now_text(exp, kind, what, saved, results_dir) or "") + " (grid subset: " + "; ".join(
+            f"{k} = {', '.join(map(str, v))}" for k, v in only.items()) + ")"
+    return _now_text(exp, kind, what, saved, results_dir)
+
+
+def _now_text(exp: Experiment, kind: str, what: str, saved: Dict, results_dir: Path) -> Optional[str]:
     if kind == "summary":
         return summary_line(exp, {DEFAULT: saved["claims"]}) or None
     if kind == "claim":
