@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .core import DEFAULT, RESULTS, RUNS, ClaimResult, csv_seeds, evaluate_saved, get, load_record, paths, run_experiment
-from .verdict import DOES_NOT_HOLD, HOLDS, INCONCLUSIVE
+from .verdict import DOES_NOT_HOLD, HOLDS, INCONCLUSIVE, SKIPPED
 
 
 def changes(recorded: List[ClaimResult], now: List[ClaimResult]) -> List[str]:
@@ -102,7 +102,7 @@ def known(checked: List[Checked]) -> List[str]:
     for c in checked:
         moved = {line.split(":")[0] for line in c.changed}
         for r in c.results:
-            if r.verdict in (DOES_NOT_HOLD, INCONCLUSIVE) and r.name not in moved:
+            if r.verdict in (DOES_NOT_HOLD, INCONCLUSIVE, SKIPPED) and r.name not in moved:
                 where = "" if c.setting == DEFAULT else f" [{c.setting}]"
                 lines.append(f"{r.verdict:13s} {c.name}.{r.name}{where}: {r.interval()} over {r.n} "
                              f"seed{'s' * (r.n != 1)} {r.op} {r.threshold:g}")
