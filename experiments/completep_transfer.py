@@ -14,7 +14,7 @@ import math
 
 import pandas as pd
 
-from .common import figure, palette, registered, save, select
+from .common import figure, palette, registered, save, select, two_depths
 from .core import HAMLET, Claim, Experiment, Reference, Setting, Skip, register
 from .training import data_label, data_spec, loss_row, run_grid
 
@@ -36,6 +36,7 @@ def best_lr(df, variant, depth) -> float:
 
 def drift(variant):
     def measure(df) -> float:
+        two_depths(df.depth)
         lo, hi = min(df.depth), max(df.depth)
         return abs(math.log2(best_lr(df, variant, hi) / best_lr(df, variant, lo)))
     return measure
@@ -53,6 +54,7 @@ def depth_gain(variant):
     def measure(df) -> float:
         """best loss (over LRs, median over seeds) at the deep depth minus at the shallow one (< 0: depth helps)."""
         per = select(df, variant=variant).groupby(["depth", "lr"]).loss.median().groupby("depth").min()
+        two_depths(per.index)
         return float(per[max(df.depth)] - per[min(df.depth)])
     return measure
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .common import figure, palette, save, spearman
+from .common import figure, palette, save, spearman, two_depths
 from .core import HAMLET, Claim, Experiment, Reference, Setting, Skip, register
 from .training import data_label, data_name, data_spec, run_grid, run_layers
 
@@ -67,6 +67,7 @@ def whole_stack(df, variant) -> pd.DataFrame:
 def hc_depth_growth(df) -> float:
     """min over LRs where HC completed at both the smallest and the largest depth of G(L_max) / G(L_min)."""
     g = whole_stack(df, "hyper")
+    two_depths(g.index)
     ratio = (g.loc[g.index.max()] / g.loc[g.index.min()]).dropna()
     if ratio.empty:
         raise Skip("no LR at which HC completed at both depths")

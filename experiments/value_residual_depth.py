@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .common import figure, palette, save
+from .common import figure, palette, save, two_depths
 from .core import HAMLET, Claim, Experiment, Reference, Setting, Skip, register
 from .training import data_label, data_name, data_spec, run_grid
 
@@ -50,6 +50,7 @@ def min_gain(df) -> float:
 def depth_change(df) -> float:
     """min over LRs of gain(largest depth) - gain(smallest depth)."""
     g = gains(df)
+    two_depths(g.index)
     return float((g.loc[g.index.max()] - g.loc[g.index.min()]).min())
 
 

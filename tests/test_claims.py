@@ -156,3 +156,17 @@ def test_reproductions_page_matches_the_records():
     from experiments.report import PAGE, page
 
     assert PAGE.read_text() == page(), "docs/reproductions.md is stale: python -m experiments report"
+
+
+def test_a_growth_with_depth_is_not_judged_on_one_depth():
+    """A grid subset with one depth (``run --only depths=4``) skips the depth claims instead of reading a
+    ratio of 1 or a difference of 0 as evidence."""
+    vr = experiments.get("value_residual_depth")
+    rows = [dict(variant=v, depth=d, lr=1e-2, seed=s, loss=3.0 - 0.01 * (v == "value_residual") * d)
+            for v in ("pre", "value_residual") for d in (4, 24) for s in (0, 1, 2)]
+    df = pd.DataFrame(rows)
+    judged = {r.name: r for r in vr.evaluate(df)}
+    assert judged["vr_gain_does_not_shrink"].verdict == HOLDS and judged["vr_gain_does_not_shrink"].n == 3
+    one = {r.name: r for r in vr.evaluate(df[df.depth == 4])}
+    assert one["vr_gain_does_not_shrink"].verdict == SKIPPED and "needs two depths" in one["vr_gain_does_not_shrink"].reason
+    assert one["vr_gain_positive"].verdict == HOLDS
