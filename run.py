@@ -1,4 +1,4 @@
-"""resnorm's entry point: ``python run.py [-m] key=value ... [--dry-run]`` (Hydra; see README)."""
+"""resnorm's entry point: ``python run.py [-m] key=value ... [--dry-run]`` (Hydra; see README.md and docs/configuration.md)."""
 
 import os
 import sys

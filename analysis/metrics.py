@@ -124,7 +124,7 @@ def run_metrics(sweep, spike_window: int = SPIKE_WINDOW, spike_factor: float = S
 def loss_column(runs: pd.DataFrame) -> str:
     """What the figures compare: ``final_val_bpb`` when the runs were trained with different
     tokenizers of text (nats per token of different tokenizers do not compare), else
-    ``final_val_loss`` (synthetic symbols beside one tokenizer of text: as before issue 14)."""
+    ``final_val_loss`` (synthetic symbols beside one tokenizer of text: as before tokenizers were recorded)."""
     text = runs["tokenizer"].dropna() if "tokenizer" in runs.columns else pd.Series(dtype=object)
     if text[text != "synthetic"].nunique() > 1 and "final_val_bpb" in runs.columns:
         return "final_val_bpb"

@@ -1,4 +1,4 @@
-"""Issue 14: what data loading costs a training step, with data=hf streams memory-mapped from the cache.
+"""What data loading costs a training step, with data=hf streams memory-mapped from the cache.
 
 ``python benchmarks/bench_data.py [--rounds 60] [--threads 1] [--docs 20000]`` builds a corpus of
 generated documents in a temporary folder (a ``save_to_disk`` dataset), tokenizes it once with a
@@ -10,7 +10,7 @@ later run), then times, interleaved in one process (:func:`benchmarks.common.int
 - ``step``: the whole step as ``fit`` runs it (batch, forward and backward, the gradient-norm probe,
   the host transfer, AdamW, zero_grad), probes on;
 
-at the README "Defaults" sizes (depth 6, d_model 64, seq 64, batch 16) and at the benchmarks'
+at the default sizes (docs/configuration.md; depth 6, d_model 64, seq 64, batch 16) and at the benchmarks'
 reference config (``benchmarks.common.REFERENCE``: d_model 128, seq 128, 4 heads, d_ff 512). It
 prints the medians and the ratio batch / step against the issue's target (<= 2%).
 """

@@ -1,4 +1,4 @@
-"""Stacked ensembles on the CPU (issue 15): a stack of 8 members against 8 solo runs.
+"""Stacked ensembles on the CPU: a stack of 8 members against 8 solo runs.
 
 ``python -m benchmarks.bench_stack [--members 8] [--steps 100] [--reps 2]``
 

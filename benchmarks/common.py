@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = ROOT / "benchmarks" / "out"
 PYTHON = sys.executable
 
-# The reference config of issue #6 (the CPU part) and its GPU scale-up.
+# The reference config of the speed benchmarks (the CPU part) and its GPU scale-up.
 REFERENCE = dict(vocab=256, seq=128, batch=16, d_model=128, n_heads=4, d_ff=512)
 GPU_REFERENCE = dict(vocab=256, seq=512, batch=32, d_model=512, n_heads=8, d_ff=2048)
 

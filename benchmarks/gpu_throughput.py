@@ -1,4 +1,4 @@
-"""The prepared GPU benchmark of issue 15, one command: ``python benchmarks/gpu_throughput.py``.
+"""The prepared GPU benchmark of stacked ensembles and packed jobs, one command: ``python benchmarks/gpu_throughput.py``.
 
 (a) Sweep throughput on one GPU, the default config (``data=synthetic``, ``train.steps``
 ``--steps``), 16 and 64 members (seeds), three ways, each timed from the first run's set-up to the

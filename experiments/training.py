@@ -27,7 +27,7 @@ DEFAULTS: Dict[str, Any] = dict(
     z_loss=1e-4, lr=1e-3, steps=300, warmup_frac=0.05, min_lr_ratio=0.1, wd=1e-4, clip=1.0, beta1=0.9,
     beta2=0.95, eps=1e-8, seed=0, batch=16, seq_len=64, eval_batches=4, data="synthetic",
     data_path=None, synthetic_tokens=200_000,
-    probes=False, probe_every=0, log_every=1,  # issue 12: monitors on for the experiments that read layers.parquet
+    probes=False, probe_every=0, log_every=1,  # monitors on for the experiments that read layers.parquet
 )
 
 
@@ -81,7 +81,7 @@ def overrides(spec: Dict[str, Any]) -> List[str]:
 
 
 def _without_preset_keys(out: List[str], variant: str) -> List[str]:
-    """front13 (issue 13): a variant with an optimizer preset (nGPT: no warm-up, no weight decay) trains
+    """A variant with an optimizer preset (nGPT: no warm-up, no weight decay) trains
     with it inside the harness too; the harness's own values for those keys are left out."""
     from resnorm.config.variants import get_variant
 

@@ -48,7 +48,7 @@ def diagnose(cfg, batch: int = 8, use_data: bool = False):
     else:
         idx = M.random_tokens(cfg.model.vocab_size, batch, t, seed=cfg.seed)
         tgt = M.random_tokens(cfg.model.vocab_size, batch, t, seed=cfg.seed + 1)
-    if cfg.model.get("objective", "clm") == "mlm":  # obj14: an encoder's loss is on BERT-masked inputs
+    if cfg.model.get("objective", "clm") == "mlm":  # an encoder's loss is on BERT-masked inputs
         from resnorm.train.objectives import mask_tokens
 
         idx, tgt = mask_tokens(idx, cfg.model.vocab_size, cfg.model.vocab_size, torch.Generator().manual_seed(cfg.seed))

@@ -77,7 +77,7 @@ def test_cli_typo_in_a_key_is_rejected_by_the_schema(tmp_path):
     proc = run_cli("model.nrom=pre", NO_ANALYSIS, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["config error: model.nrom='pre' is invalid: no such key: nothing in "
-                                                "resnorm reads it; did you mean model.norm? (keys: README \"Defaults\")"]
+                                                "resnorm reads it; did you mean model.norm? (keys: docs/configuration.md)"]
 
 
 # --- the schema is the one source: the leaf loop, the rules, the copies that must agree -------------
@@ -166,19 +166,18 @@ RULE_CASES = {
                              "fewer than one sequence of seq_len + 1 = 65; lower train.seq_len or use a larger corpus"),
     "device_is_present": (["train.device=cuda:7"], "train.device", "GPU"),
     "variant_optim_preset": (["model.norm=ngpt", "optim.warmup_steps=50"], "optim.warmup_steps",
-                             "model.norm=ngpt trains with optim.warmup_steps=0"),  # front13
-    # --- recipe14 (issue 14) ---
+                             "model.norm=ngpt trains with optim.warmup_steps=0"),  # a variant's optimizer preset
+    # --- the training recipe ---
     "grad_accum_splits_batch": (["train.grad_accum=3"], "train.grad_accum",
                                 "must divide train.batch_size=16 = 16 sequences into equal micro-batches"),
     "sgd_nesterov_needs_momentum": (["optim=sgd", "optim.sgd_nesterov=true", "optim.sgd_momentum=0"],
                                     "optim.sgd_nesterov", "needs optim.sgd_momentum > 0"),
     "tensorboard_is_installed": (["logger.tensorboard=true"], "logger.tensorboard", "needs the package tensorboard",
                                  ("tensorboard",)),
-    # --- end recipe14 ---
     "hf_data_is_on_this_machine": (["data=hf", "data.path={tmp}/missing"], "data.path", "no such file or folder"),
     "tokenizer_fits_data": (["data.tokenizer=bpe"], "data.tokenizer", "needs data=hf"),
     "finetune_needs_a_run": (["finetune.task=play_genre", "finetune.init_from={tmp}"], "finetune.init_from",
-                             "has no checkpoint.pt: pre-train it with train.keep_checkpoint=true"),  # obj14
+                             "has no checkpoint.pt: pre-train it with train.keep_checkpoint=true"),  # fine-tuning
 }
 
 

@@ -1,4 +1,4 @@
-"""data=hf (issue 14): datasets on disk in every format, the BPE and its cache, the token cache,
+"""data=hf: datasets on disk in every format, the BPE and its cache, the token cache,
 bits per byte, the one-line errors, and one run from the command line. Offline, on data made here."""
 
 from __future__ import annotations

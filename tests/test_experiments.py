@@ -26,24 +26,24 @@ TRAIN = [n for n, e in experiments.REGISTRY.items() if e.kind == "train"]
 
 def test_registry_declares_reference_grids_and_claims():
     assert set(INIT) == {"xiong_grad", "admin_amplification", "rank_collapse", "deepnet_update", "curse_of_depth",
-                         "normformer_grad"}  # front13
+                         "normformer_grad"}
     assert set(TRAIN) == {"wortsman_lr", "xiong_warmup", "lr_sensitivity_depth", "ngpt_speed",
-                          "completep_transfer", "mhc_amplification", "value_residual_depth"}  # the last four: issues 13, 12
+                          "completep_transfer", "mhc_amplification", "value_residual_depth"}  # the last four: nGPT, CompleteP, mHC, value residual
     for exp in experiments.REGISTRY.values():
         assert exp.reference.arxiv and exp.reference.figure and exp.reference.title
         assert {"full", "ci"} <= set(exp.grids)
         assert exp.claims or exp.name == "lr_sensitivity_depth"  # the one uncalibrated, report-only figure
 
 
-def test_lr_sensitivity_depth_covers_every_issue12_and_issue13_scheme():
-    """Every variant on a new stream (or with the orthogonal residual) is one of the issues' schemes, and
-    every scheme of issues 12 and 13 is in the figure's full grid."""
-    from experiments.lr_sensitivity_depth import ISSUE12, ISSUE13
+def test_lr_sensitivity_depth_covers_every_multi_stream_and_norm_placement_scheme():
+    """Every variant on a new stream (or with the orthogonal residual) is one of those schemes, and
+    every multi-stream and norm-placement scheme is in the figure's full grid."""
+    from experiments.lr_sensitivity_depth import MULTI_STREAM, NORM_PLACEMENTS
     from resnorm.config.variants import VARIANTS
 
     new = {n for n, v in VARIANTS.items() if v.stream not in ("single", "b2t", "dual")
            or any(spec.residual == "orthogonal" for pair in v.layer_specs(2) for spec in pair)}
-    schemes = set(ISSUE12) | set(ISSUE13)
+    schemes = set(MULTI_STREAM) | set(NORM_PLACEMENTS)
     assert new <= schemes <= set(VARIANTS)
     assert schemes <= set(experiments.get("lr_sensitivity_depth").grids["full"]["variants"])
 

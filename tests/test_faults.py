@@ -1,4 +1,4 @@
-"""Fault injection (issue 16): bad configs, kill -9 at several points of a run and of a sweep, broken
+"""Fault injection: bad configs, kill -9 at several points of a run and of a sweep, broken
 checkpoints and summaries, W&B failing and hanging, unwritable folders. Each case checks the one-line
 message, the exit code, and that no finished run is lost or duplicated.
 

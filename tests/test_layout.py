@@ -35,6 +35,7 @@ def test_no_function_is_longer_than_80_lines():
     (r"^def read_summary\(", ["resnorm/runs/folder.py"]),
     (r"^def compose\(", ["resnorm/config/compose.py"]),
     (r"^def fit\(", ["resnorm/train/loop.py"]),
+    (r"fcntl\.flock\(", ["resnorm/runs/locks.py"]),  # run folders, device slots and the token cache
     # optimizer steps: the one training loop, and DeepNet's one-step model-update measurement at init
     # (and resnorm.train.optimizers.OptimizerChain.step, which steps Muon and AdamW as one optimizer)
     (r"optimizer\.step\(\)|opt\.step\(\)", ["resnorm/monitors/measure.py", "resnorm/train/loop.py", "resnorm/train/optimizers.py"]),

@@ -1,4 +1,4 @@
-"""The model options every variant can use, each held to its paper's equation (issue 13).
+"""The model options every variant can use, each held to its paper's equation.
 
 - ``model.attn_gate``: gated attention, Qiu et al. 2025 (arXiv:2505.06708, eq. (5)):
   ``Y' = Y * sigmoid(X W_theta)``, the SDPA output Y (heads concatenated), elementwise and head

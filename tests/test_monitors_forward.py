@@ -1,4 +1,4 @@
-"""resnorm.monitors.forward (issue 11) and its formulas in resnorm.monitors.measure, against hand-computed values."""
+"""resnorm.monitors.forward and its formulas in resnorm.monitors.measure, against hand-computed values."""
 
 from __future__ import annotations
 

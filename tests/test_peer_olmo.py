@@ -1,4 +1,4 @@
-"""Peers (issue 13): ``reordered`` and ``ngpt`` against OLMo-core's own blocks (ai2-olmo-core 3.0.0).
+"""Peers: ``reordered`` and ``ngpt`` against OLMo-core's own blocks (ai2-olmo-core 3.0.0).
 
 The weights of resnorm's blocks are ported into OLMo-core's ``ReorderedNormTransformerBlock`` (OLMo 2's
 ``x + RMSNorm(F(x))`` with QK-norm over the flattened heads) and ``NormalizedTransformerBlock`` (nGPT, with

@@ -1,4 +1,4 @@
-"""The training recipe (issue 14): gradient accumulation, fp16 with a gradient scaler, the optimizer
+"""The training recipe: gradient accumulation, fp16 with a gradient scaler, the optimizer
 registry (adamw, sgd, muon) and TensorBoard, each trained through the one loop, offline, on the CPU."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Never losing a run: identity, checkpoint and resume, skip of finished runs, failures, dry run,
-the device pool, W&B run ids and the W&B sweep specs (README "Scaling out")."""
+the device pool, W&B run ids and the W&B sweep specs (docs/scaling.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 13, part 2: ``ngpt``, ``completep`` and ``derf``, each held to its paper (docs/variants.md).
+"""``ngpt``, ``completep`` and ``derf``, each held to its paper (docs/variants.md).
 
 - ``ngpt`` (Loshchilov et al., arXiv:2410.01131 §2): ``h <- Norm(h + alpha (Norm(F(h)) - h))`` with
   per-dimension alpha; q, k L2-normed per head times s_qk, softmax scale sqrt(d_head); SwiGLU with

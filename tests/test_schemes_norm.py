@@ -1,4 +1,4 @@
-"""Issue 13's norm-placement presets, each held to its paper (docs/variants.md has the choices).
+"""The norm-placement presets used at scale, each held to its paper (docs/variants.md has the choices).
 
 - ``reordered`` (OLMo 2, arXiv:2501.00656 §3.2): ``x <- x + RMSNorm(F(x))``, final RMSNorm.
 - ``layerscale`` (Touvron et al., arXiv:2103.17239 §2): ``x <- x + diag(lambda) F(LN(x))``, lambda learned

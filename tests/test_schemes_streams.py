@@ -1,4 +1,4 @@
-"""Issue 12's stream schemes: value residual, orthogonal update, DenseFormer, Hyper-Connections, mHC.
+"""The multi-stream and cross-layer schemes: value residual, orthogonal update, DenseFormer, Hyper-Connections, mHC.
 
 - float64 references written from the papers (they read only parameter values from the model;
   ``tests/test_variants.py`` runs them on its generic suite through :func:`reference_s12`), here
@@ -340,7 +340,7 @@ def test_peer_xtransformers_mhc():
         assert (ours - out).abs().max() > 0.1 and torch.allclose(res.sum(-1), torch.ones(()))
 
 
-# --- attnres (issue 12): Attention Residuals (Kimi Team, arXiv:2603.15031), full and block -------------
+# --- Attention Residuals (Kimi Team, arXiv:2603.15031), full and block ---
 # A layer is one sublayer; its output v_i = F_i(N_pre(h_i)) (no skip of its own); v_0 = the embedding.
 # h_l = sum_i softmax_i(w_l^T RMSNorm(v_i)) v_i; the head reads LN of the same aggregate (query w_2L).
 
@@ -488,11 +488,6 @@ def test_peer_xtransformers_attention_residual():
         ours = depth_attention(w, vs, eps=torch.finfo(torch.float32).eps)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     assert torch.allclose(depth_weights(torch.zeros(d), torch.stack(vs), 1e-5), torch.full((n, 2, 8), 1 / n))
-
-
-# --- end attnres ---
-
-
 # --- torch.compile (inductor) through the training loop ----------------------------------------------
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Stacked ensembles (issue 15): a stack's members equal their solo runs; a diverging member; kill -9
+"""Stacked ensembles: a stack's members equal their solo runs; a diverging member; kill -9
 in the middle of a stack; the Hydra multirun with ``hydra.sweeper.stack=on`` against ``off``; the dry
 run's stacks; every variant vmaps to its solo forward and backward; the GPU script's CPU smoke mode."""
 
@@ -242,7 +242,7 @@ def test_grouping_keeps_unstackable_jobs_alone(monkeypatch):
 
 
 def test_auto_stacks_only_cuda_jobs():
-    """``auto``: stacking was not faster on the CPU (README "Scaling out"), so only jobs that train on
+    """``auto``: stacking was not faster on the CPU (docs/scaling.md, "Stacked ensembles"), so only jobs that train on
     a CUDA device are stacked."""
     from resnorm.train.stack_plan import stack_groups
     from resnorm.sweep.plan import JobPlan

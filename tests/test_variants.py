@@ -37,8 +37,8 @@ SMALL = ("model.n_heads=2", "data=synthetic", "data.synthetic_tokens=3000")
 #: variants whose equation, norm slots and init are held to their papers in another test file (the
 #: gradient, training, save/load and compile tests below still run for every variant)
 ELSEWHERE = set()
-ELSEWHERE |= {"reordered", "layerscale", "keel", "normformer", "hybridnorm"}  # issue 13 (s13): tests/test_schemes_norm.py
-ELSEWHERE |= {"ngpt", "completep", "derf"}  # front13 (issue 13): tests/test_schemes_ngpt.py
+ELSEWHERE |= {"reordered", "layerscale", "keel", "normformer", "hybridnorm"}  # norm placements: tests/test_schemes_norm.py
+ELSEWHERE |= {"ngpt", "completep", "derf"}  # nGPT, CompleteP, Derf: tests/test_schemes_ngpt.py
 HERE = sorted(set(VARIANTS) - ELSEWHERE)
 
 
@@ -143,25 +143,21 @@ EMBED_NORM = {"peri"}
 FINAL_NORM = {"pre", "rmsnorm", "noresidual", "sandwich", "peri", "dyt", "scalenorm", "lns", "mixln",
               "depth_scaled", "resi_dual"}
 EQUATIONS = set(SUBLAYER_EQUATIONS) | {"b2t", "resi_dual"}
-# --- s12: the stream schemes of issue 12; their references are in tests/test_schemes_streams.py ---
+# --- the multi-stream schemes; their references are in tests/test_schemes_streams.py ---
 S12 = {"value_residual", "orthogonal", "denseformer", "hyper", "hyper_dynamic", "mhc"}
 FINAL_NORM = FINAL_NORM | S12
 EQUATIONS = EQUATIONS | S12
-# --- end s12 ---
-# --- attnres (issue 12): Attention Residuals; references in tests/test_schemes_streams.py ---
+# --- Attention Residuals; references in tests/test_schemes_streams.py ---
 ATTNRES = {"attnres", "attnres_block"}
 FINAL_NORM = FINAL_NORM | ATTNRES
 EQUATIONS = EQUATIONS | ATTNRES
-# --- end attnres ---
-
-
 def reference_hidden(model, idx, norm, cfg):
     m = cfg.model
     L = model.shape.depth
     x = model.tok_emb.weight[idx] + model.pos_emb.weight[: idx.shape[1]]
     if norm in EMBED_NORM:
         x = N(x, model.embed_norm)
-    if norm in S12:  # s12
+    if norm in S12:  # the multi-stream schemes
         from test_schemes_streams import reference_s12
 
         return reference_s12(model, x, norm, cfg)

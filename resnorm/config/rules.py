@@ -142,9 +142,6 @@ def sgd_nesterov_needs_momentum(get: Callable[[str], Any]) -> None:
     """Nesterov momentum is a kind of momentum: optim=sgd optim.sgd_nesterov=true needs sgd_momentum > 0."""
     if get("optim.name") == "sgd" and get("optim.sgd_nesterov") and get("optim.sgd_momentum") == 0:
         raise ConfigError("optim.sgd_nesterov", True, "needs optim.sgd_momentum > 0 (it is 0)")
-
-
-# --- end recipe14 ---
 def finetune_needs_a_run(get: Callable[[str], Any]) -> None:
     """finetune.task names a task and finetune.init_from the run folder it fine-tunes (both or neither)."""
     task, source = get("finetune.task"), get("finetune.init_from")

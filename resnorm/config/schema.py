@@ -268,7 +268,7 @@ class TrainConfig:
                                                "null: only a non-finite loss or gradient norm counts as diverged",
                                           range=interval("(1, inf)"))
     stall_margin: float = key(0.1, "a completed run is 'stalled' when its final validation loss is above the "
-                                   "training split's unigram loss minus this margin, in nats (README: how it was "
+                                   "training split's unigram loss minus this margin, in nats (docs/monitors.md: how it was "
                                    "chosen)", range=NON_NEGATIVE)
     spike_window: int = key(128, "a spike is a loss or gradient norm above mean + spike_sigma * sd of the previous "
                                  "spike_window finite values (OLMo-core's rule)", range=POSITIVE)
@@ -333,7 +333,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # obj14 (issue 14)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # python -m resnorm.finetune
 
 
 def register_schemas() -> None:
@@ -452,7 +452,7 @@ def closest_key(dotted: str) -> Optional[str]:
 def unknown_key_error(dotted: str, value: Any) -> ConfigError:
     near = closest_key(dotted)
     hint = f"; did you mean {near}?" if near else ""
-    return ConfigError(dotted, value, f"no such key: nothing in resnorm reads it{hint} (keys: README \"Defaults\")")
+    return ConfigError(dotted, value, f"no such key: nothing in resnorm reads it{hint} (keys: docs/configuration.md)")
 
 
 def _present(cfg: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:

@@ -48,17 +48,12 @@ def key_of(parts: Dict[str, Any]) -> str:
 @contextlib.contextmanager
 def lock(root: Path, key: str) -> Iterator[None]:
     """An exclusive lock on ``<root>/locks/<key>.lock``, waited for (released when the process dies)."""
-    import fcntl
+    from resnorm.runs.locks import exclusive
 
     folder = root / "locks"
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with exclusive(folder / f"{key}.lock"):
         yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 def entry(root: Path, kind: str, key: str, build: Callable[[Path], None]) -> Path:

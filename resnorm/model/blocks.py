@@ -51,7 +51,7 @@ class ModelShape:
     attn_gate: bool = False  # Y * sigmoid(h W_g + b_g) before the output projection (Qiu et al. 2025)
     attn_softcap: Optional[float] = None  # attention logits -> C tanh(logits / C); None = off
     logit_softcap: Optional[float] = None  # output logits -> C tanh(logits / C); None = off
-    causal: bool = True  # obj14: False for an encoder (model.objective=mlm, resnorm.train.objectives)
+    causal: bool = True  # False for an encoder (model.objective=mlm, resnorm.train.objectives)
 
     @classmethod
     def from_config(cls, cfg) -> "ModelShape":
@@ -91,7 +91,7 @@ class ModelShape:
 
 
 def _attention_options(m) -> dict:
-    """The model options every variant can use (README "Defaults"); a config written before a key
+    """The model options every variant can use (docs/configuration.md); a config written before a key
     existed gets the key's default (off)."""
     get = m.get if hasattr(m, "get") else lambda k, d: getattr(m, k, d)
     cap = lambda v: None if v is None else float(v)  # noqa: E731
@@ -151,7 +151,7 @@ class Attention(nn.Module):
     ``causal`` is an attribute, set from ``model.objective`` (False for ``mlm``, an encoder; the
     rank-collapse reproduction also sets it to False). ``key_mask``: None, or a (batch, T) bool tensor
     of the keys a query may see (False: padding), set for one batch by
-    :class:`resnorm.tasks.heads.TaskModel` (obj14); it joins the causal mask in forward and in the probes'
+    :class:`resnorm.tasks.heads.TaskModel` (fine-tuning); it joins the causal mask in forward and in the probes'
     :meth:`scores`, :meth:`max_logit` and :meth:`attention_probs`.
     """
 
@@ -179,7 +179,7 @@ class Attention(nn.Module):
         self.qkv_norms = nn.ModuleList(qkv_norms) if qkv_norms is not None else None
         self.value_hook = None  # set by the value_residual stream for one call (V -> V')
         self.softmax_scale: Optional[float] = None  # nGPT's attention scale: None = 1/sqrt(d_head), SDPA's default
-        self.key_mask: Optional[torch.Tensor] = None  # obj14: (batch, T) keys visible; None: all
+        self.key_mask: Optional[torch.Tensor] = None  # fine-tuning: (batch, T) keys visible; None: all
 
     def _qkv(self, x: torch.Tensor):
         b, t, d = x.shape
@@ -197,7 +197,7 @@ class Attention(nn.Module):
     def _mask(self, s: torch.Tensor, value: float) -> torch.Tensor:
         """``s`` with ``value`` above the diagonal when ``causal`` (SDPA's ``is_causal`` mask) and at
         the keys ``key_mask`` hides."""
-        if self.key_mask is not None:  # obj14: padding
+        if self.key_mask is not None:  # padding (fine-tuning)
             s = s.masked_fill(~self.key_mask[:, None, None, :], value)
         if not self.causal:
             return s
@@ -205,7 +205,7 @@ class Attention(nn.Module):
         return s.masked_fill(torch.triu(torch.ones(t, t, dtype=torch.bool, device=s.device), 1), value)
 
     def _visible(self, t: int) -> torch.Tensor:
-        """obj14: the (batch, 1, T, T) bool mask of the pairs a query sees (``key_mask``, causal)."""
+        """The (batch, 1, T, T) bool mask of the pairs a query sees (``key_mask``, causal)."""
         mask = self.key_mask[:, None, None, :]
         if self.causal:
             mask = mask & torch.ones(t, t, dtype=torch.bool, device=mask.device).tril()
@@ -227,7 +227,7 @@ class Attention(nn.Module):
         q, k, v = self._qkv(x)
         if self.value_hook is not None:  # ResFormer's value residual (resnorm.model.multistream)
             v = self.value_hook(v)
-        if self.softcap is None and self.key_mask is not None:  # obj14: padded batches
+        if self.softcap is None and self.key_mask is not None:  # padded batches (fine-tuning)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=self._visible(t), scale=self.softmax_scale)
         elif self.softcap is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=self.softmax_scale)

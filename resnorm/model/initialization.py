@@ -83,6 +83,6 @@ def initialise(model: nn.Module, scheme: str) -> None:
     for module in model.modules():
         if isinstance(module, NORM_TYPES) or isinstance(module, Sublayer):
             module.reset_parameters()
-    after_init = getattr(model.stream_params, "after_init", None)  # front13: nGPT's unit-norm matrices
+    after_init = getattr(model.stream_params, "after_init", None)  # nGPT's unit-norm matrices
     if after_init is not None:
         after_init(model)

@@ -1,4 +1,4 @@
-"""Forward- and backward-side monitors (issue 11): outliers, attention, the stream's gradient, logits.
+"""Forward- and backward-side monitors: outliers, attention, the stream's gradient, logits.
 
 Two :class:`resnorm.monitors.probes.Probe` subclasses, both read every ``train.probe_every`` steps and on the
 last step (the cadence of :class:`resnorm.monitors.probes.ActivationProbe`), both per (layer, sublayer) with the

@@ -1,4 +1,4 @@
-"""Scheme monitors (issue 12): the quantities of the multi-stream and cross-layer residuals, per
+"""Scheme monitors: the quantities of the multi-stream and cross-layer residuals, per
 (layer, sublayer) in ``layers.parquet`` (W&B: ``<quantity>/<sublayer>/<layer>``), only for the
 variants that have them, with ``train.probes`` (the default).
 

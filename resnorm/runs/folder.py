@@ -42,8 +42,8 @@ METRICS = "metrics.parquet"
 LAYERS = "layers.parquet"
 CHECKPOINT = "checkpoint.pt"
 LOCK = ".lock"
-TENSORBOARD = "tensorboard"  # logger.tensorboard=true: the TensorBoard event files (recipe14, issue 14)
-FINETUNE = "finetune"  # obj14: <run>/finetune/<task>/, a fine-tune's own run folder (resnorm.finetune)
+TENSORBOARD = "tensorboard"  # logger.tensorboard=true: the TensorBoard event files
+FINETUNE = "finetune"  # <run>/finetune/<task>/, a fine-tune's own run folder (resnorm.finetune)
 
 #: a run's ``status`` in its summary, in the order of its life: it is ``running`` until it ends
 STATUSES = ("running", "completed", "diverged", "failed")
@@ -270,24 +270,13 @@ def job_state(run_dir: Path, run_id: str) -> str:
 @contextlib.contextmanager
 def job_lock(run_dir: Path) -> Iterator[bool]:
     """Hold an exclusive, non-blocking lock on ``<run_dir>/.lock``; yields False if another process
-    has it. The OS releases it when the process dies, even by ``kill -9``."""
-    import fcntl
+    has it. The OS releases it when the process dies, even by ``kill -9`` (:mod:`resnorm.runs.locks`)."""
+    from resnorm.runs.locks import exclusive
 
     path = Path(run_dir)
     path.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+    with exclusive(path / LOCK, wait=False) as ours:
+        yield ours
 
 
 # --- the training side: rows in memory, written atomically --------------------------------------

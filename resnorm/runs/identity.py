@@ -38,9 +38,9 @@ OPERATIONAL_KEYS = (
     "train.compile",
     "train.checkpoint_every",
     "train.keep_checkpoint",
-    "data.cache_dir",  # where tokenizers and token streams are cached, not what they hold (issue 14)
+    "data.cache_dir",  # where tokenizers and token streams are cached, not what they hold
 )
-# --- stack15 (issue 15) ---
+# --- stacked ensembles ---
 #: dotted keys that leave every parameter shape, the batch shape and the loop's length unchanged:
 #: jobs of a sweep that differ only in these are trained as one stack (``hydra.sweeper.stack``,
 #: :mod:`resnorm.train.stack`). Deliberately short: ``model.*``, ``depth``, ``data.*`` and every
@@ -63,7 +63,6 @@ STACKABLE_KEYS = (
     "train.spike_window",
     "train.spike_sigma",
 )
-# --- end stack15 ---
 ID_LENGTH = 12
 RESOLVER = "run_id"
 

@@ -3,7 +3,7 @@
 Device pool. When jobs run in parallel on one machine (``hydra/launcher=local``), the launcher
 puts the machine's GPUs in a pool (``RESNORM_DEVICE_POOL``, e.g. ``0,1,2,3``) and each job takes
 ``train.devices`` of them *exclusively* for as long as it runs: one lock file per GPU and slot
-(``<lock dir>/gpu<N>.slot<K>.lock``, ``fcntl.flock``), taken without blocking, the job waiting until
+(``<lock dir>/gpu<N>.slot<K>.lock``, :mod:`resnorm.runs.locks`), taken without blocking, the job waiting until
 enough are free. A GPU has one slot, or N with ``hydra.launcher.jobs_per_device=N`` (packing,
 :mod:`resnorm.sweep.packing`): slot K of GPU N is ``N/K`` in the pool (``0,1,0/1,1/1``: two GPUs, two
 jobs each), and the N jobs holding its slots share the GPU. A job of ``train.devices`` > 1 takes
@@ -140,7 +140,7 @@ class DevicePool:
     @contextlib.contextmanager
     def acquire(self, n: int = 1) -> Iterator[List[Slot]]:
         """Wait until ``n`` slots on distinct devices are free, hold them for the ``with`` block."""
-        import fcntl
+        from resnorm.runs.locks import try_lock
 
         n_devices = len({(s.index, s.fake) for s in self.slots})
         if n > n_devices:
@@ -155,11 +155,8 @@ class DevicePool:
                         break
                     if any((h.index, h.fake) == (slot.index, slot.fake) for h, _ in held):
                         continue  # one slot per device and job: a DDP run's processes on distinct GPUs
-                    fd = os.open(self._lock_path(slot), os.O_RDWR | os.O_CREAT, 0o644)
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except BlockingIOError:
-                        os.close(fd)
+                    fd = try_lock(self._lock_path(slot))
+                    if fd is None:
                         continue
                     held.append((slot, fd))
                 if len(held) == n:

@@ -99,7 +99,7 @@ class Run:
     callbacks: Any = None  # the resnorm.train.callbacks.CallbackList fit runs (a checkpoint keeps their state)
     summary: Dict[str, Any] = field(default_factory=dict)
     wall0: float = field(default_factory=time.perf_counter)
-    objective: Any = None  # obj14: the resnorm.train.objectives.Objective that setup built the run with
+    objective: Any = None  # the resnorm.train.objectives.Objective that setup built the run with
 
     @property
     def is_main(self) -> bool:
@@ -155,7 +155,7 @@ def setup(cfg, job, rank: int, world: int, slots) -> Run:
     from resnorm.data.tokenizer import write_run_tokenizer
     from resnorm.train.variant_optim import apply_preset
 
-    cfg = apply_preset(cfg)  # front13: a variant's optimizer preset (nGPT: no warm-up, no weight decay)
+    cfg = apply_preset(cfg)  # a variant's optimizer preset (nGPT: no warm-up, no weight decay)
     wall0 = time.perf_counter()
     threads = devices.job_threads(cfg.train.threads, world)
     torch.set_num_threads(threads)
@@ -163,9 +163,9 @@ def setup(cfg, job, rank: int, world: int, slots) -> Run:
     if world > 1:
         devices.init_process_group(rank, world, device)
     torch.manual_seed(cfg.seed)
-    objective = for_config(cfg)  # obj14: clm, mlm, or a fine-tuning task's classify / tag
+    objective = for_config(cfg)  # clm, mlm, or a fine-tuning task's classify / tag
     data = objective.load(cfg)
-    if objective.pretraining:  # model.vocab_size follows a trained or loaded tokenizer (data14)
+    if objective.pretraining:  # model.vocab_size follows a trained or loaded tokenizer (data=hf)
         cfg = model_config(cfg, data, job)
     model = objective.build(cfg, data).to(device)
     optimizer = make_optimizer(model, cfg.optim)

@@ -133,7 +133,7 @@ OPTIMIZERS: Dict[str, Callable[..., Any]] = {"adamw": adamw, "sgd": sgd, "muon":
 def make_optimizer(model, optim_cfg):
     """The optimizer ``optim.name`` names, built for ``model`` (see the module docstring), with the
     variant's per-group LR/epsilon multipliers (CompleteP) and post-step hook (nGPT's renormalisation):
-    :mod:`resnorm.train.variant_optim` (front13, issue 13)."""
+    :mod:`resnorm.train.variant_optim`."""
     from resnorm.train.variant_optim import attach_post_step, scale_groups
 
     return attach_post_step(model, scale_groups(model, OPTIMIZERS[optim_cfg.name](model, optim_cfg)))

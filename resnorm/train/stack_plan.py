@@ -7,8 +7,8 @@ by :func:`resnorm.runs.identity.stack_key`; a job that cannot be stacked (:func:
 stays a group of one.
 
 ``hydra.sweeper.stack``: ``on`` stacks every group it can, ``off`` never, ``auto`` (the default)
-stacks only where stacking was measured to pay. On the CPU it did not (benchmarks/bench_stack.py, README
-"Scaling out"), so ``auto`` stacks only jobs that train on a CUDA device (not measured here).
+stacks only where stacking was measured to pay. On the CPU it did not (benchmarks/bench_stack.py,
+docs/scaling.md), so ``auto`` stacks only jobs that train on a CUDA device (not measured here).
 
 A group of more than one job is launched as one launcher job: its first member's overrides plus
 ``+hydra.job.env_set.RESNORM_STACK=<file>`` (:func:`stack_override`); the file, in

@@ -43,6 +43,6 @@ def start_summary(run) -> Dict[str, Any]:
 
 
 def data_fields(data) -> Dict[str, Any]:
-    """The tokenizer the run trained with and what bits per byte are computed from ."""
+    """The tokenizer the run trained with and what bits per byte are computed from."""
     return dict(tokenizer=data.tokenizer_name, data_vocab_size=int(data.vocab_size),
                 val_tokens_per_byte=data.val_tokens_per_byte, final_val_bpb=None, best_val_bpb=None)

@@ -1,4 +1,4 @@
-"""A variant's optimizer rules (issue 13): its optimizer preset, per-group LR/epsilon multipliers and
+"""A variant's optimizer rules: its optimizer preset, per-group LR/epsilon multipliers and
 post-step hook, declared on :class:`resnorm.config.variants.Variant` and applied here, in three calls:
 
 - :func:`apply_preset` (first in :func:`resnorm.train.loop.setup`): ``Variant.optim_preset`` replaces
