@@ -7,6 +7,7 @@ verdict replaced) or from the experiment's saved CSV through its ``notes`` hook;
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -138,8 +139,8 @@ def _setting_block(exp: Experiment, setting, results_dir: Path) -> Optional[str]
     if saved is None and setting.name == DEFAULT:
         return None
     png = paths(exp.name, setting.out(results_dir))["png"]
-    rel = png.relative_to(ROOT).as_posix() if png.is_file() else None
-    figure = f"\n\n![{exp.name}, {setting.name}](../{rel})" if rel and setting.name != DEFAULT else ""
+    rel = Path(os.path.relpath(png, PAGE.parent)).as_posix() if png.is_file() else None  # from docs/
+    figure = f"\n\n![{exp.name}, {setting.name}]({rel})" if rel and setting.name != DEFAULT else ""
     if saved is None or (exp.claims and any(r.verdict is None for r in saved["claims"])):
         opt = "" if setting.name == DEFAULT else f" --setting {setting.name}"
         earlier = " The figure is of an earlier run on one seed, recorded before verdicts." if figure else ""
