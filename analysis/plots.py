@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import metrics, style
+from resnorm.runs import quantities as catalogue
 from resnorm.runs.folder import atomic_write
 
 log = logging.getLogger(__name__)
@@ -43,23 +44,11 @@ NONE_STABLE_Y = 0.04
 #: horizontal offset (points) between variants whose markers would coincide
 NUDGE_PTS = 5
 #: per-layer quantities of layer_profiles (the training probes), in row order; every other quantity
-#: of layers.parquet is drawn by monitor_profiles
-PROFILE_QUANTITIES = ("grad_norm", "act_rms", "update_ratio", "branch_ratio", "max_attn_logit")
+#: of layers.parquet is drawn by monitor_profiles. Units, labels, row order and how a block's sublayers
+#: combine are declared once, in resnorm.runs.quantities.
+PROFILE_QUANTITIES = catalogue.training_quantities()
 #: row order of the monitor quantities monitor_profiles knows; others follow, sorted by name
-MONITOR_ORDER = ("param_norm", "update_norm", "update_grad_cos", "adam_m_norm", "adam_v_norm", "act_absmax",
-                 "act_kurtosis", "stream_grad_rms", "attn_entropy_mean", "attn_entropy_min_head",
-                 "attn_sink_mass", "rezero_alpha", "admin_omega_mean", "dyt_alpha")
-#: how a quantity's sublayer values (attn, mlp) make one value per block (block_values): "norm"
-#: sqrt(sum of squares) for norms over parameters, "rms" sqrt(mean of squares), "max"; any quantity
-#: not listed: "mean" (right for signed and bounded ones: cosines, entropies, gates)
-BLOCK_COMBINE = {"grad_norm": "norm", "param_norm": "norm", "update_norm": "norm", "adam_m_norm": "norm",
-                 "adam_v_norm": "norm", "act_rms": "rms", "update_ratio": "rms", "branch_ratio": "rms",
-                 "stream_grad_rms": "rms", "max_attn_logit": "max", "act_absmax": "max"}
-_COMBINE_TEXT = {"norm": "sqrt(attn² + mlp²)", "rms": "RMS over attn, mlp", "max": "max over sublayers",
-                 "mean": "mean over sublayers"}
-PROFILE_LABELS = {"grad_norm": "gradient norm", "act_rms": "activation RMS",
-                  "update_ratio": "update ratio ||ΔW||/||W||", "branch_ratio": "branch ratio",
-                  "max_attn_logit": "max attention logit"}
+MONITOR_ORDER = tuple(q for q in catalogue.QUANTITIES if q not in PROFILE_QUANTITIES)
 #: layer groups of coord_check: the thirds of the stack (see depth_thirds)
 LAYER_GROUPS = ("first third", "middle third", "last third")
 
@@ -438,13 +427,14 @@ def block_values(layers: pd.DataFrame, quantity: str) -> pd.DataFrame:
     """``run_dir, step, layer, value``: ``quantity`` per block, its sublayers combined.
 
     Reads a layers table (``run_dir``, ``step``, ``layer``, ``sublayer``, ``quantity``, ``value``).
-    The combination is :data:`BLOCK_COMBINE`'s: ``"norm"``, ``sqrt(sum of squares)`` (for gradient
-    norms, the norm of the whole block's gradient, ``sqrt(attn^2 + mlp^2)``); ``"rms"``,
-    ``sqrt(mean of squares)`` (for activation RMS, the RMS over the block's attention and MLP output
-    streams, which have the same size; for update ratios, their quadratic mean); ``"max"``; ``"mean"``
-    (any quantity not listed). A sublayer that has no finite value of the quantity at any step of a
-    run does not have it (``max_attn_logit`` of an MLP) and is left out; otherwise a non-finite
-    sublayer value makes its block's value inf.
+    The combination is the quantity's in :data:`resnorm.runs.quantities.QUANTITIES`: ``"norm"``,
+    ``sqrt(sum of squares)`` (for gradient norms, the norm of the whole block's gradient,
+    ``sqrt(attn^2 + mlp^2)``); ``"rms"``, ``sqrt(mean of squares)`` (for activation RMS, the RMS over
+    the block's attention and MLP output streams, which have the same size; for update ratios, their
+    quadratic mean); ``"max"``; ``"mean"`` (signed or bounded values, and any quantity not declared).
+    A sublayer that has no finite value of the quantity at any step of a run does not have it
+    (``max_attn_logit`` of an MLP) and is left out (the block's value is the other sublayer's);
+    otherwise a non-finite sublayer value makes its block's value inf.
     """
     rows = layers[layers["quantity"] == quantity]
     if rows.empty:
@@ -454,7 +444,7 @@ def block_values(layers: pd.DataFrame, quantity: str) -> pd.DataFrame:
     rows, value = rows[present], value[present]
     if rows.empty:
         return pd.DataFrame(columns=["run_dir", "step", "layer", "value"])
-    how = BLOCK_COMBINE.get(quantity, "mean")
+    how = catalogue.block_combine(quantity)
     bad = ~np.isfinite(value)
     keys = ["run_dir", "step", "layer"]
     spoiled = bad.groupby([rows[k] for k in keys]).any()
@@ -507,8 +497,7 @@ def _profile_rows(sweep, quantities: List[str]) -> pd.DataFrame:
 
 
 def _profile_label(quantity: str) -> str:
-    name = PROFILE_LABELS.get(quantity, quantity.replace("_", " "))
-    return f"{name}\n{_COMBINE_TEXT[BLOCK_COMBINE.get(quantity, 'mean')]}"
+    return f"{catalogue.axis_label(quantity)}\n{catalogue.block_text(quantity)}"
 
 
 def _profile_panel(ax, panel: pd.DataFrame, variants: List[str], whens: List[str], log_scale: bool) -> None:
@@ -600,8 +589,10 @@ def monitor_profiles(sweep, path) -> Optional[Path]:
     update/gradient cosine, activation max and kurtosis, attention entropy and sink mass, residual
     stream gradient RMS, the variants' gates such as ``rezero_alpha``; the set is open, any quantity
     present is drawn), one row each (:data:`MONITOR_ORDER` first, then by name), at each run's first
-    and last logged step of that quantity. Quantities with no finite value are left out; skipped
-    when there is none (runs written before the monitor).
+    and last logged step of that quantity. Each row's axis says how its block value is made of the
+    block's sublayers (:data:`resnorm.runs.quantities.COMBINE`: e.g. the mean of attention and MLP for
+    a cosine, the attention value alone for an attention-only quantity). Quantities with no finite
+    value are left out; skipped when there is none (runs written before the monitor).
     """
     present = _layer_quantities(sweep)
     if present is None:
@@ -993,3 +984,25 @@ FIGURES: Dict[str, object] = {
     "monitor_profiles": monitor_profiles,
     "coord_check": coord_check,
 }
+
+#: what each figure needs beyond finished runs with losses (it is skipped, with the reason, without it):
+#: "depths" 2+ depths; "lrs" 2+ learning rates; "spikes" spike data (a spike column or spike_count);
+#: "probes" rows of the training probes in layers.parquet; "monitors" any other layers.parquet quantity
+NEEDS: Dict[str, Tuple[str, ...]] = {
+    "depth_vs_val_loss": (),
+    "failure_rate": ("depths",),
+    "spike_rate": ("spikes",),
+    "stability_frontier": ("depths", "lrs"),
+    "lr_depth_heatmap": ("depths", "lrs"),
+    "lr_sensitivity_vs_depth": ("depths", "lrs"),
+    "loss_curves": (),
+    "layer_profiles": ("probes",),
+    "monitor_profiles": ("monitors",),
+    "coord_check": ("depths", "probes"),
+}
+
+
+def drawable(has) -> List[str]:
+    """The figures of :data:`FIGURES` (in report order) a sweep with the data ``has`` (keys of
+    :data:`NEEDS`' values) can draw."""
+    return [name for name in FIGURES if set(NEEDS[name]) <= set(has)]

@@ -30,20 +30,21 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from resnorm.config.schema import variant_option_fields
 
-RESIDUALS = ("identity", "none", "orthogonal")  # orthogonal: Oh et al.
-#: How the layers are threaded (the stream function Transformer.hidden runs; see the module docstring):
+RESIDUALS = ("identity", "none", "orthogonal")  # orthogonal: the orthogonal residual update (Oh et al.)
+#: How the layers are threaded, declared once (read in resnorm.model.transformer.Transformer.hidden, nowhere
+#: else; its dict ``STREAMS`` holds one function per name, in this order, and a test checks the two agree):
 #: - ``single``: one residual stream, x_{i+1} = Sublayer_i(x_i);
 #: - ``b2t``: as ``single``, and the MLP sublayer of every layer also adds the layer's input x_l to
 #:   its sum before its last norm (Takase et al.'s bottom-to-top connection);
 #: - ``dual``: ResiDual's two streams, a Post-LN stream x and an un-normalised stream y that
-#:   accumulates every branch output; the head reads x_L + N_final(y_L).
-#: - the multi-stream schemes (resnorm.model.multistream): ``value_residual`` (ResFormer's V' = l1 V_1 + l2 V_n), ``dense``
-#:   (DenseFormer's depth-weighted averages), ``hyper`` / ``hyper_dynamic`` / ``mhc`` (n streams).
-STREAMS = ("single", "b2t", "dual") + ("value_residual", "dense", "hyper", "hyper_dynamic", "mhc")
-#: - attnres (resnorm.model.attnres): ``attnres`` / ``attnres_block`` (softmax attention over depth)
-STREAMS = STREAMS + ("attnres", "attnres_block")  # attnres
-#: - ngpt (resnorm.model.ngpt): the hypersphere stream h <- Norm(h + alpha (Norm(F(h)) - h))
-STREAMS = STREAMS + ("ngpt",)  # nGPT
+#:   accumulates every branch output; the head reads x_L + N_final(y_L);
+#: - multi-stream and cross-layer residuals (resnorm.model.multistream): ``value_residual`` (ResFormer's
+#:   V' = l1 V_1 + l2 V_n), ``dense`` (DenseFormer's depth-weighted averages), ``hyper`` /
+#:   ``hyper_dynamic`` / ``mhc`` (Hyper-Connections and mHC: n streams);
+#: - Attention Residuals (resnorm.model.attnres): ``attnres`` / ``attnres_block`` (softmax attention over depth);
+#: - nGPT (resnorm.model.ngpt): ``ngpt``, the hypersphere stream h <- Norm(h + alpha (Norm(F(h)) - h)).
+STREAMS = ("single", "b2t", "dual", "value_residual", "dense", "hyper", "hyper_dynamic", "mhc", "attnres",
+           "attnres_block", "ngpt")
 #: Norm layers behind resnorm.model.norms.make_norm; ``none`` marks a variant without any norm (ReZero).
 NORM_LAYERS = ("layernorm", "rmsnorm", "scalenorm", "dyt", "derf")
 ADMIN_MODES = ("profile", "closed_form")
