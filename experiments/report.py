@@ -261,7 +261,7 @@ def _earlier(results_dir: Path) -> str:
 def page(results_dir: Path = RESULTS) -> str:
     from . import REGISTRY
 
-    out = [HEAD, _known(results_dir), _earlier(results_dir)]
+    out = [HEAD, _known(results_dir), _earlier(results_dir), "## The figures\n"]
     for name, exp in REGISTRY.items():
         blocks, measured = [], {}
         for setting in exp.settings():
@@ -275,7 +275,7 @@ def page(results_dir: Path = RESULTS) -> str:
         if not blocks:
             continue
         refs = "; ".join(r.cite() for r in [exp.reference, *exp.extra_refs])
-        out.append(f"## `{name}`: {exp.summary}\n\n{refs}\n\n![{name}](../results/papers/{name}.png)\n")
+        out.append(f"### `{name}`: {exp.summary}\n\n{refs}\n\n![{name}](../results/papers/{name}.png)\n")
         line = summary_line(exp, measured)
         if line:
             out.append(line + "\n")

@@ -145,7 +145,7 @@ def test_cli_list_run_and_check(tmp_path):
     page = tmp_path / "page.md"
     md = subprocess.run(py + ["report", "--out", str(tmp_path), "--page", str(page)], cwd=ROOT, capture_output=True,
                         text=True, timeout=300)
-    assert md.returncode == 0 and "## `rank_collapse`" in page.read_text()
+    assert md.returncode == 0 and "### `rank_collapse`" in page.read_text()
     assert "| claim | statistic | 95% interval | seeds |" in page.read_text()
     bad = subprocess.run(py + ["run", "nope"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "unknown experiment nope" in bad.stderr
