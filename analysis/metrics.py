@@ -47,12 +47,12 @@ column (a hand-made one) gets it from :func:`outcomes`.
 from __future__ import annotations
 
 import math
-from statistics import NormalDist
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
 
+from analysis import verdicts
 from analysis.load import PLOT_AXES, parse_overrides, with_bits_per_byte  # noqa: F401  (analysis.metrics.with_bits_per_byte)
 from resnorm.runs.folder import DONE, OUTCOMES, STATUSES, classify_outcome, diverge_kind_of
 
@@ -361,36 +361,13 @@ def lr_sensitivity_table(runs: pd.DataFrame, by: Sequence[str] = ("variant", "de
 # ----------------------------------------------------------------------------------------- seeds
 
 
-def _t_central(theta: float, df: int) -> float:
-    """P(|T| <= sqrt(df) tan(theta)) for Student's t with integer ``df`` (Abramowitz and Stegun
-    26.7.3 and 26.7.4: a finite sum in cos(theta))."""
-    s, c = math.sin(theta), math.cos(theta)
-    if df % 2:
-        total, term = 0.0, c
-        for k in range(1, df - 1, 2):
-            total += term
-            term *= c * c * (k + 1) / (k + 2)
-        return 2.0 / math.pi * (theta + s * total)
-    total, term = 1.0, 1.0
-    for k in range(2, df - 1, 2):
-        term *= c * c * (k - 1) / k
-        total += term
-    return s * total
-
-
 def t_critical(df: int, confidence: float = CONFIDENCE) -> float:
     """The two-sided critical value of Student's t with ``df`` degrees of freedom: the ``t`` with
-    ``P(|T| <= t) = confidence`` (12.706 for df 1, 4.303 for df 2 at 95%). Exact up to float
-    rounding (bisection on the closed-form distribution); numpy only, no scipy."""
+    ``P(|T| <= t) = confidence`` (12.706 for df 1, 4.303 for df 2 at 95%), from scipy
+    (:func:`analysis.verdicts.t_critical`)."""
     if int(df) != df or df < 1:
         raise ValueError(f"degrees of freedom must be a whole number >= 1, got {df!r}")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
-    low, high = 0.0, math.pi / 2
-    for _ in range(100):
-        mid = 0.5 * (low + high)
-        low, high = (mid, high) if _t_central(mid, int(df)) < confidence else (low, mid)
-    return math.sqrt(df) * math.tan(0.5 * (low + high))
+    return verdicts.t_critical(int(df), confidence)
 
 
 def mean_ci(values: Iterable[float], confidence: float = CONFIDENCE) -> Tuple[float, float]:
@@ -407,16 +384,9 @@ def mean_ci(values: Iterable[float], confidence: float = CONFIDENCE) -> Tuple[fl
 
 
 def wilson_interval(k: int, n: int, confidence: float = CONFIDENCE) -> Tuple[float, float]:
-    """The Wilson score interval ``(low, high)`` of a proportion ``k / n``; ``(nan, nan)`` for n = 0."""
-    if n == 0:
-        return math.nan, math.nan
-    if not 0 <= k <= n:
-        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
-    z = NormalDist().inv_cdf(0.5 + confidence / 2)
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    """The Wilson score interval ``(low, high)`` of a proportion ``k / n``; ``(nan, nan)`` for n = 0
+    (statsmodels, :func:`analysis.verdicts.wilson_interval`)."""
+    return verdicts.wilson_interval(k, n, confidence)
 
 
 def seed_summary(runs: pd.DataFrame, value: str = "final_val_loss",

@@ -58,16 +58,16 @@ def late_self(df, variant) -> float:
 def claims():
     return [
         Claim("amplification_post_vs_pre", "R = dF^2(L_max)/dF^2(L_min): R(Post-LN) / R(Pre-LN)",
-              lambda df: ratio(df, "post") / ratio(df, "pre"), ">=", 2.0, needs=("post", "pre")),
+              lambda df: ratio(df, "post") / ratio(df, "pre"), ">=", 2.0, needs=("post", "pre"), scale="log"),
         Claim("admin_below_post", "R(Admin) / R(Post-LN)",
-              lambda df: ratio(df, "admin") / ratio(df, "post"), "<=", 0.5, needs=("post", "admin")),
+              lambda df: ratio(df, "admin") / ratio(df, "post"), "<=", 0.5, needs=("post", "admin"), scale="log"),
         Claim("deepnorm_below_post", "dF(DeepNorm) / dF(Post-LN), worst depth",
               lambda df: max(select(df, panel="change", variant="deepnorm", depth=L).delta_f.mean()
                              / select(df, panel="change", variant="post", depth=L).delta_f.mean()
                              for L in select(df, panel="change").depth.unique()), "<", 1.0,
-              needs=("post", "deepnorm")),
+              needs=("post", "deepnorm"), scale="log"),
         Claim("self_dependency_post_vs_pre", "mean beta^2_{i,i} over the last L sublayers: Post-LN / Pre-LN",
-              lambda df: late_self(df, "post") / late_self(df, "pre"), ">=", 2.0, needs=("post", "pre")),
+              lambda df: late_self(df, "post") / late_self(df, "pre"), ">=", 2.0, needs=("post", "pre"), scale="log"),
         Claim("pre_self_dependency_falls", "Pre-LN: Spearman(i, beta^2_{i,i})",
               lambda df: spearman(self_dependency(df, "pre").index, self_dependency(df, "pre").values), "<=", -0.7,
               needs=("pre",)),

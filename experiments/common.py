@@ -74,6 +74,12 @@ def loglog_slope(x: Sequence[float], y: Sequence[float]) -> float:
     return float(np.polyfit(np.log(np.asarray(x, float)), np.log(np.asarray(y, float)), 1)[0])
 
 
+def two_depths(depths: Iterable) -> None:
+    """Raise Skip unless ``depths`` has at least two values (a growth with depth needs a shallow and a deep one)."""
+    if len(set(depths)) < 2:
+        raise Skip(f"needs two depths, the data has {sorted(set(depths))}")
+
+
 def select(df: pd.DataFrame, **eq) -> pd.DataFrame:
     """Rows where every column equals the value; raises Skip when none match."""
     m = np.ones(len(df), dtype=bool)

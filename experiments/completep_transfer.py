@@ -14,8 +14,8 @@ import math
 
 import pandas as pd
 
-from .common import figure, palette, registered, save, select
-from .core import Claim, Experiment, Reference, register
+from .common import figure, palette, registered, save, select, two_depths
+from .core import HAMLET, Claim, Experiment, Reference, Setting, Skip, register
 from .training import data_label, data_spec, loss_row, run_grid
 
 REF = Reference("Don't be lazy: CompleteP enables compute-efficient deep transformers", "2505.01618",
@@ -36,6 +36,7 @@ def best_lr(df, variant, depth) -> float:
 
 def drift(variant):
     def measure(df) -> float:
+        two_depths(df.depth)
         lo, hi = min(df.depth), max(df.depth)
         return abs(math.log2(best_lr(df, variant, hi) / best_lr(df, variant, lo)))
     return measure
@@ -44,6 +45,8 @@ def drift(variant):
 def completep_drifts_least(df) -> float:
     """min over the other variants of drift(other) - drift(completep) (>= 0: CompleteP drifts least)."""
     others = [v for v in df.variant.unique() if v != "completep"]
+    if not others:
+        raise Skip("no Pre-LN or depth_scaled runs to compare with")
     return min(drift(v)(df) - drift("completep")(df) for v in others)
 
 
@@ -51,8 +54,26 @@ def depth_gain(variant):
     def measure(df) -> float:
         """best loss (over LRs, median over seeds) at the deep depth minus at the shallow one (< 0: depth helps)."""
         per = select(df, variant=variant).groupby(["depth", "lr"]).loss.median().groupby("depth").min()
+        two_depths(per.index)
         return float(per[max(df.depth)] - per[min(df.depth)])
     return measure
+
+
+def notes(df) -> list:
+    """Sentences for the docs page, from the data: per variant and seed, the best loss over the LRs and the
+    LR that gave it at the shallow and the deep depth."""
+    out = []
+    lo, hi = df.depth.min(), df.depth.max()
+    for v, g in df.groupby("variant", sort=False):
+        per = []
+        for seed, s in g.groupby("seed"):
+            best = s.loc[s.groupby("depth").loss.idxmin()].set_index("depth")
+            if {lo, hi} <= set(best.index):
+                per.append(f"seed {seed}: {best.loss[lo]:.4f} (lr {best.lr[lo]:g}) vs {best.loss[hi]:.4f} "
+                           f"(lr {best.lr[hi]:g})")
+        if per:
+            out.append(f"{v}, best loss (its LR) at L={lo} vs L={hi}: " + "; ".join(per) + ".")
+    return out
 
 
 def plot(df, path) -> None:
@@ -73,9 +94,11 @@ register(Experiment(
     summary="final loss vs peak LR at a shallow and a deep depth, Pre-LN vs depth_scaled vs CompleteP (d=32)",
     kind="train",
     grids={"full": dict(variants=["pre", "depth_scaled", "completep"], depths=[2, 16],
-                        lrs=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1], seeds=[0], steps=150),
+                        lrs=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1], seeds=[0, 1, 2], steps=150),
            "ci": dict(variants=["pre", "completep"], depths=[1, 2], lrs=[1e-3, 1e-2], seeds=[0], steps=10)},
+    robustness=[Setting("text_hamlet", seeds=[0, 1, 2], text=HAMLET, note="the Hamlet text (bytes) instead of the synthetic stream")],
     run=run,
+    notes=notes,
     plot=plot,
     claims=[
         Claim("completep_drifts_least", "min over Pre-LN and depth_scaled of |log2 best-LR drift| minus CompleteP's "

@@ -53,13 +53,13 @@ def ang_ratio(df, v) -> float:
 def claims():
     return [
         Claim("variance_pre_vs_lns", "Var(x_L)/Var(x_1): Pre-LN / LayerNorm Scaling",
-              lambda df: var_ratio(df, "pre") / var_ratio(df, "lns"), ">=", 3.0, needs=("pre", "lns")),
+              lambda df: var_ratio(df, "pre") / var_ratio(df, "lns"), ">=", 3.0, needs=("pre", "lns"), scale="log"),
         Claim("variance_post_flat", "|Var(x_L)/Var(x_1) - 1| for Post-LN",
               lambda df: abs(var_ratio(df, "post") - 1.0), "<=", 0.1, needs=("post",)),
         Claim("angular_pre_falls", "Pre-LN consecutive-layer angular distance, last / first",
-              lambda df: ang_ratio(df, "pre"), "<=", 0.6, needs=("pre",)),
+              lambda df: ang_ratio(df, "pre"), "<=", 0.6, needs=("pre",), scale="log"),
         Claim("angular_post_holds", "Post-LN consecutive-layer angular distance, last / first",
-              lambda df: ang_ratio(df, "post"), ">=", 0.9, needs=("post",)),
+              lambda df: ang_ratio(df, "post"), ">=", 0.9, needs=("post",), scale="log"),
     ]
 
 
@@ -93,7 +93,7 @@ register(Experiment(
     kind="init",
     grids={"full": dict(variants=["pre", "lns", "post", "peri", "mixln", "deepnorm"], depth=24, seeds=[0, 1, 2],
                         batch=4),
-           "ci": dict(variants=["pre", "lns", "post", "deepnorm"], depth=24, seeds=[0], batch=2)},
+           "ci": dict(variants=["pre", "lns", "post", "deepnorm"], depth=24, seeds=[0, 1, 2], batch=2)},
     run=run,
     plot=plot,
     claims=claims(),

@@ -41,16 +41,16 @@ def claims():
     return [
         Claim("post_over_deepnorm", "Adam step: Post-LN's update / DeepNorm's, worst depth",
               lambda df: min(mean_update(df, "post", L) / mean_update(df, "deepnorm", L) for L in df.depth.unique()),
-              ">=", 5.0, needs=("post", "deepnorm")),
+              ">=", 5.0, needs=("post", "deepnorm"), scale="log"),
         Claim("post_grows", "Post-LN's update grows with depth: update(4 N0) / update(N0)",
-              lambda df: growth(df, "post"), ">=", 3.0, needs=("post",)),
+              lambda df: growth(df, "post"), ">=", 3.0, needs=("post",), scale="log"),
         Claim("post_grows_faster_than_deepnorm", "growth(Post-LN) - growth(DeepNorm) over the same depths",
               lambda df: growth(df, "post") - growth(df, "deepnorm"), ">", 0.0, needs=("post", "deepnorm")),
         Claim("post_grows_faster_than_pre", "growth(Post-LN) - growth(Pre-LN) over the same depths",
               lambda df: growth(df, "post") - growth(df, "pre"), ">", 0.0, needs=("post", "pre")),
         Claim("sgd_post_over_deepnorm", "SGD step: Post-LN's update / DeepNorm's, worst depth",
               lambda df: min(mean_update(df, "post", L, "sgd") / mean_update(df, "deepnorm", L, "sgd")
-                             for L in df.depth.unique()), ">=", 5.0, needs=("post", "deepnorm")),
+                             for L in df.depth.unique()), ">=", 5.0, needs=("post", "deepnorm"), scale="log"),
     ]
 
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .common import figure, palette, save, spearman
-from .core import Claim, Experiment, Reference, Skip, register
+from .common import figure, palette, save, spearman, two_depths
+from .core import HAMLET, Claim, Experiment, Reference, Setting, Skip, register
 from .training import data_label, data_name, data_spec, run_grid, run_layers
 
 REF = Reference("mHC: Manifold-Constrained Hyper-Connections", "2512.24880",
@@ -67,6 +67,7 @@ def whole_stack(df, variant) -> pd.DataFrame:
 def hc_depth_growth(df) -> float:
     """min over LRs where HC completed at both the smallest and the largest depth of G(L_max) / G(L_min)."""
     g = whole_stack(df, "hyper")
+    two_depths(g.index)
     ratio = (g.loc[g.index.max()] / g.loc[g.index.min()]).dropna()
     if ratio.empty:
         raise Skip("no LR at which HC completed at both depths")
@@ -105,6 +106,22 @@ def failure_gap(df) -> float:
     return float((1 - runs["hyper"]) - (1 - runs["mhc"]))
 
 
+def notes(df) -> list:
+    """Sentences for the docs page, from the data: each variant's failed runs, and the outcome per seed of
+    every run at the largest depth and LR (the cell where HC's amplification is largest)."""
+    runs = df[df.k == 0]
+    out = []
+    for v, g in runs.groupby("variant"):
+        failed = g[~g.trained.astype(bool)]
+        cells = ", ".join(f"L={r.depth} lr {r.lr:g} seed {r.seed}: {r.outcome}" for r in failed.itertuples())
+        out.append(f"{v}: {len(failed)} of {len(g)} runs failed (not trained){': ' + cells if cells else ''}.")
+    L, lr = runs.depth.max(), runs.lr.max()
+    for v, g in runs[(runs.depth == L) & (runs.lr == lr)].groupby("variant"):
+        per = ", ".join(f"seed {r.seed} {r.outcome}" for r in g.sort_values("seed").itertuples())
+        out.append(f"{v} at L={L}, lr {lr:g}: {per}.")
+    return out
+
+
 def plot(df, path) -> None:
     import seaborn as sns
 
@@ -134,20 +151,22 @@ register(Experiment(
     extra_refs=[HC_REF],
     summary="composite gain of the HC vs mHC residual mixing matrices over an LR x depth grid; failure rate",
     kind="train",
-    grids={"full": dict(variants=["hyper", "mhc"], depths=[4, 12, 24], lrs=[3e-3, 1e-2, 3e-2, 1e-1], seeds=[0],
+    grids={"full": dict(variants=["hyper", "mhc"], depths=[4, 12, 24], lrs=[3e-3, 1e-2, 3e-2, 1e-1], seeds=[0, 1, 2],
                         steps=100),
            "ci": dict(variants=["hyper", "mhc"], depths=[1, 2], lrs=[1e-2, 1e-1], seeds=[0], steps=20)},
+    robustness=[Setting("text_hamlet", seeds=[0, 1, 2], text=HAMLET, note="the Hamlet text (bytes) instead of the synthetic stream")],
     run=run,
+    notes=notes,
     plot=plot,
     claims=[
         Claim("hc_gain_grows_with_depth", "HC: whole-stack composite gain at the largest / smallest depth, worst "
-              "LR (median over seeds)", hc_depth_growth, ">=", 2.0, needs=("hyper",)),
+              "LR (median over seeds)", hc_depth_growth, ">=", 2.0, needs=("hyper",), scale="log"),
         Claim("hc_gain_grows_with_lr", "HC: Spearman(lr, whole-stack composite gain), worst depth",
               hc_lr_growth, ">=", 0.8, needs=("hyper",)),
         Claim("mhc_gain_near_one", "mHC: largest |composite gain - 1| over runs, steps and layers (the paper's "
               "27B peak is 1.6)", mhc_deviation, "<=", 0.6, needs=("mhc",)),
         Claim("hc_over_mhc", "largest whole-stack gain over the grid: HC / mHC", hc_over_mhc, ">=", 10.0,
-              needs=("hyper", "mhc")),
+              needs=("hyper", "mhc"), scale="log"),
         Claim("hc_fails_more", "share of runs failed: HC minus mHC", failure_gap, ">", 0.0, needs=("hyper", "mhc")),
     ],
 ))

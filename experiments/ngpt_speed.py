@@ -15,7 +15,7 @@ from __future__ import annotations
 import pandas as pd
 
 from .common import figure, palette, registered, save, select
-from .core import Claim, Experiment, Reference, Skip, register
+from .core import HAMLET, Claim, Experiment, Reference, Setting, Skip, register
 from .training import data_label, data_spec, loss_row, run_grid
 
 REF = Reference("nGPT: Normalized Transformer with Representation Learning on the Hypersphere", "2410.01131",
@@ -73,8 +73,9 @@ register(Experiment(
     summary="final loss vs training steps (budgets of 50-200 steps, 5 LRs), nGPT vs Pre-LN (L=4, d=32)",
     kind="train",
     grids={"full": dict(variants=["pre", "ngpt"], budgets=[50, 100, 200], lrs=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
-                        seeds=[0, 1]),
+                        seeds=[0, 1, 2]),
            "ci": dict(variants=["pre", "ngpt"], budgets=[10, 20], lrs=[3e-3], seeds=[0])},
+    robustness=[Setting("text_hamlet", seeds=[0, 1, 2], text=HAMLET, note="the Hamlet text (bytes) instead of the synthetic stream")],
     run=run,
     plot=plot,
     claims=[

@@ -20,7 +20,7 @@ import pandas as pd
 from resnorm.monitors import measure as M
 
 from .common import figure, make_model, palette, registered, save, select
-from .core import Claim, Experiment, Reference, register
+from .core import Claim, Experiment, Reference, Setting, register
 
 REF = Reference("NormFormer: Improved Transformer Pretraining with Extra Normalization", "2110.09456",
                 "gradient norm per layer (§2, the gradient-mismatch motivation)", "Shleifer, Weston & Ott 2021")
@@ -88,12 +88,13 @@ register(Experiment(
     summary="per-block gradient norm at init and its first-to-last ratio, Pre-LN vs NormFormer (L = 6, 12, 24)",
     kind="init",
     grids={"full": dict(variants=["pre", "normformer"], depths=[6, 12, 24], seeds=[0, 1, 2], batches=2),
-           "ci": dict(variants=["pre", "normformer"], depths=[4, 8], seeds=[0], batches=1)},
+           "ci": dict(variants=["pre", "normformer"], depths=[4, 8], seeds=[0, 1, 2], batches=1)},
+    robustness=[Setting("seeds_5_6_7", seeds=[5, 6, 7], note="three other seeds")],
     run=run,
     plot=plot,
     claims=[
         Claim("pre_early_layers_larger", "Pre-LN at the deepest L: fc2's gradient norm, first block / last block",
-              ratio("pre"), ">", 1.0, needs=("pre",)),
+              ratio("pre"), ">", 1.0, needs=("pre",), scale="log"),
         Claim("normformer_closer_to_one", "fc2: min over depths of |log ratio| (Pre-LN) - |log ratio| (NormFormer)",
               closer_everywhere(), ">", 0.0, needs=("pre", "normformer")),
         Claim("normformer_closer_whole_block", "whole block: min over depths of |log ratio| (Pre-LN) - |log ratio| "

@@ -116,7 +116,7 @@ register(Experiment(
     summary="relative distance to rank 1 and mean token cosine per layer, with and without skips (L=24, init)",
     kind="init",
     grids={"full": dict(depth=24, seeds=[0, 1, 2], causal=[False, True], batch=4),
-           "ci": dict(depth=24, seeds=[0], causal=[False, True], batch=2)},
+           "ci": dict(depth=24, seeds=[0, 1, 2], causal=[False, True], batch=2)},
     run=run,
     plot=plot,
     claims=claims(),

@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .common import figure, palette, save
-from .core import Claim, Experiment, Reference, Skip, register
+from .common import figure, palette, save, two_depths
+from .core import HAMLET, Claim, Experiment, Reference, Setting, Skip, register
 from .training import data_label, data_name, data_spec, run_grid
 
 SHAPE = dict(d_model=32, n_heads=2, d_ff=128)
@@ -50,7 +50,27 @@ def min_gain(df) -> float:
 def depth_change(df) -> float:
     """min over LRs of gain(largest depth) - gain(smallest depth)."""
     g = gains(df)
+    two_depths(g.index)
     return float((g.loc[g.index.max()] - g.loc[g.index.min()]).min())
+
+
+def notes(df) -> list:
+    """Sentences for the docs page, from the data: the gain at each depth per seed and LR, and on how many
+    (seed, LR) pairs it grows from the smallest depth to the largest."""
+    w = df.pivot_table(index=["lr", "seed", "depth"], columns="variant", values="loss")
+    if not {"pre", "value_residual"} <= set(w.columns):
+        return []
+    gain = (w["pre"] - w["value_residual"]).unstack("depth")
+    lo, hi = gain.columns.min(), gain.columns.max()
+    out = []
+    for lr, g in gain.groupby(level="lr"):
+        per = "; ".join(f"seed {seed}: " + " -> ".join(f"{v:.3f}" for v in row.values)
+                        for (_, seed), row in g.iterrows())
+        out.append(f"gain loss(Pre-LN) - loss(value residual) at L = {' / '.join(map(str, gain.columns))}, "
+                   f"lr {lr:g}: {per}.")
+    grows = int((gain[hi] > gain[lo]).sum())
+    out.append(f"The gain is larger at L={hi} than at L={lo} on {grows} of {len(gain)} (seed, LR) pairs.")
+    return out
 
 
 def plot(df, path) -> None:
@@ -81,9 +101,11 @@ register(Experiment(
     reference=REF,
     summary="validation-loss gain of the value residual over Pre-LN at equal steps vs depth (2 peak LRs)",
     kind="train",
-    grids={"full": dict(depths=[4, 12, 24], lrs=[3e-3, 1e-2], seeds=[0], steps=150),
+    grids={"full": dict(depths=[4, 12, 24], lrs=[3e-3, 1e-2], seeds=[0, 1, 2], steps=150),
            "ci": dict(depths=[1, 2], lrs=[1e-2], seeds=[0], steps=20)},
+    robustness=[Setting("text_hamlet", seeds=[0, 1, 2], text=HAMLET, note="the Hamlet text (bytes) instead of the synthetic stream")],
     run=run,
+    notes=notes,
     plot=plot,
     claims=[
         Claim("vr_gain_positive", "loss(Pre-LN) - loss(value residual), median over seeds, worst (depth, LR)",

@@ -12,7 +12,7 @@ import pandas as pd
 from analysis.metrics import lr_sensitivity_values
 
 from .common import figure, save
-from .core import Claim, Experiment, Reference, register
+from .core import HAMLET, Claim, Experiment, Reference, Setting, register
 from .training import data_label, data_name, data_spec, run_grid
 
 REF = Reference("Small-scale proxies for large-scale Transformer training instabilities", "2309.14322",
@@ -88,13 +88,14 @@ register(Experiment(
     grids={"full": dict(variant="pre", depth=4, lrs=LRS, seeds=[0, 1, 2], steps=300, vocab=64),
            "seed0": dict(variant="pre", depth=4, lrs=LRS, seeds=[0], steps=300, vocab=64),  # the full grid, 1 seed
            "ci": dict(variant="pre", depth=2, lrs=[1e-3, 1e-2, 1e-1, 3e-1], seeds=[0], steps=60, vocab=64)},
+    robustness=[Setting("text_hamlet", seeds=[0, 1, 2], text=HAMLET, note="the Hamlet text (bytes) instead of the synthetic stream")],
     run=run,
     plot=plot,
     claims=[
         Claim("qk_norm_lowers_sensitivity", "LRsens(qk-LN on) - LRsens(off), worst seed",
               sens_gap, "<", 0.0, needs=("pre",)),
         Claim("logit_growth", "max attention logit off / on at LR >= 0.1 (worst LR)",
-              logit_ratio, ">=", 10.0, needs=("pre",)),
+              logit_ratio, ">=", 10.0, needs=("pre",), scale="log"),
     ],
     budget_s=600,
 ))

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .common import figure, palette, save, select
-from .core import Claim, Experiment, Reference, register
+from .core import HAMLET, Claim, Experiment, Reference, Setting, register
 from .training import data_label, data_name, data_spec, run_grid
 
 REF = Reference("On Layer Normalization in the Transformer Architecture", "2002.04745", "Fig. 2",
@@ -74,6 +74,8 @@ register(Experiment(
     grids={"full": dict(variants=["post", "pre"], depth=8, lrs=[1e-3, 3e-3], warmups=[0.0, 0.25], seeds=[0, 1, 2],
                         steps=200),
            "ci": dict(variants=["post", "pre"], depth=4, lrs=[1e-3], warmups=[0.0, 0.25], seeds=[0], steps=40)},
+    robustness=[Setting("seeds_5_6_7", seeds=[5, 6, 7], note="three other seeds"),
+                Setting("text_hamlet", seeds=[0, 1, 2], text=HAMLET, note="the Hamlet text (bytes) instead of the synthetic stream")],
     run=run,
     plot=plot,
     claims=[

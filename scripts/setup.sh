@@ -33,6 +33,8 @@ pip install -e ".[${EXTRAS:-dev,local,slurm}]"
 if [ "${RAY:-1}" != 0 ]; then
     pip install "hydra-ray-launcher==1.2.2" "ray[default]==2.60.0" "joblib==1.5.3"
 fi
+# the verdicts' statistics (analysis/verdicts.py): the versions tests/test_verdicts.py ran with (no torch)
+pip install "scipy==1.17.1" "statsmodels==0.15.0"
 # fine-tuning's floors (resnorm.floors: n-gram and linear-probe logistic regressions) and the
 # downstream t intervals; scikit-learn needs numpy, scipy, joblib and threadpoolctl, never torch
 # (pip install --dry-run): the version the tests ran with

@@ -165,7 +165,7 @@ def test_every_experiment_has_its_reference_grids_and_docs_section():
                 missing.append(f"experiments/{name}.py: add the {grid!r} grid to grids=")
         if f"### `{name}`" not in docs:
             missing.append(f"README.md's 'Reproduced figures' (or its docs/ page): add a section '### `{name}`: "
-                           "<what it measures>' with the figure and its claims (`python -m experiments markdown`)")
+                           "<what it measures>' with the figure and its claims (`python -m experiments report`)")
     _check(missing)
 
 
