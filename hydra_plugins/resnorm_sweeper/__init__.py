@@ -18,7 +18,9 @@ Hydra's basic sweeper (the same grid syntax, ``hydra.sweeper.params``, ``max_bat
   every parameter shape unchanged (seed, optimizer settings, ...) are launched as one job that trains
   them as one stacked model (:mod:`resnorm.stack`); each still writes its own run folder. ``auto``
   (the default) stacks only jobs that train on a CUDA device; the dry run shows the stacks;
-- the outcome of every job is counted in :data:`resnorm.sweeper.LAST_OUTCOME` (the exit code).
+- the outcome of every job is counted in :data:`resnorm.sweeper.LAST_OUTCOME` (the exit code);
+- ``study={...}`` (``+study=verdict``, :mod:`resnorm.study`): the grid's jobs are the cells of a
+  study that tunes the learning rate per cell, then trains fresh paired seeds at the chosen rate.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ ORDERS = ("longest_first", "given")
 class ValidatingSweeper(BasicSweeper):
     def __init__(self, max_batch_size: Optional[int], params: Optional[Dict[str, str]] = None,
                  dry_run: bool = False, flops_per_s: float = 1e10, order: str = "longest_first",
-                 stack: str = "auto") -> None:
+                 stack: str = "auto", study: Optional[Dict[str, Any]] = None) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)
         self.dry_run = bool(dry_run)
         self.flops_per_s = float(flops_per_s)
@@ -69,6 +71,7 @@ class ValidatingSweeper(BasicSweeper):
         if stack not in STACK_MODES:
             _config_error(f"hydra.sweeper.stack={stack!r} is invalid: choose one of {', '.join(STACK_MODES)}")
         self.stack = stack
+        self.study = study
 
     def _compose(self, overrides: Sequence[str]):
         return self.hydra_context.config_loader.load_sweep_config(
@@ -118,7 +121,15 @@ class ValidatingSweeper(BasicSweeper):
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         overrides = parser.parse_overrides(self._parse_config() + list(arguments))
         (jobs,) = self.split_arguments(overrides, None)
-        plans = [self.plan(job) for job in jobs]
+        if self.study is not None:  # the grid's jobs are the study's cells
+            from resnorm.study import run_study
+
+            return run_study(self, jobs)
+        return self.run_jobs(jobs)
+
+    def run_jobs(self, jobs: List[List[str]], plans: Optional[List[JobPlan]] = None) -> Any:
+        """Plan (unless ``plans`` are given), then launch the jobs not done; the dry run prints them."""
+        plans = plans if plans is not None else [self.plan(job) for job in jobs]
         same = duplicates(plans)
         if same:
             a, b = same
