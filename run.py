@@ -1,4 +1,4 @@
-"""resnorm's entry point: ``python run.py [-m] key=value ... [--dry-run]`` (Hydra; see README)."""
+"""resnorm's entry point: ``python run.py [-m] key=value ... [--dry-run]`` (Hydra; see README.md and docs/configuration.md)."""
 
 import os
 import sys
@@ -10,14 +10,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import hydra  # noqa: E402
 
 from resnorm.cli import expand_flags, exit_code, preflight, record_single, report_config_errors
-from resnorm.config import register_schemas
+from resnorm.config.schema import register_schemas
 
 register_schemas()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg):
-    from resnorm.train import run_job
+    from resnorm.train.task import run_job
 
     with report_config_errors():
         return record_single(run_job(cfg))

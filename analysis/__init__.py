@@ -2,8 +2,8 @@
 
 The package never imports ``torch``: it reads run folders (``summary.json``, ``metrics.parquet``,
 ``layers.parquet``) so it works on runs copied from any machine. The folder's format (file names,
-statuses, :func:`~resnorm.runfolder.read_summary`, :func:`~resnorm.runfolder.atomic_write`) comes
-from the torch-free :mod:`resnorm.runfolder`, the module the training writes with.
+statuses, :func:`~resnorm.runs.folder.read_summary`, :func:`~resnorm.runs.folder.atomic_write`) comes
+from the torch-free :mod:`resnorm.runs.folder`, the module the training writes with.
 
 Modules, one job each:
 

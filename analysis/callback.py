@@ -62,7 +62,7 @@ class AnalysisCallback(Callback):
         if not self.enabled:
             log.info("analysis callback disabled: no report")
             return
-        from resnorm.sweeper import LAST_OUTCOME
+        from resnorm.runs.progress import LAST_OUTCOME
 
         if LAST_OUTCOME.get("running"):  # the same sweep started twice: the process training them reports
             log.warning("analysis skipped: %d runs are being trained by another process, which makes the "

@@ -19,7 +19,7 @@ from typing import Callable, Dict, Optional
 import numpy as np
 import pandas as pd
 
-from resnorm.runfolder import FINETUNE as FINETUNE_DIR, read_summary
+from resnorm.runs.folder import FINETUNE as FINETUNE_DIR, read_summary
 
 COLUMNS = ("run_dir", "variant", "depth", "seed", "setting", "task", "task_metric", "task_score",
            "task_majority_accuracy", "status")

@@ -1,11 +1,11 @@
 """Run folders -> tidy pandas DataFrames.
 
 Reads, per job folder (any folder under the sweep that holds a ``summary.json``; the format is
-:mod:`resnorm.runfolder`'s, the one the training writes, and ``docs/run-folder.md`` describes it):
+:mod:`resnorm.runs.folder`'s, the one the training writes, and ``docs/run-folder.md`` describes it):
 
 - ``summary.json``: status, losses, throughput, versions, run name, overrides and the resolved
   ``config`` (a nested dict). A file that cannot be read or is not valid JSON (corrupt, or not
-  readable by this user), or whose fields have the wrong types (:func:`resnorm.runfolder.summary_problem`),
+  readable by this user), or whose fields have the wrong types (:func:`resnorm.runs.folder.summary_problem`),
   is skipped by :func:`load_sweep` with a warning naming it, and listed in ``Sweep.skipped``.
 - ``metrics.parquet``: one row per step (``step``, ``train_loss``, ``lr``, ``grad_norm``,
   ``tokens_per_s``, ``val_loss``, and any columns added later). May be missing: a warning says so
@@ -24,7 +24,7 @@ other scalar the summary holds), the config flattened to dotted columns (``model
 ``config.<key>``), the first-class columns ``variant`` (= ``model.norm``), ``depth``, ``seed``, ``lr``
 (= ``optim.lr``, the configured peak rate), ``setting``: a label of the other swept keys (see
 :func:`sweep_axes`), empty when the sweep varies only variant, depth and seed, and ``outcome`` (one
-of :data:`resnorm.runfolder.OUTCOMES`, None for a failed or running run) with ``outcome_derived``:
+of :data:`resnorm.runs.folder.OUTCOMES`, None for a failed or running run) with ``outcome_derived``:
 the summary's own ``outcome`` when it records one (False), else derived from its status, divergence
 reason, final validation loss and ``unigram_loss`` (True; see :func:`outcome_of`). Summaries from
 before ``unigram_loss`` was recorded have no baseline: their completed runs count as trained.
@@ -48,7 +48,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
-from resnorm.runfolder import (LAYERS, METRICS, OUTCOMES, SUMMARY, classify_outcome, diverge_kind_of,
+from resnorm.runs.folder import (LAYERS, METRICS, OUTCOMES, SUMMARY, classify_outcome, diverge_kind_of,
                                 find_run_dirs, read_summary, summary_problem)
 
 #: summary fields every row of the runs table has (NaN/None where the summary lacks them)
@@ -175,7 +175,7 @@ def _float_or_none(value: Any) -> Optional[float]:
 
 def outcome_of(summary: Dict[str, Any], flat_config: Dict[str, Any]) -> Tuple[Optional[str], bool]:
     """``(outcome, derived)``: the summary's ``outcome`` when it has the key (None for a failed or
-    running run), else :func:`resnorm.runfolder.classify_outcome` of its status, ``diverge_kind``
+    running run), else :func:`resnorm.runs.folder.classify_outcome` of its status, ``diverge_kind``
     (or the kind recovered from ``diverge_reason``), final validation loss, ``unigram_loss`` (None
     when not recorded: a completed run then counts as trained) and ``stall_margin`` (the summary's,
     the config's ``train.stall_margin``, else :data:`DEFAULT_STALL_MARGIN`); ``derived`` says which."""
@@ -253,7 +253,7 @@ def load_run(run_dir) -> Run:
     """Load one job folder: its runs-table row and its step/layer tables (with key columns added).
 
     Raises FileNotFoundError if ``run_dir`` has no ``summary.json`` and ValueError (naming the file)
-    if the summary cannot be read or is not a JSON object (:func:`resnorm.runfolder.read_summary`
+    if the summary cannot be read or is not a JSON object (:func:`resnorm.runs.folder.read_summary`
     with ``strict=True``). Missing or unreadable parquet files give ``None`` tables.
     """
     run_dir = Path(run_dir).resolve()
@@ -320,6 +320,28 @@ def _concat(tables: List[pd.DataFrame]) -> pd.DataFrame:
     return pd.concat(tables, ignore_index=True)
 
 
+def with_bits_per_byte(runs: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` with ``tokenizer``, ``val_tokens_per_byte``, ``final_val_bpb`` and ``best_val_bpb`` for
+    every run: a summary from before tokenizers were recorded trained on bytes (tokenizer ``bytes``, one token per
+    byte: its bits per byte are its nats per token / ln 2) or, with ``data.name=synthetic``, on
+    symbols that are not text (tokenizer ``synthetic``, no bits per byte)."""
+    runs = runs.copy()
+    for column in ("tokenizer", "val_tokens_per_byte", "final_val_bpb", "best_val_bpb"):
+        if column not in runs.columns:
+            runs[column] = None
+    fallback = "bytes"  # an older summary: bytes, or synthetic symbols (no bits per byte)
+    if "data.name" in runs.columns:
+        fallback = runs["data.name"].map(lambda name: "synthetic" if name == "synthetic" else "bytes")
+    runs["tokenizer"] = runs["tokenizer"].where(runs["tokenizer"].notna(), fallback)
+    tpb = pd.to_numeric(runs["val_tokens_per_byte"], errors="coerce").astype(float)
+    runs["val_tokens_per_byte"] = tpb.where(tpb.notna() | (runs["tokenizer"] != "bytes"), 1.0)
+    for loss in ("final_val", "best_val"):
+        bpb = pd.to_numeric(runs[f"{loss}_bpb"], errors="coerce").astype(float)
+        derived = pd.to_numeric(runs[f"{loss}_loss"], errors="coerce") / math.log(2) * runs["val_tokens_per_byte"]
+        runs[f"{loss}_bpb"] = bpb.where(bpb.notna(), derived)
+    return runs
+
+
 def load_sweep(path) -> Sweep:
     """Load every job under ``path`` (a Hydra multirun folder, or a single run folder).
 
@@ -349,8 +371,6 @@ def load_sweep(path) -> Sweep:
             skipped.append((where, why))
     if not loaded:
         raise ValueError(f"no run in {root}: no folder under it holds a readable summary.json")
-
-    from .metrics import with_bits_per_byte
 
     runs = with_bits_per_byte(_coerce(pd.DataFrame([r.info for r in loaded])))
     axes = sweep_axes(runs["overrides"])

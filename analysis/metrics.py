@@ -25,7 +25,7 @@ Definitions (parameters are explicit arguments with the defaults named here):
   rate all of whose runs are stable. A run is stable when its outcome is ``trained`` (it completed,
   not diverged, not non-finite, and not **stalled**: a run whose final loss stayed within
   ``train.stall_margin`` of the data's unigram loss learned nothing beyond byte frequencies, see
-  :func:`resnorm.runfolder.classify_outcome`) and its final loss is finite and at least ``margin``
+  :func:`resnorm.runs.folder.classify_outcome`) and its final loss is finite and at least ``margin``
   (:data:`STABLE_MARGIN`, 0.1 nat) below ``l0``. The margin keeps a run that is stuck near the
   initial loss (at ln|V| after a collapse, say) from counting as stable where no unigram baseline is
   known; a rate with several runs (seeds) is stable only if every one of them is. The LR
@@ -34,7 +34,7 @@ Definitions (parameters are explicit arguments with the defaults named here):
 - **Seed statistics** (:func:`seed_summary`): per (variant, depth, setting), over seeds, the mean of
   the completed runs' final loss with a 95% confidence interval from Student's t
   (:func:`mean_ci`: ``mean +- t(0.975, n-1) * sd / sqrt(n)``, sd with ``n - 1``; none for one run),
-  the count of each outcome (:data:`resnorm.runfolder.OUTCOMES`: trained, stalled, diverged,
+  the count of each outcome (:data:`resnorm.runs.folder.OUTCOMES`: trained, stalled, diverged,
   nonfinite) and the **failure rate**: the runs with an outcome other than ``trained`` over the runs
   with an outcome (completed or diverged), with a 95% Wilson score interval
   (:func:`wilson_interval`), which stays inside [0, 1] and is not empty at 0 of 3 or 3 of 3.
@@ -53,8 +53,8 @@ import numpy as np
 import pandas as pd
 
 from analysis import verdicts
-from analysis.load import PLOT_AXES, parse_overrides
-from resnorm.runfolder import DONE, OUTCOMES, STATUSES, classify_outcome, diverge_kind_of
+from analysis.load import PLOT_AXES, parse_overrides, with_bits_per_byte  # noqa: F401  (analysis.metrics.with_bits_per_byte)
+from resnorm.runs.folder import DONE, OUTCOMES, STATUSES, classify_outcome, diverge_kind_of
 
 SPIKE_WINDOW = 20
 SPIKE_FACTOR = 1.25
@@ -121,32 +121,10 @@ def run_metrics(sweep, spike_window: int = SPIKE_WINDOW, spike_factor: float = S
     return table[list(RUN_METRIC_COLUMNS) + ["setting"]].reset_index(drop=True)
 
 
-def with_bits_per_byte(runs: pd.DataFrame) -> pd.DataFrame:
-    """``runs`` with ``tokenizer``, ``val_tokens_per_byte``, ``final_val_bpb`` and ``best_val_bpb`` for
-    every run: a summary from before issue 14 trained on bytes (tokenizer ``bytes``, one token per
-    byte: its bits per byte are its nats per token / ln 2) or, with ``data.name=synthetic``, on
-    symbols that are not text (tokenizer ``synthetic``, no bits per byte)."""
-    runs = runs.copy()
-    for column in ("tokenizer", "val_tokens_per_byte", "final_val_bpb", "best_val_bpb"):
-        if column not in runs.columns:
-            runs[column] = None
-    fallback = "bytes"  # an older summary: bytes, or synthetic symbols (no bits per byte)
-    if "data.name" in runs.columns:
-        fallback = runs["data.name"].map(lambda name: "synthetic" if name == "synthetic" else "bytes")
-    runs["tokenizer"] = runs["tokenizer"].where(runs["tokenizer"].notna(), fallback)
-    tpb = pd.to_numeric(runs["val_tokens_per_byte"], errors="coerce").astype(float)
-    runs["val_tokens_per_byte"] = tpb.where(tpb.notna() | (runs["tokenizer"] != "bytes"), 1.0)
-    for loss in ("final_val", "best_val"):
-        bpb = pd.to_numeric(runs[f"{loss}_bpb"], errors="coerce").astype(float)
-        derived = pd.to_numeric(runs[f"{loss}_loss"], errors="coerce") / math.log(2) * runs["val_tokens_per_byte"]
-        runs[f"{loss}_bpb"] = bpb.where(bpb.notna(), derived)
-    return runs
-
-
 def loss_column(runs: pd.DataFrame) -> str:
     """What the figures compare: ``final_val_bpb`` when the runs were trained with different
     tokenizers of text (nats per token of different tokenizers do not compare), else
-    ``final_val_loss`` (synthetic symbols beside one tokenizer of text: as before issue 14)."""
+    ``final_val_loss`` (synthetic symbols beside one tokenizer of text: as before tokenizers were recorded)."""
     text = runs["tokenizer"].dropna() if "tokenizer" in runs.columns else pd.Series(dtype=object)
     if text[text != "synthetic"].nunique() > 1 and "final_val_bpb" in runs.columns:
         return "final_val_bpb"
@@ -155,7 +133,7 @@ def loss_column(runs: pd.DataFrame) -> str:
 
 def outcomes(runs: pd.DataFrame) -> pd.Series:
     """Each run's outcome: the ``outcome`` column when ``runs`` has one (the runs table always does,
-    :func:`analysis.load.outcome_of`), else :func:`resnorm.runfolder.classify_outcome` of ``status``
+    :func:`analysis.load.outcome_of`), else :func:`resnorm.runs.folder.classify_outcome` of ``status``
     and ``final_val_loss`` with no baseline (a hand-made table): a diverged run is ``nonfinite`` or
     ``diverged`` by its ``diverge_kind`` or ``diverge_reason`` column, ``diverged`` without either."""
     if "outcome" in runs.columns:

@@ -39,7 +39,7 @@ import pandas as pd
 from analysis import downstream, metrics, plots, style
 from analysis.load import load_sweep
 from analysis.verdict_report import verdict_section
-from resnorm.runfolder import OUTCOMES, atomic_write, write_text
+from resnorm.runs.folder import OUTCOMES, atomic_write, write_text
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ FIGURE_TITLES = {
     "layer_profiles": "Per-layer profiles at step 0 and at the last logged step",
     "monitor_profiles": "Per-layer monitor quantities at the first and the last logged step",
     "coord_check": "Depth coord check",
-    "downstream": "Downstream score after fine-tuning vs depth",  # obj14 (issue 14)
+    "downstream": "Downstream score after fine-tuning vs depth",  # python -m resnorm.finetune
 }
 _MD_COLUMNS = (
     ("short_name", "run"), ("variant", "variant"), ("depth", "depth"), ("seed", "seed"), ("lr", "lr"),
@@ -281,7 +281,7 @@ def make_report(sweep_dir, out_dir, spike_window: int = metrics.SPIKE_WINDOW,
     collect = _Collect()
     plots.log.addHandler(collect)
     try:
-        for name, draw in {**plots.FIGURES, **downstream.figures(sweep)}.items():  # obj14: + downstream
+        for name, draw in {**plots.FIGURES, **downstream.figures(sweep)}.items():  # + downstream
             target = out / f"{name}.png"
             collect.messages.clear()
             try:

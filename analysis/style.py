@@ -37,7 +37,7 @@ _TABLE = (
     ("b2t", "B2T", "#ff9896"),
     ("resi_dual", "ResiDual", "#c5b0d5"),
     ("depth_scaled", "Depth-scaled (1/\u221aL)", "#c49c94"),
-    # issue 13 (norm placements) and issue 12 (streams): matplotlib's tab20b and tab20c, darkest first
+    # the norm placements used at scale and the multi-stream schemes: matplotlib's tab20b and tab20c, darkest first
     ("reordered", "Reordered norm (OLMo 2)", "#393b79"),
     ("layerscale", "LayerScale", "#637939"),
     ("keel", "Keel", "#8c6d31"),
@@ -51,7 +51,7 @@ _TABLE = (
     ("mhc", "mHC", "#636363"),
     ("attnres", "Attention Residuals", "#6b6ecf"),
     ("attnres_block", "Block AttnRes", "#b5cf6b"),
-    # issue 13, part 2 (front13): tab20b/tab20c shades not taken above
+    # nGPT, CompleteP, Derf: tab20b/tab20c shades not taken above
     ("ngpt", "nGPT", "#e7ba52"),
     ("completep", "CompleteP", "#d6616b"),
     ("derf", "Pre-Derf", "#a55194"),
@@ -66,7 +66,7 @@ _COLOURS: Dict[str, str] = {name: colour for name, _, colour in _TABLE}
 NEUTRAL = "#222222"
 #: colour of the unigram-loss reference lines of the loss figures
 REFERENCE = "#888888"
-#: outcome (resnorm.runfolder.OUTCOMES) -> (display label, colour) in the failure-rate figure
+#: outcome (resnorm.runs.folder.OUTCOMES) -> (display label, colour) in the failure-rate figure
 OUTCOME_STYLE = {
     "trained": ("trained", "#c7e3c0"),
     "stalled": ("stalled (at the unigram loss)", "#f4a340"),

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import metrics, style, verdicts
-from resnorm.runfolder import atomic_write
+from resnorm.runs.folder import atomic_write
 
 log = logging.getLogger(__name__)
 

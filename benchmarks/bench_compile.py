@@ -1,6 +1,6 @@
 """(4) ``torch.compile`` on and off, probes on: compile time, steady-state step, same losses, probes report.
 
-The compiled side compiles exactly what ``resnorm.train`` compiles with ``train.compile=true``:
+The compiled side compiles exactly what ``resnorm.train.job`` compiles with ``train.compile=true``:
 ``torch.compile(model.loss)``. Both sides start from the same weights and see the same batches.
 """
 

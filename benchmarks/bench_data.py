@@ -1,16 +1,16 @@
-"""Issue 14: what data loading costs a training step, with data=hf streams memory-mapped from the cache.
+"""What data loading costs a training step, with data=hf streams memory-mapped from the cache.
 
 ``python benchmarks/bench_data.py [--rounds 60] [--threads 1] [--docs 20000]`` builds a corpus of
 generated documents in a temporary folder (a ``save_to_disk`` dataset), tokenizes it once with a
 byte-level BPE at ``data.vocab_size=512`` (timed and printed, but a one-off: the cache serves every
 later run), then times, interleaved in one process (:func:`benchmarks.common.interleave`):
 
-- ``batch``: what :func:`resnorm.loop.fit` does to get a step's batch (:func:`resnorm.loop.next_batch`:
+- ``batch``: what :func:`resnorm.train.loop.fit` does to get a step's batch (:func:`resnorm.train.loop.next_batch`:
   random windows from the memory-mapped uint16 stream, to int64, to the device);
 - ``step``: the whole step as ``fit`` runs it (batch, forward and backward, the gradient-norm probe,
   the host transfer, AdamW, zero_grad), probes on;
 
-at the README "Defaults" sizes (depth 6, d_model 64, seq 64, batch 16) and at the benchmarks'
+at the default sizes (docs/configuration.md; depth 6, d_model 64, seq 64, batch 16) and at the benchmarks'
 reference config (``benchmarks.common.REFERENCE``: d_model 128, seq 128, 4 heads, d_ff 512). It
 prints the medians and the ratio batch / step against the issue's target (<= 2%).
 """
@@ -47,7 +47,7 @@ def step_fns(run):
     """(batch, step): what fit does for a step's batch, and the whole step."""
     import torch
 
-    from resnorm.loop import StepRecord, forward_backward, next_batch, optimizer_step, set_lr
+    from resnorm.train.loop import StepRecord, forward_backward, next_batch, optimizer_step, set_lr
 
     def batch():
         next_batch(run)
@@ -66,8 +66,8 @@ def step_fns(run):
 
 def measure(label: str, corpus: Path, cache: Path, run_dir: Path, sizes, rounds: int, threads: int) -> dict:
     from benchmarks import common
-    from resnorm.loop import setup
-    from resnorm.train import JobInfo
+    from resnorm.train.loop import setup
+    from resnorm.train.job import JobInfo
 
     cfg = common.compose("data=hf", f"data.path={corpus}", "data.tokenizer=bpe", "data.vocab_size=512",
                          f"data.cache_dir={cache}", "logger.mode=disabled", "train.progress=false",

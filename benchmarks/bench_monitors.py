@@ -11,7 +11,7 @@
   monitors alone: two model copies interleaved measured their cache effects, not the monitors);
 - ``step with the periodic monitors``: a probe step: the hooks of the monitors that read the step's
   own backward armed before it (:class:`resnorm.monitors.forward.StreamGradProbe`), the step, then
-  every monitor due every ``train.probe_every`` steps (:class:`resnorm.probes.ActivationProbe`,
+  every monitor due every ``train.probe_every`` steps (:class:`resnorm.monitors.probes.ActivationProbe`,
   :class:`resnorm.monitors.forward.ForwardStatsProbe` on the activation probe's trace,
   :class:`resnorm.monitors.weights.UpdateProbe`) and their host transfer; its excess over the plain
   step is amortised over ``probe_every``.
@@ -37,10 +37,10 @@ def measure(depth: int, rounds: int, warmup: int) -> dict:
     import torch
 
     from benchmarks import common, peers
-    from resnorm.config import TrainConfig
+    from resnorm.config.schema import TrainConfig
     from resnorm.monitors.forward import forward_probes
     from resnorm.monitors.weights import weight_probes
-    from resnorm.probes import ActivationProbe
+    from resnorm.monitors.probes import ActivationProbe
 
     ref = common.REFERENCE
     batches = peers.make_batches(4, ref["batch"], ref["seq"], ref["vocab"], "cpu")

@@ -5,12 +5,12 @@ Two views, both at depth 48 (the reference config otherwise):
 - ``step``: the training step alone (as :mod:`benchmarks.peers` times it), with
   ``GradNormProbe(per_layer=True)`` (the default: per-layer gradient norms every step) against
   ``GradNormProbe(per_layer=False)`` (the total norm only), interleaved in one process.
-- ``loop``: the real ``resnorm.train.train`` (``train.probes=true`` vs ``false``, W&B offline), so the
+- ``loop``: the real ``resnorm.train.job.train`` (``train.probes=true`` vs ``false``, W&B offline), so the
   per-step bookkeeping the probes cause (the run store's per-layer rows, the per-layer W&B keys) is
   counted too. Each loop iteration is timed through the progress bar's ``update`` (patched in this
   process only), and the trainer's own step time (``tokens_per_s`` in ``metrics.parquet``) is
   subtracted to give the bookkeeping per step. Runs alternate on, off, on, off.
-- ``activation``: the periodic probes (``resnorm.probes.ActivationProbe``: activation RMS, branch ratio,
+- ``activation``: the periodic probes (``resnorm.monitors.probes.ActivationProbe``: activation RMS, branch ratio,
   update ratio, max attention logit per sublayer, every ``train.probe_every`` steps): one probe call
   (``before_step`` + ``after_step`` + its host transfer) timed against the plain step, interleaved, and
   amortised over ``probe_every`` steps.
@@ -67,7 +67,7 @@ def _one_loop(depth: int, ref, steps: int, probes: bool, workdir: Path, threads:
     """One real ``train()``; ``ref=None``: the shipped defaults (conf/: d_model 64, seq 64, batch 16)."""
     import pandas as pd
 
-    import resnorm.train as rt
+    import resnorm.train.job as rt
 
     run_dir = workdir / f"probes_{probes}_{time.time_ns()}"
     extra = [f"train.probes={str(probes).lower()}", f"train.steps={steps}", f"train.eval_every={steps}",
@@ -77,7 +77,7 @@ def _one_loop(depth: int, ref, steps: int, probes: bool, workdir: Path, threads:
         cfg = common.compose(f"depth={depth}", "data=synthetic", "train.progress=false", *extra)
     else:
         cfg = common.compose(*common.reference_overrides(depth, ref, extra=extra))
-    from resnorm.callbacks import Callback, default_callbacks
+    from resnorm.train.callbacks import Callback, default_callbacks
 
     class Clock(Callback):  # marks the end of every iteration, bookkeeping included
         def on_step_end(self, run, rec):
@@ -118,7 +118,7 @@ def loop_overhead(depth: int, ref, steps: int, reps: int, threads: int) -> dict:
 
 def activation_overhead(depth: int, ref: dict, steps: int, warmup: int, probe_every: int) -> dict:
     """The periodic activation/update probe's cost per call, and amortised over ``probe_every`` steps."""
-    from resnorm.probes import ActivationProbe
+    from resnorm.monitors.probes import ActivationProbe
 
     batches = peers.make_batches(4, ref["batch"], ref["seq"], ref["vocab"], "cpu")
     impl = peers.ours(depth, ref, batches=batches, probes=True)
@@ -135,7 +135,7 @@ def activation_overhead(depth: int, ref: dict, steps: int, warmup: int, probe_ev
 
 
 def measure(depth: int, ref: dict, steps: int, warmup: int, loop_steps: int, loop_reps: int, threads: int) -> dict:
-    from resnorm.config import TrainConfig
+    from resnorm.config.schema import TrainConfig
 
     probe_every = TrainConfig().probe_every
     step = step_overhead(depth, ref, steps, warmup)

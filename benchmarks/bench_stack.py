@@ -1,4 +1,4 @@
-"""Stacked ensembles on the CPU (issue 15): a stack of 8 members against 8 solo runs.
+"""Stacked ensembles on the CPU: a stack of 8 members against 8 solo runs.
 
 ``python -m benchmarks.bench_stack [--members 8] [--steps 100] [--reps 2]``
 
@@ -10,7 +10,7 @@ this machine), each in a fresh folder, alternated ``--reps`` times; the figure i
 per-round ratios ``wall(on) / wall(off)`` (below 1: stacking is faster).
 
 (2) The step alone, in one process: one stacked forward and backward of the members
-(:func:`resnorm.stack.stacked_forward_backward`) against the members' solo forward and backward one
+(:func:`resnorm.train.stack.stacked_forward_backward`) against the members' solo forward and backward one
 after the other, interleaved (:func:`benchmarks.common.interleave`).
 
 Writes ``benchmarks/out/bench_stack.json``.
@@ -48,9 +48,9 @@ def sweep_wall(mode: str, members: int, steps: int) -> float:
 def step_ratio(members: int, steps: int, warmup: int) -> dict:
     import torch
 
-    from resnorm.loop import forward_backward, setup
-    from resnorm.stack import stacked_forward_backward
-    from resnorm.train import JobInfo
+    from resnorm.train.loop import forward_backward, setup
+    from resnorm.train.stack import stacked_forward_backward
+    from resnorm.train.job import JobInfo
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:

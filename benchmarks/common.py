@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = ROOT / "benchmarks" / "out"
 PYTHON = sys.executable
 
-# The reference config of issue #6 (the CPU part) and its GPU scale-up.
+# The reference config of the speed benchmarks (the CPU part) and its GPU scale-up.
 REFERENCE = dict(vocab=256, seq=128, batch=16, d_model=128, n_heads=4, d_ff=512)
 GPU_REFERENCE = dict(vocab=256, seq=512, batch=32, d_model=512, n_heads=8, d_ff=2048)
 
@@ -32,10 +32,10 @@ def ensure_root_on_path() -> None:
 
 
 def compose(*overrides: str):
-    """:func:`resnorm.config.compose` with the overrides as arguments (the config a user's command
+    """:func:`resnorm.config.compose.compose` with the overrides as arguments (the config a user's command
     line would give)."""
     ensure_root_on_path()
-    from resnorm.config import compose as config_compose
+    from resnorm.config.compose import compose as config_compose
 
     return config_compose(overrides)
 
@@ -189,6 +189,6 @@ def fmt_table(rows: List[dict], columns: Sequence[str]) -> str:
 
 
 def write_json(payload: dict, name: str) -> Path:
-    from resnorm.runfolder import write_text
+    from resnorm.runs.folder import write_text
 
     return write_text(OUT_DIR / name, json.dumps(payload, indent=2, sort_keys=False, default=str))

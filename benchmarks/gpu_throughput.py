@@ -1,10 +1,10 @@
-"""The prepared GPU benchmark of issue 15, one command: ``python benchmarks/gpu_throughput.py``.
+"""The prepared GPU benchmark of stacked ensembles and packed jobs, one command: ``python benchmarks/gpu_throughput.py``.
 
 (a) Sweep throughput on one GPU, the default config (``data=synthetic``, ``train.steps``
 ``--steps``), 16 and 64 members (seeds), three ways, each timed from the first run's set-up to the
 last run's summary (the imports and, for ``packed``, the worker processes' start excluded):
 
-- ``stacked``: the members as one stack (:func:`resnorm.stack.fit_stack`), one process;
+- ``stacked``: the members as one stack (:func:`resnorm.train.stack.fit_stack`), one process;
 - ``solo``: one job at a time on the GPU (what ``jobs_per_device=1`` gives): ``--solo-runs`` solo runs
   one after the other, their throughput taken as the sweep's (every run costs the same);
 - ``packed``: ``--pack`` processes on the one GPU at once, each training its share of
@@ -16,7 +16,7 @@ wall time); the target is ``stacked`` >= 10 x ``solo`` at 16 members.
 (b) One run at nanoGPT's character-level shape (6 layers, width 384, 6 heads, context 256, batch
 64), bf16 autocast, probes on (the defaults: per-layer gradient norms every step, the activation,
 forward and weight monitors every ``train.probe_every`` steps), trained through the loop's own step
-(:func:`resnorm.loop.start_step` / ``forward_backward`` / ``end_step``, the probe callbacks attached)
+(:func:`resnorm.train.loop.start_step` / ``forward_backward`` / ``end_step``, the probe callbacks attached)
 with ``torch.compile`` in each mode of ``--compile-modes`` (``reduce-overhead`` uses CUDA graphs);
 tokens/s over the timed steps and MFU against the device's bf16 peak
 (:func:`resnorm.monitors.cost.device_peak_flops`). Target: 1M tokens/s on an H100-class GPU.
@@ -49,15 +49,15 @@ COMMON = ("data=synthetic", "logger.mode=disabled", "train.progress=false")
 
 
 def _configs(members: int, steps: int, device: str, extra: Sequence[str]) -> list:
-    from resnorm.config import compose
+    from resnorm.config.compose import compose
 
     return [compose((*COMMON, *extra, f"train.steps={steps}", f"train.device={device}", f"seed={i}"))
             for i in range(members)]
 
 
 def _jobs(folder: Path, cfgs) -> list:
-    from resnorm.identity import run_id
-    from resnorm.train import JobInfo
+    from resnorm.runs.identity import run_id
+    from resnorm.train.job import JobInfo
 
     return [JobInfo(folder / run_id(c), f"seed={c.seed}", "bench", [], run_id(c)) for c in cfgs]
 
@@ -74,7 +74,7 @@ def _sync(device: str) -> None:
 
 
 def stacked(members: int, steps: int, device: str, extra) -> dict:
-    from resnorm.stack import fit_stack
+    from resnorm.train.stack import fit_stack
 
     cfgs = _configs(members, steps, device, extra)
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,7 +93,7 @@ def _warm(device: str, extra) -> None:
 
 
 def _solo_runs(cfgs, folder: str, device: str) -> None:
-    from resnorm.train import train
+    from resnorm.train.job import train
 
     for cfg, job in zip(cfgs, _jobs(Path(folder), cfgs)):
         train(cfg, job)
@@ -145,8 +145,8 @@ def _time_mode(mode: str, steps: int, warmup: int, device: str, extra) -> dict:
     in ``mode`` (``eager``: none)."""
     import torch
 
-    from resnorm.callbacks import CallbackList, probe_callbacks
-    from resnorm.loop import end_step, forward_backward, setup, start, start_step
+    from resnorm.train.callbacks import CallbackList, probe_callbacks
+    from resnorm.train.loop import end_step, forward_backward, setup, start, start_step
     from resnorm.monitors.cost import device_peak_flops, flops_per_token, mfu
 
     (cfg,) = _configs(1, warmup + steps, device, extra)
@@ -223,7 +223,7 @@ def main(argv=None) -> dict:
     result["targets"] = dict(stacked_16_at_least_10x_solo=result["stacked_over_solo"][16] >= 10 if 16 in members else None,
                              single_at_least_1M_tokens_per_s=None if args.smoke else result["single"]["tokens_per_s"] >= 1e6)
     if not args.smoke:
-        from resnorm.runfolder import write_text
+        from resnorm.runs.folder import write_text
 
         write_text(ROOT / "benchmarks" / "out" / "gpu_throughput.json", json.dumps(result, indent=2, default=str))
     print(json.dumps(result, default=str))

@@ -1,8 +1,8 @@
 """The implementations under test, each as a ready-to-call training step on the same batches.
 
-- ``ours``: ``resnorm.model.build_model(compose(...))`` (the real code path) with the optimizer of
-  ``resnorm.loop.make_optimizer`` and :class:`resnorm.probes.GradNormProbe`; the step is what
-  ``resnorm.loop.fit`` does per step: set the lr, forward + loss, backward, ``probe.before_update()``,
+- ``ours``: ``resnorm.model.transformer.build_model(compose(...))`` (the real code path) with the optimizer of
+  ``resnorm.train.loop.make_optimizer`` and :class:`resnorm.monitors.probes.GradNormProbe`; the step is what
+  ``resnorm.train.loop.fit`` does per step: set the lr, forward + loss, backward, ``probe.before_update()``,
   one host transfer of loss and statistics, AdamW step, ``zero_grad(set_to_none=True)``.
   ``probes=True`` is the default config (per-layer gradient norms every step); ``probes=False`` is
   ``GradNormProbe(model, per_layer=False)`` (the total gradient norm only).
@@ -59,9 +59,9 @@ def ours(depth: int, ref: dict, device="cpu", probes: bool = True, norm: str = "
          name: Optional[str] = None, seed: int = 0) -> Impl:
     """Our model through the real code path; ``optimizer_fn`` lets :mod:`benchmarks.speedups` swap in
     a prototype optimizer for a side-by-side measurement."""
-    from resnorm.model import build_model
-    from resnorm.probes import GradNormProbe
-    from resnorm.loop import lr_at, make_optimizer
+    from resnorm.model.transformer import build_model
+    from resnorm.monitors.probes import GradNormProbe
+    from resnorm.train.loop import lr_at, make_optimizer
 
     cfg = compose(*reference_overrides(depth, ref, norm=norm, extra=extra_overrides))
     torch.manual_seed(seed)

@@ -1,4 +1,4 @@
-"""resnorm benchmarks (issues #2 and #6): ``python benchmarks/run.py [--quick] [--only SECTIONS]``.
+"""resnorm benchmarks (speed and overhead): ``python benchmarks/run.py [--quick] [--only SECTIONS]``.
 
 Sections (all by default, in this order):
 
@@ -29,7 +29,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: tiny depths and few steps (about a minute)")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections ({','.join(SECTIONS)})")
-    p.add_argument("--threads", type=int, default=2, help="torch threads in this process (issue #6: 2)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads in this process (the reference: 2)")
     p.add_argument("--steps", type=int, default=None, help="timed rounds per comparison (default 20; quick 4)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 2; quick 1)")
     p.add_argument("--depths", default=None, help="depths for the step comparison (default 6,24)")

@@ -4,7 +4,7 @@ Nothing here edits ``resnorm/``: each prototype is a subclass, a replacement fun
 environment setting applied in this process (or a subprocess), timed interleaved against the code
 as it is. Each row gives ``after_over_before`` (< 1 is faster) and says exactly what to change.
 
-- ``fused_adamw``: ``resnorm.train.make_optimizer`` builds ``AdamW(..., foreach=True)``; proposal:
+- ``fused_adamw``: ``resnorm.train.job.make_optimizer`` builds ``AdamW(..., foreach=True)``; proposal:
   ``fused=True`` (one fused kernel per step; on CPU since torch 2.4, on CUDA too). Same update.
 - ``omp_passive``: ``OMP_WAIT_POLICY=PASSIVE`` set before torch loads (in ``run.py``:
   ``os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")`` before anything imports torch, or by the
@@ -49,8 +49,8 @@ from . import common, peers
 # --- fused AdamW ----------------------------------------------------------------------------------
 
 def fused_make_optimizer(model, optim_cfg) -> torch.optim.Optimizer:
-    """``resnorm.train.make_optimizer`` with ``fused=True`` instead of ``foreach=True`` (the proposal)."""
-    from resnorm.loop import make_optimizer
+    """``resnorm.train.job.make_optimizer`` with ``fused=True`` instead of ``foreach=True`` (the proposal)."""
+    from resnorm.train.loop import make_optimizer
 
     base = make_optimizer(model, optim_cfg)
     groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in base.param_groups]
@@ -75,7 +75,7 @@ def fused_adamw(depth: int, ref: dict, steps: int, warmup: int) -> dict:
     timed = common.interleave({"before": _recording(before.step, lb), "after": _recording(after.step, la)},
                               steps=steps, warmup=warmup)
     drift = max(abs(a - b) / abs(b) for a, b in zip(la, lb))
-    return dict(change="fused_adamw", where="resnorm/train.py make_optimizer: foreach=True -> fused=True",
+    return dict(change="fused_adamw", where="resnorm/train/optimizers.py make_optimizer: foreach=True -> fused=True",
                 depth=depth, before_ms=timed.median("before") * 1e3, after_ms=timed.median("after") * 1e3,
                 after_over_before=timed.ratio("after", "before"), max_rel_loss_diff=drift,
                 detail=f"losses over {len(lb)} steps agree to {drift:.1e} (relative)")
@@ -148,7 +148,7 @@ def omp_passive(depth: int, steps: int, reps: int, threads: int) -> dict:
 def _attention_variants():
     import torch.nn.functional as F
 
-    from resnorm.model import Attention
+    from resnorm.model.blocks import Attention
 
     class SplitAttention(Attention):
         """Prototype: split the fused QKV output, then view + transpose each (HF / nanoGPT layout)."""
@@ -218,13 +218,13 @@ def attention(ref: dict, rounds: int) -> List[dict]:
     timed = common.interleave({n: fwd_bwd(m) for n, m in mods.items()}, steps=rounds, warmup=5)
     cur = timed.median("current") * 1e3
     return [
-        dict(change="attention_split", where="resnorm/model.py Attention.forward: split + view + transpose "
+        dict(change="attention_split", where="resnorm/model/transformer.py Attention.forward: split + view + transpose "
                                               "instead of view(b, t, 3, h, hd).permute(2, 0, 3, 1, 4)",
              depth="1 sublayer", before_ms=cur, after_ms=timed.median("split") * 1e3,
              after_over_before=timed.ratio("split", "current"),
              detail=f"attention sublayer fwd+bwd at the reference shape, {rounds} rounds; max |diff| of "
                     f"output and input grad {diffs['split']:.1e}"),
-        dict(change="(account) sdpa_vs_manual", where="resnorm/model.py (already uses SDPA; unchanged)",
+        dict(change="(account) sdpa_vs_manual", where="resnorm/model/transformer.py (already uses SDPA; unchanged)",
              depth="1 sublayer", before_ms=timed.median("manual") * 1e3, after_ms=cur,
              after_over_before=timed.ratio("current", "manual"),
              detail=f"before = textbook masked-softmax attention, after = F.scaled_dot_product_attention "
@@ -235,7 +235,7 @@ def attention(ref: dict, rounds: int) -> List[dict]:
 # --- per-layer bookkeeping ------------------------------------------------------------------------
 
 def _fast_store_cls():
-    from resnorm.runfolder import RunStore
+    from resnorm.runs.folder import RunStore
 
     class FastLayerStore(RunStore):
         """Prototype: per-layer rows appended with ``extend`` on columns built once per label list."""
@@ -257,7 +257,7 @@ def _fast_store_cls():
 
 
 def layer_bookkeeping(depth: int, rounds: int) -> dict:
-    from resnorm.runfolder import RunStore
+    from resnorm.runs.folder import RunStore
 
     labels = [(i, s) for i in range(depth) for s in ("attn", "mlp")]
     host = [float(i) for i in range(2 + len(labels))]
@@ -266,7 +266,7 @@ def layer_bookkeeping(depth: int, rounds: int) -> dict:
         cur, fast = RunStore(Path(tmp) / "a"), _fast_store_cls()(Path(tmp) / "b")
         step = [0]
 
-        def current():  # resnorm/train.py, the per-step lines for per-layer probes
+        def current():  # resnorm/train/job.py, the per-step lines for per-layer probes
             s = step[0] = step[0] + 1
             cur.add_step(s, host[0], 1e-3, host[1], 1.0)
             cur.add_layers(s, labels, "grad_norm", host[2:])
@@ -286,7 +286,7 @@ def layer_bookkeeping(depth: int, rounds: int) -> dict:
         timed = common.interleave({"before": current, "after": proposed}, steps=rounds, warmup=10)
         wandb_ms = _wandb_log_ms(current(), Path(tmp), min(rounds, 200))
     before, after = timed.median("before") * 1e3, timed.median("after") * 1e3
-    return dict(change="layer_bookkeeping", where="resnorm/runfolder.py add_layers (extend) + resnorm/train.py "
+    return dict(change="layer_bookkeeping", where="resnorm/runs/folder.py add_layers (extend) + resnorm/train/job.py "
                                                   "(per-layer W&B keys built once before the loop)",
                 depth=depth, before_ms=before, after_ms=after, after_over_before=timed.ratio("after", "before"),
                 wandb_log_ms=wandb_ms,
@@ -316,7 +316,7 @@ def _wandb_log_ms(record: dict, tmp: Path, n: int) -> float:
 
 
 def wandb_init_finish_s(reps: int) -> float:
-    """Per-job W&B start-up as resnorm.tracking does it (offline): init + finish, median."""
+    """Per-job W&B start-up as resnorm.runs.tracking does it (offline): init + finish, median."""
     import wandb
 
     os.environ.setdefault("WANDB_SILENT", "true")
@@ -353,7 +353,7 @@ def measure(ref: dict, depths: List[int], probe_depth: int, steps: int, warmup: 
     if "wandb_init" in items:
         init_s = wandb_init_finish_s(1 if quick else 3)
         rows.append(dict(change="(account) W&B offline init + finish per job",
-                         where="resnorm/tracking.py (unchanged)", after_ms=init_s * 1e3,
+                         where="resnorm/runs/tracking.py (unchanged)", after_ms=init_s * 1e3,
                          detail="paid once per run: 200 runs x this"))
     return dict(rows=rows, items=list(items))
 

@@ -12,6 +12,6 @@ __all__ = ["REGISTRY", "Claim", "ClaimResult", "Experiment", "Reference", "check
 from . import rank_collapse, deepnet_update, admin_amplification, curse_of_depth  # noqa: F401,E402
 from . import wortsman_lr, xiong_warmup  # noqa: F401,E402
 from . import lr_sensitivity_depth  # noqa: F401,E402
-from . import ngpt_speed, normformer_grad, completep_transfer  # noqa: F401,E402  (front13, issue 13)
-from . import mhc_amplification  # noqa: F401,E402  (issue 12)
-from . import value_residual_depth  # noqa: F401,E402  (issue 12)
+from . import ngpt_speed, normformer_grad, completep_transfer  # noqa: F401,E402  (nGPT, NormFormer, CompleteP)
+from . import mhc_amplification  # noqa: F401,E402  (HC vs mHC)
+from . import value_residual_depth  # noqa: F401,E402  (value residual)

@@ -58,7 +58,8 @@ def _timing(saved: dict) -> str:
 
 
 def markdown(out: Path) -> str:
-    """One README block per experiment that has a claims.json: command, paper, figure, claim table."""
+    """One block of docs/reproductions.md per experiment that has a claims.json: command, paper, figure,
+    claim table (the figure linked relative to docs/)."""
     import json
 
     from .core import ClaimResult, claim_table
@@ -74,7 +75,7 @@ def markdown(out: Path) -> str:
         blocks.append(
             f"### `{name}`: {exp.summary}\n\n{refs}\n\n`python -m experiments run {name}` "
             f"(grid `{saved.get('size')}`{_timing(saved)})\n\n"
-            f"![{name}](results/papers/{name}.png)\n\n{claim_table(exp, results)}\n")
+            f"![{name}](../results/papers/{name}.png)\n\n{claim_table(exp, results)}\n")
     return "\n".join(blocks)
 
 
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="the registered experiments")
-    md = sub.add_parser("markdown", help="the README's claim tables, from the saved claims.json files")
+    md = sub.add_parser("markdown", help="docs/reproductions.md's claim tables, from the saved claims.json files")
     md.add_argument("--out", type=Path, default=RESULTS)
     pl = sub.add_parser("plot", help="re-draw NAME.png from the saved NAME.csv (no re-run)")
     pl.add_argument("names", nargs="*")

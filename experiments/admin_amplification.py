@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from resnorm import measure as M
+from resnorm.monitors import measure as M
 
 from .common import figure, make_model, palette, registered, save, select, spearman
 from .core import Claim, Experiment, Reference, register

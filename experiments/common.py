@@ -22,7 +22,7 @@ def palette(names: Iterable[str]) -> Dict[str, str]:
 
 
 def registered(names: Iterable[str]) -> List[str]:
-    from resnorm.variants import VARIANTS
+    from resnorm.config.variants import VARIANTS
 
     return [n for n in names if n in VARIANTS]
 
@@ -30,19 +30,22 @@ def registered(names: Iterable[str]) -> List[str]:
 def model_config(variant: str, depth: int, d_model: int = 128, n_heads: int = 4, d_ff: Optional[int] = 512,
                  activation: str = "relu", seq_len: int = 64, vocab: int = 256, **model_extra):
     """A validated config for the papers' setting: Xavier-normal weights, N(0,1) token embeddings (pinned)."""
-    from resnorm.config import compose, override
+    from resnorm.config.compose import compose, override
+    from resnorm.train.preflight import validate
 
     model = dict(norm=variant, d_model=d_model, n_heads=n_heads, d_ff=d_ff, activation=activation,
                  vocab_size=vocab, init="xavier", **model_extra)
-    return compose([f"depth={depth}", f"train.seq_len={seq_len}",
-                    *(override(f"model.{k}", v) for k, v in model.items())], validate=True)
+    cfg = compose([f"depth={depth}", f"train.seq_len={seq_len}",
+                   *(override(f"model.{k}", v) for k, v in model.items())])
+    validate(cfg)
+    return cfg
 
 
 def make_model(variant: str, depth: int, seed: int, **kw):
     """Build and initialise (Xavier, N(0,1) embeddings) a model after ``torch.manual_seed(seed)``."""
     import torch
 
-    from resnorm.model import build_model
+    from resnorm.model.transformer import build_model
 
     torch.manual_seed(seed)
     return build_model(model_config(variant, depth, **kw))

@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import pandas as pd
 
-from resnorm.runfolder import write_text
+from resnorm.runs.folder import write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results" / "papers"
@@ -75,7 +75,7 @@ class Claim:
     """A robust statement about the data: ``measure(df) OP threshold``.
 
     ``needs``: variant names the claim depends on; when one is not registered in
-    :data:`resnorm.variants.VARIANTS` the claim is SKIPPED. ``measure`` may raise :class:`Skip`.
+    :data:`resnorm.config.variants.VARIANTS` the claim is SKIPPED. ``measure`` may raise :class:`Skip`.
     """
 
     name: str
@@ -86,7 +86,7 @@ class Claim:
     needs: Sequence[str] = ()
 
     def evaluate(self, df: pd.DataFrame) -> ClaimResult:
-        from resnorm.variants import VARIANTS
+        from resnorm.config.variants import VARIANTS
 
         missing = [v for v in self.needs if v not in VARIANTS]
         if missing:
@@ -193,7 +193,7 @@ def run_experiment(name: str, size: str = "full", out: Path = RESULTS, runs_dir:
         grid.update({k: list(seeds) for k in grid if k.startswith("seeds")})
     if text is not None:
         grid["text"] = str(text)
-    from resnorm.devices import cpu_count
+    from resnorm.train.devices import cpu_count
 
     ctx = Context(name=name, size=size, runs_dir=Path(runs_dir) / size / name, verbose=verbose,
                   workers=workers or cpu_count())
@@ -235,7 +235,7 @@ def check_experiment(name: str, out: Path = RESULTS) -> List[ClaimResult]:
 
 
 def claim_table(exp: Experiment, results: List[ClaimResult]) -> str:
-    """A markdown table of the claims (for the README)."""
+    """A markdown table of the claims (for docs/reproductions.md)."""
     if not results:
         return "Report-only: no calibrated claim yet."
     rows = ["| claim | measured | threshold | result |", "|---|---|---|---|"]

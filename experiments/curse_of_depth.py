@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from resnorm import measure as M
+from resnorm.monitors import measure as M
 
 from .common import figure, make_model, palette, registered, save, select
 from .core import Claim, Experiment, Reference, register

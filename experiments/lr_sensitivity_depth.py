@@ -22,10 +22,10 @@ from .core import Experiment, Reference, register
 from .training import data_label, data_name, data_spec, run_grid
 from .wortsman_lr import LRS
 
-#: issue 12's streams and cross-layer residuals, in the figure with the rest
-ISSUE12 = ["hyper", "hyper_dynamic", "mhc", "value_residual", "attnres", "attnres_block", "denseformer", "orthogonal"]
-#: issue 13 (both parts): the norm placements and scalings
-ISSUE13 = ["reordered", "layerscale", "keel", "normformer", "hybridnorm", "ngpt", "completep", "derf"]
+#: the multi-stream and cross-layer residuals, in the figure with the rest
+MULTI_STREAM = ["hyper", "hyper_dynamic", "mhc", "value_residual", "attnres", "attnres_block", "denseformer", "orthogonal"]
+#: the norm placements and scalings used at scale (reordered to derf)
+NORM_PLACEMENTS = ["reordered", "layerscale", "keel", "normformer", "hybridnorm", "ngpt", "completep", "derf"]
 REF = Reference("Small-scale proxies for large-scale Transformer training instabilities", "2309.14322",
                 "LR sensitivity (§2.2), across variants and depths", "Wortsman et al. 2023")
 
@@ -88,8 +88,8 @@ register(Experiment(
     reference=REF,
     summary="LR-sensitivity, best loss and largest stable LR vs depth, 24 variants (7 LRs)",
     kind="train",
-    grids={"full": dict(variants=["post", "pre", "rmsnorm", "deepnorm", "peri", "admin", "lns", "mixln"] + ISSUE12
-                        + ISSUE13,
+    grids={"full": dict(variants=["post", "pre", "rmsnorm", "deepnorm", "peri", "admin", "lns", "mixln"] + MULTI_STREAM
+                        + NORM_PLACEMENTS,
                         depths=[2, 6], lrs=LRS, seeds=[0], steps=100),
            "ci": dict(variants=["post", "pre"], depths=[1, 2], lrs=[1e-3, 1e-1], seeds=[0], steps=20)},
     run=run,

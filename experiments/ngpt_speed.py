@@ -5,7 +5,7 @@ steps to the same validation loss. Here: a small model (depth 4, d_model 32) on 
 ``experiments/training.py`` (Wortsman et al.'s recipe), Pre-LN against nGPT, each trained to several
 step budgets (a full schedule per budget, the way the paper compares budgets) at a few peak LRs; each
 variant at each budget keeps its best LR. nGPT trains with its own optimizer preset (no warm-up, no
-weight decay; :data:`resnorm.variants.Variant.optim_preset`), Pre-LN with the harness's (5% warm-up,
+weight decay; :data:`resnorm.config.variants.Variant.optim_preset`), Pre-LN with the harness's (5% warm-up,
 weight decay 1e-4), as in the paper. The speed-up is the largest budget divided by the smallest budget
 at which nGPT's best loss is at or below Pre-LN's best loss at the largest budget (0 when it never is).
 """

@@ -17,7 +17,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from resnorm import measure as M
+from resnorm.monitors import measure as M
 
 from .common import figure, make_model, palette, registered, save, select
 from .core import Claim, Experiment, Reference, register

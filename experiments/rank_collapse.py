@@ -2,7 +2,7 @@
 
 Paths (L = 24, forward only at init, bidirectional and causal attention):
 
-- ``san``: pure self-attention, no skip, no norm, no MLP: x <- Attn(x) (built in ``resnorm.measure.attention_only``
+- ``san``: pure self-attention, no skip, no norm, no MLP: x <- Attn(x) (built in ``resnorm.monitors.measure.attention_only``
   from the ``noresidual`` model's attention modules);
 - ``san_ln``: x <- Attn(LN(x)), the same with the pre-norm;
 - ``noskip_mlp``: the ``noresidual`` variant (no skip, MLP kept): x <- F(LN(x));
@@ -16,7 +16,7 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from resnorm import measure as M
+from resnorm.monitors import measure as M
 
 from .common import figure, make_model, palette, registered, save, select
 from .core import Claim, Experiment, Reference, register

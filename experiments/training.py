@@ -3,9 +3,9 @@ the shared loop.
 
 Each run spec (the keys of :data:`DEFAULTS`) becomes the command-line overrides of the config
 ``run.py`` would train with (:func:`overrides`), and the run trains through
-:func:`resnorm.train.execute`, that is :func:`resnorm.loop.fit` with the default callbacks plus
-:class:`resnorm.callbacks.FinalReadouts` (the final max attention logit and log Z). Each run is an
-ordinary run folder ``<runs_dir>/<run_id>/`` named by its identity (:func:`resnorm.identity.run_id`):
+:func:`resnorm.train.job.execute`, that is :func:`resnorm.train.loop.fit` with the default callbacks plus
+:class:`resnorm.train.callbacks.FinalReadouts` (the final max attention logit and log Z). Each run is an
+ordinary run folder ``<runs_dir>/<run_id>/`` named by its identity (:func:`resnorm.runs.identity.run_id`):
 re-running an experiment skips finished runs and resumes interrupted ones from their checkpoint.
 
 Recipe (Wortsman et al. 2023, arXiv:2309.14322 §2-3; docs/papers.md): AdamW(beta1, beta2, eps),
@@ -27,7 +27,7 @@ DEFAULTS: Dict[str, Any] = dict(
     z_loss=1e-4, lr=1e-3, steps=300, warmup_frac=0.05, min_lr_ratio=0.1, wd=1e-4, clip=1.0, beta1=0.9,
     beta2=0.95, eps=1e-8, seed=0, batch=16, seq_len=64, eval_batches=4, data="synthetic",
     data_path=None, synthetic_tokens=200_000,
-    probes=False, probe_every=0, log_every=1,  # issue 12: monitors on for the experiments that read layers.parquet
+    probes=False, probe_every=0, log_every=1,  # monitors on for the experiments that read layers.parquet
 )
 
 
@@ -81,9 +81,9 @@ def overrides(spec: Dict[str, Any]) -> List[str]:
 
 
 def _without_preset_keys(out: List[str], variant: str) -> List[str]:
-    """front13 (issue 13): a variant with an optimizer preset (nGPT: no warm-up, no weight decay) trains
+    """A variant with an optimizer preset (nGPT: no warm-up, no weight decay) trains
     with it inside the harness too; the harness's own values for those keys are left out."""
-    from resnorm.variants import get_variant
+    from resnorm.config.variants import get_variant
 
     keys = tuple(f"optim.{name}=" for name, _ in get_variant(variant).optim_preset)
     return [o for o in out if not o.startswith(keys)] if keys else out
@@ -134,13 +134,15 @@ def _train(spec: Dict[str, Any], runs_dir: str) -> Dict[str, Any]:
     """Train (or find finished) one spec in ``runs_dir/<run_id>/`` through the shared loop."""
     from pathlib import Path
 
-    from resnorm.callbacks import FinalReadouts, default_callbacks
-    from resnorm.config import compose
-    from resnorm.identity import run_id
-    from resnorm.train import JobInfo, execute
+    from resnorm.train.callbacks import FinalReadouts, default_callbacks
+    from resnorm.config.compose import compose
+    from resnorm.runs.identity import run_id
+    from resnorm.train.job import JobInfo, execute
+    from resnorm.train.preflight import validate
 
     over = overrides(spec)
-    cfg = compose(over, validate=True)
+    cfg = compose(over)
+    validate(cfg)
     rid = run_id(cfg)
     job = JobInfo(Path(runs_dir) / rid, ",".join(over[:4]), "papers", over, rid)
     return record(spec, execute(cfg, job, callbacks=lambda run: default_callbacks(run, [FinalReadouts()])))
@@ -148,9 +150,9 @@ def _train(spec: Dict[str, Any], runs_dir: str) -> Dict[str, Any]:
 
 def _finished(spec: Dict[str, Any], runs_dir) -> Optional[Dict[str, Any]]:
     """The summary of the spec's run folder if that run is over (completed or diverged), else None."""
-    from resnorm.config import compose
-    from resnorm.identity import run_id
-    from resnorm.runfolder import DONE, read_summary
+    from resnorm.config.compose import compose
+    from resnorm.runs.identity import run_id
+    from resnorm.runs.folder import DONE, read_summary
 
     summary = read_summary(runs_dir / run_id(compose(overrides(spec))))
     return summary if summary and summary.get("status") in DONE else None
@@ -173,7 +175,7 @@ def run_grid(specs: List[Dict[str, Any]], ctx) -> List[Dict[str, Any]]:
     with ``spawn`` (a fork of a process that already ran torch's thread pool can hang), so a script
     that calls this must guard its entry point with ``if __name__ == "__main__":``.
     """
-    from resnorm.devices import environ
+    from resnorm.train.devices import environ
 
     ctx.runs_dir.mkdir(parents=True, exist_ok=True)
     full = [{**DEFAULTS, **s} for s in specs]

@@ -2,7 +2,7 @@
 Pre-LN at equal steps, and whether it shrinks with depth.
 
 ``value_residual`` is Pre-LN whose attention in every layer n >= 2 uses V'_n = 0.5 V_1 + 0.5 V_n (the
-paper's fixed mix; resnorm/multistream.py). Both train with the harness of ``wortsman_lr`` (AdamW
+paper's fixed mix; resnorm/model/multistream.py). Both train with the harness of ``wortsman_lr`` (AdamW
 0.9/0.95, clip 1, independent WD 1e-4, z-loss 1e-4, 5% warm-up, cosine to 10%) on the same data, seeds
 and steps (d = 32, 2 heads, d_ff 128, batch 16 x 64 tokens); the gain is loss(Pre-LN) - loss(value residual) of the final validation loss (a diverged run
 counts as its initial loss), median over seeds, per depth and peak LR.

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from resnorm import measure as M
+from resnorm.monitors import measure as M
 
 from .common import figure, loglog_slope, make_model, palette, registered, save, select, spearman
 from .core import Claim, Experiment, Reference, register

@@ -2,7 +2,7 @@
 sweep's exit code.
 
 Importing this module registers the ``${run_id:}`` resolver (the job folder's name in a sweep,
-see :mod:`resnorm.identity`): ``run.py`` imports it, and so does every process that unpickles
+see :mod:`resnorm.runs.identity`): ``run.py`` imports it, and so does every process that unpickles
 ``run.py``'s task function (the parallel, SLURM and Ray launchers' workers).
 """
 
@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
-from .errors import ConfigError
-from .identity import register_resolver
+from resnorm.errors import ConfigError
+from resnorm.runs.identity import register_resolver
 
 register_resolver()
 
@@ -49,11 +49,13 @@ def _job_lines(parsed, multirun: bool) -> List[List[str]]:
 def preflight(argv: List[str]) -> None:
     """Check the command line before Hydra starts, so that a bad config writes nothing: Hydra's own
     errors (a value of the wrong type, an unknown key or group option, a sweep without ``-m``) and,
-    for a single run, every check of :func:`resnorm.config.validate` become one ``config error:``
+    for a single run, every check of :func:`resnorm.train.preflight.validate` become one ``config error:``
     line and exit status 2. A command with other flags (``--help``, ``--cfg``, ``-cn``) is left to Hydra."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from .config import check_override, composition_error, compose, validate
+    from resnorm.config.compose import check_override, composition_error, compose
+
+    from resnorm.train.preflight import validate
 
     args = argv[1:]
     multirun = any(a in ("-m", "--multirun") for a in args)
@@ -89,7 +91,7 @@ def preflight(argv: List[str]) -> None:
 def _single_run_dir(args: List[str], cfg) -> Path:
     """Where Hydra will write a single run: ``hydra.run.dir`` from the command line, else
     ``outputs/<name>/<run_id>`` (conf/config.yaml)."""
-    from .identity import run_id
+    from resnorm.runs.identity import run_id
 
     given = [a.split("=", 1)[1] for a in args if a.lstrip("+").startswith("hydra.run.dir=")]
     return Path(given[-1]) if given else Path("outputs") / str(cfg.name) / run_id(cfg)
@@ -123,7 +125,7 @@ def expand_flags(argv: List[str]) -> List[str]:
 
 
 #: the result of this process's single run (no ``-m``), for the exit code; a sweep's jobs are
-#: counted by the sweeper (:data:`resnorm.sweeper.LAST_OUTCOME`)
+#: counted by the sweeper (:data:`resnorm.runs.progress.LAST_OUTCOME`)
 SINGLE: Dict[str, Any] = {}
 
 
@@ -141,8 +143,8 @@ def exit_code() -> int:
     """A single run: 0 when it completed or diverged (a finding, not an error), else 1. A sweep: 0
     when every job completed or diverged; else the number of jobs that failed or were left to another
     process running them (the same sweep started twice), at most 125."""
-    from .runfolder import DONE
-    from .sweeper import LAST_OUTCOME
+    from resnorm.runs.folder import DONE
+    from resnorm.runs.progress import LAST_OUTCOME
 
     if SINGLE:
         status = SINGLE.get("status")

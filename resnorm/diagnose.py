@@ -34,22 +34,22 @@ def diagnose(cfg, batch: int = 8, use_data: bool = False):
     """Per-layer rows (dicts) for one composed config, at init."""
     import torch
 
-    from . import measure as M
-    from .model import build_model
+    from resnorm.monitors import measure as M
+    from resnorm.model.transformer import build_model
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
     t = cfg.train.seq_len
     if use_data:
-        from .data import BatchSampler, load_data
+        from resnorm.data.corpora import BatchSampler, load_data
 
         data = load_data(cfg.data, t, cfg.seed)
         idx, tgt = BatchSampler(data.train, batch, t, seed=cfg.seed).sample()
     else:
         idx = M.random_tokens(cfg.model.vocab_size, batch, t, seed=cfg.seed)
         tgt = M.random_tokens(cfg.model.vocab_size, batch, t, seed=cfg.seed + 1)
-    if cfg.model.get("objective", "clm") == "mlm":  # obj14: an encoder's loss is on BERT-masked inputs
-        from .objectives import mask_tokens
+    if cfg.model.get("objective", "clm") == "mlm":  # an encoder's loss is on BERT-masked inputs
+        from resnorm.train.objectives import mask_tokens
 
         idx, tgt = mask_tokens(idx, cfg.model.vocab_size, cfg.model.vocab_size, torch.Generator().manual_seed(cfg.seed))
     rows = M.layer_profile(model, idx)
@@ -74,14 +74,17 @@ def main(argv=None) -> int:
     import pandas as pd
     import torch
 
-    from .config import compose
-    from .errors import ConfigError
+    from resnorm.config.compose import compose
+    from resnorm.errors import ConfigError
+    from resnorm.train.preflight import validate
 
     torch.set_num_threads(args.threads)
     rows, t0 = [], time.perf_counter()
     try:
         for combo in _expand(args.overrides):
-            rows += diagnose(compose(combo, validate=True), args.batch, args.data)
+            cfg = compose(combo)
+            validate(cfg)
+            rows += diagnose(cfg, args.batch, args.data)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2

@@ -2,7 +2,7 @@
 
 Every run under the folder (any folder holding a ``summary.json``; the search does not descend into
 a run) that completed and kept its checkpoint (``train.keep_checkpoint=true``) is fine-tuned on the
-task, through the same loop as pre-training (:func:`resnorm.train.execute`: lock, skip, resume,
+task, through the same loop as pre-training (:func:`resnorm.train.job.execute`: lock, skip, resume,
 failure record; guard, outcomes, probes, monitors, W&B as the run's own config says). Its config is
 the run's own, with ``finetune.task`` and ``finetune.init_from`` set and ``train.steps``,
 ``optim.lr``, ``train.batch_size``, ``train.eval_every`` from the flags (warm-up: at most a tenth
@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from .errors import ConfigError, DataError
+from resnorm.errors import ConfigError, DataError
 
 DEFAULTS = dict(steps=200, lr=3e-4, batch=16)
 
@@ -64,7 +64,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 
 def why_not(run_dir: Path, summary: Optional[Dict[str, Any]]) -> Optional[str]:
     """Why a run folder cannot be fine-tuned (None: it can)."""
-    from .runfolder import CHECKPOINT
+    from resnorm.runs.folder import CHECKPOINT
 
     if summary is None:
         return "its summary.json cannot be read"
@@ -87,9 +87,9 @@ def _flat(node: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 def stored_overrides(run_dir: Path, summary: Dict[str, Any]) -> List[str]:
     """The run's resolved config (its summary's, else ``.hydra/config.yaml``) as one override per key,
-    so :func:`resnorm.config.compose` rebuilds it on the current schema (keys added since take their
+    so :func:`resnorm.config.compose.compose` rebuilds it on the current schema (keys added since take their
     defaults)."""
-    from .config import override
+    from resnorm.config.compose import override
 
     stored = summary.get("config")
     if stored is None:
@@ -101,8 +101,9 @@ def stored_overrides(run_dir: Path, summary: Dict[str, Any]) -> List[str]:
 
 def finetune_config(run_dir: Path, summary: Dict[str, Any], task: str, args) -> Tuple[Any, List[str]]:
     """The fine-tune's config (validated) and its overrides against the run's own config."""
-    from .config import compose, override
-    from .tasks import _builtins
+    from resnorm.config.compose import compose, override
+    from resnorm.tasks.labelled import _builtins
+    from resnorm.train.preflight import validate
 
     base = stored_overrides(run_dir, summary)
     warmup = int(compose(base).optim.warmup_steps)
@@ -112,17 +113,19 @@ def finetune_config(run_dir: Path, summary: Dict[str, Any], task: str, args) -> 
               "train.eval_every": args.eval_every or max(1, args.steps // 4),
               "optim.warmup_steps": min(warmup, args.steps // 10), "train.keep_checkpoint": False}
     overrides = [override(k, v) for k, v in values.items()]
-    return compose(base + overrides, validate=True), overrides
+    cfg = compose(base + overrides)
+    validate(cfg)
+    return cfg, overrides
 
 
 def identity_config(cfg, summary: Dict[str, Any]):
     """What a fine-tune's identity hashes: its config with the two paths replaced by what they stand
     for, the pre-trained run's ``run_id`` and the task's name and content
-    (:func:`resnorm.tasks.task_fingerprint`), so a sweep moved or copied elsewhere finds its
+    (:func:`resnorm.tasks.labelled.task_fingerprint`), so a sweep moved or copied elsewhere finds its
     fine-tunes done (and a task file edited since is a new fine-tune)."""
     import copy
 
-    from .tasks import task_fingerprint
+    from resnorm.tasks.labelled import task_fingerprint
 
     ident = copy.deepcopy(cfg)
     ident.finetune.init_from = summary.get("run_id")
@@ -132,12 +135,11 @@ def identity_config(cfg, summary: Dict[str, Any]):
 
 def finetune_run(run_dir: Path, summary: Dict[str, Any], task: str, args) -> Dict[str, Any]:
     """Fine-tune one run on ``task`` in ``<run>/finetune/<task>/`` (skipped when done); its summary."""
-    from .callbacks import default_callbacks
-    from .heads import TaskScore
-    from .identity import run_id
-    from .runfolder import FINETUNE
-    from .tasks import task_name
-    from .train import JobInfo, execute
+    from resnorm.train.callbacks import TaskScore, default_callbacks
+    from resnorm.runs.identity import run_id
+    from resnorm.runs.folder import FINETUNE
+    from resnorm.tasks.labelled import task_name
+    from resnorm.train.job import JobInfo, execute
 
     cfg, overrides = finetune_config(run_dir, summary, task, args)
     name = task_name(task)
@@ -150,7 +152,7 @@ def finetune_run(run_dir: Path, summary: Dict[str, Any], task: str, args) -> Dic
 
 def _check_task(task: str) -> None:
     """One-line DataError for an unknown task or a file without the needed columns, before any run."""
-    from .tasks import _builtins, kind_of, label_set, read_rows, split_rows
+    from resnorm.tasks.labelled import _builtins, kind_of, label_set, read_rows, split_rows
 
     if task in _builtins():
         return
@@ -168,7 +170,7 @@ def _report(run_dir: Path, result: Dict[str, Any]) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .runfolder import find_run_dirs, read_summary
+    from resnorm.runs.folder import find_run_dirs, read_summary
 
     args = parse_args(argv)
     root = Path(args.path)

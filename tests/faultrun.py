@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _install(kind: str, n: int) -> None:
-    from resnorm import checkpoint, runfolder
+    from resnorm.train import checkpoint
+    from resnorm.runs import folder as runfolder
 
     count = {"n": 0}
 

@@ -678,10 +678,10 @@ UNIGRAM = 3.3
 
 def store_run(root: Path, name: str, *, variant="post", depth=2, seed=0, lr=1e-3, status="completed",
               final_val=2.0, steps=10, spikes=(), layers=(), **summary) -> Path:
-    """A run folder written through resnorm.runfolder.RunStore, as the training writes it: ``steps``
+    """A run folder written through resnorm.runs.folder.RunStore, as the training writes it: ``steps``
     step rows (``spike`` set at ``spikes``), ``layers`` as (quantity, {sublayer: value}) per block at
     steps 0 and steps - 1, and a summary with ``summary``'s extra keys (outcome, unigram_loss, ...)."""
-    from resnorm.runfolder import RunStore
+    from resnorm.runs.folder import RunStore
 
     store = RunStore(root / name)
     for step in range(steps):
@@ -903,9 +903,9 @@ def test_light_imports_and_no_training_code():
         import analysis, analysis.callback, analysis.style
         heavy = [m for m in ("pandas", "matplotlib", "seaborn", "torch", "resnorm") if m in sys.modules]
         import analysis.report, analysis.plots, analysis.metrics, analysis.load
-        # the run folder's format is shared with training through resnorm.runfolder alone
+        # the run folder's format is shared with training through the run store (resnorm.runs) alone
         training = [m for m in sys.modules if m.split(".")[0] == "torch"
-                    or (m.startswith("resnorm.") and m != "resnorm.runfolder")]
+                    or (m.startswith("resnorm.") and m.split(".")[:2] != ["resnorm", "runs"])]
         print(heavy, training)
     """)
     out = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, env=_env(), check=True,

@@ -27,8 +27,8 @@ import pandas as pd
 import pytest
 
 from conftest import PYTHON, ROOT, TINY, compose, run_cli
-from resnorm.identity import run_id
-from resnorm.train import JobInfo, train
+from resnorm.runs.identity import run_id
+from resnorm.train.job import JobInfo, train
 
 NO_ANALYSIS = "~hydra.callbacks.analysis"
 STEP_COLUMNS = ["step", "train_loss", "lr", "grad_norm", "val_loss"]

@@ -9,11 +9,14 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import ROOT, compose, run_cli
-from resnorm.config import (HOST_RULES, METADATA_KEYS, RULES, Config, ModelConfig, check_leaf, leaf, leaves, override,
-                            validate)
-from resnorm.config import compose as config_compose
+from resnorm.config.compose import override
+from resnorm.config.rules import allowed, check_leaf
+from resnorm.config.schema import METADATA_KEYS, Config, ModelConfig, leaf, leaves
+from resnorm.train.preflight import CHECKS, HOST_RULES, validate
+from resnorm.config.compose import compose as config_compose
 from resnorm.errors import ConfigError
-from resnorm.variants import VARIANTS, VariantOptions
+from resnorm.config.variants import VARIANTS
+from resnorm.config.variants import VariantOptions
 
 NO_ANALYSIS = "~hydra.callbacks.analysis"
 
@@ -74,7 +77,7 @@ def test_cli_typo_in_a_key_is_rejected_by_the_schema(tmp_path):
     proc = run_cli("model.nrom=pre", NO_ANALYSIS, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["config error: model.nrom='pre' is invalid: no such key: nothing in "
-                                                "resnorm reads it; did you mean model.norm? (keys: README \"Defaults\")"]
+                                                "resnorm reads it; did you mean model.norm? (keys: docs/configuration.md)"]
 
 
 # --- the schema is the one source: the leaf loop, the rules, the copies that must agree -------------
@@ -126,16 +129,16 @@ def test_group_options_set_only_their_choice(group):
 
 
 def test_choices_equal_their_registries():
-    import resnorm.data
-    import resnorm.initialization
-    import resnorm.model
-    import resnorm.norms
+    import resnorm.data.corpora
+    import resnorm.model.initialization
+    import resnorm.model.transformer
+    import resnorm.model.norms
 
-    assert leaf("model.norm").choices == tuple(VARIANTS)
-    assert leaf("model.norm_layer").choices == tuple(resnorm.norms.NORM_FACTORIES)
-    assert leaf("model.init").choices == tuple(resnorm.initialization.INIT_SCHEMES)
-    assert leaf("model.activation").choices == tuple(resnorm.model.ACTIVATIONS)
-    assert leaf("data.name").choices == tuple(resnorm.data.DATASETS)
+    assert allowed(leaf("model.norm")) == tuple(VARIANTS)
+    assert allowed(leaf("model.norm_layer")) == tuple(resnorm.model.norms.NORM_FACTORIES)
+    assert leaf("model.init").choices == tuple(resnorm.model.initialization.INIT_SCHEMES)
+    assert leaf("model.activation").choices == tuple(resnorm.model.blocks.ACTIVATIONS)
+    assert leaf("data.name").choices == tuple(resnorm.data.corpora.DATASETS)
 
 
 def test_variant_options_are_the_model_fields_marked_variant_option():
@@ -163,24 +166,23 @@ RULE_CASES = {
                              "fewer than one sequence of seq_len + 1 = 65; lower train.seq_len or use a larger corpus"),
     "device_is_present": (["train.device=cuda:7"], "train.device", "GPU"),
     "variant_optim_preset": (["model.norm=ngpt", "optim.warmup_steps=50"], "optim.warmup_steps",
-                             "model.norm=ngpt trains with optim.warmup_steps=0"),  # front13
-    # --- recipe14 (issue 14) ---
+                             "model.norm=ngpt trains with optim.warmup_steps=0"),  # a variant's optimizer preset
+    # --- the training recipe ---
     "grad_accum_splits_batch": (["train.grad_accum=3"], "train.grad_accum",
                                 "must divide train.batch_size=16 = 16 sequences into equal micro-batches"),
     "sgd_nesterov_needs_momentum": (["optim=sgd", "optim.sgd_nesterov=true", "optim.sgd_momentum=0"],
                                     "optim.sgd_nesterov", "needs optim.sgd_momentum > 0"),
     "tensorboard_is_installed": (["logger.tensorboard=true"], "logger.tensorboard", "needs the package tensorboard",
                                  ("tensorboard",)),
-    # --- end recipe14 ---
     "hf_data_is_on_this_machine": (["data=hf", "data.path={tmp}/missing"], "data.path", "no such file or folder"),
     "tokenizer_fits_data": (["data.tokenizer=bpe"], "data.tokenizer", "needs data=hf"),
     "finetune_needs_a_run": (["finetune.task=play_genre", "finetune.init_from={tmp}"], "finetune.init_from",
-                             "has no checkpoint.pt: pre-train it with train.keep_checkpoint=true"),  # obj14
+                             "has no checkpoint.pt: pre-train it with train.keep_checkpoint=true"),  # fine-tuning
 }
 
 
 def test_every_rule_has_a_case():
-    assert set(RULE_CASES) == {rule.__name__ for rule in RULES + HOST_RULES}
+    assert set(RULE_CASES) == {rule.__name__ for rule in CHECKS + HOST_RULES}
 
 
 @pytest.mark.parametrize("name", sorted(RULE_CASES))
@@ -237,7 +239,7 @@ EQUIVALENCE = [
 
 @pytest.mark.parametrize("overrides", EQUIVALENCE)
 def test_compose_is_hydras_compose(overrides):
-    from resnorm.config import _hydra_compose
+    from resnorm.config.compose import _hydra_compose
 
     ours, hydras = config_compose(overrides), _hydra_compose(tuple(overrides))
     assert OmegaConf.to_yaml(ours) == OmegaConf.to_yaml(hydras)  # as text: nan == nan, key order counts
@@ -247,7 +249,7 @@ def test_compose_is_hydras_compose(overrides):
 @pytest.mark.parametrize("overrides", [("model.nrom=pre",), ("model.mixln_fraction=quarter",), ("data=nope",),
                                        ("depth=1,2",), ("+depth=3",)])
 def test_compose_fails_as_hydra_does(overrides):
-    from resnorm.config import _hydra_compose
+    from resnorm.config.compose import _hydra_compose
 
     with pytest.raises(Exception) as ours:
         config_compose(overrides)
@@ -259,17 +261,18 @@ def test_compose_fails_as_hydra_does(overrides):
 def test_compose_works_from_any_directory_and_leaves_hydra_as_it_was(tmp_path, monkeypatch):
     from hydra.core.global_hydra import GlobalHydra
 
-    from resnorm.config import _base
+    from resnorm.config.compose import _base
 
     monkeypatch.chdir(tmp_path)
     _base.cache_clear()
-    cfg = config_compose(["data=synthetic", "depth=2"], validate=True)
+    cfg = config_compose(["data=synthetic", "depth=2"])
+    validate(cfg)
     assert cfg.data.name == "synthetic" and cfg.depth == 2
     assert not GlobalHydra.instance().is_initialized()
     cfg.depth = 5  # every call gets its own copy
     assert config_compose(["data=synthetic"]).depth == 6
     with pytest.raises(ConfigError, match="depth=0"):
-        config_compose(["depth=0"], validate=True)
+        validate(config_compose(["depth=0"]))
 
 
 def test_override_round_trips_values():

@@ -1,4 +1,4 @@
-"""data=hf (issue 14): datasets on disk in every format, the BPE and its cache, the token cache,
+"""data=hf: datasets on disk in every format, the BPE and its cache, the token cache,
 bits per byte, the one-line errors, and one run from the command line. Offline, on data made here."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from conftest import TINY, compose, run_cli
-from resnorm.data import fixed_batches, load_data, tokens_per_byte
+from resnorm.data.corpora import fixed_batches, load_data, tokens_per_byte
 from resnorm.errors import ConfigError
-from resnorm.tokenizer import ByteTokenizer, dtype_for_vocab, load_run_tokenizer
+from resnorm.data.tokenizer import ByteTokenizer, dtype_for_vocab, load_run_tokenizer
 
 datasets = pytest.importorskip("datasets")
 pytest.importorskip("tokenizers")
@@ -101,7 +101,7 @@ def test_tokenizer_file_gives_the_same_tokens(corpus, tmp_path):
     path = tmp_path / "tok.json"
     bpe.tokenizer.tokenizer.save(str(path))
     cfg = hf(corpus[1]["parquet"], tmp_path, "data.tokenizer=file", f"data.tokenizer_path={path}")
-    from resnorm.config import validate
+    from resnorm.train.preflight import validate
 
     validate(cfg)
     loaded = load_data(cfg.data, 16)
@@ -146,7 +146,7 @@ def test_bits_per_byte_by_hand(corpus, tmp_path):
 
 
 def _train(cfg, tmp_path):
-    from resnorm.train import JobInfo, train
+    from resnorm.train.job import JobInfo, train
 
     run_dir = tmp_path / "run"
     return train(cfg, JobInfo(run_dir, "t", "g", [])), run_dir
@@ -165,7 +165,7 @@ def test_a_bytes_run_reports_bpb_as_loss_over_ln2(corpus, tmp_path):
 
 
 def test_bad_input_is_one_line_naming_the_key(corpus, tmp_path):
-    from resnorm.config import validate
+    from resnorm.train.preflight import validate
 
     saved = corpus[1]["saved"]
     (tmp_path / "notes.csv").write_text("a,b\n")
@@ -228,7 +228,7 @@ def _fake_hub_cache(root: Path, corpus_file: Path) -> Path:
 
 def test_hub_dataset_from_the_local_cache_and_one_missing(corpus, tmp_path, monkeypatch):
     import datasets.config as dc
-    from resnorm.config import validate
+    from resnorm.train.preflight import validate
 
     cache = _fake_hub_cache(tmp_path, corpus[1]["parquet"])
     monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
@@ -245,7 +245,7 @@ def test_hub_dataset_from_the_local_cache_and_one_missing(corpus, tmp_path, monk
 
 
 def test_identity_follows_the_tokenizer(corpus, tmp_path):
-    from resnorm.identity import run_id
+    from resnorm.runs.identity import run_id
 
     ids = {run_id(hf(corpus[1]["saved"], tmp_path, *o)) for o in
            [(), ("data.tokenizer=bpe",), ("data.tokenizer=bpe", "data.vocab_size=300")]}
@@ -254,7 +254,7 @@ def test_identity_follows_the_tokenizer(corpus, tmp_path):
 
 
 def test_cache_entry_is_built_atomically(tmp_path):
-    from resnorm.token_cache import entry, write_meta
+    from resnorm.data.token_cache import entry, write_meta
 
     def broken(tmp):
         (tmp / "train.bin").write_bytes(b"half")
@@ -271,7 +271,7 @@ def test_cache_entry_is_built_atomically(tmp_path):
 def test_a_locked_entry_waits_for_the_builder_and_is_not_built_twice(tmp_path):
     import threading
 
-    from resnorm.token_cache import entry, lock, write_meta
+    from resnorm.data.token_cache import entry, lock, write_meta
 
     built = []
 
@@ -329,7 +329,7 @@ def test_two_jobs_starting_together_build_each_cache_entry_once(corpus, tmp_path
 
     from conftest import ROOT
 
-    script = ("import hashlib, sys; from resnorm.config import compose; from resnorm.data import load_data; "
+    script = ("import hashlib, sys; from resnorm.config.compose import compose; from resnorm.data.corpora import load_data; "
               "d = load_data(compose(sys.argv[1:]).data, 16); "
               "print(d.tokenizer.name, hashlib.sha256(d.train.numpy().tobytes() + d.val.numpy().tobytes()).hexdigest())")
     args = ["data=hf", f"data.path={corpus[1]['saved']}", "data.tokenizer=bpe", "data.vocab_size=300",

@@ -1,7 +1,7 @@
 """The paper reproductions: the claim machinery, the stability metrics they share with the sweep
 analysis (:mod:`analysis.metrics`), and every init-time experiment at its reduced (``ci``) grid with
 its claims checked; the training-time ones at reduced size (slow). Also the stability report of a
-small real sweep trained by ``resnorm.train``."""
+small real sweep trained by ``resnorm.train.job``."""
 
 from __future__ import annotations
 
@@ -25,24 +25,24 @@ TRAIN = [n for n, e in experiments.REGISTRY.items() if e.kind == "train"]
 
 def test_registry_declares_reference_grids_and_claims():
     assert set(INIT) == {"xiong_grad", "admin_amplification", "rank_collapse", "deepnet_update", "curse_of_depth",
-                         "normformer_grad"}  # front13
+                         "normformer_grad"}
     assert set(TRAIN) == {"wortsman_lr", "xiong_warmup", "lr_sensitivity_depth", "ngpt_speed",
-                          "completep_transfer", "mhc_amplification", "value_residual_depth"}  # the last four: issues 13, 12
+                          "completep_transfer", "mhc_amplification", "value_residual_depth"}  # the last four: nGPT, CompleteP, mHC, value residual
     for exp in experiments.REGISTRY.values():
         assert exp.reference.arxiv and exp.reference.figure and exp.reference.title
         assert {"full", "ci"} <= set(exp.grids)
         assert exp.claims or exp.name == "lr_sensitivity_depth"  # the one uncalibrated, report-only figure
 
 
-def test_lr_sensitivity_depth_covers_every_issue12_and_issue13_scheme():
-    """Every variant on a new stream (or with the orthogonal residual) is one of the issues' schemes, and
-    every scheme of issues 12 and 13 is in the figure's full grid."""
-    from experiments.lr_sensitivity_depth import ISSUE12, ISSUE13
-    from resnorm.variants import VARIANTS
+def test_lr_sensitivity_depth_covers_every_multi_stream_and_norm_placement_scheme():
+    """Every variant on a new stream (or with the orthogonal residual) is one of those schemes, and
+    every multi-stream and norm-placement scheme is in the figure's full grid."""
+    from experiments.lr_sensitivity_depth import MULTI_STREAM, NORM_PLACEMENTS
+    from resnorm.config.variants import VARIANTS
 
     new = {n for n, v in VARIANTS.items() if v.stream not in ("single", "b2t", "dual")
            or any(spec.residual == "orthogonal" for pair in v.layer_specs(2) for spec in pair)}
-    schemes = set(ISSUE12) | set(ISSUE13)
+    schemes = set(MULTI_STREAM) | set(NORM_PLACEMENTS)
     assert new <= schemes <= set(VARIANTS)
     assert schemes <= set(experiments.get("lr_sensitivity_depth").grids["full"]["variants"])
 
@@ -101,9 +101,9 @@ def test_spearman_and_slope():
     assert loglog_slope([1, 4, 16], [1, 0.5, 0.25]) == pytest.approx(-0.5)
 
 
-#: claims that did not hold at this scale, reported as such in the README ("Reproduced figures"): they
-#: must keep failing at the ci size too (one that starts to pass means the README is out of date)
-DOES_NOT_HOLD = {"normformer_grad": {"normformer_closer_to_one", "normformer_closer_whole_block"}}  # front13
+#: claims that did not hold at this scale, reported as such in docs/reproductions.md: they
+#: must keep failing at the ci size too (one that starts to pass means docs/reproductions.md is out of date)
+DOES_NOT_HOLD = {"normformer_grad": {"normformer_closer_to_one", "normformer_closer_whole_block"}}  # docs/reproductions.md: does not hold at init
 
 
 @pytest.mark.parametrize("name", INIT)
@@ -162,7 +162,7 @@ def test_training_time_experiment_runs_at_reduced_size_and_resumes(name, tmp_pat
 def test_loss_spikes_run_metrics_and_ci(tmp_path):
     from analysis.load import load_sweep
     from analysis.metrics import count_loss_spikes, mean_ci, run_metrics
-    from resnorm.runfolder import RunStore
+    from resnorm.runs.folder import RunStore
 
     flat = [2.0] * 20
     assert count_loss_spikes(flat) == 0
@@ -191,12 +191,12 @@ OPTIONAL_FIGURES = ("monitor_profiles",)
 
 
 def test_stability_figures_from_run_folders(tmp_path):
-    """A small real sweep (variants x depths x LRs, trained by resnorm.train) -> every figure of the
+    """A small real sweep (variants x depths x LRs, trained by resnorm.train.job) -> every figure of the
     report, each embedded in report.md, and the seed and LR tables."""
     from analysis import plots
     from analysis.report import make_report
     from conftest import TINY, compose
-    from resnorm.train import JobInfo, train
+    from resnorm.train.job import JobInfo, train
 
     sweep = tmp_path / "multirun" / "s"
     for norm in ("pre", "post"):

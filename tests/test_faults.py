@@ -1,4 +1,4 @@
-"""Fault injection (issue 16): bad configs, kill -9 at several points of a run and of a sweep, broken
+"""Fault injection: bad configs, kill -9 at several points of a run and of a sweep, broken
 checkpoints and summaries, W&B failing and hanging, unwritable folders. Each case checks the one-line
 message, the exit code, and that no finished run is lost or duplicated.
 
@@ -21,9 +21,10 @@ import pytest
 
 from conftest import PYTHON, ROOT, TINY, compose, run_cli
 from resnorm import cli
-from resnorm.config import leaves, override
+from resnorm.config.compose import override
+from resnorm.config.schema import leaves
 from resnorm.errors import ConfigError
-from resnorm.identity import run_id
+from resnorm.runs.identity import run_id
 
 pd = pytest.importorskip("pandas")
 
@@ -148,7 +149,7 @@ def test_extension_points_accept_new_keys():
 def test_pre_training_checks(tmp_path, monkeypatch):
     import torch
 
-    from resnorm.config import validate
+    from resnorm.train.preflight import validate
 
     def fails(*overrides):
         with pytest.raises(ConfigError) as err:
@@ -247,7 +248,7 @@ def test_local_and_basic_launchers_compute_the_same_bits(tmp_path, reference):
 
 
 def test_truncated_and_garbled_checkpoints(tmp_path, reference):
-    from resnorm import checkpoint
+    from resnorm.train import checkpoint
 
     args = ("-m", "hydra/launcher=basic", *RUN, NO_ANALYSIS)
     assert fault_cli("kill_after_checkpoint:1", *args, cwd=tmp_path).returncode == -9
@@ -270,7 +271,7 @@ def test_truncated_and_garbled_checkpoints(tmp_path, reference):
 
 def test_the_losing_sweep_of_two_exits_non_zero_without_analysis(tmp_path):
     """The same sweep started twice: the job folder is locked by the other process."""
-    from resnorm.runfolder import job_lock
+    from resnorm.runs.folder import job_lock
 
     run_dir = tmp_path / "multirun" / "main" / run_id(compose(*RUN))
     with job_lock(run_dir) as ours:
@@ -419,7 +420,7 @@ def test_analysis_skips_malformed_summaries_and_lists_them(tmp_path, reference):
 def test_wandb_that_fails_falls_back_to_offline(tmp_path, monkeypatch):
     from omegaconf import OmegaConf
 
-    from resnorm import tracking
+    from resnorm.runs import tracking
 
     modes = []
 

@@ -14,14 +14,14 @@ import pytest
 import torch
 
 from conftest import TINY, Interrupt, compose, interrupt_at
-from resnorm.builtin_tasks import FOLIO_GENRE, held_out_plays, play_genre_rows
+from resnorm.tasks.builtin import FOLIO_GENRE, held_out_plays, play_genre_rows
 from resnorm.errors import DataError
 from resnorm.finetune import main
-from resnorm.identity import run_id
-from resnorm.tokenizer import ByteTokenizer, load_run_tokenizer
-from resnorm.tasks import (IGNORE, bio_spans, encode_rows, kind_of, label_set, read_rows, span_f1, split_rows,
+from resnorm.runs.identity import run_id
+from resnorm.data.tokenizer import ByteTokenizer, load_run_tokenizer
+from resnorm.tasks.labelled import (IGNORE, bio_spans, encode_rows, kind_of, label_set, read_rows, span_f1, split_rows,
                            task_kind)
-from resnorm.train import JobInfo, train
+from resnorm.train.job import JobInfo, train
 
 TASK_STEPS = ("--steps", "40", "--lr", "0.01", "--batch", "8")
 
@@ -171,7 +171,7 @@ def test_play_genre_is_the_first_folio_catalogue_with_whole_plays_held_out():
 
 
 def test_speaker_tags_follow_the_heading_rule_with_whole_plays_held_out():
-    from resnorm.builtin_tasks import speaker_tag_rows, tagged_lines
+    from resnorm.tasks.builtin import speaker_tag_rows, tagged_lines
 
     assert tagged_lines("x\n\nFIRST WITCH.\nWhen shall we meet?\n\nACT II.\n[Enter MACBETH.]\nMACBETH.") == [
         (["x"], ["O"]), ([], []), (["FIRST", "WITCH."], ["B-SPEAKER", "I-SPEAKER"]),
@@ -193,8 +193,8 @@ def test_speaker_tags_follow_the_heading_rule_with_whole_plays_held_out():
 @pytest.mark.parametrize("kind", ["classify", "tag"])
 def test_padding_changes_nothing(objective, kind):
     """A padded sequence gives the outputs of the unpadded one: the padding is out of attention and pooling."""
-    from resnorm.heads import TaskModel
-    from resnorm.model import ModelShape
+    from resnorm.tasks.heads import TaskModel
+    from resnorm.model.blocks import ModelShape
 
     torch.manual_seed(0)
     model = TaskModel(ModelShape.from_config(compose(*TINY, f"model.objective={objective}", "depth=2")), kind, 3)
@@ -316,7 +316,7 @@ def test_finetune_the_built_in_tasks(sweep, capsys):
 
 
 def test_a_missing_checkpoint_is_a_config_error():
-    from resnorm.config import validate
+    from resnorm.train.preflight import validate
     from resnorm.errors import ConfigError
 
     with pytest.raises(ConfigError, match="finetune.init_from=None is invalid: finetune.task needs"):

@@ -31,13 +31,14 @@ def test_no_function_is_longer_than_80_lines():
 
 
 @pytest.mark.parametrize("pattern, home", [
-    (r"^def atomic_write\(", ["resnorm/runfolder.py"]),
-    (r"^def read_summary\(", ["resnorm/runfolder.py"]),
-    (r"^def compose\(", ["resnorm/config.py"]),
-    (r"^def fit\(", ["resnorm/loop.py"]),
+    (r"^def atomic_write\(", ["resnorm/runs/folder.py"]),
+    (r"^def read_summary\(", ["resnorm/runs/folder.py"]),
+    (r"^def compose\(", ["resnorm/config/compose.py"]),
+    (r"^def fit\(", ["resnorm/train/loop.py"]),
+    (r"fcntl\.flock\(", ["resnorm/runs/locks.py"]),  # run folders, device slots and the token cache
     # optimizer steps: the one training loop, and DeepNet's one-step model-update measurement at init
-    # (and resnorm.optimizers.OptimizerChain.step, which steps Muon and AdamW as one optimizer)
-    (r"optimizer\.step\(\)|opt\.step\(\)", ["resnorm/loop.py", "resnorm/measure.py", "resnorm/optimizers.py"]),
+    # (and resnorm.train.optimizers.OptimizerChain.step, which steps Muon and AdamW as one optimizer)
+    (r"optimizer\.step\(\)|opt\.step\(\)", ["resnorm/monitors/measure.py", "resnorm/train/loop.py", "resnorm/train/optimizers.py"]),
 ])
 def test_one_copy_of_each_piece_of_plumbing(pattern, home):
     found = [str(p.relative_to(ROOT)) for p in _sources(*PACKAGES, "hydra_plugins")
@@ -49,12 +50,12 @@ def test_the_compose_helpers_of_tests_and_benchmarks_delegate():
     for path in ("tests/conftest.py", "benchmarks/common.py"):
         text = (ROOT / path).read_text()
         body = text[text.index("def compose("):].split("\ndef ", 1)[0]
-        assert "resnorm.config import compose" in body, path
+        assert "resnorm.config.compose import compose" in body, path
 
 
 def test_configs_are_built_only_by_compose():
     """Nothing builds a run config by hand (``OmegaConf.structured(Config)`` + setattr) or composes
-    Hydra's conf/ itself, except resnorm.config and the test that checks Hydra's own run-dir
+    Hydra's conf/ itself, except resnorm.config.compose and the test that checks Hydra's own run-dir
     resolution (it needs the ``hydra`` node, which compose leaves out)."""
     builders = []
     for path in _sources(*PACKAGES, "benchmarks", "tests", "hydra_plugins"):
@@ -63,14 +64,14 @@ def test_configs_are_built_only_by_compose():
         text = path.read_text()
         if "OmegaConf.structured(Config)" in text or "initialize_config_dir" in text:
             builders.append(str(path.relative_to(ROOT)))
-    assert set(builders) <= {"resnorm/config.py", "tests/test_config.py", "tests/test_scaling.py"}, builders
+    assert set(builders) <= {"resnorm/config/compose.py", "tests/test_config.py", "tests/test_scaling.py"}, builders
 
 
 def test_every_registered_variant_has_a_fixed_colour_and_label():
     """analysis.style pins a colour per variant so adding one to a sweep never recolours the others;
     a variant registered without one would get a hash colour that can clash."""
     from analysis.style import KNOWN_VARIANTS
-    from resnorm.variants import VARIANTS
+    from resnorm.config.variants import VARIANTS
 
     assert set(VARIANTS) <= set(KNOWN_VARIANTS), sorted(set(VARIANTS) - set(KNOWN_VARIANTS))
     from analysis.style import _COLOURS

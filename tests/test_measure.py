@@ -1,4 +1,4 @@
-"""The measurements of resnorm.measure against hand-computed values, and the model options they need."""
+"""The measurements of resnorm.monitors.measure against hand-computed values, and the model options they need."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import compose
-from resnorm import measure as M
-from resnorm.config import validate
+from resnorm.monitors import measure as M
+from resnorm.train.preflight import validate
 from resnorm.errors import ConfigError
-from resnorm.model import build_model
+from resnorm.model.transformer import build_model
 
 
 def small(norm="pre", depth=3, *extra):
@@ -224,7 +224,7 @@ def test_periodic_probes_land_in_layers_parquet(tmp_path):
     import pandas as pd
 
     from conftest import TINY
-    from resnorm.train import JobInfo, train
+    from resnorm.train.job import JobInfo, train
 
     cfg = compose(*TINY, "depth=2", "train.probe_every=4")  # 6 steps: probes at steps 0, 4 and the last (5)
     train(cfg, JobInfo(run_dir=tmp_path, run_name="r", group="t", overrides=[]))
@@ -245,7 +245,7 @@ def test_periodic_probes_land_in_layers_parquet(tmp_path):
 
 def test_activation_probe_update_ratio_by_hand():
     model = small("pre", 1)
-    from resnorm.probes import ActivationProbe
+    from resnorm.monitors.probes import ActivationProbe
 
     probe = ActivationProbe(model, every=1, total_steps=1)
     x = M.random_tokens(256, 2, 8, seed=1)

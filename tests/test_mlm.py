@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from conftest import TINY, Interrupt, compose, interrupt_at
-from resnorm.model import Attention, build_model
-from resnorm.objectives import (IGNORE, MASK_FRACTION, OBJECTIVES, VAL_MASK_SEED, MaskedSampler, for_config,
+from resnorm.model.blocks import Attention
+from resnorm.model.transformer import build_model
+from resnorm.train.objectives import (IGNORE, MASK_FRACTION, OBJECTIVES, VAL_MASK_SEED, MaskedSampler, for_config,
                                 mask_tokens)
-from resnorm.train import JobInfo, train
-from resnorm.variants import VARIANTS, deepnorm_constants
+from resnorm.train.job import JobInfo, train
+from resnorm.config.variants import VARIANTS, deepnorm_constants
 
 MLM = (*TINY, "model.objective=mlm")
 
@@ -46,7 +47,7 @@ def test_bert_masking_chooses_15_percent_and_splits_them_80_10_10():
 
 
 def test_the_objective_registry_matches_the_config_choices():
-    from resnorm.config import OBJECTIVES as CHOICES, leaf
+    from resnorm.config.schema import OBJECTIVES as CHOICES, leaf
 
     assert CHOICES == tuple(n for n, o in OBJECTIVES.items() if o.pretraining)
     assert leaf("model.objective").choices == CHOICES and leaf("model.objective").default == "clm"

@@ -1,4 +1,4 @@
-"""The model options every variant can use, each held to its paper's equation (issue 13).
+"""The model options every variant can use, each held to its paper's equation.
 
 - ``model.attn_gate``: gated attention, Qiu et al. 2025 (arXiv:2505.06708, eq. (5)):
   ``Y' = Y * sigmoid(X W_theta)``, the SDPA output Y (heads concatenated), elementwise and head
@@ -28,11 +28,14 @@ import torch
 import torch.nn.functional as F
 
 from conftest import compose
-from resnorm.config import QK_NORM_AXES, QK_NORM_KINDS, leaf, validate
+from resnorm.config.rules import allowed
+from resnorm.config.schema import QK_NORM_AXES, QK_NORM_KINDS, leaf
+from resnorm.train.preflight import validate
 from resnorm.errors import ConfigError
-from resnorm.model import QK_NORMS, Attention, SoftcapLinear, build_model
-from resnorm.norms import NORM_FACTORIES, NORM_TYPES, Derf
-from resnorm.variants import NORM_LAYERS, VARIANTS
+from resnorm.model.blocks import QK_NORMS, Attention, SoftcapLinear
+from resnorm.model.transformer import build_model
+from resnorm.model.norms import NORM_FACTORIES, NORM_TYPES, Derf
+from resnorm.config.variants import NORM_LAYERS, VARIANTS
 
 D, H, T, B = 16, 2, 6, 3
 SMALL = ("model.d_model=16", "model.n_heads=2", "depth=2", "train.seq_len=16", "data=synthetic",
@@ -96,7 +99,7 @@ def ref_derf(x, norm):
 # --- registries and config ------------------------------------------------------------------------
 
 def test_choices_equal_the_registries():
-    assert leaf("model.norm_layer").choices == tuple(NORM_FACTORIES) == NORM_LAYERS
+    assert allowed(leaf("model.norm_layer")) == tuple(NORM_FACTORIES) == NORM_LAYERS
     assert "derf" in NORM_LAYERS and Derf in NORM_TYPES
     assert leaf("model.qk_norm_kind").choices == QK_NORM_KINDS == tuple(QK_NORMS)
     assert leaf("model.qk_norm_axis").choices == QK_NORM_AXES == ("head", "flat")
@@ -205,7 +208,7 @@ def test_gate_init_follows_the_model_init():
 
 
 def test_logit_softcap_is_in_forward_loss_and_evaluation():
-    from resnorm.loop import evaluate
+    from resnorm.train.loop import evaluate
 
     model = small("model.logit_softcap=0.7").double()
     assert isinstance(model.head, SoftcapLinear)

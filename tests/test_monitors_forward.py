@@ -1,4 +1,4 @@
-"""resnorm.monitors.forward (issue 11) and its formulas in resnorm.measure, against hand-computed values."""
+"""resnorm.monitors.forward and its formulas in resnorm.monitors.measure, against hand-computed values."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY, compose
-from resnorm import measure as M
-from resnorm.model import Attention, build_model
+from resnorm.monitors import measure as M
+from resnorm.model.blocks import Attention
+from resnorm.model.transformer import build_model
 from resnorm.monitors.forward import ForwardStatsProbe, StreamGradProbe, forward_probes
 
 T = 8
@@ -193,7 +194,7 @@ def test_probes_leave_parameter_grads_and_mode_as_they_were(training):
 
 
 def test_forward_stats_reuse_the_activation_probes_trace():
-    from resnorm.probes import ActivationProbe
+    from resnorm.monitors.probes import ActivationProbe
 
     model, _ = tiny()
     x = tokens(model)
@@ -217,7 +218,7 @@ def logit_stats(model, batches, device):
     """The validation logits' (log Z, RMS), as the loop's evaluate computes them at every evaluation."""
     import contextlib
 
-    from resnorm.loop import evaluate
+    from resnorm.train.loop import evaluate
 
     return evaluate(model, batches, device, contextlib.nullcontext, logit_stats=True)[1:]
 
@@ -256,7 +257,7 @@ def test_forward_probes_builder_and_cadence():
 def test_probes_rows_reach_layers_parquet_through_fit(tmp_path):
     import pandas as pd
 
-    from resnorm.train import JobInfo, train
+    from resnorm.train.job import JobInfo, train
 
     cfg = compose(*TINY, "depth=1", "train.steps=4", "train.eval_every=2", "train.probe_every=2")
     train(cfg, JobInfo(tmp_path, "r", "g", []))  # the default callbacks include these probes

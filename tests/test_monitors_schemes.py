@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from conftest import TINY, compose
-from resnorm.model import build_model
+from resnorm.model.transformer import build_model
 from resnorm.monitors.schemes import (SchemeForwardProbe, SchemeParamProbe, col_gain, composites, gain_stats,
                                       residual_maps, row_gain, scheme_probes)
-from resnorm.multistream import sinkhorn
+from resnorm.model.multistream import sinkhorn
 
 
 def _model(variant, *overrides, depth=2, seed=0):
@@ -213,7 +213,7 @@ def test_probes_leave_gradients_weights_and_mode_alone():
 def test_rows_reach_layers_parquet_and_wandb(tmp_path):
     from wandb_records import read_run
 
-    from resnorm.train import JobInfo, train
+    from resnorm.train.job import JobInfo, train
 
     cfg = compose(*TINY, "depth=2", "model.norm=hyper", "train.steps=4", "train.probe_every=2",
                   "logger.mode=offline", "name=schemes")

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from conftest import TINY, compose
-from resnorm.loop import make_optimizer
-from resnorm.model import ModelShape, build_model
+from resnorm.train.loop import make_optimizer
+from resnorm.model.blocks import ModelShape
+from resnorm.model.transformer import build_model
 from resnorm.monitors import cost
 from resnorm.monitors.weights import (LearnedScalarProbe, OptimizerStateProbe, ParamNormProbe, UpdateProbe,
                                       weight_probes)
@@ -191,7 +192,7 @@ def test_the_probes_do_not_change_training():
 
 
 def test_rows_reach_the_run_folder_through_probe_callbacks(tmp_path):
-    from resnorm.train import JobInfo, train
+    from resnorm.train.job import JobInfo, train
 
     cfg = compose(*TINY, "depth=1", "train.steps=3", "train.probe_every=2", "model.norm=rezero", "train.threads=1")
     train(cfg, JobInfo(tmp_path, "r", "g", []))  # the default callbacks include these probes

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from conftest import TINY, compose
-from resnorm.callbacks import Callback, default_callbacks
-from resnorm.runfolder import OUTCOMES, classify_outcome, diverge_kind_of
-from resnorm.spikes import SpikeTracker, is_spike
-from resnorm.train import JobInfo, train
+from resnorm.train.callbacks import Callback, default_callbacks
+from resnorm.runs.folder import OUTCOMES, classify_outcome, diverge_kind_of
+from resnorm.train.spikes import SpikeTracker, is_spike
+from resnorm.train.job import JobInfo, train
 
 
 def job(tmp_path, name="run"):
@@ -48,7 +48,7 @@ def test_diverge_kind_from_an_old_reason():
 
 
 def test_unigram_loss_is_the_training_split_entropy():
-    from resnorm.data import load_data, unigram_entropy
+    from resnorm.data.corpora import load_data, unigram_entropy
 
     stream = torch.tensor([0, 0, 1, 2], dtype=torch.uint8)
     assert unigram_entropy(stream) == pytest.approx(-(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)))
@@ -61,7 +61,7 @@ def test_unigram_loss_is_the_training_split_entropy():
 
 def test_synthetic_entropy_rate_by_hand_for_a_two_token_segment():
     """segment 2 (half 1): a uniform token, then its copy: ln V / 2 per token."""
-    from resnorm.data import synthetic_entropy_rate
+    from resnorm.data.corpora import synthetic_entropy_rate
 
     assert synthetic_entropy_rate(8, 2, seed=3) == pytest.approx(math.log(8) / 2)
 
@@ -166,7 +166,7 @@ def test_skip_step_leaves_the_weights_and_optimizer_state_unchanged(tmp_path):
 
 
 def test_resume_keeps_the_spike_state(tmp_path, monkeypatch):
-    import resnorm.loop as loop
+    import resnorm.train.loop as loop
 
     over = (*SPIKY, "train.checkpoint_every=5", "train.eval_every=4")
     ref = train(compose(*over), job(tmp_path, "ref"), callbacks=spiky())
@@ -191,8 +191,8 @@ def test_resume_keeps_the_spike_state(tmp_path, monkeypatch):
 def test_sweep_progress_line_counts_outcomes_and_extrapolates_time(tmp_path):
     import time
 
-    from resnorm.runfolder import write_summary
-    from resnorm.sweeper import PLAN_FILE, progress_line
+    from resnorm.runs.folder import write_summary
+    from resnorm.runs.progress import PLAN_FILE, progress_line
 
     sweep = tmp_path / "grid"
     sweep.mkdir()

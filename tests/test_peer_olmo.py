@@ -1,4 +1,4 @@
-"""Peers (issue 13): ``reordered`` and ``ngpt`` against OLMo-core's own blocks (ai2-olmo-core 3.0.0).
+"""Peers: ``reordered`` and ``ngpt`` against OLMo-core's own blocks (ai2-olmo-core 3.0.0).
 
 The weights of resnorm's blocks are ported into OLMo-core's ``ReorderedNormTransformerBlock`` (OLMo 2's
 ``x + RMSNorm(F(x))`` with QK-norm over the flattened heads) and ``NormalizedTransformerBlock`` (nGPT, with
@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from conftest import compose
-from resnorm.model import build_model
-from resnorm.ngpt import Scaled, ngpt_stream
+from resnorm.model.transformer import build_model
+from resnorm.model.ngpt import Scaled, ngpt_stream
 
 pytest.importorskip(
     "olmo_core.nn.transformer.config",

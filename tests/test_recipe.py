@@ -1,4 +1,4 @@
-"""The training recipe (issue 14): gradient accumulation, fp16 with a gradient scaler, the optimizer
+"""The training recipe: gradient accumulation, fp16 with a gradient scaler, the optimizer
 registry (adamw, sgd, muon) and TensorBoard, each trained through the one loop, offline, on the CPU."""
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from conftest import TINY, compose, run_cli
-from resnorm.callbacks import Callback, default_callbacks
-from resnorm.config import ConfigError, validate
-from resnorm.train import JobInfo, train
+from resnorm.train.callbacks import Callback, default_callbacks
+from resnorm.train.preflight import validate
+from resnorm.train.job import JobInfo, train
+from resnorm.errors import ConfigError
 
 SMALL = (*TINY, "depth=2", "train.threads=1")
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: torch on one thread, restored after
@@ -55,7 +56,8 @@ class PoisonGradient(Callback):
 # --- the config -------------------------------------------------------------------------------------
 
 def test_choices_are_the_registries():
-    from resnorm import config, optimizers, precision
+    from resnorm.config import schema as config
+    from resnorm.train import optimizers, precision
 
     assert config.OPTIMIZERS == tuple(optimizers.OPTIMIZERS)
     assert config.PRECISIONS == tuple(precision.AUTOCAST_DTYPES)
@@ -98,7 +100,7 @@ def test_bad_input_from_the_command_line_is_one_line(tmp_path):
 
 
 def test_grad_accum_and_tensorboard_are_operational_the_rest_is_identity():
-    from resnorm.identity import run_id
+    from resnorm.runs.identity import run_id
 
     base = run_id(compose(*SMALL))
     assert run_id(compose(*SMALL, "train.grad_accum=2")) == base
@@ -134,7 +136,7 @@ def test_grad_accum_gives_the_single_batch_losses_and_gradients(tmp_path):
 def test_grad_accum_under_ddp_follows_the_single_process_run(tmp_path, monkeypatch):
     """train.devices=2 train.grad_accum=2 (gloo, no_sync on the first micro-batch) trains the run
     one process trains with the whole batch at once."""
-    from resnorm.train import run_job
+    from resnorm.train.task import run_job
 
     over = (*SMALL, "train.steps=4", "train.batch_size=8")
     single = train(compose(*over), JobInfo(tmp_path / "single", "single", "g", []))
@@ -189,7 +191,7 @@ def test_an_fp16_overflow_is_skipped_and_recorded_not_a_divergence(tmp_path):
 
 def test_an_overflow_at_a_loss_scale_of_one_is_a_divergence(tmp_path):
     """Gradients that overflow at every scale: skipped while the scale is above 1 (2^16 halved 16
-    times), a divergence once the backward overflows without amplification (resnorm.precision)."""
+    times), a divergence once the backward overflows without amplification (resnorm.train.precision)."""
     s = fit_with(tmp_path, "r", "train.precision=fp16", "train.steps=30", extra=[PoisonGradient(set(range(2, 30)))])
     assert s["status"] == "diverged" and s["diverge_kind"] == "nonfinite_grad" and s["diverged_step"] == 18
     assert s["scaler_skipped_steps"] == list(range(2, 18))
@@ -202,13 +204,13 @@ def test_an_overflow_at_a_loss_scale_of_one_is_a_divergence(tmp_path):
     (None, 2.0 ** 16, False),
 ])
 def test_the_guard_rule_under_fp16(kind, scale, handled):
-    from resnorm.precision import scaler_overflow
+    from resnorm.train.precision import scaler_overflow
 
     assert scaler_overflow(kind, scale) is handled
 
 
 def test_the_scale_tensor_is_the_scalers_scale():
-    from resnorm.precision import make_scaler, scale_tensor
+    from resnorm.train.precision import make_scaler, scale_tensor
 
     scaler = make_scaler("fp16", torch.device("cpu"))
     scaler.scale(torch.ones(()))
@@ -219,8 +221,8 @@ def test_the_scale_tensor_is_the_scalers_scale():
 # --- optimizers ---------------------------------------------------------------------------------------
 
 def _built(*overrides):
-    from resnorm.model import build_model
-    from resnorm.optimizers import make_optimizer
+    from resnorm.model.transformer import build_model
+    from resnorm.train.optimizers import make_optimizer
 
     cfg = compose(*SMALL, *overrides)
     model = build_model(cfg)
@@ -246,7 +248,7 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
 
 
 def test_set_lr_keeps_each_optimizers_peak(tmp_path):
-    from resnorm.loop import lr_at
+    from resnorm.train.loop import lr_at
 
     seen = []
 
@@ -380,8 +382,8 @@ def test_the_recipe_runs_from_the_command_line(tmp_path):
 def test_every_variant_trains_under_fp16(tmp_path):
     """No variant needs a rule against fp16: each takes two fp16 steps (autocast and the scaler)
     with finite losses and no skipped step. A variant that cannot work in fp16 gets a rule in
-    resnorm.config and leaves this list."""
-    from resnorm.variants import VARIANTS
+    resnorm.config.schema and leaves this list."""
+    from resnorm.config.variants import VARIANTS
 
     for name in VARIANTS:
         s = fit_with(tmp_path, name, f"model.norm={name}", "train.precision=fp16", "train.steps=2",

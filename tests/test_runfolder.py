@@ -1,4 +1,4 @@
-"""The run folder's contract (resnorm.runfolder, docs/run-folder.md): atomic writes that keep the
+"""The run folder's contract (resnorm.runs.folder, docs/run-folder.md): atomic writes that keep the
 umask, one summary reader, the folder's state machine and lock, and one format shared by training
 and analysis."""
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from resnorm import runfolder as rf
-from resnorm.runfolder import DONE, STATUSES, RunStore, atomic_write, job_lock, job_state, read_summary
+from resnorm.runs import folder as rf
+from resnorm.runs.folder import DONE, STATUSES, RunStore, atomic_write, job_lock, job_state, read_summary
 
 
 @contextlib.contextmanager
@@ -171,15 +171,15 @@ def test_analysis_uses_the_one_format():
     import analysis.metrics
     import analysis.plots
     import analysis.report
-    import resnorm.checkpoint
-    import resnorm.sweeper
-    import resnorm.train
+    import resnorm.train.checkpoint
+    import resnorm.sweep.plan
+    import resnorm.train.job
 
     assert not hasattr(analysis.load, "STATUSES")
     assert analysis.metrics.EXCLUDED_STATUSES == tuple(s for s in STATUSES if s not in DONE)
-    assert analysis.load.read_summary is resnorm.sweeper.read_summary is resnorm.train.read_summary is read_summary
-    assert analysis.report.atomic_write is analysis.plots.atomic_write is resnorm.checkpoint.atomic_write is atomic_write
-    assert resnorm.train.DONE is resnorm.sweeper.DONE is DONE
+    assert analysis.load.read_summary is resnorm.sweep.plan.read_summary is resnorm.train.job.read_summary is read_summary
+    assert analysis.report.atomic_write is analysis.plots.atomic_write is resnorm.train.checkpoint.atomic_write is atomic_write
+    assert resnorm.train.job.DONE is resnorm.sweep.plan.DONE is DONE
     root = Path(rf.__file__).resolve().parent.parent
     for gone in ("resnorm/store.py", "analysis/files.py"):  # the format's old second homes
         assert not (root / gone).exists(), gone
@@ -192,7 +192,7 @@ def test_a_real_run_and_its_report_are_readable_by_others(tmp_path):
 
     from analysis.report import make_report
     from conftest import TINY, compose
-    from resnorm.train import JobInfo, train
+    from resnorm.train.job import JobInfo, train
 
     run_dir, out = tmp_path / "multirun" / "shared" / "job", tmp_path / "results"
     threads = torch.get_num_threads()

@@ -1,5 +1,5 @@
 """Never losing a run: identity, checkpoint and resume, skip of finished runs, failures, dry run,
-the device pool, W&B run ids and the W&B sweep specs (README "Scaling out")."""
+the device pool, W&B run ids and the W&B sweep specs (docs/scaling.md)."""
 
 from __future__ import annotations
 
@@ -20,11 +20,12 @@ from omegaconf import OmegaConf
 
 from analysis.load import find_run_dirs as find_runs  # job folders as the analysis finds them
 from conftest import PYTHON, ROOT, TINY, Interrupt, compose, interrupt_at, run_cli
-from resnorm import devices
-from resnorm.identity import OPERATIONAL_KEYS, run_id
-from resnorm.model import build_model
-from resnorm.runfolder import job_lock
-from resnorm.train import JobInfo, run_job, train
+from resnorm.train import devices
+from resnorm.runs.identity import OPERATIONAL_KEYS, run_id
+from resnorm.model.transformer import build_model
+from resnorm.runs.folder import job_lock
+from resnorm.train.job import JobInfo, train
+from resnorm.train.task import run_job
 
 NO_ANALYSIS = "~hydra.callbacks.analysis"
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "RESNORM_THREADS": "1"}
@@ -172,9 +173,9 @@ def test_run_job_skips_done_runs_records_failures_and_respects_the_lock(tmp_path
     def broken_model(cfg):
         raise MemoryError("CUDA out of memory (simulated)")
 
-    import resnorm.model
+    import resnorm.model.transformer
 
-    monkeypatch.setattr(resnorm.model, "build_model", broken_model)
+    monkeypatch.setattr(resnorm.model.transformer, "build_model", broken_model)
     failed = run_job(cfg)
     on_disk = summary_of(other)
     assert failed["status"] == on_disk["status"] == "failed"
@@ -292,8 +293,8 @@ def test_packed_pool_gives_each_job_its_own_gpu_slot(monkeypatch, tmp_path):
             pass
     assert devices.Slot.parse("fake:1/2") == devices.Slot(1, True, 2) and devices.Slot.parse("3/1").device == "cuda:3"
     # the dry run shows the slots the sweep's launcher would use, and each job's memory estimate
-    from resnorm import packing
-    from resnorm.sweeper import job_table, plan_job
+    from resnorm.sweep import packing
+    from resnorm.sweep.plan import job_table, plan_job
 
     monkeypatch.setattr(packing, "LATEST_LAUNCHER", launcher)
     table = job_table([plan_job(["depth=1"], compose(*TINY, "depth=1"), None)], 1e10, "d", "ParallelLauncher")
@@ -304,7 +305,7 @@ def test_packed_pool_gives_each_job_its_own_gpu_slot(monkeypatch, tmp_path):
 
 def test_auto_packing_divides_free_memory_by_the_job_estimate(monkeypatch):
     from hydra_plugins.resnorm_launcher import ParallelLauncher
-    from resnorm import packing
+    from resnorm.sweep import packing
 
     # floor(free * 0.8 / job), in [1, 8]
     assert packing.auto_jobs_per_device(80e9, 10e9) == 6
@@ -339,7 +340,7 @@ def test_auto_packing_divides_free_memory_by_the_job_estimate(monkeypatch):
 def test_jobs_per_device_must_be_a_positive_integer_or_auto(bad, capsys):
     from hydra_plugins.resnorm_launcher import ParallelLauncher
     from resnorm.errors import ConfigError
-    from resnorm.packing import parse_jobs_per_device
+    from resnorm.sweep.packing import parse_jobs_per_device
 
     with pytest.raises(ConfigError, match=r"^hydra\.launcher\.jobs_per_device=.* must be a positive integer or 'auto'$"):
         parse_jobs_per_device(bad)

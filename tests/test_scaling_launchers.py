@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from conftest import PYTHON, ROOT, TINY, compose, run_cli
-from resnorm.identity import run_id
-from resnorm.train import JobInfo, run_job, train
+from resnorm.runs.identity import run_id
+from resnorm.train.job import JobInfo, train
+from resnorm.train.task import run_job
 
 NO_ANALYSIS = "~hydra.callbacks.analysis"
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "RESNORM_THREADS": "1"}

@@ -1,4 +1,4 @@
-"""Issue 13, part 2: ``ngpt``, ``completep`` and ``derf``, each held to its paper (docs/variants.md).
+"""``ngpt``, ``completep`` and ``derf``, each held to its paper (docs/variants.md).
 
 - ``ngpt`` (Loshchilov et al., arXiv:2410.01131 §2): ``h <- Norm(h + alpha (Norm(F(h)) - h))`` with
   per-dimension alpha; q, k L2-normed per head times s_qk, softmax scale sqrt(d_head); SwiGLU with
@@ -23,11 +23,11 @@ import pytest
 import torch
 
 from conftest import compose
-from resnorm.loop import make_optimizer, set_lr
-from resnorm.model import build_model
-from resnorm.ngpt import Scaled
-from resnorm.norms import NORM_TYPES, Derf
-from resnorm.variants import VARIANTS, completep_group_scales, completep_multiplier, get_variant
+from resnorm.train.loop import make_optimizer, set_lr
+from resnorm.model.transformer import build_model
+from resnorm.model.ngpt import Scaled
+from resnorm.model.norms import NORM_TYPES, Derf
+from resnorm.config.variants import VARIANTS, completep_group_scales, completep_multiplier, get_variant
 
 NAMES = ("ngpt", "completep", "derf")
 D, H, T, B = 16, 2, 6, 3
@@ -123,7 +123,7 @@ def test_ngpt_gate_and_softcaps_apply_on_top():
 
 
 def test_ngpt_rejects_qk_norm_and_norm_layer():
-    from resnorm.config import validate
+    from resnorm.train.preflight import validate
     from resnorm.errors import ConfigError
 
     with pytest.raises(ValueError, match="qk_norm"):
@@ -169,7 +169,7 @@ def test_ngpt_structure_and_initialisation_match_the_paper(depth):
 
 
 def _steps(model, optimizer, n=3, seed=0):
-    from resnorm.data import BatchSampler, synthetic_stream
+    from resnorm.data.corpora import BatchSampler, synthetic_stream
 
     sampler = BatchSampler(synthetic_stream(3000, 16, 64, seed), 4, T, seed=seed)
     losses = []
@@ -200,9 +200,9 @@ def test_ngpt_trains_30_steps_with_its_optimizer():
 
 
 def test_ngpt_preset_no_warmup_no_weight_decay_and_explicit_conflicts_are_errors():
-    from resnorm.config import validate
+    from resnorm.train.preflight import validate
     from resnorm.errors import ConfigError
-    from resnorm.variant_optim import apply_preset
+    from resnorm.train.variant_optim import apply_preset
 
     cfg = compose("model.norm=ngpt", *SMALL)
     assert get_variant("ngpt").optim_preset == (("warmup_steps", 0), ("weight_decay", 0.0))
@@ -217,7 +217,7 @@ def test_ngpt_preset_no_warmup_no_weight_decay_and_explicit_conflicts_are_errors
 
 def test_ngpt_run_trains_with_the_preset_and_records_it(tmp_path):
     from conftest import TINY
-    from resnorm.train import JobInfo, train
+    from resnorm.train.job import JobInfo, train
 
     cfg = compose(*TINY, "model.norm=ngpt", "depth=2", "train.steps=3", "train.probe_every=2")
     summary = train(cfg, JobInfo(tmp_path, "ngpt", "t", []))
@@ -354,12 +354,13 @@ def test_peer_xtransformers_derf_decoder(depth):
 def test_reproduction_harness_trains_ngpt_with_its_preset():
     """experiments/training.py's recipe (5% warm-up, weight decay 1e-4) leaves those keys to nGPT's preset."""
     from experiments.training import overrides
-    from resnorm.config import compose as config_compose
+    from resnorm.config.compose import compose as config_compose
+    from resnorm.train.preflight import validate
 
     ngpt, pre = overrides(dict(variant="ngpt")), overrides(dict(variant="pre"))
     assert not [o for o in ngpt if o.startswith(("optim.warmup_steps=", "optim.weight_decay="))]
     assert "optim.warmup_steps=15" in pre and "optim.weight_decay=0.0001" in pre
-    config_compose(ngpt, validate=True)
+    validate(config_compose(ngpt))
 
 
 def test_optimizer_rules_apply_to_every_optimizer():

@@ -1,4 +1,4 @@
-"""Issue 13's norm-placement presets, each held to its paper (docs/variants.md has the choices).
+"""The norm-placement presets used at scale, each held to its paper (docs/variants.md has the choices).
 
 - ``reordered`` (OLMo 2, arXiv:2501.00656 §3.2): ``x <- x + RMSNorm(F(x))``, final RMSNorm.
 - ``layerscale`` (Touvron et al., arXiv:2103.17239 §2): ``x <- x + diag(lambda) F(LN(x))``, lambda learned
@@ -23,8 +23,9 @@ import pytest
 import torch
 
 from conftest import compose
-from resnorm.model import MLP, Attention, build_model
-from resnorm.variants import VARIANTS, keel_alpha, layerscale_init
+from resnorm.model.blocks import MLP, Attention
+from resnorm.model.transformer import build_model
+from resnorm.config.variants import VARIANTS, keel_alpha, layerscale_init
 from test_variants import (WEIGHTS, N, _std_ratio, _train, one_thread, ref_attention, ref_mlp,  # noqa: F401
                            tiny_model)
 

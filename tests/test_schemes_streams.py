@@ -1,4 +1,4 @@
-"""Issue 12's stream schemes: value residual, orthogonal update, DenseFormer, Hyper-Connections, mHC.
+"""The multi-stream and cross-layer schemes: value residual, orthogonal update, DenseFormer, Hyper-Connections, mHC.
 
 - float64 references written from the papers (they read only parameter values from the model;
   ``tests/test_variants.py`` runs them on its generic suite through :func:`reference_s12`), here
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import compose
-from resnorm.model import build_model
+from resnorm.model.transformer import build_model
 from test_variants import N, one_thread, ref_attention, ref_mlp, tiny_model  # noqa: F401 (autouse fixture)
 
 D, H, T, B = 8, 2, 5, 3
@@ -257,7 +257,7 @@ def test_peer_xtransformers_orthogonal_residual():
     sequence-level projection. Per token (our and the paper's reading) is its result on (b t, 1, d);
     on (b, t, d) it differs, pinned below. Its projection has no eps (ours 1e-6 in <x, x>)."""
     xt = _xt()
-    from resnorm.multistream import orthogonal_part
+    from resnorm.model.multistream import orthogonal_part
 
     x, f = torch.randn(2, 8, 16), torch.randn(2, 8, 16)
     peer = xt.OrthogonalResidualUpdate(16)
@@ -314,7 +314,7 @@ def test_peer_xtransformers_mhc():
       (static_beta = b_post - s, as its dynamic term is s * 2 sigmoid(0) = s)."""
     xt = _xt()
     n, k, iters = 4, 5, 5
-    from resnorm.multistream import sinkhorn
+    from resnorm.model.multistream import sinkhorn
 
     logits = torch.randn(3, n, n, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(sinkhorn(logits, iters), xt.sinkhorn(logits.transpose(-1, -2), iters).transpose(-1, -2),
@@ -340,7 +340,7 @@ def test_peer_xtransformers_mhc():
         assert (ours - out).abs().max() > 0.1 and torch.allclose(res.sum(-1), torch.ones(()))
 
 
-# --- attnres (issue 12): Attention Residuals (Kimi Team, arXiv:2603.15031), full and block -------------
+# --- Attention Residuals (Kimi Team, arXiv:2603.15031), full and block ---
 # A layer is one sublayer; its output v_i = F_i(N_pre(h_i)) (no skip of its own); v_0 = the embedding.
 # h_l = sum_i softmax_i(w_l^T RMSNorm(v_i)) v_i; the head reads LN of the same aggregate (query w_2L).
 
@@ -389,8 +389,8 @@ def test_attnres_forward_matches_the_papers_equation_with_random_queries(norm, d
 
 
 def test_attnres_block_size_default_is_about_eight_blocks():
-    from resnorm.attnres import block_sublayers
-    from resnorm.model import ModelShape
+    from resnorm.model.attnres import block_sublayers
+    from resnorm.model.blocks import ModelShape
 
     for depth, size, per_block in ((4, "null", 2), (16, "null", 4), (48, "null", 12), (12, 3, 6)):
         cfg = compose("model.norm=attnres_block", f"depth={depth}", "model.d_model=16", "model.n_heads=2",
@@ -420,7 +420,7 @@ def test_attnres_uniform_weights_at_init(norm):
                 sources, block = sources + [sum(block)], []
         current = sources + ([sum(block)] if block else [])
         torch.testing.assert_close(hidden, model.final_norm(sum(current) / len(current)), atol=1e-12, rtol=0)
-    from resnorm.attnres import depth_weights
+    from resnorm.model.attnres import depth_weights
     vs = [torch.randn(2, 8, 16, dtype=torch.float64) * s for s in (1, 10, 100)]
     assert torch.equal(depth_weights(torch.zeros(16, dtype=torch.float64), torch.stack(vs), 1e-5), torch.full((3, 2, 8), 1 / 3,
                                                                                                   dtype=torch.float64))
@@ -467,7 +467,7 @@ def test_peer_xtransformers_attention_residual():
     paper's sources are the sublayer outputs with no skip; (3) no head aggregate, no Block AttnRes.
     So the operator is compared with its query replaced by sqrt(d) w (port), at 1e-5 in float32."""
     xt = _xt()
-    from resnorm.attnres import depth_attention, depth_weights
+    from resnorm.model.attnres import depth_attention, depth_weights
 
     d, n = 16, 5
     g = torch.Generator().manual_seed(7)
@@ -488,11 +488,6 @@ def test_peer_xtransformers_attention_residual():
         ours = depth_attention(w, vs, eps=torch.finfo(torch.float32).eps)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     assert torch.allclose(depth_weights(torch.zeros(d), torch.stack(vs), 1e-5), torch.full((n, 2, 8), 1 / n))
-
-
-# --- end attnres ---
-
-
 # --- torch.compile (inductor) through the training loop ----------------------------------------------
 
 @pytest.mark.slow
@@ -506,7 +501,7 @@ def test_compiled_training_matches_eager(norm, tmp_path):
     matrices), goes through it here."""
     import pandas as pd
 
-    from resnorm.train import JobInfo, train
+    from resnorm.train.job import JobInfo, train
 
     losses = {}
     for compiled in (False, True):

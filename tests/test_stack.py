@@ -1,4 +1,4 @@
-"""Stacked ensembles (issue 15): a stack's members equal their solo runs; a diverging member; kill -9
+"""Stacked ensembles: a stack's members equal their solo runs; a diverging member; kill -9
 in the middle of a stack; the Hydra multirun with ``hydra.sweeper.stack=on`` against ``off``; the dry
 run's stacks; every variant vmaps to its solo forward and backward; the GPU script's CPU smoke mode."""
 
@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from conftest import PYTHON, ROOT, TINY, compose, run_cli
-from resnorm.stack import fit_stack
-from resnorm.train import JobInfo, train
+from resnorm.train.stack import fit_stack
+from resnorm.train.job import JobInfo, train
 
 SIZE = ("depth=2", "model.d_model=32", "train.steps=50", "train.eval_every=25", "train.probe_every=10",
         "train.threads=1", "train.keep_checkpoint=true")
@@ -219,9 +219,9 @@ def test_bad_stack_mode_is_a_config_error(capsys):
 
 
 def test_grouping_keeps_unstackable_jobs_alone(monkeypatch):
-    from resnorm import stack_plan
-    from resnorm.stack_plan import stack_groups, why_not_stackable
-    from resnorm.sweeper import JobPlan
+    from resnorm.train import stack_plan
+    from resnorm.train.stack_plan import stack_groups, why_not_stackable
+    from resnorm.sweep.plan import JobPlan
 
     def plan(*o):
         return JobPlan(list(o), "id" + "".join(o), None, "new", compose(*TINY, *o))
@@ -242,10 +242,10 @@ def test_grouping_keeps_unstackable_jobs_alone(monkeypatch):
 
 
 def test_auto_stacks_only_cuda_jobs():
-    """``auto``: stacking was not faster on the CPU (README "Scaling out"), so only jobs that train on
+    """``auto``: stacking was not faster on the CPU (docs/scaling.md, "Stacked ensembles"), so only jobs that train on
     a CUDA device are stacked."""
-    from resnorm.stack_plan import stack_groups
-    from resnorm.sweeper import JobPlan
+    from resnorm.train.stack_plan import stack_groups
+    from resnorm.sweep.plan import JobPlan
 
     def plans(device):
         return [JobPlan([f"seed={i}"], f"id{i}", None, "new", compose(*TINY, f"seed={i}", f"train.device={device}"))
@@ -260,8 +260,8 @@ def test_auto_stacks_only_cuda_jobs():
 # --- every variant under vmap -----------------------------------------------------------------------
 
 def _variants():
-    from resnorm.stack_plan import UNSTACKABLE_VARIANTS
-    from resnorm.variants import VARIANTS
+    from resnorm.train.stack_plan import UNSTACKABLE_VARIANTS
+    from resnorm.config.variants import VARIANTS
 
     return sorted(v for v in VARIANTS if v not in UNSTACKABLE_VARIANTS)
 
@@ -271,8 +271,8 @@ def _variants():
 def test_every_stackable_variant_vmaps_to_its_solo_step(variant, tmp_path):
     """The stacked forward and backward of two members (two seeds) of each variant the grouping
     stacks gives each member its solo loss and gradients (fp32 tolerance)."""
-    from resnorm.loop import forward_backward, setup
-    from resnorm.stack import stacked_forward_backward
+    from resnorm.train.loop import forward_backward, setup
+    from resnorm.train.stack import stacked_forward_backward
 
     runs = [setup(compose(*TINY, f"model.norm={variant}", "depth=2", f"seed={s}", "model.d_model=32"),
                   JobInfo(tmp_path, "v", "v", []), 0, 1, None) for s in (0, 1)]

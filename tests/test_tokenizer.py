@@ -1,4 +1,4 @@
-"""Tokenizers (resnorm.tokenizer) and bits per byte in the analysis of a sweep that mixes tokenizers."""
+"""Tokenizers (resnorm.data.tokenizer) and bits per byte in the analysis of a sweep that mixes tokenizers."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 
 from resnorm.errors import DataError
-from resnorm.tokenizer import (MIN_BPE_VOCAB, ByteTokenizer, bits_per_byte, file_vocab_size, load_run_tokenizer,
+from resnorm.data.tokenizer import (MIN_BPE_VOCAB, ByteTokenizer, bits_per_byte, file_vocab_size, load_run_tokenizer,
                                train_bpe)
 
 

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from conftest import TINY, compose
-from resnorm.data import fixed_batches, load_data, shakespeare_files
-from resnorm.guard import first_nonfinite
+from resnorm.data.corpora import fixed_batches, load_data, shakespeare_files
+from resnorm.train.guard import first_nonfinite
 from resnorm.errors import DataError
-from resnorm.model import build_model
-from resnorm.probes import GradNormProbe
-from resnorm.loop import lr_at
-from resnorm.train import JobInfo, train
+from resnorm.model.transformer import build_model
+from resnorm.monitors.probes import GradNormProbe
+from resnorm.train.loop import lr_at
+from resnorm.train.job import JobInfo, train
 
 
 def job(tmp_path: Path, name: str = "run") -> JobInfo:

@@ -12,7 +12,7 @@ its equation and init are written down here):
 - a state-dict save/load round trip gives identical outputs;
 - it compiles with ``torch.compile(fullgraph=True)`` and matches eager (slow).
 
-The reference is written independently of resnorm.model: attention with an explicit causal mask and
+The reference is written independently of resnorm.model.transformer: attention with an explicit causal mask and
 softmax, every norm from its formula, each variant's block as the paper writes it, constants typed
 in from the papers (docs/papers.md), in float64. It reads only parameter values from the model.
 """
@@ -26,10 +26,10 @@ import pytest
 import torch
 
 from conftest import compose
-from resnorm.admin import profile_batch
-from resnorm.model import build_model
-from resnorm.norms import DyT, ScaleNorm
-from resnorm.variants import VARIANTS, deepnorm_alpha, deepnorm_beta, deepnorm_constants
+from resnorm.model.admin import profile_batch
+from resnorm.model.transformer import build_model
+from resnorm.model.norms import DyT, ScaleNorm
+from resnorm.config.variants import VARIANTS, deepnorm_alpha, deepnorm_beta, deepnorm_constants
 
 D, H, T, B = 8, 2, 5, 3
 SMALL = ("model.n_heads=2", "data=synthetic", "data.synthetic_tokens=3000")
@@ -37,8 +37,8 @@ SMALL = ("model.n_heads=2", "data=synthetic", "data.synthetic_tokens=3000")
 #: variants whose equation, norm slots and init are held to their papers in another test file (the
 #: gradient, training, save/load and compile tests below still run for every variant)
 ELSEWHERE = set()
-ELSEWHERE |= {"reordered", "layerscale", "keel", "normformer", "hybridnorm"}  # issue 13 (s13): tests/test_schemes_norm.py
-ELSEWHERE |= {"ngpt", "completep", "derf"}  # front13 (issue 13): tests/test_schemes_ngpt.py
+ELSEWHERE |= {"reordered", "layerscale", "keel", "normformer", "hybridnorm"}  # norm placements: tests/test_schemes_norm.py
+ELSEWHERE |= {"ngpt", "completep", "derf"}  # nGPT, CompleteP, Derf: tests/test_schemes_ngpt.py
 HERE = sorted(set(VARIANTS) - ELSEWHERE)
 
 
@@ -143,25 +143,21 @@ EMBED_NORM = {"peri"}
 FINAL_NORM = {"pre", "rmsnorm", "noresidual", "sandwich", "peri", "dyt", "scalenorm", "lns", "mixln",
               "depth_scaled", "resi_dual"}
 EQUATIONS = set(SUBLAYER_EQUATIONS) | {"b2t", "resi_dual"}
-# --- s12: the stream schemes of issue 12; their references are in tests/test_schemes_streams.py ---
+# --- the multi-stream schemes; their references are in tests/test_schemes_streams.py ---
 S12 = {"value_residual", "orthogonal", "denseformer", "hyper", "hyper_dynamic", "mhc"}
 FINAL_NORM = FINAL_NORM | S12
 EQUATIONS = EQUATIONS | S12
-# --- end s12 ---
-# --- attnres (issue 12): Attention Residuals; references in tests/test_schemes_streams.py ---
+# --- Attention Residuals; references in tests/test_schemes_streams.py ---
 ATTNRES = {"attnres", "attnres_block"}
 FINAL_NORM = FINAL_NORM | ATTNRES
 EQUATIONS = EQUATIONS | ATTNRES
-# --- end attnres ---
-
-
 def reference_hidden(model, idx, norm, cfg):
     m = cfg.model
     L = model.shape.depth
     x = model.tok_emb.weight[idx] + model.pos_emb.weight[: idx.shape[1]]
     if norm in EMBED_NORM:
         x = N(x, model.embed_norm)
-    if norm in S12:  # s12
+    if norm in S12:  # the multi-stream schemes
         from test_schemes_streams import reference_s12
 
         return reference_s12(model, x, norm, cfg)
@@ -410,7 +406,7 @@ def test_admin_closed_form_is_sqrt_i(depth):
 
 
 def test_admin_profiles_on_the_configured_training_data():
-    from resnorm.data import load_data
+    from resnorm.data.corpora import load_data
 
     cfg_overrides = ("model.norm=admin", "depth=3", "model.d_model=16", "train.seq_len=16", "train.batch_size=4", *SMALL)
     cfg = compose(*cfg_overrides)
@@ -494,7 +490,7 @@ def test_gradients_reach_the_embedding_at_depth_48(norm):
 
 
 def _train(model, steps=30, lr=1e-2, seed=0):
-    from resnorm.data import BatchSampler, synthetic_stream
+    from resnorm.data.corpora import BatchSampler, synthetic_stream
 
     stream = synthetic_stream(4000, 16, 16, seed)
     sampler = BatchSampler(stream, 8, 16, seed=seed)

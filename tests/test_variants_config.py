@@ -10,9 +10,9 @@ import sys
 import pytest
 
 from conftest import ROOT, compose, run_cli
-from resnorm.config import validate
+from resnorm.train.preflight import validate
 from resnorm.errors import ConfigError
-from resnorm.variants import NORM_LAYERS, VARIANTS, VariantOptions
+from resnorm.config.variants import NORM_LAYERS, VARIANTS, VariantOptions
 
 NO_ANALYSIS = "~hydra.callbacks.analysis"
 
@@ -74,7 +74,7 @@ def test_a_typo_in_an_option_value_type_is_rejected_by_the_schema():
 
 
 def test_variants_and_config_import_no_torch():
-    code = ("import sys; import resnorm.config, resnorm.variants; "
+    code = ("import sys; import resnorm.config.schema, resnorm.config.variants; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 

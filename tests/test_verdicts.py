@@ -167,3 +167,9 @@ def test_no_detectable_difference_only_inside_the_detectable_range():
     assert verdicts.classify(0.001, 0.1, 0.2, 0.05) == "worse"
     assert verdicts.classify(0.001, -0.2, -0.1, 0.05) == "better"
     assert verdicts.classify(math.nan, math.nan, math.nan, math.nan) == "inconclusive"
+
+
+def test_the_study_knows_the_reports_corrections():
+    from resnorm.sweep.study import CORRECTIONS
+
+    assert set(CORRECTIONS) == set(verdicts.CORRECTIONS)

@@ -4,10 +4,10 @@ It runs the jobs with hydra-joblib-launcher (``pip install -e ".[local]"``) and 
 launcher lacks (hydra#1331, #2757: parallel jobs get no GPU of their own):
 
 - with GPUs, the machine's GPUs form a device pool (``RESNORM_DEVICE_POOL``); each job takes
-  ``train.devices`` of them exclusively while it runs (file locks, see :mod:`resnorm.devices`), and
+  ``train.devices`` of them exclusively while it runs (file locks, see :mod:`resnorm.train.devices`), and
   ``n_jobs`` defaults to the number of slots divided by ``train.devices``; a GPU has
   ``jobs_per_device`` slots (1; N: N jobs share it; ``auto``: as many as its free memory holds by
-  the largest job's estimate, :mod:`resnorm.packing`);
+  the largest job's estimate, :mod:`resnorm.sweep.packing`);
 - on a CPU machine, ``n_jobs`` defaults to the number of cores divided by the threads of a job
   (``threads_per_job``, else ``train.threads``, null: 1; ``OMP_NUM_THREADS``, ``OMP_WAIT_POLICY=PASSIVE``),
   as parallel jobs that each used every core ran 10-40x slower here. A job trains with
@@ -48,7 +48,7 @@ class ParallelLauncher(Launcher):
                  joblib: Optional[Dict[str, Any]] = None, jobs_per_device: Any = 1,
                  fake_gpu_free_gb: Optional[float] = None) -> None:
         from resnorm.errors import ConfigError
-        from resnorm.packing import parse_jobs_per_device
+        from resnorm.sweep.packing import parse_jobs_per_device
 
         try:
             self.jobs_per_device = parse_jobs_per_device(jobs_per_device)
@@ -67,12 +67,12 @@ class ParallelLauncher(Launcher):
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
-        from resnorm import packing
+        from resnorm.sweep import packing
 
         packing.LATEST_LAUNCHER = self  # the dry run's job table shows its slots
 
     def pool(self) -> List:
-        from resnorm.devices import Slot, visible_gpus
+        from resnorm.train.devices import Slot, visible_gpus
 
         if self.fake_gpus:
             return [Slot(i, fake=True) for i in range(self.fake_gpus)]
@@ -82,7 +82,7 @@ class ParallelLauncher(Launcher):
 
     def free_bytes(self, devices: Sequence) -> List[float]:
         """Each device's free memory: the fake GPUs' ``fake_gpu_free_gb``, else CUDA's answer."""
-        from resnorm.packing import cuda_free_bytes
+        from resnorm.sweep.packing import cuda_free_bytes
 
         if not self.fake_gpus:
             return cuda_free_bytes([d.index for d in devices])
@@ -93,9 +93,9 @@ class ParallelLauncher(Launcher):
         return [float(self.fake_gpu_free_gb) * 1e9] * len(devices)
 
     def job_bytes(self, job_overrides: Optional[Sequence[Sequence[str]]]) -> float:
-        """The largest estimated GPU memory of the jobs (:func:`resnorm.packing.job_memory_bytes`)."""
-        from resnorm.packing import job_memory_bytes
-        from resnorm.sweeper import model_size
+        """The largest estimated GPU memory of the jobs (:func:`resnorm.sweep.packing.job_memory_bytes`)."""
+        from resnorm.sweep.packing import job_memory_bytes
+        from resnorm.sweep.plan import model_size
 
         if job_overrides and self.hydra_context is not None:
             load = self.hydra_context.config_loader.load_sweep_config
@@ -114,8 +114,8 @@ class ParallelLauncher(Launcher):
     def slots(self, job_bytes: Callable[[], float]) -> Tuple[List, str]:
         """The pool's slots (``jobs_per_device`` of each GPU; none on a CPU machine) and a description;
         ``job_bytes`` (the largest job's estimated memory) is called for ``jobs_per_device=auto`` only."""
-        from resnorm import packing
-        from resnorm.devices import packed
+        from resnorm.sweep import packing
+        from resnorm.train.devices import packed
 
         devices = self.pool()
         if not devices:
@@ -133,11 +133,11 @@ class ParallelLauncher(Launcher):
     def plan(self, n_todo: Optional[int] = None, job_overrides: Optional[Sequence[Sequence[str]]] = None
              ) -> Dict[str, Any]:
         """n_jobs, and the environment of the workers (device pool and threads), for ``n_todo`` jobs."""
-        from resnorm.devices import LOCK_DIR_ENV, POOL_ENV, THREADS_ENV, cpu_count, format_pool
+        from resnorm.train.devices import LOCK_DIR_ENV, POOL_ENV, THREADS_ENV, cpu_count, format_pool
 
         per_job = int(OmegaConf.select(self.config, "train.devices", default=1) or 1)
         # a job's thread count is its config's (train.threads, null: 1), never the launcher's: it
-        # changes a CPU run's last bits (resnorm.devices.job_threads)
+        # changes a CPU run's last bits (resnorm.train.devices.job_threads)
         threads = int(OmegaConf.select(self.config, "train.threads", default=None) or 1)
         slots, packing = self.slots(lambda: self.job_bytes(job_overrides))
         cores = cpu_count()
@@ -165,7 +165,7 @@ class ParallelLauncher(Launcher):
             _core = None
             log.warning('hydra-joblib-launcher is not installed (pip install -e ".[local]"): '
                         "the jobs run one after the other")
-        from resnorm.devices import environ
+        from resnorm.train.devices import environ
 
         with environ(plan["env"]):
             if plan["n_jobs"] == 1 or _core is None:  # no worker processes to start
@@ -198,7 +198,7 @@ class RayLauncher(Launcher):
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def remote_options(self, cluster_gpus: float) -> Dict[str, Any]:
-        from resnorm.devices import THREADS_ENV
+        from resnorm.train.devices import THREADS_ENV
 
         per_job = int(OmegaConf.select(self.config, "train.devices", default=1) or 1)
         remote = dict(self.remote_cfg)

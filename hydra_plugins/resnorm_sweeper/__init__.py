@@ -5,7 +5,7 @@ Hydra's basic sweeper (the same grid syntax, ``hydra.sweeper.params``, ``max_bat
 - every job is composed and validated before any job runs: a typo'd key is caught by Hydra when
   it composes the job, a bad value (``depth=0``, an unknown variant) here, in one line, exit 2;
 - two jobs that would be the same run (they differ only in keys that do not change what a run
-  computes, see :data:`resnorm.identity.OPERATIONAL_KEYS`) are refused;
+  computes, see :data:`resnorm.runs.identity.OPERATIONAL_KEYS`) are refused;
 - jobs whose folder (``multirun/<name>/<run_id>``) says ``completed`` or ``diverged`` are not
   launched again (Hydra has no sweep resume); interrupted ones are launched and resume from their
   checkpoint in the task function;
@@ -14,12 +14,12 @@ Hydra's basic sweeper (the same grid syntax, ``hydra.sweeper.params``, ``max_bat
 - the jobs still to run are launched longest first (estimated FLOPs; ``order=longest_first``, the
   default) so that parallel launchers do not end on one long job with idle workers; ``order=given``
   keeps the grid's order;
-- ``stack=on|auto|off`` (:mod:`resnorm.stack_plan`): jobs that differ only in keys that leave
+- ``stack=on|auto|off`` (:mod:`resnorm.train.stack_plan`): jobs that differ only in keys that leave
   every parameter shape unchanged (seed, optimizer settings, ...) are launched as one job that trains
-  them as one stacked model (:mod:`resnorm.stack`); each still writes its own run folder. ``auto``
+  them as one stacked model (:mod:`resnorm.train.stack`); each still writes its own run folder. ``auto``
   (the default) stacks only jobs that train on a CUDA device; the dry run shows the stacks;
-- the outcome of every job is counted in :data:`resnorm.sweeper.LAST_OUTCOME` (the exit code);
-- ``study={...}`` (``+study=verdict``, :mod:`resnorm.study`): the grid's jobs are the cells of a
+- the outcome of every job is counted in :data:`resnorm.runs.progress.LAST_OUTCOME` (the exit code);
+- ``study={...}`` (``+study=verdict``, :mod:`resnorm.sweep.study`): the grid's jobs are the cells of a
   study that tunes the learning rate per cell, then trains fresh paired seeds at the chosen rate.
 """
 
@@ -35,11 +35,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf, open_dict
 
-from resnorm.config import check_override, composition_error, validate
+from resnorm.config.compose import check_override, composition_error
+
+from resnorm.train.preflight import validate
 from resnorm.errors import ConfigError
-from resnorm.identity import OPERATIONAL_KEYS, register_resolver
-from resnorm.stack_plan import STACK_MODES, group_labels, launch_overrides, stack_groups
-from resnorm.sweeper import LAST_OUTCOME, JobPlan, duplicates, job_table, longest_first, plan_job, write_plan
+from resnorm.runs.identity import OPERATIONAL_KEYS, register_resolver
+from resnorm.train.stack_plan import STACK_MODES, group_labels, launch_overrides, stack_groups
+from resnorm.runs.progress import LAST_OUTCOME
+from resnorm.sweep.plan import JobPlan, duplicates, job_table, longest_first, plan_job, write_plan
 
 register_resolver()  # also in the launchers' workers, which unpickle Hydra's plugin registry
 log = logging.getLogger(__name__)
@@ -90,7 +93,7 @@ class ValidatingSweeper(BasicSweeper):
 
     def jobs_run_here(self) -> bool:
         """Whether the jobs train on this machine (the basic and local launchers), so that the checks
-        of this machine's devices (:data:`resnorm.config.HOST_RULES`) apply to them."""
+        of this machine's devices (:data:`resnorm.train.preflight.HOST_RULES`) apply to them."""
         target = str(OmegaConf.select(self.config, "hydra.launcher._target_", default=""))
         return target.endswith(HERE_LAUNCHERS)
 
@@ -122,7 +125,7 @@ class ValidatingSweeper(BasicSweeper):
         overrides = parser.parse_overrides(self._parse_config() + list(arguments))
         (jobs,) = self.split_arguments(overrides, None)
         if self.study is not None:  # the grid's jobs are the study's cells
-            from resnorm.study import run_study
+            from resnorm.sweep.study import run_study
 
             return run_study(self, jobs)
         return self.run_jobs(jobs)

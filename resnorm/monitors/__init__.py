@@ -1,4 +1,4 @@
-"""Monitors: what a run measures beyond its loss, as :class:`resnorm.probes.Probe` subclasses (rows
+"""Monitors: what a run measures beyond its loss, as :class:`resnorm.monitors.probes.Probe` subclasses (rows
 of ``layers.parquet``, one per (layer, sublayer) and quantity) or as summary fields.
 
 Weight and optimizer side (:mod:`resnorm.monitors.weights`; builder
@@ -19,7 +19,7 @@ Cost (:mod:`resnorm.monitors.cost`, summary fields, not per layer): ``flops_per_
 
 Forward side: :mod:`resnorm.monitors.forward` (its own docstring lists its quantities).
 
-Scheme side (:mod:`resnorm.monitors.schemes`, issue 12; builder ``scheme_probes(model, train_cfg)``,
+Scheme side (:mod:`resnorm.monitors.schemes`; builder ``scheme_probes(model, train_cfg)``,
 only for the variants that have the quantities): the composite gain of the HC/mHC mixing matrices
 (``hc_row_gain``, ``hc_col_gain``, ``hc_composite_row_gain``, ``hc_composite_col_gain``) and the
 AttnRes depth weights (``attnres_w_embed``, ``attnres_w_last``, ``attnres_entropy``,

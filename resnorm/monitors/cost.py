@@ -5,7 +5,7 @@
   Source: Chowdhery et al. 2022, PaLM (arXiv:2204.02311), appendix B; the 6N term is Kaplan et al.
   2020 (arXiv:2001.08361), §2.1 (2N per token forward, twice that backward). The attention term
   counts the full T x T score and value products (causal masking is not discounted), as PaLM does.
-  Same formula as :func:`resnorm.sweeper.train_flops`, except that the LM head's matrix counts in N
+  Same formula as :func:`resnorm.sweep.plan.train_flops`, except that the LM head's matrix counts in N
   also when it is tied to the token embedding (the head is a matmul of every token either way).
 - :func:`device_peak_flops`: ``(peak FLOP/s, source)`` of one device at a precision: a table of
   NVIDIA datasheet dense peaks (:data:`GPU_PEAKS`) matched on ``torch.cuda.get_device_name``; for
@@ -66,7 +66,7 @@ GPU_PEAKS = [
 def matmul_params(shape) -> int:
     """N of :func:`flops_per_token`: the parameters of a model of ``shape`` outside the embedding
     tables, the LM head's matrix counted also when tied. Counted on the meta device."""
-    from ..model import Transformer
+    from resnorm.model.transformer import Transformer
 
     with torch.device("meta"):
         model = Transformer(shape)
@@ -77,8 +77,8 @@ def matmul_params(shape) -> int:
 
 def flops_per_token(shape, n_params: Optional[int] = None) -> float:
     """Training FLOPs per token, 6 N + 12 L d T (PaLM, arXiv:2204.02311, appendix B); ``shape`` a
-    :class:`resnorm.model.ModelShape`; ``n_params`` N if known (default :func:`matmul_params`)."""
-    from ..sweeper import train_flops_per_token
+    :class:`resnorm.model.blocks.ModelShape`; ``n_params`` N if known (default :func:`matmul_params`)."""
+    from resnorm.model.flops import train_flops_per_token
 
     n = matmul_params(shape) if n_params is None else n_params
     return train_flops_per_token(n, shape.depth, shape.d_model, shape.context)

@@ -1,14 +1,14 @@
-"""Forward- and backward-side monitors (issue 11): outliers, attention, the stream's gradient, logits.
+"""Forward- and backward-side monitors: outliers, attention, the stream's gradient, logits.
 
-Two :class:`resnorm.probes.Probe` subclasses, both read every ``train.probe_every`` steps and on the
-last step (the cadence of :class:`resnorm.probes.ActivationProbe`), both per (layer, sublayer) with the
-labels of :func:`resnorm.probes.sublayer_modules` (every attention and MLP sublayer, in depth order,
+Two :class:`resnorm.monitors.probes.Probe` subclasses, both read every ``train.probe_every`` steps and on the
+last step (the cadence of :class:`resnorm.monitors.probes.ActivationProbe`), both per (layer, sublayer) with the
+labels of :func:`resnorm.monitors.probes.sublayer_modules` (every attention and MLP sublayer, in depth order,
 so their rows in ``layers.parquet`` line up with the other probes' rows), both in ``before_update``
 (after ``backward``, before the guard, clipping and the optimizer step: the pre-update weights), both
 on the step's training batch, outside autocast (float32), in eval mode (the model has no dropout, so
 eval and train mode compute the same; the mode is restored):
 
-:class:`ForwardStatsProbe`, one no-grad :meth:`resnorm.model.Transformer.trace`:
+:class:`ForwardStatsProbe`, one no-grad :meth:`resnorm.model.transformer.Transformer.trace`:
 
 - ``act_absmax``: max |y| of the sublayer's output stream ``parts[i].y`` (units of the stream);
 - ``act_kurtosis``: the plain (not excess) kurtosis E[(y - mu)^4] / sigma^4 of the same ``y``, over
@@ -16,7 +16,7 @@ eval and train mode compute the same; the mode is restored):
   for a uniform, large when a few tokens or channels carry outliers (a per-token average would
   dilute one massive token by 1/T, so all elements it is). Dimensionless;
 - ``attn_entropy_mean``: the entropy -sum_j p_ij log p_ij of each query's attention distribution
-  (:meth:`resnorm.model.Attention.attention_probs`, causal mask included), in nats, averaged over
+  (:meth:`resnorm.model.blocks.Attention.attention_probs`, causal mask included), in nats, averaged over
   heads, batch and queries; uniform causal attention gives mean_t log(t + 1);
 - ``attn_entropy_min_head``: the lowest over heads of the head's entropy averaged over batch and
   queries, in nats;
@@ -28,7 +28,7 @@ The three ``attn_*`` quantities are NaN on MLP sublayers (as ``max_attn_logit`` 
 :class:`StreamGradProbe`, read from the training step's own backward, at no extra forward or backward:
 
 - ``stream_grad_rms``: the RMS over all elements of dL/dx, x the residual stream entering the
-  sublayer (the tensor :meth:`resnorm.model.Sublayer.run` computes with) and L the step's training
+  sublayer (the tensor :meth:`resnorm.model.blocks.Sublayer.run` computes with) and L the step's training
   loss (cross-entropy, plus the z-loss term when ``model.z_loss`` > 0, in the step's own mode and
   precision). Before a due step's forward (``before_forward``) the probe arms a read-only tensor
   hook on that x in every sublayer (``Sublayer.grad_sink``); the hooks record g^2's mean as the
@@ -39,11 +39,11 @@ The three ``attn_*`` quantities are NaN on MLP sublayers (as ``max_attn_logit`` 
   them (equal micro-batches, each loss over N: the whole batch's dL/dx); under fp16 it divides by
   the loss scale of the step's backward (the hooks see the scaled gradient).
 
-The output logits' log Z and RMS are read at every evaluation by :func:`resnorm.loop.evaluate`
+The output logits' log Z and RMS are read at every evaluation by :func:`resnorm.train.loop.evaluate`
 (``val_log_z``, ``val_logit_rms`` in ``metrics.parquet``), not here.
 
 :func:`forward_probes` builds the two probes from ``train`` (off when ``train.probes`` is false or
-``train.probe_every`` is 0). Formulas live in :mod:`resnorm.measure` (``absmax``, ``kurtosis``,
+``train.probe_every`` is 0). Formulas live in :mod:`resnorm.monitors.measure` (``absmax``, ``kurtosis``,
 ``attention_entropy``, ``sink_mass``).
 """
 
@@ -54,10 +54,9 @@ from typing import List, Optional
 
 import torch
 
-from ..measure import absmax, attention_entropy, kurtosis, sink_mass
-from ..model import Attention, eval_mode
-from ..precision import scale_tensor
-from ..probes import Probe, sublayer_modules
+from resnorm.monitors.measure import absmax, attention_entropy, kurtosis, sink_mass
+from resnorm.model.blocks import Attention, eval_mode
+from resnorm.monitors.probes import Probe, sublayer_modules
 
 
 class _Periodic(Probe):
@@ -87,7 +86,7 @@ class ForwardStatsProbe(_Periodic):
 
     def __init__(self, model, every: int, total_steps: int, share=None):
         super().__init__(model, every, total_steps)
-        self.share = share  # a resnorm.probes.ActivationProbe due on the same steps: reuse its trace
+        self.share = share  # a resnorm.monitors.probes.ActivationProbe due on the same steps: reuse its trace
 
     @torch.no_grad()
     def before_update(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,9 +108,9 @@ class StreamGradProbe(_Periodic):
 
     quantities_before = ("stream_grad_rms",)
 
-    def __init__(self, model, every: int, total_steps: int, scaler=None):
+    def __init__(self, model, every: int, total_steps: int, loss_scale=None):
         super().__init__(model, every, total_steps)
-        self.scaler = scaler  # fp16: the run's torch.amp.GradScaler (the hooks see scaled gradients)
+        self.loss_scale = loss_scale  # fp16: () -> the gradient scaler's scale (the hooks see scaled gradients)
         self._sq: List[Optional[torch.Tensor]] = []
         self._calls: List[int] = []
 
@@ -134,16 +133,17 @@ class StreamGradProbe(_Periodic):
         vals = vals or [zero] * len(self.labels)
         self._sq, self._calls = [], []
         out = torch.stack(vals).view(1, -1)
-        return out if self.scaler is None else out / scale_tensor(self.scaler)
+        return out if self.loss_scale is None else out / self.loss_scale()
 
 
 @torch.no_grad()
-def forward_probes(model, train_cfg, share=None, scaler=None) -> List[Probe]:
+def forward_probes(model, train_cfg, share=None, loss_scale=None) -> List[Probe]:
     """[ForwardStatsProbe, StreamGradProbe] every ``train_cfg.probe_every`` steps (and the last), or
     [] when ``train_cfg.probes`` is false or ``probe_every`` is 0. ``share``: the run's
-    :class:`resnorm.probes.ActivationProbe`, whose trace of the step's batch the forward statistics reuse;
-    ``scaler``: the run's fp16 gradient scaler, if any."""
+    :class:`resnorm.monitors.probes.ActivationProbe`, whose trace of the step's batch the forward statistics reuse;
+    ``loss_scale``: under fp16, a function giving the gradient scaler's current scale as a 1-element
+    tensor (:func:`resnorm.train.precision.scale_tensor`)."""
     if not (train_cfg.probes and train_cfg.probe_every):
         return []
     every, steps = train_cfg.probe_every, train_cfg.steps
-    return [ForwardStatsProbe(model, every, steps, share=share), StreamGradProbe(model, every, steps, scaler)]
+    return [ForwardStatsProbe(model, every, steps, share=share), StreamGradProbe(model, every, steps, loss_scale)]

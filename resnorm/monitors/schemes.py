@@ -1,4 +1,4 @@
-"""Scheme monitors (issue 12): the quantities of the multi-stream and cross-layer residuals, per
+"""Scheme monitors: the quantities of the multi-stream and cross-layer residuals, per
 (layer, sublayer) in ``layers.parquet`` (W&B: ``<quantity>/<sublayer>/<layer>``), only for the
 variants that have them, with ``train.probes`` (the default).
 
@@ -21,7 +21,7 @@ paper averages over the tokens of a sequence), not taken of a mean matrix.
 
 Depth weights of Attention Residuals (``attnres``, ``attnres_block``), same cadence and forward: the
 weights alpha_{i->l} = softmax_i(w_l^T RMSNorm(v_i)) of every source i of sublayer l's aggregate
-(:func:`resnorm.attnres.depth_weights`), per token, averaged over the batch's tokens:
+(:func:`resnorm.model.attnres.depth_weights`), per token, averaged over the batch's tokens:
 
 - ``attnres_w_embed``: the weight on the embedding v_0 [1, in 0..1];
 - ``attnres_w_last``: the weight on the newest source (the previous sublayer's output; in Block
@@ -53,9 +53,9 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..model import eval_mode
-from ..probes import Probe, sublayer_modules
-from .forward import _Periodic
+from resnorm.model.blocks import eval_mode
+from resnorm.monitors.probes import Probe, sublayer_modules
+from resnorm.monitors.forward import _Periodic
 
 
 def row_gain(m: torch.Tensor) -> torch.Tensor:
@@ -105,7 +105,7 @@ def hyper_stats(model, idx: torch.Tensor) -> torch.Tensor:
 
 def attnres_stats(model, idx: torch.Tensor) -> torch.Tensor:
     """(4, 2 L): weight on the embedding, on the newest source, entropy, query norm per sublayer."""
-    from ..attnres import depth_weights
+    from resnorm.model.attnres import depth_weights
 
     q = model.stream_params
     q.record = []
@@ -189,7 +189,7 @@ class SchemeParamProbe(Probe):
 
 def scheme_probes(model, train_cfg) -> List[Probe]:
     """The scheme probes that apply to the model's stream (none when ``train.probes`` is false; the
-    forward ones not when ``train.probe_every`` is 0), for :func:`resnorm.callbacks.probe_callbacks`."""
+    forward ones not when ``train.probe_every`` is 0), for :func:`resnorm.train.callbacks.probe_callbacks`."""
     if not train_cfg.probes:
         return []
     stream = model.variant.stream

@@ -1,10 +1,10 @@
-"""Weight- and optimizer-side monitors: :class:`resnorm.probes.Probe` subclasses, one row per
+"""Weight- and optimizer-side monitors: :class:`resnorm.monitors.probes.Probe` subclasses, one row per
 (layer, sublayer) and quantity in ``layers.parquet``.
 
-Every monitor reads a sublayer's parameters as :func:`resnorm.probes.sublayer_modules` gives them
+Every monitor reads a sublayer's parameters as :func:`resnorm.monitors.probes.sublayer_modules` gives them
 (its branch, its norms, its learned scalars). A parameter two sublayers hold (ReZero's gate, shared
 by the attention and MLP sublayers of a block) counts once, in the later (MLP) sublayer, as in
-:class:`resnorm.probes.GradNormProbe`, so the groups partition the block parameters. All norms are
+:class:`resnorm.monitors.probes.GradNormProbe`, so the groups partition the block parameters. All norms are
 Frobenius norms of the group's tensors concatenated, computed in float32 on the device.
 
 Quantities (name: definition [unit], cadence):
@@ -37,7 +37,7 @@ The probes (the update needs a weight and gradient snapshot, so it has its own, 
   describe a few vectors; with those optimizers the probe is left out (the update probes stay).
 - :class:`UpdateProbe`: ``before_update`` copies the sublayer parameters and their raw gradients
   (two copies of the block parameters, on due steps only); ``after_update`` gives ``update_norm``
-  and ``update_grad_cos``. On the same steps :class:`resnorm.probes.ActivationProbe` gives
+  and ``update_grad_cos``. On the same steps :class:`resnorm.monitors.probes.ActivationProbe` gives
   ``update_ratio`` over the 2-D weights only; ``update_norm`` covers every sublayer parameter.
 - :class:`LearnedScalarProbe`: the learned residual/normalization scalars of :data:`SCALARS`, in
   ``before_update`` (the values the step's forward pass used). Only the quantities some sublayer
@@ -45,7 +45,7 @@ The probes (the update needs a weight and gradient snapshot, so it has its own, 
   :func:`register_scalar`.
 
 :func:`weight_probes` builds the ones that apply (none when ``train.probes`` is false). Through
-:class:`resnorm.callbacks.ProbeCallback`, before-update values ride the step's one host transfer;
+:class:`resnorm.train.callbacks.ProbeCallback`, before-update values ride the step's one host transfer;
 after-update values (moments, update) cost one more host read on their due steps. As for every
 probe, a step whose update was not taken (diverged) keeps no rows.
 """
@@ -59,8 +59,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..norms import DyT
-from ..probes import Label, Probe, sublayer_modules
+from resnorm.model.norms import DyT
+from resnorm.monitors.probes import Label, Probe, sublayer_modules
 
 
 def sublayer_params(model: nn.Module) -> Tuple[List[Label], List[nn.Parameter], torch.Tensor]:
@@ -241,8 +241,8 @@ class LearnedScalarProbe(Probe):
 
 
 def weight_probes(model: nn.Module, optimizer: torch.optim.Optimizer, train_cfg) -> List[Probe]:
-    """The weight/optimizer-side probes that apply, for :func:`resnorm.callbacks.probe_callbacks`
-    (one :class:`resnorm.callbacks.ProbeCallback` each): none when ``train.probes`` is false;
+    """The weight/optimizer-side probes that apply, for :func:`resnorm.train.callbacks.probe_callbacks`
+    (one :class:`resnorm.train.callbacks.ProbeCallback` each): none when ``train.probes`` is false;
     ``param_norm``, the AdamW moments (``optim=adamw`` only) and the learned scalars (if the model has any) every
     ``train.log_every`` steps; the update every ``train.probe_every`` steps and the last (not when
     ``probe_every`` is 0)."""
