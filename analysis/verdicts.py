@@ -488,7 +488,10 @@ def sentence(row, unit: str = "nats/token", alpha: float = ALPHA) -> str:
         return (f"{where}: {v} failed at every rate of its grid ({row['variant_outcomes']}); "
                 f"{b} trained at {fmt_lr(row['baseline_lr'])}")
     if verdict == BASELINE_FAILING:
-        return f"{where}: {b} (the baseline) failed at every rate of its grid ({row['baseline_outcomes']}): no comparison"
+        other = (f"{v} failed at every rate too ({row['variant_outcomes']})" if row["variant_outcomes"]
+                 and math.isnan(float(row["variant_lr"])) else f"{v} trained at {fmt_lr(row['variant_lr'])}")
+        return (f"{where}: {b} (the baseline) failed at every rate of its grid ({row['baseline_outcomes']}): "
+                f"no comparison; {other}")
     if verdict == "no baseline runs":
         return f"{where}: no {b} runs to compare {v} with"
     padj = f"{_CORRECTION_NAMES.get(row['correction'], row['correction'])} p = {fmt_p(row['p_adjusted'])}"

@@ -14,11 +14,16 @@ from conftest import PYTHON, ROOT, TINY, run_cli
 
 pytestmark = pytest.mark.slow
 
-# synthetic symbols the tiny model learns below their unigram loss in a few steps, so the tuning
-# picks a rate (a stalled run counts as a failure)
-STUDY = ("-m", "+study=verdict", "model.norm=pre,post", "depth=1", *TINY, "data.synthetic_vocab=8",
-         "train.steps=12", "train.stall_margin=0", "train.checkpoint_every=4", "hydra/launcher=basic",
-         "hydra.sweeper.order=given", "name=st")
+TINY_TEXT = tuple(o for o in TINY if not o.startswith(("data", "train.steps", "train.batch_size", "train.eval_every")))
+# a repetitive text the tiny model learns below its unigram loss in a few steps, so the tuning picks a
+# rate (a stalled run counts as a failure); written into the test's folder
+STUDY = ("-m", "+study=verdict", "model.norm=pre,post", "depth=1", *TINY_TEXT, "data=text", "data.path=corpus.txt",
+         "train.steps=24", "train.batch_size=8", "optim.warmup_steps=2", "train.eval_every=8",
+         "train.checkpoint_every=8", "hydra/launcher=basic", "hydra.sweeper.order=given", "name=st")
+
+
+def corpus(folder) -> None:
+    (folder / "corpus.txt").write_text("the cat sat on the mat. " * 400)
 
 
 def fault_cli(fault: str, *args: str, cwd) -> subprocess.CompletedProcess:
@@ -32,6 +37,7 @@ def summaries(sweep):
 
 
 def test_study_dry_run_kill_resume_and_verdicts(tmp_path):
+    corpus(tmp_path)
     proc = run_cli(*STUDY, "--dry-run", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "stage 1 (tune):" in proc.stdout and "dry run: 10 jobs" in proc.stdout
@@ -76,6 +82,7 @@ def test_study_dry_run_kill_resume_and_verdicts(tmp_path):
 
 
 def test_study_settings_are_checked_before_any_job(tmp_path):
+    corpus(tmp_path)
     proc = run_cli(*STUDY, "hydra.sweeper.study.eval_seeds=[0,1,2]", "--dry-run", cwd=tmp_path)
     assert proc.returncode == 2 and "tuning_seeds=[0] is invalid" in proc.stderr
     proc = run_cli(*STUDY, "hydra.sweeper.study.lrs=[0.001,0.01]", "--dry-run", cwd=tmp_path)
