@@ -58,7 +58,7 @@ def downstream_vs_depth(sweep, path) -> Optional[Path]:
     """The figure (see the module docstring); None (logged) when no run has a completed fine-tune."""
     import seaborn as sns
 
-    from analysis import plots, style
+    from analysis import canvas as plots, style
 
     table = downstream_table(sweep)
     done = table[(table["status"] == "completed") & np.isfinite(table["task_score"])].copy()

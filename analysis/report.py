@@ -36,7 +36,7 @@ from typing import Dict, List, Optional
 
 import pandas as pd
 
-from analysis import downstream, metrics, plots, style
+from analysis import canvas, downstream, metrics, plots, style
 from analysis.load import load_sweep
 from analysis.verdict_report import verdict_section
 from resnorm.runs.folder import OUTCOMES, atomic_write, write_text
@@ -135,7 +135,7 @@ def _seed_table(sweep) -> pd.DataFrame:
     runs["setting"] = runs["setting"].fillna("")
     table = metrics.seed_summary(runs, by=("variant", "depth", "setting"))
     variant_rank = {v: i for i, v in enumerate(style.order(runs["variant"]))}
-    setting_rank = {s: i for i, s in enumerate(plots.setting_order(runs))}
+    setting_rank = {s: i for i, s in enumerate(canvas.setting_order(runs))}
     return (table.assign(_v=table["variant"].map(variant_rank), _s=table["setting"].map(setting_rank))
             .sort_values(["_v", "depth", "_s"], kind="stable").drop(columns=["_v", "_s"])
             .reset_index(drop=True))
@@ -279,7 +279,7 @@ def make_report(sweep_dir, out_dir, spike_window: int = metrics.SPIKE_WINDOW,
     figures: Dict[str, Optional[Path]] = {}
     skipped: Dict[str, str] = {}
     collect = _Collect()
-    plots.log.addHandler(collect)
+    canvas.log.addHandler(collect)
     try:
         for name, draw in {**plots.FIGURES, **downstream.figures(sweep)}.items():  # + downstream
             target = out / f"{name}.png"
@@ -296,7 +296,7 @@ def make_report(sweep_dir, out_dir, spike_window: int = metrics.SPIKE_WINDOW,
             else:
                 written.append(figures[name])
     finally:
-        plots.log.removeHandler(collect)
+        canvas.log.removeHandler(collect)
 
     seed_table = _seed_table(sweep)
     written.append(atomic_write(out / "seed_summary.csv", lambda tmp: seed_table.to_csv(tmp, index=False)))

@@ -55,6 +55,7 @@ _TABLE = (
     ("ngpt", "nGPT", "#e7ba52"),
     ("completep", "CompleteP", "#d6616b"),
     ("derf", "Pre-Derf", "#a55194"),
+    ("subln", "Sub-LN (Magneto)", "#bd9e39"),
 )
 
 #: the known variants, in display order

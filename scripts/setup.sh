@@ -60,4 +60,7 @@ pip install --no-deps "ai2-olmo-core==3.0.0" "cached_path==1.8.10" "google-cloud
     "google-crc32c==1.9.0" "googleapis-common-protos==1.76.0" "proto-plus==1.29.0" "boto3==1.44.8" \
     "botocore==1.44.8" "s3transfer==0.19.3" "jmespath==1.1.0" "cachetools==8.0.2" "pyasn1==0.6.5" \
     "pyasn1-modules==0.4.2" "rsa==4.9.1" "rich==15.0.0" "dataclass-extensions==0.5.0" "bettermap==1.3.1"
+# the Sub-LN peer (tests/test_schemes_subln.py): torchscale (pure Python); --no-deps, it declares torch, and
+# the fairscale / timm names it imports at module level are stubbed by the test (no code path of theirs runs)
+pip install --no-deps "torchscale==0.3.0"
 echo "set up in $VENV"

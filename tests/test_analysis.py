@@ -247,7 +247,9 @@ def test_lr_axis_becomes_the_setting(tmp_path):
 def test_palette_is_fixed_distinct_and_order_independent():
     from analysis import style
 
-    assert len(style.KNOWN_VARIANTS) == 32  # every registered variant (tests/test_layout.py), attnres pair, ngpt/completep/derf included
+    from resnorm.config.variants import VARIANTS
+
+    assert set(VARIANTS) <= set(style.KNOWN_VARIANTS)  # every registered variant has a fixed colour
     assert style.KNOWN_VARIANTS[:5] == ["noresidual", "post", "pre", "rmsnorm", "deepnorm"]
     everything = style.KNOWN_VARIANTS + ["zeta_norm", "alpha_norm"]
     full = style.palette(everything)
@@ -464,7 +466,7 @@ def test_run_metrics_counts_spikes_per_run(sweep):
 
 
 def test_layer_profile_combines_sublayers_and_picks_first_and_last_finite_step(sweep):
-    from analysis.plots import block_profile
+    from analysis.figures_layers import block_profile
 
     profile = block_profile(sweep.layers)
     pre4 = profile[profile["run_dir"].str.endswith("depth=4,model.norm=pre,seed=0")]
@@ -479,7 +481,7 @@ def test_layer_profile_combines_sublayers_and_picks_first_and_last_finite_step(s
 
 
 def test_block_values_combine_sublayers_per_quantity():
-    from analysis.plots import block_values
+    from analysis.figures_layers import block_values
 
     layers = pd.DataFrame({
         "run_dir": "r", "step": 0, "layer": [0, 0, 0, 0, 0, 0, 1, 1],
@@ -495,7 +497,7 @@ def test_block_values_combine_sublayers_per_quantity():
 
 
 def test_depth_thirds_cover_every_third_at_every_depth():
-    from analysis.plots import depth_thirds
+    from analysis.figures_layers import depth_thirds
 
     def groups(depth):
         blocks = depth_thirds(pd.DataFrame({"layer": range(depth), "depth": depth}))
@@ -505,6 +507,10 @@ def test_depth_thirds_cover_every_third_at_every_depth():
     assert groups(2) == {"first third": [0], "middle third": [0, 1], "last third": [1]}
     assert groups(4) == {"first third": [0, 1], "middle third": [1, 2], "last third": [2, 3]}
     assert groups(6) == {"first third": [0, 1], "middle third": [2, 3], "last third": [4, 5]}  # a partition
+
+
+#: what the LR-grid sweep holds (analysis.plots.NEEDS): no spike data and no monitor quantity
+LR_SWEEP_HAS = ("depths", "lrs", "probes")
 
 
 def build_lr_sweep(root: Path) -> Path:
@@ -544,18 +550,15 @@ def test_lr_grid_figures_and_tables(tmp_path):
 
     written = make_report(sweep_dir, tmp_path / "out")
     names = [p.name for p in written]
-    assert names == ["summary.csv", "depth_vs_val_loss.png", "failure_rate.png", "stability_frontier.png",
-                     "lr_depth_heatmap.png", "lr_sensitivity_vs_depth.png", "loss_curves.png",
-                     "layer_profiles.png", "coord_check.png", "seed_summary.csv", "lr_sensitivity.csv", "report.md"]
-    # no spike data and no monitor quantity in these runs
-    assert set(names) >= {f"{name}.png" for name in plots.FIGURES} - {"spike_rate.png", "monitor_profiles.png"}
+    drawn = plots.drawable(LR_SWEEP_HAS)  # no spike data and no monitor quantity in these runs
+    assert names == ["summary.csv", *(f"{name}.png" for name in drawn), "seed_summary.csv", "lr_sensitivity.csv",
+                     "report.md"]
     for path in written:
         assert path.stat().st_size > 0
     text = (tmp_path / "out" / "report.md").read_text()
-    assert [line for line in text.splitlines() if "Not drawn" in line] == [
-        "_Not drawn: spike_rate: skipped, no run recorded spike data (spike_count or a spike column)._",
-        "_Not drawn: monitor_profiles: skipped, layers.parquet has no quantity beyond the probes' "
-        "(grad_norm, act_rms, update_ratio, branch_ratio, max_attn_logit)._"]
+    not_drawn = [line for line in text.splitlines() if "Not drawn" in line]
+    assert [line.split(":")[1].strip() for line in not_drawn] == [n for n in plots.FIGURES if n not in drawn]
+    assert all(line.startswith("_Not drawn: ") and ": skipped, " in line for line in not_drawn), not_drawn
     seeds = pd.read_csv(tmp_path / "out" / "seed_summary.csv")
     post2 = seeds[(seeds["variant"] == "post") & (seeds["depth"] == 2) & (seeds["setting"] == "optim.lr=0.1")]
     assert post2[["runs", "nonfinite", "failure_rate", "n"]].values.tolist() == [[2, 1, 0.5, 1]]
@@ -567,7 +570,7 @@ def test_lr_grid_figures_and_tables(tmp_path):
 
     one_depth = load_sweep(sweep_dir)
     one_depth.runs = one_depth.runs[one_depth.runs["depth"] == 2]
-    for name in ("stability_frontier", "lr_depth_heatmap", "lr_sensitivity_vs_depth", "failure_rate"):
+    for name in [n for n, needs in plots.NEEDS.items() if "depths" in needs]:
         assert plots.FIGURES[name](one_depth, tmp_path / f"{name}.png") is None, name
         assert not (tmp_path / f"{name}.png").exists()
 
@@ -575,9 +578,18 @@ def test_lr_grid_figures_and_tables(tmp_path):
 # ---------------------------------------------------------------------------------- figures, report
 
 
-#: the figures of the standard fake sweep: one learning rate, so none of the LR-grid figures
-FAKE_FIGURES = ["depth_vs_val_loss.png", "failure_rate.png", "loss_curves.png", "layer_profiles.png",
-                "coord_check.png"]
+#: what the standard fake sweep holds (analysis.plots.NEEDS): one learning rate and no spike or monitor
+#: data, so none of the LR-grid figures, spike_rate or monitor_profiles
+FAKE_SWEEP_HAS = ("depths", "probes")
+
+
+def _fake_figures():
+    from analysis import plots
+
+    return [f"{name}.png" for name in plots.drawable(FAKE_SWEEP_HAS)]
+
+
+FAKE_FIGURES = _fake_figures()
 
 
 def test_report_writes_every_file(report):
@@ -640,7 +652,7 @@ def test_figures_skip_without_data_and_report_says_so(tmp_path, caplog):
     assert plots.layer_profiles(load_sweep(sweep_dir), out / "x.png") is None
     assert "no run wrote layers.parquet" in caplog.text
     written = make_report(sweep_dir, out)
-    assert [p.name for p in written] == ["summary.csv", "depth_vs_val_loss.png", "loss_curves.png",
+    assert [p.name for p in written] == ["summary.csv", *(f"{n}.png" for n in plots.drawable(())),
                                          "seed_summary.csv", "report.md"]
     assert not (out / "layer_profiles.png").exists() and not (out / "x.png").exists()
     text = (out / "report.md").read_text()
@@ -739,12 +751,12 @@ def build_outcome_sweep(root: Path) -> Path:
 
 
 def test_failure_rate_per_depth_with_wilson_bounds_by_hand(tmp_path):
-    from analysis import plots
+    from analysis import figures_stability
     from analysis.load import load_sweep
     from analysis.report import make_report
 
     sweep = load_sweep(build_outcome_sweep(tmp_path))
-    found = plots._failure_table(sweep)
+    found = figures_stability._failure_table(sweep)
     assert found is not None
     table = found[1].set_index(["variant", "depth"])
     post2, post4 = table.loc[("post", 2)], table.loc[("post", 4)]
@@ -804,7 +816,7 @@ def test_spike_rate_figure_drawn_from_spike_data_and_skipped_without(tmp_path, c
 
 
 def test_profiles_draw_every_recorded_quantity(tmp_path):
-    from analysis import plots
+    from analysis import figures_layers, plots
     from analysis.load import load_sweep
 
     sweep_dir = tmp_path / "monitor"
@@ -816,7 +828,7 @@ def test_profiles_draw_every_recorded_quantity(tmp_path):
         store_run(sweep_dir, f"pre-{depth}", variant="pre", depth=depth, outcome="trained", layers=layers)
     sweep = load_sweep(sweep_dir)
     monitor = ["update_grad_cos", "attn_entropy_mean", "dyt_alpha"]
-    rows = plots._profile_rows(sweep, monitor)
+    rows = figures_layers._profile_rows(sweep, monitor)
     assert sorted(set(rows["quantity"])) == ["attn_entropy_mean", "update_grad_cos"]
     cos = rows[(rows["quantity"] == "update_grad_cos") & rows["run_dir"].str.endswith("pre-2")]
     assert sorted(set(cos["step"])) == [0, 9]  # the first and the last logged step

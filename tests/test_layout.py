@@ -30,6 +30,22 @@ def test_no_function_is_longer_than_80_lines():
     assert not long, long
 
 
+MAX_MODULE_LINES = 600
+
+
+def test_no_module_is_longer_than_600_lines_unless_it_is_a_data_table():
+    """A reader takes a module in at one sitting; a longer one must say in its docstring that it is a
+    data table and why."""
+    long = []
+    for path in _sources(*PACKAGES):
+        text = path.read_text()
+        doc = ast.get_docstring(ast.parse(text)) or ""
+        if text.count("\n") > MAX_MODULE_LINES and "data table" not in " ".join(doc.split()):
+            long.append(f"{path.relative_to(ROOT)} ({text.count(chr(10))} lines): split it by topic, or say in "
+                        "its docstring that it is a data table and why")
+    assert not long, long
+
+
 @pytest.mark.parametrize("pattern, home", [
     (r"^def atomic_write\(", ["resnorm/runs/folder.py"]),
     (r"^def read_summary\(", ["resnorm/runs/folder.py"]),

@@ -42,7 +42,8 @@ def test_fit_is_bit_for_bit_the_loop_it_replaced(name, tmp_path):
     """tests/data/loop_reference.json was recorded with the pre-``fit`` loop (commit 2f7e2b5, one
     thread, CPU; per machine, see :func:`_reference`): per-step train loss and gradient norm, every per-layer probe value, and the
     validation losses (those of the z-loss case differ by design: the validation loss is now the
-    cross-entropy alone)."""
+    cross-entropy alone). The resi_dual case runs with ``model.resi_dual_eps=1e-5``: the dual-stream norm
+    took ``model.norm_eps`` (1e-5) when it was recorded; its default is now the authors' 1e-7."""
     ref = _reference(name)
     cfg = compose(*TINY, *ref["overrides"], "train.steps=8", "train.eval_every=4", "train.probe_every=3",
                   "train.threads=1")

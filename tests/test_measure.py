@@ -228,18 +228,24 @@ def test_periodic_probes_land_in_layers_parquet(tmp_path):
 
     cfg = compose(*TINY, "depth=2", "train.probe_every=4")  # 6 steps: probes at steps 0, 4 and the last (5)
     train(cfg, JobInfo(run_dir=tmp_path, run_name="r", group="t", overrides=[]))
+    from resnorm.runs.quantities import QUANTITIES, SUBLAYERS, by_probe
+
     layers = pd.read_parquet(tmp_path / "layers.parquet")
-    probes = layers[layers.quantity.isin(["act_rms", "branch_ratio", "update_ratio", "max_attn_logit"])]
-    assert set(probes.quantity) == {"act_rms", "branch_ratio", "update_ratio", "max_attn_logit"}
+    activation = by_probe("ActivationProbe")
+    probes = layers[layers.quantity.isin(activation)]
+    assert set(probes.quantity) == set(activation)
     assert sorted(probes.step.unique()) == [0, 4, 5]
-    for q in ("act_rms", "branch_ratio", "update_ratio"):
-        v = probes[probes.quantity == q]
-        assert len(v) == 3 * 2 * 2 and (v.value > 0).all(), q
-    logits = probes[probes.quantity == "max_attn_logit"]
-    assert logits[logits.sublayer == "attn"].value.gt(0).all() and logits[logits.sublayer == "mlp"].value.isna().all()
+    for q in activation:
+        v, only = probes[probes.quantity == q], QUANTITIES[q].sublayers
+        if only == SUBLAYERS:
+            assert len(v) == 3 * 2 * 2 and (v.value > 0).all(), q
+        else:  # max_attn_logit: attention only, NaN on the MLP rows
+            assert v[v.sublayer.isin(only)].value.gt(0).all() and v[~v.sublayer.isin(only)].value.isna().all(), q
     off = compose(*TINY, "depth=2", "train.probe_every=0")
     train(off, JobInfo(run_dir=tmp_path / "off", run_name="r", group="t", overrides=[]))
-    every_step = {"grad_norm", "param_norm", "adam_m_norm", "adam_v_norm"}  # log_every, not probe_every
+    # log_every, not probe_every: what every variant has under the default optimizer (AdamW)
+    every_step = {q.name for q in QUANTITIES.values()
+                  if q.cadence == "log_every" and q.where in ("every variant", "`optim=adamw`")}
     assert set(pd.read_parquet(tmp_path / "off" / "layers.parquet").quantity) == every_step
 
 

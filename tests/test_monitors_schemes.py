@@ -13,7 +13,8 @@ import torch
 from conftest import TINY, compose
 from resnorm.model.transformer import build_model
 from resnorm.monitors.schemes import (SchemeForwardProbe, SchemeParamProbe, col_gain, composites, gain_stats,
-                                      residual_maps, row_gain, scheme_probes)
+                                      residual_maps, row_gain, scheme_probes, share_entropy, share_stats,
+                                      stream_shares, stream_states)
 from resnorm.model.multistream import sinkhorn
 
 
@@ -48,7 +49,7 @@ def test_doubly_stochastic_products_have_gain_exactly_one():
     stats = gain_stats([a, b, p, a])
     assert torch.equal(stats, torch.ones(4, 4))
     # Sinkhorn's output (rows exactly 1, columns to its tolerance): every composite stays at 1
-    ds = [sinkhorn(torch.randn(4, 4, generator=torch.Generator().manual_seed(i), dtype=torch.float64), 50)
+    ds = [sinkhorn(torch.randn(4, 4, generator=torch.Generator().manual_seed(i), dtype=torch.float64), 50, eps=0.0)
           for i in range(12)]
     assert gain_stats(ds).sub(1).abs().max().item() < 1e-6
 
@@ -86,9 +87,12 @@ def test_hc_at_init_is_the_identity_and_mhc_doubly_stochastic():
     for variant in ("hyper", "hyper_dynamic"):
         _, model = _model(variant)
         stats = SchemeForwardProbe(model, 1).before_update(_batch())
-        assert torch.equal(stats, torch.ones(4, 4)), variant
+        assert torch.equal(stats[:4], torch.ones(4, 4)), variant  # the gains
+        # the n = 4 streams are equal copies at init: shares 1, entropy ln 4
+        assert torch.allclose(stats[5:], torch.ones(4, 4)) and torch.allclose(stats[4], torch.full((4,), math.log(4)))
     _, model = _model("mhc")
-    assert SchemeForwardProbe(model, 1).before_update(_batch()).sub(1).abs().max() < 1e-3
+    stats = SchemeForwardProbe(model, 1).before_update(_batch())
+    assert stats[:4].sub(1).abs().max() < 1e-3 and stats[5:].sub(1).abs().max() < 1e-5
 
 
 def test_dynamic_gains_are_per_token_then_averaged():
@@ -186,6 +190,48 @@ def test_value_lambdas_learned_only():
     assert stats[:, 2].tolist() == pytest.approx([0.1, 0.2]) and stats[:, 4].tolist() == pytest.approx([0.3, 0.4])
 
 
+def test_stream_shares_and_entropy_on_hand_built_streams():
+    """Balanced streams: every share 1, entropy ln n; one stream carrying everything: share sqrt(n), the
+    dead ones 0, entropy 0; energies 9 : 16 (stream RMS 3 and 4): shares 3 and 4 over sqrt(12.5)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 8, generator=g, dtype=torch.float64)
+    balanced = torch.stack([x, -x, x.flip(-1), x.roll(1, -1)])  # equal RMS, different content
+    assert stream_shares(balanced).tolist() == pytest.approx([1.0] * 4)
+    assert share_entropy(stream_shares(balanced)).item() == pytest.approx(math.log(4))
+    alone = torch.stack([torch.zeros_like(x), 3 * x, torch.zeros_like(x)])
+    assert stream_shares(alone).tolist() == pytest.approx([0.0, math.sqrt(3), 0.0])
+    assert share_entropy(stream_shares(alone)).item() == 0.0
+    ones = torch.ones(2, 4, 6, dtype=torch.float64)
+    two = torch.stack([3 * ones, 4 * ones])
+    assert stream_shares(two).tolist() == pytest.approx([3 / math.sqrt(12.5), 4 / math.sqrt(12.5)])
+    p = torch.tensor([9 / 25, 16 / 25], dtype=torch.float64)
+    assert share_entropy(stream_shares(two)).item() == pytest.approx(-(p * p.log()).sum().item())
+    alone4 = torch.zeros(4, 2, 5, 8, dtype=torch.float64)
+    alone4[2] = 3 * x
+    stats = share_stats([balanced, alone4])  # two sublayers, columns
+    assert stats.shape == (5, 2) and stats[0].tolist() == pytest.approx([math.log(4), 0.0])
+    assert stats[1:, 1].tolist() == pytest.approx([0.0, 0.0, 2.0, 0.0])
+
+
+@pytest.mark.parametrize("variant", ["hyper", "hyper_dynamic", "mhc"])
+def test_stream_share_rows_read_the_streams_each_connection_returns(variant):
+    """One row per stream after the entropy, per sublayer; the values are those of the streams H the
+    connection returned (hooked in the same forward as the gains)."""
+    _, model = _model(variant, "model.hc_streams=3")
+    _randomise(model)
+    probe = SchemeForwardProbe(model, 1)
+    assert probe.quantities_before[4:] == ("hc_stream_entropy", "hc_stream_share_0", "hc_stream_share_1",
+                                           "hc_stream_share_2")
+    x = _batch()
+    stats = probe.before_update(x)
+    assert stats.shape == (4 + 1 + 3, 4)
+    with torch.no_grad():
+        model.eval()
+        _, outs = stream_states(model, x)
+    want = share_stats(outs)
+    assert torch.allclose(stats[4:], want) and (stats[5:].pow(2).mean(0) - 1).abs().max() < 1e-5
+
+
 def test_builder_and_cadence():
     cfg, model = _model("mhc", "train.probe_every=5", "train.log_every=2")
     (probe,) = scheme_probes(model, cfg.train)
@@ -225,11 +271,17 @@ def test_rows_reach_layers_parquet_and_wandb(tmp_path):
         assert sorted(set(rows.step)) == [0, 2, 3] and len(rows) == 3 * 4, q
         assert rows.value.map(math.isfinite).all() and (rows[rows.step == 0].value == 1.0).all()
     assert (t[(t.quantity == "hc_composite_row_gain") & (t.step == 3)].value != 1.0).any()  # it trained
+    for q in ("hc_stream_entropy",) + tuple(f"hc_stream_share_{s}" for s in range(4)):  # n = 4 streams
+        rows = t[t.quantity == q]
+        assert sorted(set(rows.step)) == [0, 2, 3] and len(rows) == 3 * 4 and rows.value.map(math.isfinite).all(), q
     (wb,) = (tmp_path / "hc" / "wandb").glob("offline-run-*/run-*.wandb")
     history = read_run(wb)["history"]
     logged = [h["hc_composite_row_gain/attn/000"] for h in history if "hc_composite_row_gain/attn/000" in h]
     stored = t[(t.quantity == "hc_composite_row_gain") & (t.layer == 0) & (t.sublayer == "attn")]
     assert logged == pytest.approx(stored.sort_values("step").value.tolist())
+    logged = [h["hc_stream_share_0/mlp/001"] for h in history if "hc_stream_share_0/mlp/001" in h]
+    stored = t[(t.quantity == "hc_stream_share_0") & (t.layer == 1) & (t.sublayer == "mlp")]
+    assert logged == pytest.approx(stored.sort_values("step").value.tolist()) and len(logged) == 3
 
     cfg = compose(*TINY, "depth=2", "model.norm=denseformer", "train.steps=3", "name=schemes")
     train(cfg, JobInfo(tmp_path / "dense", "dense", "schemes", []))

@@ -169,7 +169,7 @@ def test_run_store_rows_round_trip_through_a_checkpoint_state(tmp_path):
 def test_analysis_uses_the_one_format():
     import analysis.load
     import analysis.metrics
-    import analysis.plots
+    import analysis.canvas
     import analysis.report
     import resnorm.train.checkpoint
     import resnorm.sweep.plan
@@ -178,7 +178,7 @@ def test_analysis_uses_the_one_format():
     assert not hasattr(analysis.load, "STATUSES")
     assert analysis.metrics.EXCLUDED_STATUSES == tuple(s for s in STATUSES if s not in DONE)
     assert analysis.load.read_summary is resnorm.sweep.plan.read_summary is resnorm.train.job.read_summary is read_summary
-    assert analysis.report.atomic_write is analysis.plots.atomic_write is resnorm.train.checkpoint.atomic_write is atomic_write
+    assert analysis.report.atomic_write is analysis.canvas.atomic_write is resnorm.train.checkpoint.atomic_write is atomic_write
     assert resnorm.train.job.DONE is resnorm.sweep.plan.DONE is DONE
     root = Path(rf.__file__).resolve().parent.parent
     for gone in ("resnorm/store.py", "analysis/files.py"):  # the format's old second homes

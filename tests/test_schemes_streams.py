@@ -94,32 +94,41 @@ def ref_hyper(model, x):
     return N(sum(Hs), model.final_norm)
 
 
-def ref_sinkhorn(logits, iters):
-    """exp, rows (over sources) normalised, then ``iters`` x (columns, rows)."""
+def ref_sinkhorn(logits, iters, eps=1e-6):
+    """DeepSeek's reference order in our [target, source] layout: exp normalised over the targets
+    (columns) + eps, then rows (over the sources), then ``iters - 1`` x (columns, rows); denominators + eps."""
     m = torch.exp(logits)
-    m = m / m.sum(-1, keepdim=True)
-    for _ in range(iters):
-        m = m / m.sum(-2, keepdim=True)
-        m = m / m.sum(-1, keepdim=True)
+    m = m / m.sum(-2, keepdim=True) + eps
+    m = m / (m.sum(-1, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        m = m / (m.sum(-2, keepdim=True) + eps)
+        m = m / (m.sum(-1, keepdim=True) + eps)
     return m
 
 
 def ref_mhc(model, x):
-    """Xie et al.: x~ = RMSNorm(vec H) (no gain); H_pre = sigmoid(b + a x~ phi_pre), H_post =
-    2 sigmoid(b + a x~ phi_post), H_res = Sinkhorn(b + a mat(x~ phi_res)); H <- H_res H + H_post F(LN(H_pre H))."""
+    """Xie et al.: x~ = RMSNorm(vec H) (no gain); H_pre = sigmoid(b + a x~ phi_pre) + 1e-6, H_post =
+    2 sigmoid(b + a x~ phi_post), H_res = Sinkhorn(b + a mat(x~ phi_res)); H <- H_res H + H_post F(LN(H_pre H));
+    the head reads LN(sum_s m_s H_s), m = sigmoid(c x~ phi_head + b_head) + 1e-6 (DeepSeek's mhc_head)."""
     conns = model.stream_params
     n, iters = conns.n, cfg_iters(model)
     Hs = [x] * n
     for (sub, fn), c in zip(_sublayers(model), conns.layers):
         flat = torch.cat(Hs, dim=-1)
-        xt = flat / torch.sqrt((flat ** 2).mean(-1, keepdim=True) + 1e-6)
+        xt = flat / torch.sqrt((flat ** 2).mean(-1, keepdim=True) + model.shape.norm_eps)
         z = xt @ c.phi
-        pre = torch.sigmoid(c.b_pre + c.scales[0] * z[..., :n])
+        pre = torch.sigmoid(c.b_pre + c.scales[0] * z[..., :n]) + 1e-6
         post = 2 * torch.sigmoid(c.b_post + c.scales[1] * z[..., n:2 * n])
         res = ref_sinkhorn(c.b_res + c.scales[2] * z[..., 2 * n:].reshape(*z.shape[:-1], n, n), iters)
         f = fn(N(sum(pre[..., s:s + 1] * Hs[s] for s in range(n)), sub.pre_norm), sub.branch)
         Hs = [sum(res[..., t, s:s + 1] * Hs[s] for s in range(n)) + post[..., t:t + 1] * f for t in range(n)]
-    return N(sum(Hs), model.final_norm)
+    head = conns.head
+    if head is None:
+        return N(sum(Hs), model.final_norm)
+    flat = torch.cat(Hs, dim=-1)
+    xt = flat / torch.sqrt((flat ** 2).mean(-1, keepdim=True) + model.shape.norm_eps)
+    m = torch.sigmoid(head.scale * (xt @ head.phi) + head.bias) + 1e-6
+    return N(sum(m[..., s:s + 1] * Hs[s] for s in range(n)), model.final_norm)
 
 
 def cfg_iters(model):
@@ -206,7 +215,8 @@ def test_mhc_residual_mixing_is_doubly_stochastic():
     Hs = torch.randn(4, 2, 8, 16, dtype=torch.float64)
     _, post, res = c.weights(Hs)
     assert (res > 0).all() and (post > 0).all() and (post < 2).all()
-    torch.testing.assert_close(res.sum(-1), torch.ones_like(res.sum(-1)))  # rows exactly (last step)
+    # rows up to the denominator's eps (the last step: s / (s + 1e-6)), columns to Sinkhorn's tolerance
+    torch.testing.assert_close(res.sum(-1), torch.ones_like(res.sum(-1)), atol=2e-6, rtol=0)
     torch.testing.assert_close(res.sum(-2), torch.ones_like(res.sum(-2)), atol=1e-3, rtol=0)  # columns after 20
 
 
@@ -304,7 +314,8 @@ def test_peer_xtransformers_mhc():
     2 sigmoid(static_beta + s * 2 sigmoid(N(H) w)), H_res = sinkhorn(static + dynamic).
 
     - Its ``sinkhorn`` (softmax over the sources, then iters x (rows, columns) in its (source, target)
-      layout) equals ours on a real n x n matrix, compared directly.
+      layout) starts over the other axis than ours (DeepSeek's reference: over the targets, with eps);
+      with eps = 0 and enough iterations both reach the same doubly stochastic matrix, compared directly.
     - Departure (a bug in 2.31.10): ``rearrange(alpha[..., views:], '... (s1 s2) -> ... s1 s2', s2=n)``
       is applied to a last axis of size n, so s1 = 1 and Sinkhorn runs on 1 x n rows; the result is
       the all-ones matrix and every stream becomes the sum of all streams (H_res = 1 1^T, not doubly
@@ -317,8 +328,9 @@ def test_peer_xtransformers_mhc():
     from resnorm.model.multistream import sinkhorn
 
     logits = torch.randn(3, n, n, generator=torch.Generator().manual_seed(4))
-    torch.testing.assert_close(sinkhorn(logits, iters), xt.sinkhorn(logits.transpose(-1, -2), iters).transpose(-1, -2),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sinkhorn(logits.double(), 300, eps=0.0),
+                               xt.sinkhorn(logits.double().transpose(-1, -2), 300).transpose(-1, -2),
+                               rtol=0, atol=1e-6)  # x-transformers computes in float32
     model = _small("mhc", f"model.hc_streams={n}", f"model.mhc_sinkhorn_iters={iters}").float()
     conn, sub = model.stream_params.layers[k], model.sublayers()[k]
     peer = xt.HyperConnection(16, layer_index=k, num_residual_streams=n, sinkhorn_iters=iters)

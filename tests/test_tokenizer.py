@@ -51,7 +51,7 @@ def test_a_sweep_that_mixes_tokenizers_is_compared_in_bits_per_byte(tmp_path):
 
     from analysis.load import load_sweep
     from analysis.metrics import loss_column
-    from analysis.plots import depth_vs_val_loss, loss_curves
+    from analysis.figures_loss import depth_vs_val_loss, loss_curves
 
     sweep = tmp_path / "mixed"
     def edit(run_dir, **changes):

@@ -137,7 +137,9 @@ class ModelConfig:
     vocab_size: int = key(256, "vocabulary size (256: byte-level tokens)", range=POSITIVE)
     norm_layer: Optional[str] = key(None, "null: the variant's own norm layer; else this one in every norm slot "
                                           "(rejected for a variant without norms)")
-    norm_eps: float = key(1e-5, "epsilon of every norm layer", range=POSITIVE)
+    norm_eps: float = key(1e-5, "epsilon of every norm layer (q/k norms, mHC's RMSNorm of vec H and AttnRes' "
+                                "RMSNorm included) but ResiDual's dual-stream norm (model.resi_dual_eps)",
+                          range=POSITIVE)
     activation: str = key("gelu", "MLP activation", choices=ACTIVATIONS)
     bias: bool = key(True, "biases in the linear layers")
     tie_weights: bool = key(False, "tie the LM head to the token embedding")
@@ -149,6 +151,9 @@ class ModelConfig:
                             range=POSITIVE, variant_option=True)
     resi_dual_scale: float = key(1.0, "resi_dual: scale s of the dual stream (s < 1 keeps fp16 in range)",
                                  range=interval("(0, 1]"), variant_option=True)
+    resi_dual_eps: float = key(1e-7, "resi_dual: epsilon of the dual-stream norm LN(y) (the authors' code, "
+                                     "microsoft/ResiDual: 1e-7, applied to the s-scaled y)", range=POSITIVE,
+                               variant_option=True)
     admin_mode: str = key("profile", "admin: profile (omega from one batch of the training data) | "
                                      "closed_form (omega_i = sqrt(i))", variant_option=True)
     depth_scale_a: float = key(1.0, "depth_scaled: branch multiplier a / sqrt(depth)", range=POSITIVE,
@@ -170,8 +175,13 @@ class ModelConfig:
                                               "instead of the fixed 0.5 / 0.5", variant_option=True)
     hc_streams: int = key(4, "hyper, hyper_dynamic, mhc: number of residual streams n", range=POSITIVE,
                           variant_option=True)
-    mhc_sinkhorn_iters: int = key(20, "mhc: Sinkhorn-Knopp iterations of H_res (the paper's t_max = 20)",
+    mhc_sinkhorn_iters: int = key(20, "mhc: Sinkhorn-Knopp iterations of H_res (the paper's t_max = 20; DeepSeek's "
+                                      "sinkhorn_repeat: softmax over the targets, then the sources, then "
+                                      "iters - 1 x (targets, sources))",
                                   range=POSITIVE, variant_option=True)
+    mhc_head: str = key("mix", "mhc: how the head reads the n streams: mix (DeepSeek's mhc_head, a learned "
+                               "sigmoid-weighted sum with its own projection, scale and bias) | sum (the plain "
+                               "sum, as hyper)", choices=("mix", "sum"), variant_option=True)
     objective: str = key("clm", "clm: causal (decoder-only) next-token LM; mlm: bidirectional encoder, BERT's masked-"
                                 "token objective (resnorm.train.objectives; DeepNorm then takes its encoder constants)",
                          choices=OBJECTIVES, variant_option=True)

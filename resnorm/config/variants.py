@@ -19,7 +19,9 @@ Variant parameters a user may change (Mix-LN's fraction, DyT's alpha0, ...) arri
 in :mod:`resnorm.config.schema` (declared there once). The full table, with each
 paper's equation and the choices made where a paper is ambiguous, is in ``docs/variants.md``.
 
-This module imports no torch, so configs can be validated before anything heavy is loaded.
+This module imports no torch, so configs can be validated before anything heavy is loaded. It is a data
+table (one record per variant, with its paper) and longer than the other modules for that reason: splitting
+the records by paper would scatter the one list a reader scans to compare schemes.
 """
 
 from __future__ import annotations
@@ -30,20 +32,21 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from resnorm.config.schema import variant_option_fields
 
-RESIDUALS = ("identity", "none", "orthogonal")  # orthogonal: Oh et al.
-#: How the layers are threaded (the stream function Transformer.hidden runs; see the module docstring):
+RESIDUALS = ("identity", "none", "orthogonal")  # orthogonal: the orthogonal residual update (Oh et al.)
+#: How the layers are threaded, declared once (read in resnorm.model.transformer.Transformer.hidden, nowhere
+#: else; its dict ``STREAMS`` holds one function per name, in this order, and a test checks the two agree):
 #: - ``single``: one residual stream, x_{i+1} = Sublayer_i(x_i);
 #: - ``b2t``: as ``single``, and the MLP sublayer of every layer also adds the layer's input x_l to
 #:   its sum before its last norm (Takase et al.'s bottom-to-top connection);
 #: - ``dual``: ResiDual's two streams, a Post-LN stream x and an un-normalised stream y that
-#:   accumulates every branch output; the head reads x_L + N_final(y_L).
-#: - the multi-stream schemes (resnorm.model.multistream): ``value_residual`` (ResFormer's V' = l1 V_1 + l2 V_n), ``dense``
-#:   (DenseFormer's depth-weighted averages), ``hyper`` / ``hyper_dynamic`` / ``mhc`` (n streams).
-STREAMS = ("single", "b2t", "dual") + ("value_residual", "dense", "hyper", "hyper_dynamic", "mhc")
-#: - attnres (resnorm.model.attnres): ``attnres`` / ``attnres_block`` (softmax attention over depth)
-STREAMS = STREAMS + ("attnres", "attnres_block")  # attnres
-#: - ngpt (resnorm.model.ngpt): the hypersphere stream h <- Norm(h + alpha (Norm(F(h)) - h))
-STREAMS = STREAMS + ("ngpt",)  # nGPT
+#:   accumulates every branch output; the head reads x_L + N_final(y_L);
+#: - multi-stream and cross-layer residuals (resnorm.model.multistream): ``value_residual`` (ResFormer's
+#:   V' = l1 V_1 + l2 V_n), ``dense`` (DenseFormer's depth-weighted averages), ``hyper`` /
+#:   ``hyper_dynamic`` / ``mhc`` (Hyper-Connections and mHC: n streams);
+#: - Attention Residuals (resnorm.model.attnres): ``attnres`` / ``attnres_block`` (softmax attention over depth);
+#: - nGPT (resnorm.model.ngpt): ``ngpt``, the hypersphere stream h <- Norm(h + alpha (Norm(F(h)) - h)).
+STREAMS = ("single", "b2t", "dual", "value_residual", "dense", "hyper", "hyper_dynamic", "mhc", "attnres",
+           "attnres_block", "ngpt")
 #: Norm layers behind resnorm.model.norms.make_norm; ``none`` marks a variant without any norm (ReZero).
 NORM_LAYERS = ("layernorm", "rmsnorm", "scalenorm", "dyt", "derf")
 ADMIN_MODES = ("profile", "closed_form")
@@ -75,7 +78,8 @@ class SublayerSpec:
     (init 1) before the output projection (NormFormer); ``qkv_norm``: a norm of the norm layer's kind
     on q, k and v, each over a head's d_head (one norm per q, k, v, shared by the heads), after the
     split into heads (HybridNorm's official code); ``inner_norm``: a
-    norm of width d_ff after the MLP's activation (NormFormer).
+    norm inside the branch before its output projection: in the MLP of width d_ff after the activation
+    (NormFormer, Sub-LN), in attention of width d_model on the concatenated heads (Sub-LN).
     """
 
     pre_norm: bool = False
@@ -176,6 +180,10 @@ class Variant:
     param_group_scales: Optional[Callable[[int, VariantOptions], Dict[str, Tuple[float, float]]]] = None
     #: the name of a hook in resnorm.train.variant_optim.POST_STEP run after every optimizer step (nGPT's renormalisation)
     post_step: Optional[str] = None
+    #: opts -> the final norm's epsilon where the variant's authors fix it apart from ``model.norm_eps``
+    #: (ResiDual's dual-stream norm: ``model.resi_dual_eps``, 1e-7 in microsoft/ResiDual); None: norm_eps
+    final_norm_eps: Optional[Callable[[VariantOptions], float]] = None
+
     def __post_init__(self):
         if self.stream not in STREAMS:
             raise ValueError(f"{self.name}: stream={self.stream!r}: choose one of {', '.join(STREAMS)}")
@@ -445,9 +453,11 @@ register(Variant(
     title="ResiDual (Xie et al. 2023, ResiDual: Transformer with Dual Residual Connections)",
     citation="arXiv:2304.14802",
     equation="x <- LN(x + F(x)) and y <- y + s * F(x) per sublayer, y_0 = s * x_0; "
-             "head reads x_L + LN(y_L); s = model.resi_dual_scale (1)",
+             "head reads x_L + LN_eps'(y_L); s = model.resi_dual_scale (1), eps' = model.resi_dual_eps (1e-7, "
+             "the authors' code)",
     sublayer=lambda layer, depth, opts: POST,
     stream="dual",
+    final_norm_eps=lambda opts: opts.resi_dual_eps,
 ))
 
 register(Variant(
@@ -541,6 +551,25 @@ register(Variant(
     sublayer=_hybridnorm,
     init="Xavier-normal (model.init; the paper recommends Megatron-style init, model.init=gpt2 is close)",
 ))
+
+
+def magneto_gain(depth: int, opts: VariantOptions) -> float:
+    """Magneto's init gain sqrt(log 2N) (Wang et al., arXiv:2210.06423; torchscale's ``subln`` init for an
+    encoder-only or decoder-only stack of N layers), on v, out, fc1 and fc2."""
+    return math.sqrt(math.log(2.0 * depth))
+
+
+register(Variant(
+    name="subln",
+    title="Sub-LN (Wang et al. 2022, Foundation Transformers (Magneto))",
+    citation="arXiv:2210.06423",
+    equation="x <- x + W_o LN(MHA(LN(x))) (LN on the concatenated heads); x <- x + W_2 LN(GELU(W_1 LN(x))); "
+             "final LN",
+    sublayer=lambda layer, depth, opts: SublayerSpec(pre_norm=True, inner_norm=True),
+    init="Xavier-normal; v, out, fc1, fc2 gain sqrt(log(2L)) (torchscale's subln=True); LN gains 1",
+    branch_gain=magneto_gain,
+))
+
 # --- nGPT, CompleteP, Derf ---
 # Equations, inits and the choices where a paper is ambiguous: docs/variants.md; tests:
 # tests/test_schemes_ngpt.py (float64 references, init, renormalisation, peers).
@@ -565,7 +594,7 @@ register(Variant(
     title="nGPT (Loshchilov, Hsieh, Sun & Ginsburg 2024, nGPT: Normalized Transformer with Representation "
           "Learning on the Hypersphere)",
     citation="arXiv:2410.01131",
-    equation="h <- Norm(h + alpha_A (Norm(Attn(h)) - h)); h <- Norm(h + alpha_M (Norm(MLP(h)) - h)); "
+    equation="h <- Norm(h + |alpha_A| (Norm(Attn(h)) - h)); h <- Norm(h + |alpha_M| (Norm(MLP(h)) - h)); "
              "Norm(x) = x/||x||; q, k L2-normed per head times s_qk, softmax scale sqrt(d_head); SwiGLU "
              "with s_u, s_v sqrt(d); logits s_z E h; every matrix renormalised after each step; no norm layers",
     sublayer=lambda layer, depth, opts: SublayerSpec(),
@@ -698,4 +727,4 @@ def variant_table() -> List[dict]:
 __all__ = ["SublayerSpec", "Variant", "VariantOptions", "VARIANTS", "STREAMS", "NORM_LAYERS", "ADMIN_MODES",
            "register", "get_variant", "deepnorm_constants", "deepnorm_alpha", "deepnorm_beta", "deepnorm_stack",
            "admin_omega_closed_form", "mixln_post_layers", "lns_scale", "variant_table",
-           "layerscale_init", "keel_alpha", "completep_multiplier", "completep_group_scales"]
+           "layerscale_init", "keel_alpha", "magneto_gain", "completep_multiplier", "completep_group_scales"]

@@ -67,20 +67,21 @@ class ModelShape:
             qk_norm=bool(m.qk_norm), z_loss=float(m.z_loss), **_attention_options(m), causal=causal,
         )
 
-    def norm(self, d: Optional[int] = None) -> nn.Module:
-        """A fresh norm layer of the configured kind, of width ``d`` (default d_model)."""
-        return make_norm(self.norm_layer, d or self.d_model, self.norm_eps, self.options.dyt_alpha0,
-                         self.options.derf_alpha0)
+    def norm(self, d: Optional[int] = None, eps: Optional[float] = None) -> nn.Module:
+        """A fresh norm layer of the configured kind, of width ``d`` (default d_model), epsilon ``eps``
+        (default ``model.norm_eps``)."""
+        return make_norm(self.norm_layer, d or self.d_model, self.norm_eps if eps is None else eps,
+                         self.options.dyt_alpha0, self.options.derf_alpha0)
 
     def attention(self, spec: Optional[SublayerSpec] = None) -> "Attention":
         """A fresh attention branch with the configured options (qk-norm, gate, soft-cap) and the
-        spec's branch features (head scales, QKV-norm)."""
+        spec's branch features (head scales, QKV-norm, the inner norm before W_o)."""
         spec = spec or SublayerSpec()
         attn = Attention(self.d_model, self.n_heads, self.bias, self.qk_norm, self.norm_eps,
                          qk_norm_axis=self.qk_norm_axis, qk_norm_kind=self.qk_norm_kind,
                          gate=self.attn_gate, softcap=self.attn_softcap, head_scale=spec.head_scale,
                          qkv_norms=tuple(self.norm(self.d_model // self.n_heads) for _ in range(3))
-                         if spec.qkv_norm else None)
+                         if spec.qkv_norm else None, inner_norm=self.norm() if spec.inner_norm else None)
         attn.causal = self.causal
         return attn
 
@@ -158,7 +159,8 @@ class Attention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, bias: bool, qk_norm: bool = False, eps: float = 1e-5, *,
                  qk_norm_axis: str = "head", qk_norm_kind: str = "layernorm", gate: bool = False,
                  softcap: Optional[float] = None, head_scale: bool = False,
-                 qkv_norms: Optional[Tuple[nn.Module, nn.Module, nn.Module]] = None):
+                 qkv_norms: Optional[Tuple[nn.Module, nn.Module, nn.Module]] = None,
+                 inner_norm: Optional[nn.Module] = None):
         super().__init__()
         if qk_norm_axis not in QK_NORM_AXES:
             raise ValueError(f"qk_norm_axis={qk_norm_axis!r}: choose one of {', '.join(QK_NORM_AXES)}")
@@ -177,6 +179,7 @@ class Attention(nn.Module):
         self.softcap = softcap
         self.head_scale = nn.Parameter(torch.ones(n_heads)) if head_scale else None
         self.qkv_norms = nn.ModuleList(qkv_norms) if qkv_norms is not None else None
+        self.inner_norm = inner_norm  # Sub-LN: a norm on the concatenated heads, before W_o
         self.value_hook = None  # set by the value_residual stream for one call (V -> V')
         self.softmax_scale: Optional[float] = None  # nGPT's attention scale: None = 1/sqrt(d_head), SDPA's default
         self.key_mask: Optional[torch.Tensor] = None  # fine-tuning: (batch, T) keys visible; None: all
@@ -238,6 +241,8 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(b, t, d)
         if self.gate is not None:
             y = y * torch.sigmoid(self.gate(x))
+        if self.inner_norm is not None:
+            y = self.inner_norm(y)
         return self.out(y)
 
     def max_logit(self, x: torch.Tensor) -> torch.Tensor:
@@ -258,7 +263,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """fc2(act(fc1(x))); with ``inner_norm`` fc2(N(act(fc1(x)))) (NormFormer's FFN LN)."""
+    """fc2(act(fc1(x))); with ``inner_norm`` fc2(N(act(fc1(x)))) (NormFormer's FFN LN, Sub-LN's)."""
 
     def __init__(self, d_model: int, d_ff: int, activation: str, bias: bool,
                  inner_norm: Optional[nn.Module] = None):

@@ -136,25 +136,42 @@ class HyperConnection(nn.Module):
         return mix[1:] + beta * p.f
 
 
-def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
-    """A doubly stochastic matrix from logits (..., t, s) [target, source]: softmax over the sources
-    (exp, then each row normalised), then ``iters`` alternations of column and row normalisation."""
-    m = logits.softmax(dim=-1)
-    for _ in range(iters):
-        m = m / m.sum(dim=-2, keepdim=True)
-        m = m / m.sum(dim=-1, keepdim=True)
+#: DeepSeek's reference (deepseek-ai/TileKernels, tile_kernels/torch/mhc.py and modeling/mhc/functional.py):
+#: H_pre = sigmoid(.) + MHC_PRE_EPS (also the head's mix); Sinkhorn adds MHC_SINKHORN_EPS to the softmax and
+#: to every denominator
+MHC_PRE_EPS = 1e-6
+MHC_SINKHORN_EPS = 1e-6
+
+
+def sinkhorn(logits: torch.Tensor, iters: int, eps: float = MHC_SINKHORN_EPS) -> torch.Tensor:
+    """A doubly stochastic matrix from logits (..., t, s) [target, source], as DeepSeek's
+    ``sinkhorn_normalize_ref`` (``repeat`` = ``iters``): softmax over the targets + eps, then the sources
+    normalised (each target's row sums to 1), then ``iters - 1`` x (targets, sources); every
+    denominator + eps. With eps = 0 and many iterations it converges to the same matrix as a start
+    over the sources (both are diagonal rescalings of exp(logits))."""
+    m = logits.softmax(dim=-2) + eps
+    m = m / (m.sum(dim=-1, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        m = m / (m.sum(dim=-2, keepdim=True) + eps)
+        m = m / (m.sum(dim=-1, keepdim=True) + eps)
     return m
 
 
+def _rms_mixes(H: torch.Tensor, phi: torch.Tensor, eps: float) -> torch.Tensor:
+    """x~ phi with x~ = RMSNorm(vec H) (no gain) per token; H is (n, ..., d)."""
+    flat = H.movedim(0, -2).flatten(-2)  # (..., n d), stream-major as DeepSeek's flatten(2, 3)
+    return F.rms_norm(flat, (flat.shape[-1],), eps=eps) @ phi
+
+
 class ManifoldHyperConnection(nn.Module):
-    """mHC: x~ = RMSNorm(vec H) (no gain, eps 1e-6), per token;
-    H_pre = sigmoid(b_pre + a_pre x~ phi_pre), H_post = 2 sigmoid(b_post + a_post x~ phi_post),
+    """mHC: x~ = RMSNorm(vec H) (no gain, eps ``model.norm_eps``), per token;
+    H_pre = sigmoid(b_pre + a_pre x~ phi_pre) + 1e-6, H_post = 2 sigmoid(b_post + a_post x~ phi_post),
     H_res = Sinkhorn(b_res + a_res mat(x~ phi_res)); h = H_pre . H; H <- H_res H + H_post f.
     Init: phi = 0, a = 0.01, b_pre = e_{k mod n}, b_post = 0 (H_post = 1), b_res = I (logits)."""
 
-    def __init__(self, n: int, d: int, k: int, iters: int):
+    def __init__(self, n: int, d: int, k: int, iters: int, eps: float):
         super().__init__()
-        self.n, self.iters = n, iters
+        self.n, self.iters, self.eps = n, iters, eps
         self.b_pre = nn.Parameter(F.one_hot(torch.tensor(k % n), n).float())
         self.b_post = nn.Parameter(torch.zeros(n))
         self.b_res = nn.Parameter(torch.eye(n))
@@ -164,9 +181,8 @@ class ManifoldHyperConnection(nn.Module):
     def weights(self, H: torch.Tensor):
         """(H_pre (..., n), H_post (..., n), H_res (..., n, n) [target, source]) per token."""
         n = self.n
-        flat = H.movedim(0, -2).flatten(-2)  # (..., n d)
-        z = F.rms_norm(flat, (flat.shape[-1],), eps=1e-6) @ self.phi
-        pre = torch.sigmoid(self.b_pre + self.scales[0] * z[..., :n])
+        z = _rms_mixes(H, self.phi, self.eps)
+        pre = torch.sigmoid(self.b_pre + self.scales[0] * z[..., :n]) + MHC_PRE_EPS
         post = 2 * torch.sigmoid(self.b_post + self.scales[1] * z[..., n:2 * n])
         res = sinkhorn(self.b_res + self.scales[2] * z[..., 2 * n:].unflatten(-1, (n, n)), self.iters)
         return pre, post, res
@@ -182,28 +198,56 @@ class ManifoldHyperConnection(nn.Module):
         return torch.einsum("...ts,s...d->t...d", res, H) + post.movedim(-1, 0)[..., None] * p.f
 
 
+class ManifoldHead(nn.Module):
+    """mHC's read-out before the final norm (DeepSeek's ``mhc_head``): sum_s m_s H_s with
+    m = sigmoid(scale x~ phi + b) + 1e-6, x~ = RMSNorm(vec H) (eps ``model.norm_eps``); its own phi (n d, n),
+    scalar scale and bias b. Init phi = 0, scale 0.01, b = 0: m = 1/2 for every stream, so the final
+    norm reads (up to its epsilon) what the plain sum would give."""
+
+    def __init__(self, n: int, d: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.phi = nn.Parameter(torch.zeros(n * d, n))
+        self.scale = nn.Parameter(torch.tensor(0.01))
+        self.bias = nn.Parameter(torch.zeros(n))
+
+    def mix(self, H: torch.Tensor) -> torch.Tensor:
+        """m (..., n) per token."""
+        return torch.sigmoid(self.scale * _rms_mixes(H, self.phi, self.eps) + self.bias) + MHC_PRE_EPS
+
+    def forward(self, H: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("...s,s...d->...d", self.mix(H), H)
+
+
 class StreamConnections(nn.Module):
-    """One connection module per sublayer, bottom to top."""
+    """One connection module per sublayer, bottom to top; ``head`` reads the streams out (mHC's learned
+    mix with ``model.mhc_head=mix``; else None, the plain sum)."""
 
     def __init__(self, shape, kind: str):
         super().__init__()
         n, d, o = shape.options.hc_streams, shape.d_model, shape.options
         self.n = n
         if kind == "mhc":
-            make = lambda k: ManifoldHyperConnection(n, d, k, o.mhc_sinkhorn_iters)  # noqa: E731
+            make = lambda k: ManifoldHyperConnection(n, d, k, o.mhc_sinkhorn_iters, shape.norm_eps)  # noqa: E731
         else:
             make = lambda k: HyperConnection(n, d, k, kind == "hyper_dynamic",  # noqa: E731
                                              shape.norm() if kind == "hyper_dynamic" else None)
         self.layers = nn.ModuleList(make(k) for k in range(2 * shape.depth))
+        self.head = ManifoldHead(n, d, shape.norm_eps) if kind == "mhc" and o.mhc_head == "mix" else None
+
+    def read(self, H: torch.Tensor) -> torch.Tensor:
+        """The head's input before the final norm: the head's mix, or the sum of the streams."""
+        return H.sum(0) if self.head is None else self.head(H)
 
 
 def hyper_stream(model, x: torch.Tensor, parts: Optional[list]) -> torch.Tensor:
-    """H_0 = n copies of x0; every sublayer through its (m)HC; the head reads N_final(sum_s H_s)."""
+    """H_0 = n copies of x0; every sublayer through its (m)HC; the head reads N_final(read(H_L))
+    (the sum of the streams, or mHC's learned mix)."""
     conns = model.stream_params
     H = x.unsqueeze(0).expand(conns.n, *x.shape)
     for sub, conn in zip(model.sublayers(), conns.layers):
         H = conn(H, sub, parts)
-    return _final(model, H.sum(0))
+    return _final(model, conns.read(H))
 
 
 def stream_module(kind: str, shape) -> Optional[nn.Module]:

@@ -4,11 +4,13 @@ Every hidden state lives on the unit hypersphere and each sublayer moves it towa
 branch output by a learned, per-dimension step ("eigen learning rate")::
 
     h_0 <- Norm(E_tok[x] + E_pos[t])
-    h   <- Norm(h + alpha_A * (Norm(Attn(h)) - h))        (alpha_A in R^d, one per layer)
-    h   <- Norm(h + alpha_M * (Norm(MLP(h))  - h))        (alpha_M in R^d)
+    h   <- Norm(h + |alpha_A| * (Norm(Attn(h)) - h))      (alpha_A in R^d, one per layer)
+    h   <- Norm(h + |alpha_M| * (Norm(MLP(h))  - h))      (alpha_M in R^d)
     z    = s_z * (E_out h)                                (s_z in R^V)
 
-with ``Norm(x) = x / ||x||`` and no norm layer anywhere. Attention: q and k are L2-normalised per head
+with ``Norm(x) = x / ||x||`` and no norm layer anywhere. The step is |alpha|, as the authors' code
+(NVIDIA/ngpt model.py, ``Block.forward``: ``lr = torch.abs(lr)``) and OLMo-core; the paper's equations
+write alpha, which is the same while alpha > 0 (always at init) and not once a channel turns negative. Attention: q and k are L2-normalised per head
 and scaled by s_qk (R^d, seen as heads x d_head, shared by q and k), and the softmax scale is
 sqrt(d_head) instead of 1/sqrt(d_head). MLP (SwiGLU, hidden width int(2 d_ff / 3), as both peers):
 u = W_u h, v = W_v h; u <- s_u u, v <- s_v sqrt(d) v; out = W_o (u * SiLU(v)). No biases.
@@ -126,11 +128,11 @@ class EigenRates(nn.Module):
 
 
 def ngpt_stream(model, x: torch.Tensor, parts: Optional[list]) -> torch.Tensor:
-    """h_0 = Norm(x_0); per sublayer h <- Norm(h + alpha (Norm(F(h)) - h)). The parts record
-    f = alpha (Norm(F(h)) - h), z = h + f and y = Norm(z)."""
+    """h_0 = Norm(x_0); per sublayer h <- Norm(h + |alpha| (Norm(F(h)) - h)) (|alpha|: the authors' code).
+    The parts record f = |alpha| (Norm(F(h)) - h), z = h + f and y = Norm(z)."""
     h = l2norm(x)
     for sub, alpha in zip(model.sublayers(), model.stream_params.alpha):
-        f = alpha() * (l2norm(sub.branch(h)) - h)
+        f = alpha().abs() * (l2norm(sub.branch(h)) - h)
         z = h + f
         y = l2norm(z)
         if parts is not None:

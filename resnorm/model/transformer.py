@@ -38,7 +38,8 @@ class Transformer(nn.Module):
         self.embed_norm = shape.norm() if self.variant.embed_norm else None
         self.blocks = nn.ModuleList(Block(specs, shape)
                                     for specs in self.variant.layer_specs(shape.depth, shape.options))
-        self.final_norm = shape.norm() if self.variant.final_norm else None
+        eps = self.variant.final_norm_eps
+        self.final_norm = shape.norm(eps=eps and eps(shape.options)) if self.variant.final_norm else None
         if shape.logit_softcap is None:
             self.head = nn.Linear(shape.d_model, shape.vocab_size, bias=False)
         else:
@@ -155,7 +156,9 @@ def b2t_stream(model: "Transformer", x: torch.Tensor, parts: Optional[list]) -> 
 
 def dual_stream(model: "Transformer", x: torch.Tensor, parts: Optional[list]) -> torch.Tensor:
     """ResiDual (Xie et al., arXiv:2304.14802): x is the Post-LN stream; y (scaled by s) accumulates
-    every branch output; the head reads x_L + N_final(y_L)."""
+    every branch output; the head reads x_L + N_final(y_L). As in the authors' code (microsoft/ResiDual,
+    ``ResiDualDecoder``): y_0 = s x_0, y += s F, and N_final is built with eps = ``model.resi_dual_eps``
+    (their 1e-7) and applied to the scaled y, so the output is theirs for every s."""
     s = model.shape.options.resi_dual_scale
     y = x * s if s != 1.0 else x
     for sub in model.sublayers():

@@ -19,13 +19,17 @@ Cost (:mod:`resnorm.monitors.cost`, summary fields, not per layer): ``flops_per_
 
 Forward side: :mod:`resnorm.monitors.forward` (its own docstring lists its quantities).
 
-Scheme side (:mod:`resnorm.monitors.schemes`; builder ``scheme_probes(model, train_cfg)``,
+Scheme side (:mod:`resnorm.monitors.schemes`, the multi-stream and cross-layer residuals; builder ``scheme_probes(model, train_cfg)``,
 only for the variants that have the quantities): the composite gain of the HC/mHC mixing matrices
-(``hc_row_gain``, ``hc_col_gain``, ``hc_composite_row_gain``, ``hc_composite_col_gain``) and the
+(``hc_row_gain``, ``hc_col_gain``, ``hc_composite_row_gain``, ``hc_composite_col_gain``), what each
+stream carries (``hc_stream_share_<s>``, ``hc_stream_entropy``) and the
 AttnRes depth weights (``attnres_w_embed``, ``attnres_w_last``, ``attnres_entropy``,
 ``attnres_query_norm``) every ``train.probe_every``; DenseFormer's ``dwa_alpha_self``,
 ``dwa_alpha_embed``, ``dwa_alpha_rest`` and the learned value-mix ``value_lambda1``,
 ``value_lambda2`` every ``train.log_every``.
 
-Units and the exact definitions are in each module's docstring.
+Every per-layer quantity is declared once, with its unit, the sublayers it exists for, how a block's
+sublayers combine in the figures and a one-line description, in :mod:`resnorm.runs.quantities` (torch-free:
+the analysis and the loggers read it; docs/monitors.md is generated from it). The exact definitions are
+in each module's docstring.
 """

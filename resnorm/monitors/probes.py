@@ -24,6 +24,8 @@ at two fixed points of a step, and the order is part of the study:
   ``update_ratio`` ||dW||_F/||W||_F over the step's optimizer update.
 
 The formulas (``rms``, ``branch_ratio``) are :mod:`resnorm.monitors.measure`'s, where each paper's formula lives.
+Every quantity a probe writes is declared once in :mod:`resnorm.runs.quantities` (unit, sublayers, how
+a block's sublayers combine in the figures, one-line description; docs/monitors.md is generated from it).
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ import torch
 from torch import nn
 
 from resnorm.monitors.measure import branch_ratio, rms
+from resnorm.runs.quantities import SUBLAYERS
 
-SUBLAYERS = ("attn", "mlp")
 Label = Tuple[int, str]
 
 
@@ -170,12 +172,3 @@ class ActivationProbe(Probe):
         self._saved = None
         return torch.stack(upd).view(1, -1)
 
-
-def build_probes(model, train_cfg) -> Tuple[GradNormProbe, List[Probe]]:
-    """The gradient-norm probe (always: the guard needs the total norm) and the periodic probes the
-    config asks for."""
-    grad = GradNormProbe(model, per_layer=train_cfg.probes, log_every=train_cfg.log_every)
-    periodic: List[Probe] = []
-    if train_cfg.probes and train_cfg.probe_every:
-        periodic.append(ActivationProbe(model, train_cfg.probe_every, train_cfg.steps))
-    return grad, periodic

@@ -18,6 +18,12 @@ paper averages over the tokens of a sequence), not taken of a mean matrix.
 - ``hc_composite_row_gain``, ``hc_composite_col_gain``: the same of the composite
   ``R_{K-1} ... R_{k+1} R_k``, from the sublayer to the top (the paper's prod_{i=1}^{L-l} H^res_{L-i});
   the first sublayer (0, attn) holds the product over the whole stack [1].
+- ``hc_stream_share_<s>`` (s = 0 .. n-1, the first :data:`HC_SHARE_STREAMS`): what stream s carries after sublayer k's update, RMS(H_s) /
+  RMS(H) over the batch's tokens and the width (H: all n streams) [1 each when the streams are equally
+  large; sqrt(n) for a stream that carries everything, 0 for a dead one];
+- ``hc_stream_entropy``: the entropy -sum_s p_s ln p_s of the streams' energy fractions
+  p_s = RMS(H_s)^2 / sum_t RMS(H_t)^2 = share_s^2 / n [nats; ln n when balanced, 0 when one stream carries
+  everything].
 
 Depth weights of Attention Residuals (``attnres``, ``attnres_block``), same cadence and forward: the
 weights alpha_{i->l} = softmax_i(w_l^T RMSNorm(v_i)) of every source i of sublayer l's aggregate
@@ -85,22 +91,59 @@ def gain_stats(maps: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([torch.stack(r) for r in rows])
 
 
-def residual_maps(model, idx: torch.Tensor) -> List[torch.Tensor]:
-    """R_k (..., n, n) [target, source] of every sublayer's (m)HC connection, from one forward of
-    ``idx`` (a pre-hook on each connection reads the streams it gets)."""
+def stream_states(model, idx: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """(R_k (..., n, n) [target, source], the streams H (n, ..., d) after the update) of every sublayer's
+    (m)HC connection, from one forward of ``idx`` (a pre-hook reads the streams each connection gets, a
+    hook the streams it returns)."""
     maps: List[torch.Tensor] = []
-    hooks = [conn.register_forward_pre_hook(lambda mod, args: maps.append(mod.residual_map(args[0])))
-             for conn in model.stream_params.layers]
+    outs: List[torch.Tensor] = []
+    hooks = []
+    for conn in model.stream_params.layers:
+        hooks.append(conn.register_forward_pre_hook(lambda mod, args: maps.append(mod.residual_map(args[0]))))
+        hooks.append(conn.register_forward_hook(lambda mod, args, out: outs.append(out)))
     try:
         model.hidden(idx)
     finally:
         for h in hooks:
             h.remove()
-    return maps
+    return maps, outs
+
+
+def residual_maps(model, idx: torch.Tensor) -> List[torch.Tensor]:
+    """R_k (..., n, n) [target, source] of every sublayer's (m)HC connection, from one forward of ``idx``."""
+    return stream_states(model, idx)[0]
+
+
+def stream_shares(H: torch.Tensor) -> torch.Tensor:
+    """(n,): RMS of each stream of H (n, ..., d) over all its other dimensions, over the RMS of all of H."""
+    energy = H.float().pow(2).flatten(1).mean(dim=1)  # (n,) mean square of each stream
+    return (energy / energy.mean()).sqrt()
+
+
+def share_entropy(shares: torch.Tensor) -> torch.Tensor:
+    """-sum_s p_s ln p_s of the energy fractions p_s = share_s^2 / sum_t share_t^2 (0 ln 0 = 0)."""
+    p = shares.pow(2) / shares.pow(2).sum()
+    return -torch.special.xlogy(p, p).sum()
+
+
+def share_stats(outs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(1 + min(n, HC_SHARE_STREAMS), K): the entropy of the streams' energy fractions (all n), then each
+    stream's share (the first HC_SHARE_STREAMS streams), per sublayer."""
+    cols = []
+    for H in outs:
+        shares = stream_shares(H)
+        cols.append(torch.cat([share_entropy(shares)[None], shares[:HC_SHARE_STREAMS]]))
+    return torch.stack(cols, dim=1)
 
 
 def hyper_stats(model, idx: torch.Tensor) -> torch.Tensor:
-    return gain_stats(residual_maps(model, idx))
+    maps, outs = stream_states(model, idx)
+    return torch.cat([gain_stats(maps), share_stats(outs).to(maps[0].device)])
+
+
+def hyper_rows(model) -> int:
+    """How many of :data:`HC_QUANTITIES` the model's streams fill: the gains, the entropy, one share per stream."""
+    return len(HC_GAINS) + 1 + min(model.stream_params.n, HC_SHARE_STREAMS)
 
 
 def attnres_stats(model, idx: torch.Tensor) -> torch.Tensor:
@@ -122,9 +165,17 @@ def attnres_stats(model, idx: torch.Tensor) -> torch.Tensor:
     return torch.stack(cols, dim=1)
 
 
-#: stream kind -> (quantities, function(model, batch) -> (len(quantities), n_sublayers) tensor)
+HC_GAINS = ("hc_row_gain", "hc_col_gain", "hc_composite_row_gain", "hc_composite_col_gain")
+#: the streams whose share is reported by name (``hc_stream_share_0`` ..): n = 4 is the paper's and the
+#: default; the entropy covers every stream whatever n
+HC_SHARE_STREAMS = 8
+HC_QUANTITIES = HC_GAINS + ("hc_stream_entropy",) + tuple(f"hc_stream_share_{s}" for s in range(HC_SHARE_STREAMS))
+#: stream kind -> (quantities, function(model, batch) -> (rows, n_sublayers) tensor); the rows are the
+#: first quantities (all of them unless :data:`ROWS` says how many the model fills)
 FORWARD: Dict[str, Tuple[Tuple[str, ...], Callable]] = {}
-_HC = (("hc_row_gain", "hc_col_gain", "hc_composite_row_gain", "hc_composite_col_gain"), hyper_stats)
+#: stream kind -> function(model) -> how many of its FORWARD quantities the model writes
+ROWS: Dict[str, Callable] = {"hyper": hyper_rows, "hyper_dynamic": hyper_rows, "mhc": hyper_rows}
+_HC = (HC_QUANTITIES, hyper_stats)
 _ATTNRES = (("attnres_w_embed", "attnres_w_last", "attnres_entropy", "attnres_query_norm"), attnres_stats)
 FORWARD.update(hyper=_HC, hyper_dynamic=_HC, mhc=_HC, attnres=_ATTNRES, attnres_block=_ATTNRES)
 
@@ -163,7 +214,9 @@ class SchemeForwardProbe(_Periodic):
 
     def __init__(self, model, every: int):
         super().__init__(model, every, total_steps=0)
-        self.quantities_before, self.compute = FORWARD[model.variant.stream]
+        quantities, self.compute = FORWARD[model.variant.stream]
+        rows = ROWS.get(model.variant.stream)
+        self.quantities_before = tuple(quantities if rows is None else quantities[:rows(model)])
 
     @torch.no_grad()
     def before_update(self, x: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from resnorm.runs.quantities import scalar_name
+
 log = logging.getLogger(__name__)
 
 
@@ -175,15 +177,16 @@ class Checkpointer(Callback):
 
 def step_scalars(rec) -> Dict[str, float]:
     """What a step logs (W&B and TensorBoard alike): ``train/*``, every probe row as
-    ``<quantity>/<sublayer>/<layer>``, ``val/*`` on evaluation steps, and under fp16
+    ``<quantity>/<sublayer>/<layer>`` (:func:`resnorm.runs.quantities.scalar_name`; the quantities are
+    listed in docs/monitors.md), ``val/*`` on evaluation steps, and under fp16
     ``train/loss_scale`` and ``train/scaler_skipped``."""
     record = {"train/loss": rec.loss, "train/lr": rec.lr, "train/grad_norm": rec.grad_norm,
               "train/tokens_per_s": rec.tokens_per_s, "train/spike": int(rec.spike),
               "train/skipped": int(rec.skipped)}
     if rec.loss_scale == rec.loss_scale:  # fp16: the scaler's scale and its skip (NaN otherwise)
         record.update({"train/loss_scale": rec.loss_scale, "train/scaler_skipped": int(rec.scaler_skipped)})
-    for quantity, labels, values in rec.layer_rows:  # every probe's rows: <quantity>/<sublayer>/<layer>
-        record.update({f"{quantity}/{sub}/{layer:03d}": v for (layer, sub), v in zip(labels, values)})
+    for quantity, labels, values in rec.layer_rows:  # every probe's rows (resnorm.runs.quantities.scalar_name)
+        record.update({scalar_name(quantity, sub, layer): v for (layer, sub), v in zip(labels, values)})
     if rec.val_loss is not None:
         record.update({"val/loss": rec.val_loss, "val/log_z": rec.val_log_z, "val/logit_rms": rec.val_logit_rms})
     return record
