@@ -57,7 +57,7 @@ def test_study_dry_run_kill_resume_and_verdicts(tmp_path):
     proc = run_cli(*STUDY, "--dry-run", cwd=tmp_path)  # stage 3 now planned, nothing waiting
     assert proc.returncode == 0 and "waiting on" not in proc.stdout and "stage 3 (evaluate)" in proc.stdout
 
-    proc = run_cli(*STUDY, cwd=tmp_path)
+    proc = run_cli(*STUDY, cwd=tmp_path, timeout=1800)  # the end-of-sweep report draws every figure
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = summaries(sweep)
     study = json.loads((sweep / "study.json").read_text())
