@@ -239,6 +239,8 @@ def classify(p_adjusted: float, low: float, high: float, mdd: float, alpha: floa
     the whole interval lies within +-``mdd``, else ``inconclusive``."""
     if math.isfinite(p_adjusted) and p_adjusted < alpha:
         return "worse" if low > 0 else "better" if high < 0 else ("worse" if low + high > 0 else "better")
+    if math.isfinite(low) and math.isfinite(high) and (low > 0 or high < 0):
+        return UNCORRECTED  # the interval excludes 0, the corrected test does not reject
     if all(math.isfinite(v) for v in (low, high, mdd)) and -mdd <= low and high <= mdd:
         return "no detectable difference"
     return "inconclusive"
@@ -316,6 +318,10 @@ VERDICT_COLUMNS = (
 )
 #: verdicts of a cell that has no evaluation runs because every rate of its grid failed
 FAILING = "fails at every rate"
+#: verdict of a comparison whose uncorrected interval excludes 0 while the corrected test does not reject
+UNCORRECTED = "inconclusive (uncorrected only)"
+#: FLOPs per token within this fraction of each other count as equal (the curves are read at evaluations)
+FLOPS_TOLERANCE = 0.02
 BASELINE_FAILING = "baseline fails at every rate"
 
 
@@ -361,7 +367,7 @@ def _equal_flops(var_runs, base_runs, curves, loss_curve: str = "val_loss") -> T
         cb_curve = curves[curves["run_dir"] == base["run_dir"]].sort_values("step")
         if cv_curve.empty or cb_curve.empty or loss_curve not in curves.columns:
             continue
-        budget = min(cv * cv_curve["step"].max(), cb * cb_curve["step"].max())
+        budget = min(cv * cv_curve["step"].max(), cb * cb_curve["step"].max()) * (1 + FLOPS_TOLERANCE)
         a.append(loss_at_budget(cv * cv_curve["step"], cv_curve[loss_curve], budget))
         b.append(loss_at_budget(cb * cb_curve["step"], cb_curve[loss_curve], budget))
     ratio = float(np.nanmean(ratios)) if ratios and np.isfinite(ratios).any() else math.nan
@@ -496,7 +502,7 @@ def sentence(row, unit: str = "nats/token", alpha: float = ALPHA) -> str:
         return f"{where}: no {b} runs to compare {v} with"
     padj = f"{_CORRECTION_NAMES.get(row['correction'], row['correction'])} p = {fmt_p(row['p_adjusted'])}"
     detail = f"{int(row['n_pairs'])} paired seeds, {padj}; {_arms_text(row, v, b)}; {_rates_text(row)}"
-    if np.isfinite(row["flops_ratio"]) and abs(row["flops_ratio"] - 1) > 1e-3:
+    if np.isfinite(row["flops_ratio"]) and abs(row["flops_ratio"] - 1) > FLOPS_TOLERANCE:
         detail += (f"; {v} spends {row['flops_ratio']:.2f}x the FLOPs per token, at equal FLOPs "
                    f"{fmt(row['flops_diff'], 2)} [{fmt(row['flops_low'], 2)}, {fmt(row['flops_high'], 2)}]")
     diff, low, high = row["diff"], row["low"], row["high"]
@@ -506,6 +512,9 @@ def sentence(row, unit: str = "nats/token", alpha: float = ALPHA) -> str:
     if verdict == "no detectable difference":
         return (f"{where}: no detectable difference between {v} and {b}: {fmt(diff, 2)} {unit} "
                 f"[{fmt(low, 2)}, {fmt(high, 2)}], inside the +-{fmt(row['mdd'], 2)} the study detects ({detail})")
+    if verdict == UNCORRECTED:
+        return (f"{where}: {v} vs {b}: {fmt(diff, 2)} {unit} [{fmt(low, 2)}, {fmt(high, 2)}] excludes 0 only before "
+                f"the correction for {row['correction']} over the family ({detail})")
     why = ("fewer than 2 paired seeds with a finite loss" if not row["n_pairs"] or row["n_pairs"] < 2 else
            f"the interval reaches past the +-{fmt(row['mdd'], 2)} the study detects")
     return (f"{where}: {v} vs {b} is inconclusive: {fmt(diff, 2)} {unit} [{fmt(low, 2)}, {fmt(high, 2)}], "

@@ -164,6 +164,7 @@ def test_a_clear_difference_reads_as_a_sentence_with_its_numbers():
 def test_no_detectable_difference_only_inside_the_detectable_range():
     assert verdicts.classify(0.5, -0.01, 0.01, 0.05) == "no detectable difference"
     assert verdicts.classify(0.5, -0.2, 0.1, 0.05) == "inconclusive"
+    assert verdicts.classify(0.16, -0.11, -0.02, 0.15) == verdicts.UNCORRECTED
     assert verdicts.classify(0.001, 0.1, 0.2, 0.05) == "worse"
     assert verdicts.classify(0.001, -0.2, -0.1, 0.05) == "better"
     assert verdicts.classify(math.nan, math.nan, math.nan, math.nan) == "inconclusive"
