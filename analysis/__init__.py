@@ -12,6 +12,10 @@ Modules, one job each:
 - :mod:`analysis.metrics`: per-run stability metrics, loss spikes, LR sensitivity, largest stable LR,
   outcomes, spike rates, seed statistics (mean with a 95% CI, failure rate per outcome); the one
   implementation of each definition, also used by :mod:`experiments`.
+- :mod:`analysis.verdicts`: the statistics of a comparison (paired t difference, Holm/BH, exact test
+  of failure rates, noise floor, minimal detectable difference, LR-depth slope), all from
+  scipy/statsmodels; :mod:`analysis.verdict_report`: a sweep's verdicts.csv, verdicts.png and the
+  "Verdicts" section of report.md (a study's tuned cells, or any sweep's seeds).
 - :mod:`analysis.plots`: the figures (seaborn/matplotlib, Agg), registered in ``plots.FIGURES``.
 - :mod:`analysis.report`: ``make_report(sweep_dir, out_dir)`` writes summary.csv, seed_summary.csv,
   lr_sensitivity.csv (LR sweeps), every figure and report.md.

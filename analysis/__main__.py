@@ -27,6 +27,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("sweep_dir", metavar="SWEEP_DIR", help="the sweep folder (e.g. multirun/<name>)")
     parser.add_argument("--out", metavar="OUT_DIR", default=None,
                         help="where to write (default: results/<basename of SWEEP_DIR>)")
+    parser.add_argument("--baseline", default="pre", help="the variant every verdict compares with (default: pre; "
+                        "a study's own baseline wins)")
+    parser.add_argument("--correction", default="holm", choices=("holm", "bh", "bonferroni", "none"),
+                        help="multiple-comparison correction of the verdicts (default: holm)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="analysis: %(message)s")
     warnings.formatwarning = lambda message, *rest, **kw: f"analysis: warning: {message}\n"
@@ -39,7 +43,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     out_dir = Path(args.out) if args.out else default_out_dir(args.sweep_dir)
     try:
-        written = make_report(args.sweep_dir, out_dir)
+        written = make_report(args.sweep_dir, out_dir, baseline=args.baseline, correction=args.correction)
     except (FileNotFoundError, ValueError, NotADirectoryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

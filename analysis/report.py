@@ -17,6 +17,9 @@ every file atomically (temporary file in the same folder, then ``os.replace``):
   other data.
 - ``lr_sensitivity.csv``: only when the sweep has several learning rates; one row per LR sweep
   (variant, depth, seed and any other swept key), see :func:`analysis.metrics.lr_sensitivity_table`.
+- ``verdicts.csv`` and ``verdicts.png`` when the sweep has paired seeds or is a study
+  (:mod:`analysis.verdict_report`): every variant against the baseline per depth, with its
+  interval, corrected p-value and verdict sentence; the sentences open report.md ("Verdicts").
 - ``report.md``: the sweep's path relative to the current directory (absolute, and said so, when
   the sweep is outside it), how the outcomes were decided when older summaries lack them, every
   figure embedded (or why it was not drawn), the run table, the seed table, the LR-sensitivity table
@@ -35,6 +38,7 @@ import pandas as pd
 
 from analysis import canvas, downstream, metrics, plots, style
 from analysis.load import load_sweep
+from analysis.verdict_report import verdict_section
 from resnorm.runs.folder import OUTCOMES, atomic_write, write_text
 
 log = logging.getLogger(__name__)
@@ -189,7 +193,8 @@ def _outcome_note(sweep) -> List[str]:
 
 
 def _markdown(sweep, table: pd.DataFrame, figures: Dict[str, Optional[Path]], skipped: Dict[str, str],
-              seed_table: pd.DataFrame, lr_table: Optional[pd.DataFrame], spike_params: Dict[str, float]) -> str:
+              seed_table: pd.DataFrame, lr_table: Optional[pd.DataFrame], spike_params: Dict[str, float],
+              verdict_lines: Optional[List[str]] = None) -> str:
     counts = Counter(table["status"])
     status = ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: -kv[1]))
     commits = sorted({str(c)[:10] for c in sweep.runs["git_commit"].dropna()})
@@ -200,6 +205,7 @@ def _markdown(sweep, table: pd.DataFrame, figures: Dict[str, Optional[Path]], sk
              f"Source: {sweep_source(sweep.path)}: {len(table)} runs ({status}"
              + (f"; outcomes: {outcome_text}" if outcome_text else "") + ").",
              f"Code: git {', '.join(commits) or 'unknown'}; torch {', '.join(torches) or 'unknown'}.", ""]
+    lines += list(verdict_lines or [])  # the "Verdicts" section opens the report
     if getattr(sweep, "versions", None):
         lines += [f"**Mixed code versions:** {sweep.versions}. Runs of different commits (or of a tree with "
                   "local changes) are comparable only if the changes between them cannot move the numbers.", ""]
@@ -254,7 +260,8 @@ def _markdown(sweep, table: pd.DataFrame, figures: Dict[str, Optional[Path]], sk
 
 def make_report(sweep_dir, out_dir, spike_window: int = metrics.SPIKE_WINDOW,
                 spike_factor: float = metrics.SPIKE_FACTOR,
-                spike_min_history: int = metrics.SPIKE_MIN_HISTORY) -> List[Path]:
+                spike_min_history: int = metrics.SPIKE_MIN_HISTORY, baseline: str = "pre",
+                correction: str = "holm") -> List[Path]:
     """Load the sweep at ``sweep_dir`` and write its report into ``out_dir``; return the files written.
 
     Raises FileNotFoundError/ValueError (from :func:`analysis.load.load_sweep`) for a missing folder
@@ -308,8 +315,10 @@ def make_report(sweep_dir, out_dir, spike_window: int = metrics.SPIKE_WINDOW,
     else:
         lr_csv.unlink(missing_ok=True)
 
+    verdict_lines, verdict_files = verdict_section(sweep, out, baseline, correction)
+    written += verdict_files
     spike_params = dict(window=spike_window, factor=spike_factor, min_history=spike_min_history)
-    text = _markdown(sweep, table, figures, skipped, seed_table, lr_table, spike_params)
+    text = _markdown(sweep, table, figures, skipped, seed_table, lr_table, spike_params, verdict_lines)
     written.append(write_text(out / "report.md", text))
     return written
 

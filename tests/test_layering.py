@@ -29,7 +29,8 @@ ANALYSIS_MAY_IMPORT = ("resnorm.errors", "resnorm.config", "resnorm.runs")
 #: thousands of jobs without it)
 TORCH_FREE = ("resnorm.runs.folder", "resnorm.runs.identity", "resnorm.runs.provenance", "resnorm.runs.progress",
               "resnorm.runs.tracking", "resnorm.runs.quantities", "resnorm.config.schema", "resnorm.config.rules", "resnorm.config.compose",
-              "resnorm.config.variants", "resnorm.sweep.plan", "resnorm.sweep.packing", "resnorm.train.preflight",
+              "resnorm.config.variants", "resnorm.sweep.plan", "resnorm.sweep.packing", "resnorm.sweep.study",
+              "resnorm.train.preflight",
               "resnorm.train.stack_plan", "resnorm.data.checks", "resnorm.data.hf_source", "resnorm.data.token_cache",
               "resnorm.model.flops", "analysis", "analysis.report", "analysis.callback", "hydra_plugins.resnorm_sweeper")
 

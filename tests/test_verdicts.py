@@ -52,6 +52,13 @@ def test_holm_and_bh_match_their_definitions():
         verdicts.adjust(p, "sidak?")
 
 
+@pytest.mark.parametrize("method", ["holm", "bh"])
+def test_the_vectorised_correction_equals_statsmodels(method):
+    rows = np.random.default_rng(3).uniform(0, 0.2, size=(20, 6))
+    expected = np.stack([verdicts.adjust(row, method) for row in rows])
+    assert verdicts.adjust_rows(rows, method) == pytest.approx(expected)
+
+
 def test_fisher_matches_the_tea_tasting_experiment():
     # Fisher (1935): 3 of 4 cups right, two-sided p = 34/70 = 0.4857
     diff, p = verdicts.failure_difference(3, 4, 1, 4)
@@ -91,18 +98,22 @@ def test_loss_at_budget_takes_the_last_point_within_budget():
 # ---------------------------------------------------------------------- honesty (simulated studies)
 
 def test_aa_studies_keep_the_corrected_false_positive_rate_at_most_alpha():
-    """A/A: every variant's runs come from the baseline's distribution; over many simulated
-    studies of the shape of the frontier study (5 variants against one baseline, 3 seeds), the
-    chance that the Holm-corrected report calls anything different stays <= 5%."""
+    """A/A: every variant's runs come from the baseline's distribution; over many simulated studies
+    shaped like a report (variants against one shared baseline, paired by seed), the rate at which
+    the Holm-corrected report calls anything different is at most 5%, up to three Monte Carlo
+    standard errors (with one comparison the true rate is exactly 5%, so the estimate itself lands
+    on either side of it; measured 0.0487, 0.0506, 0.0446 over 100,000 studies)."""
+    n = 50_000
+    tolerance = 3 * math.sqrt(verdicts.ALPHA * (1 - verdicts.ALPHA) / n)
     for n_variants, seeds in ((5, 3), (1, 3), (10, 5)):
-        hits, _ = verdicts.simulate_studies(4000, seeds, n_variants, effect=0.0, seed=n_variants)
-        assert (hits > 0).mean() <= verdicts.ALPHA, (n_variants, seeds, (hits > 0).mean())
+        hits, _ = verdicts.simulate_studies(n, seeds, n_variants, effect=0.0, seed=n_variants)
+        assert (hits > 0).mean() <= verdicts.ALPHA + tolerance, (n_variants, seeds, (hits > 0).mean())
 
 
 def test_a_planted_difference_is_found_at_the_claimed_power():
     """A difference of the minimal detectable size (its definition: power 0.8 at alpha / m) is
     found in at least 80% of the studies, less three Monte Carlo standard errors."""
-    sd, seeds, n_variants, n_studies = 1.0, 5, 4, 4000
+    sd, seeds, n_variants, n_studies = 1.0, 5, 4, 20_000
     mdd = verdicts.minimal_detectable_difference(sd * math.sqrt(2), seeds, verdicts.ALPHA / n_variants)
     _, found = verdicts.simulate_studies(n_studies, seeds, n_variants, effect=mdd, sd=sd, seed=7)
     floor = verdicts.POWER - 3 * math.sqrt(verdicts.POWER * (1 - verdicts.POWER) / n_studies)
@@ -153,6 +164,13 @@ def test_a_clear_difference_reads_as_a_sentence_with_its_numbers():
 def test_no_detectable_difference_only_inside_the_detectable_range():
     assert verdicts.classify(0.5, -0.01, 0.01, 0.05) == "no detectable difference"
     assert verdicts.classify(0.5, -0.2, 0.1, 0.05) == "inconclusive"
+    assert verdicts.classify(0.16, -0.11, -0.02, 0.15) == verdicts.UNCORRECTED
     assert verdicts.classify(0.001, 0.1, 0.2, 0.05) == "worse"
     assert verdicts.classify(0.001, -0.2, -0.1, 0.05) == "better"
     assert verdicts.classify(math.nan, math.nan, math.nan, math.nan) == "inconclusive"
+
+
+def test_the_study_knows_the_reports_corrections():
+    from resnorm.sweep.study import CORRECTIONS
+
+    assert set(CORRECTIONS) == set(verdicts.CORRECTIONS)

@@ -21,7 +21,9 @@ Hydra's basic sweeper (the same grid syntax, ``hydra.sweeper.params``, ``max_bat
   every parameter shape unchanged (seed, optimizer settings, ...) are launched as one job that trains
   them as one stacked model (:mod:`resnorm.train.stack`); each still writes its own run folder. ``auto``
   (the default) stacks only jobs that train on a CUDA device; the dry run shows the stacks;
-- the outcome of every job is counted in :data:`resnorm.runs.progress.LAST_OUTCOME` (the exit code).
+- the outcome of every job is counted in :data:`resnorm.runs.progress.LAST_OUTCOME` (the exit code);
+- ``study={...}`` (``+study=verdict``, :mod:`resnorm.sweep.study`): the grid's jobs are the cells of a
+  study that tunes the learning rate per cell, then trains fresh paired seeds at the chosen rate.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ ORDERS = ("longest_first", "given")
 class ValidatingSweeper(BasicSweeper):
     def __init__(self, max_batch_size: Optional[int], params: Optional[Dict[str, str]] = None,
                  dry_run: bool = False, flops_per_s: float = 1e10, order: str = "longest_first",
-                 stack: str = "auto", fast_plan: bool = True) -> None:
+                 stack: str = "auto", fast_plan: bool = True, study: Optional[Dict[str, Any]] = None) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)
         self.dry_run = bool(dry_run)
         self.flops_per_s = float(flops_per_s)
@@ -80,6 +82,7 @@ class ValidatingSweeper(BasicSweeper):
             _config_error(f"hydra.sweeper.stack={stack!r} is invalid: choose one of {', '.join(STACK_MODES)}")
         self.stack = stack
         self.fast_plan = bool(fast_plan)
+        self.study = study
 
     def _compose(self, overrides: Sequence[str]):
         return self.hydra_context.config_loader.load_sweep_config(
@@ -139,13 +142,23 @@ class ValidatingSweeper(BasicSweeper):
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         overrides = parser.parse_overrides(self._parse_config() + list(arguments))
         (jobs,) = self.split_arguments(overrides, None)
+        if self.study is not None:  # the grid's jobs are the study's cells
+            from resnorm.sweep.study import run_study
+
+            return run_study(self, jobs)
+        return self.run_jobs(jobs)
+
+    def run_jobs(self, jobs: List[List[str]], plans: Optional[List[JobPlan]] = None) -> Any:
+        """Plan (unless ``plans`` are given), then launch the jobs not done; the dry run prints them."""
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        planner = (FastPlanner(self.config, self.hydra_context.config_loader, self.jobs_run_here())
-                   if self.fast_plan else None)
-        indexed = done_runs(sweep_dir, DONE)
-        plans = [self.plan(job, planner, indexed) for job in jobs]
-        fast = planner.fast if planner else 0
-        log.info("planned %d jobs: %d from the base configs, %d composed in full", len(plans), fast, len(plans) - fast)
+        if plans is None:
+            planner = (FastPlanner(self.config, self.hydra_context.config_loader, self.jobs_run_here())
+                       if self.fast_plan else None)
+            indexed = done_runs(sweep_dir, DONE)
+            plans = [self.plan(job, planner, indexed) for job in jobs]
+            fast = planner.fast if planner else 0
+            log.info("planned %d jobs: %d from the base configs, %d composed in full", len(plans), fast,
+                     len(plans) - fast)
         same = duplicates(plans)
         if same:
             a, b = same

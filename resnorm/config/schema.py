@@ -329,6 +329,8 @@ class LoggerConfig:
                     choices=("offline", "online", "disabled"))
     project: str = key("resnorm", "the W&B project")
     entity: Optional[str] = key(None, "the W&B entity (user or team); null: the default")
+    group: Optional[str] = key(None, "the W&B group; null: the sweep's name (a study sets <name>/tune and "
+                                     "<name>/eval)")
     init_timeout: float = key(30.0, "logger.mode=online: seconds to wait for the W&B server; then the run logs "
                                     "offline into its folder (wandb sync it later)", range=POSITIVE)
     tensorboard: bool = key(False, "also write the step scalars W&B gets as TensorBoard event files in "

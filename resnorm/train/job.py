@@ -42,11 +42,13 @@ class JobInfo:
     @classmethod
     def from_hydra(cls, cfg) -> "JobInfo":
         from hydra.core.hydra_config import HydraConfig
+        from omegaconf import OmegaConf
 
         if not HydraConfig.initialized():
             return cls(Path.cwd(), "default", cfg.name, [], run_id(cfg))
         hc = HydraConfig.get()
-        return cls(Path(hc.runtime.output_dir), hc.job.override_dirname or "default", cfg.name,
+        group = OmegaConf.select(cfg, "logger.group", default=None) or cfg.name
+        return cls(Path(hc.runtime.output_dir), hc.job.override_dirname or "default", group,
                    list(hc.overrides.task), run_id(cfg))
 
 
