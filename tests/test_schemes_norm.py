@@ -80,17 +80,26 @@ def ref_block(norm, x, block, layer, L, star=False):
             return x + ref_mlp(N(x, m.pre_norm), m.branch)
         x = N(x + ref_attention_ext(x, a.branch, qkv_norms=a.branch.qkv_norms), a.sum_norm)
         return x + ref_mlp(x, m.branch)
-    raise KeyError(norm)
+    raise AssertionError(f"tests/test_schemes_norm.py: ref_block has no branch for {norm!r}: add its paper's block "
+                         "equation there (and its entries in FINAL, SLOTS and EXTRAS)")
 
 
-FINAL = {"reordered", "layerscale", "normformer", "hybridnorm"}
+#: whether the paper puts a final norm before the head
+FINAL = {"reordered": True, "layerscale": True, "keel": False, "normformer": True, "hybridnorm": True}
+
+
+def expected(table: dict, name: str, norm: str, what: str):
+    """``table[norm]``, or a failure naming the entry a new variant of this file must add."""
+    if norm not in table:
+        raise AssertionError(f"tests/test_schemes_norm.py: add {norm!r} to {name} ({what})")
+    return table[norm]
 
 
 def reference_hidden(model, idx, norm, star=False):
     x = model.tok_emb.weight[idx] + model.pos_emb.weight[: idx.shape[1]]
     for layer, block in enumerate(model.blocks):
         x = ref_block(norm, x, block, layer, model.shape.depth, star)
-    return N(x, model.final_norm) if norm in FINAL else x
+    return N(x, model.final_norm) if expected(FINAL, "FINAL", norm, "a final norm or not") else x
 
 
 def randomised(norm, depth, *overrides):
@@ -149,6 +158,9 @@ SLOTS = {"reordered": ((0, 1, 0), (0, 1, 0)), "layerscale": ((1, 0, 0), (1, 0, 0
          "keel": ((1, 0, 1), (1, 0, 1)), "normformer": ((1, 1, 0), (1, 0, 0)),
          "hybridnorm": ((0, 0, 1), (0, 0, 0))}
 NORM_TYPE = {"reordered": torch.nn.RMSNorm}
+#: the branch features of each variant: head scales (NormFormer), QKV norms (HybridNorm), the FFN's inner norm
+EXTRAS = {"reordered": set(), "layerscale": set(), "keel": set(), "normformer": {"head_scale", "inner_norm"},
+          "hybridnorm": {"qkv_norms"}}
 
 
 def _slots(sub):
@@ -166,17 +178,19 @@ def test_structure_and_initialisation_match_the_paper(norm, depth):
     L = depth
     for group in WEIGHTS:  # Xavier-normal, gain 1 (none of the five changes the weight init)
         assert _std_ratio(model, WEIGHTS[group]) == pytest.approx(1.0, rel=0.06), group
-    assert (model.final_norm is not None) == (norm in FINAL) and model.embed_norm is None
+    final, slots = expected(FINAL, "FINAL", norm, "a final norm or not"), expected(SLOTS, "SLOTS", norm, "its norm slots")
+    extras = expected(EXTRAS, "EXTRAS", norm, "its branch features")
+    assert (model.final_norm is not None) == final and model.embed_norm is None
     want_type = NORM_TYPE.get(norm, torch.nn.LayerNorm)
     norms = [m for m in model.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.RMSNorm))]
     assert norms and all(type(m) is want_type and (m.weight == 1).all() for m in norms)
     assert all(getattr(m, "bias", None) is None or (m.bias == 0).all() for m in norms)
     for block in model.blocks:
-        assert (_slots(block.attn), _slots(block.mlp)) == SLOTS[norm]
+        assert (_slots(block.attn), _slots(block.mlp)) == slots
         attn, mlp = block.attn.branch, block.mlp.branch
-        assert (attn.head_scale is not None) == (norm == "normformer")
-        assert (attn.qkv_norms is not None) == (norm == "hybridnorm")
-        assert (mlp.inner_norm is not None) == (norm == "normformer")
+        assert (attn.head_scale is not None) == ("head_scale" in extras)
+        assert (attn.qkv_norms is not None) == ("qkv_norms" in extras)
+        assert (mlp.inner_norm is not None) == ("inner_norm" in extras)
         if norm == "normformer":
             assert attn.head_scale.shape == (2,) and (attn.head_scale == 1).all()  # gamma_h = 1
             assert mlp.inner_norm.normalized_shape == (4 * d,)  # LN over the FFN's hidden width
