@@ -155,10 +155,10 @@ def test_grad_accum_under_ddp_follows_the_single_process_run(tmp_path, monkeypat
 # --- fp16 and the gradient scaler --------------------------------------------------------------------
 
 def test_fp16_trains_on_the_cpu_with_a_scaler_and_records_its_scale(tmp_path):
-    s32 = fit_with(tmp_path, "fp32", "train.steps=4")
-    s16 = fit_with(tmp_path, "fp16", "train.steps=4", "train.precision=fp16")
-    assert s16["status"] == "completed" and s16["scaler_skipped_count"] == 0 and s16["scaler_skipped_steps"] == []
-    assert s16["loss_scale"] == 2.0 ** 16 and "loss_scale" not in s32
+    fp32_run = fit_with(tmp_path, "fp32", "train.steps=4")
+    fp16_run = fit_with(tmp_path, "fp16", "train.steps=4", "train.precision=fp16")
+    assert fp16_run["status"] == "completed" and fp16_run["scaler_skipped_count"] == 0 and fp16_run["scaler_skipped_steps"] == []
+    assert fp16_run["loss_scale"] == 2.0 ** 16 and "loss_scale" not in fp32_run
     m16, m32 = metrics(tmp_path / "fp16"), metrics(tmp_path / "fp32")
     assert m16.loss_scale.tolist() == [2.0 ** 16] * 4 and not m16.scaler_skipped.any()
     assert m32.loss_scale.isna().all() and not m32.scaler_skipped.any()
@@ -186,8 +186,8 @@ def test_an_fp16_overflow_is_skipped_and_recorded_not_a_divergence(tmp_path):
     assert torch.equal(weights[1], weights[2]) and not torch.equal(weights[2], weights[3])
     layers = pd.read_parquet(tmp_path / "fp16" / "layers.parquet")
     assert 2 not in set(layers[layers.quantity == "update_ratio"].step)  # no update, no update rows
-    s32 = fit_with(tmp_path, "fp32", extra=[PoisonGradient({2})])
-    assert s32["status"] == "diverged" and s32["diverge_kind"] == "nonfinite_grad" and s32["diverged_step"] == 2
+    fp32_run = fit_with(tmp_path, "fp32", extra=[PoisonGradient({2})])
+    assert fp32_run["status"] == "diverged" and fp32_run["diverge_kind"] == "nonfinite_grad" and fp32_run["diverged_step"] == 2
 
 
 def test_an_overflow_at_a_loss_scale_of_one_is_a_divergence(tmp_path):
