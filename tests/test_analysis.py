@@ -551,11 +551,13 @@ def test_lr_grid_figures_and_tables(tmp_path):
     written = make_report(sweep_dir, tmp_path / "out")
     names = [p.name for p in written]
     drawn = plots.drawable(LR_SWEEP_HAS)  # no spike data and no monitor quantity in these runs
+    # two seeds of pre and post: paired verdicts against Pre-LN (analysis.verdict_report), rates not tuned
     assert names == ["summary.csv", *(f"{name}.png" for name in drawn), "seed_summary.csv", "lr_sensitivity.csv",
-                     "report.md"]
+                     "verdicts.csv", "verdicts.png", "report.md"]
     for path in written:
         assert path.stat().st_size > 0
     text = (tmp_path / "out" / "report.md").read_text()
+    assert "The learning rates were not tuned" in text
     not_drawn = [line for line in text.splitlines() if "Not drawn" in line]
     assert [line.split(":")[1].strip() for line in not_drawn] == [n for n in plots.FIGURES if n not in drawn]
     assert all(line.startswith("_Not drawn: ") and ": skipped, " in line for line in not_drawn), not_drawn

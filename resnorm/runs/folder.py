@@ -197,11 +197,18 @@ INDEX = ".runs.jsonl"
 FINAL = ("completed", "diverged", "failed")
 
 
+#: in a sweep folder: the launch's start and size (resnorm.sweep.plan.write_plan); marks a launched sweep
+PLAN_FILE = ".sweep.json"
+
+
 def record(run_dir: Path, summary: Mapping[str, Any]) -> None:
     """Append the run's line to its sweep folder's index (``run_dir``'s parent) when ``summary``'s
-    status is final; a run without a ``run_id`` is not indexed. Never raises for an index it
-    cannot write (the run folder is the truth; a re-run then reads the folder)."""
+    status is final and the folder is a launched sweep's (it holds :data:`PLAN_FILE`: a single run's
+    ``outputs/<name>/`` gets no index); a run without a ``run_id`` is not indexed. Never raises for
+    an index it cannot write (the run folder is the truth; a re-run then reads the folder)."""
     if summary.get("status") not in FINAL or not summary.get("run_id"):
+        return
+    if not (Path(run_dir).parent / PLAN_FILE).is_file():
         return
     from resnorm.runs.locks import exclusive
 

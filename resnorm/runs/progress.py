@@ -9,11 +9,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
 
+from resnorm.runs.folder import PLAN_FILE  # noqa: F401  (the sweep folder's launch record, read by the sweeper)
+
 #: statuses of the jobs of the last sweep run in this process (read by run.py for the exit code),
 #: the jobs skipped because their folder says they are done included
 LAST_OUTCOME: Counter = Counter()
 
-PLAN_FILE = ".sweep.json"  # in the sweep folder: the launch's start and size (resnorm.sweep.plan.write_plan)
 
 
 def duration(seconds: float) -> str:
