@@ -154,7 +154,11 @@ def test_rule_cache_reruns_a_rule_only_for_new_values():
 
 
 def test_index_and_counters(tmp_path):
+    from resnorm.runs.folder import PLAN_FILE
+
     sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / PLAN_FILE).write_text("{}")  # a launched sweep's folder (a single run's gets no index)
     for rid, status in [("a", "completed"), ("b", "failed"), ("c", "running"), ("a", "diverged")]:
         (sweep / rid).mkdir(parents=True, exist_ok=True)
         (sweep / rid / "summary.json").write_text("{}")
@@ -162,6 +166,8 @@ def test_index_and_counters(tmp_path):
     assert {k: v["status"] for k, v in read_index(sweep).items()} == {"a": "diverged", "b": "failed"}
     (sweep / "b" / "summary.json").unlink()
     assert done_runs(sweep, ("completed", "diverged", "failed")) == {(str(sweep / "a"), "a"): "diverged"}
+    (sweep / "a" / "summary.json").write_text('{"status": "x"}')  # changed since it was indexed: not trusted
+    assert done_runs(sweep, ("completed", "diverged", "failed")) == {}
     start_counters(sweep, [1.0, 3.0], runs=3, done={"trained": 1})
     assert count_finished(sweep, ["trained"], 1.0)["finished"] == 2
     counters = count_finished(sweep, ["stalled"], 3.0)

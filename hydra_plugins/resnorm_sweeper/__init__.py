@@ -66,6 +66,15 @@ HERE_LAUNCHERS = ("BasicLauncher", "ParallelLauncher")
 ORDERS = ("longest_first", "given")
 
 
+def _refuse_links(run_dir, overrides: Sequence[str]) -> None:
+    """A job folder that is a symbolic link, or holds one at its top level, is refused in one line
+    before anything is written (docs/run-folder.md)."""
+    linked = link_problem(run_dir) if run_dir is not None else None
+    if linked:
+        print(f"error: refusing the job folder {run_dir}: {linked} (job: {' '.join(overrides)})", file=sys.stderr)
+        raise SystemExit(2)
+
+
 class ValidatingSweeper(BasicSweeper):
     def __init__(self, max_batch_size: Optional[int], params: Optional[Dict[str, str]] = None,
                  dry_run: bool = False, flops_per_s: float = 1e10, order: str = "longest_first",
@@ -112,6 +121,7 @@ class ValidatingSweeper(BasicSweeper):
         fast = planner.plan(overrides) if planner is not None else None
         if fast is not None:
             cfg, rid, run_dir, run_name, hydra_yaml = fast
+            _refuse_links(run_dir, overrides)
             return plan_job(overrides, cfg, run_dir, run_name, hydra_yaml, rid=rid, indexed=indexed)
         try:
             for o in OverridesParser.create().parse_overrides(list(overrides)):
@@ -131,10 +141,7 @@ class ValidatingSweeper(BasicSweeper):
             validate(cfg, host=self.jobs_run_here())
         except ConfigError as err:
             _config_error(f"{err} (job: {' '.join(overrides)})")
-        linked = link_problem(run_dir) if run_dir is not None else None
-        if linked:  # one line, before anything is written
-            print(f"error: refusing the job folder {run_dir}: {linked} (job: {' '.join(overrides)})", file=sys.stderr)
-            raise SystemExit(2)
+        _refuse_links(run_dir, overrides)
         return plan_job(overrides, cfg, run_dir, run_name, hydra_yaml, indexed=indexed)
 
     def sweep(self, arguments: List[str]) -> Any:

@@ -213,8 +213,13 @@ def record(run_dir: Path, summary: Mapping[str, Any]) -> None:
     from resnorm.runs.locks import exclusive
 
     run_dir = Path(run_dir)
-    line = json.dumps(dict(run_id=summary["run_id"], dir=run_dir.name, status=summary["status"],
-                           outcome=summary.get("outcome")), sort_keys=True)
+    try:
+        stat = (run_dir / SUMMARY).stat()  # the index trusts the summary only while it is this file
+        line = json.dumps(dict(run_id=summary["run_id"], dir=run_dir.name, status=summary["status"],
+                               outcome=summary.get("outcome"), size=stat.st_size, mtime_ns=stat.st_mtime_ns),
+                          sort_keys=True)
+    except OSError:
+        return
     index = run_dir.parent / INDEX
     try:
         with exclusive(index.parent / (INDEX + ".lock")), open(index, "a", encoding="utf-8") as f:

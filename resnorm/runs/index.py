@@ -60,12 +60,20 @@ def read_index(sweep_dir: Path) -> Dict[str, Dict[str, Any]]:
 
 def done_runs(sweep_dir: Path, done: Sequence[str]) -> Dict[Tuple[str, str], str]:
     """(run folder ``str(sweep_dir / dir)``, run_id) -> status of the runs the index says are over (a status
-    in ``done``) whose folder still holds its ``summary.json``."""
+    in ``done``) whose folder still holds the very ``summary.json`` the index recorded (same size and
+    modification time: one ``stat`` a run, no read); a summary changed since (copied over, damaged) is
+    left to the sweeper's full read of the folder."""
     sweep_dir = Path(sweep_dir)
     out = {}
     for entry in read_index(sweep_dir).values():
         folder = sweep_dir / str(entry.get("dir"))
-        if entry.get("status") in done and (folder / SUMMARY).is_file():
+        if entry.get("status") not in done:
+            continue
+        try:
+            stat = (folder / SUMMARY).stat()
+        except OSError:
+            continue
+        if (stat.st_size, stat.st_mtime_ns) == (entry.get("size"), entry.get("mtime_ns")):
             out[(str(folder), entry["run_id"])] = entry["status"]
     return out
 
