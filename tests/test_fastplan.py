@@ -77,6 +77,18 @@ def random_jobs(n: int, seed: int = 0):
     return jobs
 
 
+
+@pytest.fixture(autouse=True)
+def hydra_config_restored():
+    """full_plan sets Hydra's global HydraConfig as the sweeper does: put it back after each test, so that
+    later tests outside Hydra (JobInfo.from_hydra) do not see a stale one."""
+    from hydra.core.hydra_config import HydraConfig
+
+    previous = HydraConfig.instance().cfg
+    yield
+    HydraConfig.instance().cfg = previous
+
+
 def full_plan(master, loader, overrides):
     """What the sweeper's full path gives: the config (no hydra node), its folder, name and hydra yaml;
     None when it does not compose or validate."""
