@@ -37,8 +37,9 @@ def _summary(run_dir: Path) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
     return summary, None
 
 
-def _table(path: Path):
-    """A parquet file as an Arrow table; None if absent or unreadable (the latter with a warning)."""
+def read_table(path: Path):
+    """A parquet file as an Arrow table; None if absent or unreadable (the latter with a warning). The
+    one reader of a run's tables, in bulk here and run by run in :func:`analysis.load.load_run`."""
     import pyarrow.parquet as pq
 
     if not path.is_file():
@@ -61,7 +62,7 @@ def read_tables(run_dirs: Sequence[Path], name: str) -> List[Any]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with ThreadPoolExecutor(READERS) as pool:
-            tables = list(pool.map(lambda d: _table(Path(d) / name), run_dirs))
+            tables = list(pool.map(lambda d: read_table(Path(d) / name), run_dirs))
     for w in caught:  # re-issued from this thread, in order
         warnings.warn(str(w.message), stacklevel=2)
     return tables

@@ -233,13 +233,10 @@ def run_info(run_dir: Path, summary: Dict[str, Any]) -> Dict[str, Any]:
 
 def _read_table(path: Path) -> Optional[pd.DataFrame]:
     """A parquet file as a DataFrame; None if it is absent or unreadable (the latter with a warning)."""
-    if not path.is_file():
-        return None
-    try:
-        return pd.read_parquet(path)
-    except Exception as exc:  # noqa: BLE001  # pyarrow raises several types for a truncated file
-        warnings.warn(f"{path}: unreadable parquet file ({type(exc).__name__}: {exc}); ignored", stacklevel=3)
-        return None
+    from .bulk import read_table
+
+    table = read_table(path)
+    return None if table is None else table.to_pandas()
 
 
 def _with_keys(table: Optional[pd.DataFrame], info: Dict[str, Any]) -> Optional[pd.DataFrame]:
