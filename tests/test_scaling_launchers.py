@@ -65,19 +65,23 @@ def test_local_launcher_never_shares_a_device(tmp_path):
 
 @pytest.mark.slow
 def test_local_launcher_packs_two_jobs_on_one_device(tmp_path):
-    """jobs_per_device=2 on one fake GPU: two jobs share it at a time, each in a slot of its own."""
+    """jobs_per_device=2 on one fake GPU: two jobs share it at a time, each in a slot of its own.
+
+    The pool hands out a device's slots in order, so a job that holds ``fake:0/1`` took it while
+    another job held ``fake:0``: the second slot in use is the proof that two jobs shared the
+    device. (Start and end times are not: they are stamped after the slot is taken and the model
+    built, and a worker process that starts late shifts them.) The exact hold-and-wait behaviour of
+    the slots is tests/test_scaling.py's packed-pool test."""
     proc = run_cli("-m", "hydra/launcher=local", "hydra.launcher.fake_gpus=1", "hydra.launcher.jobs_per_device=2",
-                   f"hydra.launcher.lock_dir={tmp_path / 'locks'}", *TINY, "depth=1", "train.steps=60,50,6",
+                   f"hydra.launcher.lock_dir={tmp_path / 'locks'}", *TINY, "depth=1", "train.steps=240,200,6",
                    "name=packed", NO_ANALYSIS, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert ("2 jobs at a time, 1 thread(s) each, device pool: fake:0,fake:0/1; "
             "2 job(s) per device (jobs_per_device=2)") in proc.stdout
     runs = list(summaries(tmp_path / "multirun" / "packed").values())
-    assert sorted(s["steps_done"] for s in runs) == [6, 50, 60] and all(s["status"] == "completed" for s in runs)
+    assert sorted(s["steps_done"] for s in runs) == [6, 200, 240] and all(s["status"] == "completed" for s in runs)
     spans = slot_spans(runs)
-    assert set(spans) == {"fake:0", "fake:0/1"}
-    (a, b) = (min(spans["fake:0"]), min(spans["fake:0/1"]))
-    assert a[0] < b[1] and b[0] < a[1], f"the first jobs of the two slots never ran together: {spans}"
+    assert set(spans) == {"fake:0", "fake:0/1"}, f"no job ever took the device's second slot: {spans}"
 
 
 @pytest.mark.slow
