@@ -104,6 +104,20 @@ def _noise_lines(table: pd.DataFrame, unit: str) -> List[str]:
             + ", ".join(f"depth {int(d)}: {verdicts.fmt(v, 2)} {unit}" for d, v in floors.items()) + "."]
 
 
+def edge_lines(cells: Optional[Dict], lrs) -> List[str]:
+    """A line naming the cells whose tuned rate is the grid's lowest or highest: the best rate may lie
+    beyond the grid, so their comparison is at a rate the tuning did not bracket."""
+    if not cells or not lrs:
+        return []
+    low, high = min(lrs), max(lrs)
+    edge = [f"{style.label(v)} at depth {d} ({verdicts.fmt_lr(c['lr'])}, the {'highest' if c['lr'] == high else 'lowest'})"
+            for (v, d), c in sorted(cells.items()) if not c["failing"] and c["lr"] in (low, high)]
+    if not edge:
+        return []
+    return ["", "Tuned at the edge of the rate grid (the best rate may lie beyond it; widen "
+            "`hydra.sweeper.study.lrs` to bracket it): " + "; ".join(edge) + "."]
+
+
 def _slope_lines(tune: pd.DataFrame) -> List[str]:
     if tune.empty or tune["depth"].nunique() < 2 or tune["lr"].nunique() < 2:
         return []
@@ -160,7 +174,8 @@ def verdict_section(sweep, out: Path, baseline: str = "pre", correction: str = "
     lines = ["## Verdicts", "", head + f" Baseline: {style.label(baseline)}; loss: `{loss}`; family: "
              f"{int(np.isfinite(table['p']).sum())} loss comparisons ({correction}).", ""]
     lines += [f"- {s}." for s in table["sentence"]]
-    lines += [""] + _noise_lines(table, unit) + _slope_lines(tune)
+    lines += [""] + _noise_lines(table, unit) + edge_lines(cells, study["spec"]["lrs"] if study else None)
+    lines += _slope_lines(tune)
     lines += ["", f"![Verdicts]({figure.name})", "",
               "_How to read them: docs/verdicts.md (paired t interval, Holm correction, minimal detectable "
               "difference at power 0.8, Fisher's exact test on the failure counts)._", ""]

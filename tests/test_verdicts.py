@@ -174,3 +174,17 @@ def test_the_study_knows_the_reports_corrections():
     from resnorm.sweep.study import CORRECTIONS
 
     assert set(CORRECTIONS) == set(verdicts.CORRECTIONS)
+
+
+def test_a_rate_tuned_at_the_edge_of_the_grid_is_named():
+    from analysis.verdict_report import edge_lines
+
+    lrs = [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
+    cells = {("pre", 6): dict(lr=3e-2, failing=False), ("post", 6): dict(lr=1e-3, failing=False),
+             ("post", 48): dict(lr=float("nan"), failing=True), ("pre", 48): dict(lr=3e-4, failing=False)}
+    (blank, line) = edge_lines(cells, lrs)
+    assert blank == "" and line.startswith("Tuned at the edge of the rate grid")
+    assert "Pre-LN at depth 6 (3e-2, the highest)" in line and "Pre-LN at depth 48 (3e-4, the lowest)" in line
+    assert "Post-LN" not in line  # 1e-3 is inside the grid; a cell that failed everywhere has no rate
+    assert edge_lines({("post", 6): dict(lr=1e-3, failing=False)}, lrs) == []
+    assert edge_lines(None, lrs) == []
