@@ -298,3 +298,37 @@ def test_ray_bundles_jobs_per_task(tmp_path):
     runs = summaries(tmp_path / "multirun" / "raybundles")
     assert {run_id(compose(*TINY, "depth=1", f"seed={s}", "name=raybundles")) for s in range(3)} == set(runs)
     assert all(s["status"] == "completed" and s["threads"] == 1 for s in runs.values())
+
+
+#: the summary's fields that say what a run is and what it computed (not when, nor how fast)
+IDENTITY_FIELDS = ("run_id", "run_name", "config", "overrides", "group", "variant", "depth", "seed", "status",
+                   "steps_done", "n_params", "threads", "final_train_loss", "final_val_loss", "initial_loss")
+
+
+@pytest.mark.slow
+def test_local_workers_build_planned_jobs_as_hydra_composes_them(tmp_path):
+    """The local launcher's workers build each fast-planned job's config from the sweep's plan: the run
+    folders are those of a sweep whose workers compose every job with Hydra (``fast_plan=false``): the
+    summaries' identity fields, the metrics, and ``.hydra/*.yaml`` byte for byte."""
+    args = ("-m", "hydra/launcher=local", "hydra.launcher.n_jobs=2", *TINY, "depth=1", "train.steps=2",
+            "train.eval_every=2", "seed=0,1", "optim=adamw,sgd", "name=same", NO_ANALYSIS)
+    folders = {}
+    for fast in ("true", "false"):  # the same folder and sweep name: .hydra/hydra.yaml holds both
+        proc = run_cli(*args, f"hydra.sweeper.fast_plan={fast}", cwd=tmp_path, env_extra=ONE_THREAD)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        built = "4 built from the sweep's plan, 0 composed by Hydra" if fast == "true" else \
+            "0 built from the sweep's plan, 4 composed by Hydra"
+        assert built in proc.stdout, proc.stdout[-3000:]
+        folders[fast] = (tmp_path / "multirun").rename(tmp_path / f"multirun_{fast}") / "same"
+    planned, composed = (summaries(folders[f]) for f in ("true", "false"))
+    assert sorted(planned) == sorted(composed) and len(planned) == 4
+    for rid in planned:
+        assert {k: planned[rid].get(k) for k in IDENTITY_FIELDS} == {k: composed[rid].get(k) for k in IDENTITY_FIELDS}
+        assert planned[rid]["status"] == "completed"
+        pd.testing.assert_frame_equal(metrics(folders["true"] / rid)[STEP_COLUMNS],
+                                      metrics(folders["false"] / rid)[STEP_COLUMNS])
+        names = sorted(p.name for p in (folders["false"] / rid / ".hydra").glob("*.yaml"))
+        assert names == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+        for name in names:
+            assert (folders["true"] / rid / ".hydra" / name).read_bytes() == \
+                (folders["false"] / rid / ".hydra" / name).read_bytes(), (rid, name)
