@@ -309,7 +309,8 @@ IDENTITY_FIELDS = ("run_id", "run_name", "config", "overrides", "group", "varian
 def test_local_workers_build_planned_jobs_as_hydra_composes_them(tmp_path):
     """The local launcher's workers build each fast-planned job's config from the sweep's plan: the run
     folders are those of a sweep whose workers compose every job with Hydra (``fast_plan=false``): the
-    summaries' identity fields, the metrics, and ``.hydra/*.yaml`` byte for byte."""
+    summaries' identity fields, the metrics, and ``.hydra/*.yaml`` byte for byte (but for the switch's
+    own value in hydra.yaml)."""
     args = ("-m", "hydra/launcher=local", "hydra.launcher.n_jobs=2", *TINY, "depth=1", "train.steps=2",
             "train.eval_every=2", "seed=0,1", "optim=adamw,sgd", "name=same", NO_ANALYSIS)
     folders = {}
@@ -329,6 +330,26 @@ def test_local_workers_build_planned_jobs_as_hydra_composes_them(tmp_path):
                                       metrics(folders["false"] / rid)[STEP_COLUMNS])
         names = sorted(p.name for p in (folders["false"] / rid / ".hydra").glob("*.yaml"))
         assert names == ["config.yaml", "hydra.yaml", "overrides.yaml"]
-        for name in names:
-            assert (folders["true"] / rid / ".hydra" / name).read_bytes() == \
-                (folders["false"] / rid / ".hydra" / name).read_bytes(), (rid, name)
+        for name in names:  # the switch itself is in hydra.yaml (the sweeper's options, the hydra overrides)
+            planned_bytes = (folders["true"] / rid / ".hydra" / name).read_bytes()
+            if name == "hydra.yaml":
+                assert planned_bytes.count(b"fast_plan: true\n") == 1
+                assert planned_bytes.count(b"- hydra.sweeper.fast_plan=true\n") == 1
+                planned_bytes = planned_bytes.replace(b"fast_plan: true\n", b"fast_plan: false\n").replace(
+                    b"- hydra.sweeper.fast_plan=true\n", b"- hydra.sweeper.fast_plan=false\n")
+            assert planned_bytes == (folders["false"] / rid / ".hydra" / name).read_bytes(), (rid, name)
+
+
+def test_local_workers_keep_the_plugin_registry_they_scanned():
+    """A worker restores Hydra's state for each job without scanning the plugins again: the registry
+    of its first job stays, and it still lists the launchers."""
+    from hydra.core.plugins import Plugins
+    from hydra.core.singleton import Singleton
+    from hydra.plugins.launcher import Launcher
+    from hydra_plugins.resnorm_launcher import local_jobs
+
+    local_jobs.restore_singletons(Singleton.get_state())  # a job (the state Hydra sends leaves the registry out)
+    first = Plugins.instance()
+    local_jobs.restore_singletons(Singleton.get_state())  # the next job in the same worker
+    assert Plugins.instance() is first
+    assert {"ParallelLauncher", "BasicLauncher"} <= {c.__name__ for c in first.discover(Launcher)}
