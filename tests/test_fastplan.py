@@ -17,7 +17,7 @@ from resnorm.errors import ConfigError
 from resnorm.runs.identity import _plain, register_resolver, run_id
 from resnorm.runs.folder import record
 from resnorm.runs.index import count_finished, done_runs, read_index, start_counters
-from resnorm.sweep.fastplan import FastPlanner, RuleCache
+from resnorm.sweep.fastplan import FastPlanner, RuleCache, job_config
 from resnorm.train.preflight import validate
 
 GROUPS = ("data", "optim")  # the config groups a sweep chooses between (conf/<group>/*.yaml)
@@ -111,6 +111,19 @@ def full_plan(master, loader, overrides):
     return cfg, run_dir, name, hydra_yaml
 
 
+def same_composition(built, composed, job) -> None:
+    """The two composed configs (hydra node included) are equal, with the same YAML, flags and node types."""
+    assert OmegaConf.to_yaml(built) == OmegaConf.to_yaml(composed), job
+    assert built == composed, job
+    assert OmegaConf.is_struct(built) == OmegaConf.is_struct(composed), job
+    assert OmegaConf.is_readonly(built.hydra) == OmegaConf.is_readonly(composed.hydra), job
+    for group in composed:
+        if OmegaConf.is_dict(composed[group]):
+            assert OmegaConf.get_type(built[group]) is OmegaConf.get_type(composed[group]), (job, group)
+            for key in composed[group]:
+                assert type(built[group]._get_node(key)) is type(composed[group]._get_node(key)), (job, key)
+
+
 def test_fast_plan_equals_the_full_compose_on_random_jobs(hydra_loader):
     master, loader = hydra_loader
     planner = FastPlanner(master, loader, host=True)
@@ -127,10 +140,12 @@ def test_fast_plan_equals_the_full_compose_on_random_jobs(hydra_loader):
             continue
         fast_count += 1
         cfg, run_dir, name, hydra_yaml = full
-        values, rid, fast_dir, fast_name, fast_yaml = fast
+        values, rid, fast_dir, fast_name, fast_yaml, prepared = fast
         assert json.dumps(dict(values), sort_keys=True) == json.dumps(_plain(cfg), sort_keys=True), job
         assert rid == run_id(cfg) and fast_dir == run_dir and fast_name == name, job
         assert fast_yaml() == hydra_yaml, job
+        if fast_count <= 25:  # the launcher workers' config of the job: Hydra's compose, node for node
+            same_composition(job_config(*prepared.payload()), loader.load_sweep_config(master, list(job)), job)
     assert planner.enabled, "a representative job disagreed with its full compose"
     # every job is compared: the valid ones (94 of 200 when written) planned fast and equal to Hydra, the rest
     # refused by both; the floor only guards against a generator that stops producing valid jobs

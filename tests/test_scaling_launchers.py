@@ -298,3 +298,58 @@ def test_ray_bundles_jobs_per_task(tmp_path):
     runs = summaries(tmp_path / "multirun" / "raybundles")
     assert {run_id(compose(*TINY, "depth=1", f"seed={s}", "name=raybundles")) for s in range(3)} == set(runs)
     assert all(s["status"] == "completed" and s["threads"] == 1 for s in runs.values())
+
+
+#: the summary's fields that say what a run is and what it computed (not when, nor how fast)
+IDENTITY_FIELDS = ("run_id", "run_name", "config", "overrides", "group", "variant", "depth", "seed", "status",
+                   "steps_done", "n_params", "threads", "final_train_loss", "final_val_loss", "initial_loss")
+
+
+@pytest.mark.slow
+def test_local_workers_build_planned_jobs_as_hydra_composes_them(tmp_path):
+    """The local launcher's workers build each fast-planned job's config from the sweep's plan: the run
+    folders are those of a sweep whose workers compose every job with Hydra (``fast_plan=false``): the
+    summaries' identity fields, the metrics, and ``.hydra/*.yaml`` byte for byte (but for the switch's
+    own value in hydra.yaml)."""
+    args = ("-m", "hydra/launcher=local", "hydra.launcher.n_jobs=2", *TINY, "depth=1", "train.steps=2",
+            "train.eval_every=2", "seed=0,1", "optim=adamw,sgd", "name=same", NO_ANALYSIS)
+    folders = {}
+    for fast in ("true", "false"):  # the same folder and sweep name: .hydra/hydra.yaml holds both
+        proc = run_cli(*args, f"hydra.sweeper.fast_plan={fast}", cwd=tmp_path, env_extra=ONE_THREAD)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        built = "4 built from the sweep's plan, 0 composed by Hydra" if fast == "true" else \
+            "0 built from the sweep's plan, 4 composed by Hydra"
+        assert built in proc.stdout, proc.stdout[-3000:]
+        folders[fast] = (tmp_path / "multirun").rename(tmp_path / f"multirun_{fast}") / "same"
+    planned, composed = (summaries(folders[f]) for f in ("true", "false"))
+    assert sorted(planned) == sorted(composed) and len(planned) == 4
+    for rid in planned:
+        assert {k: planned[rid].get(k) for k in IDENTITY_FIELDS} == {k: composed[rid].get(k) for k in IDENTITY_FIELDS}
+        assert planned[rid]["status"] == "completed"
+        pd.testing.assert_frame_equal(metrics(folders["true"] / rid)[STEP_COLUMNS],
+                                      metrics(folders["false"] / rid)[STEP_COLUMNS])
+        names = sorted(p.name for p in (folders["false"] / rid / ".hydra").glob("*.yaml"))
+        assert names == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+        for name in names:  # the switch itself is in hydra.yaml (the sweeper's options, the hydra overrides)
+            planned_bytes = (folders["true"] / rid / ".hydra" / name).read_bytes()
+            if name == "hydra.yaml":
+                assert planned_bytes.count(b"fast_plan: true\n") == 1
+                assert planned_bytes.count(b"- hydra.sweeper.fast_plan=true\n") == 1
+                planned_bytes = planned_bytes.replace(b"fast_plan: true\n", b"fast_plan: false\n").replace(
+                    b"- hydra.sweeper.fast_plan=true\n", b"- hydra.sweeper.fast_plan=false\n")
+            assert planned_bytes == (folders["false"] / rid / ".hydra" / name).read_bytes(), (rid, name)
+
+
+def test_local_workers_keep_the_plugin_registry_they_scanned():
+    """A worker restores Hydra's state for each job without scanning the plugins again: the registry
+    of its first job stays, and it still lists the launchers."""
+    from hydra.core.plugins import Plugins
+    from hydra.core.singleton import Singleton
+    from hydra.plugins.launcher import Launcher
+    from hydra_plugins.resnorm_launcher import local_jobs
+
+    local_jobs.restore_singletons(Singleton.get_state())  # a job (the state Hydra sends leaves the registry out)
+    first = Plugins.instance()
+    local_jobs.restore_singletons(Singleton.get_state())  # the next job in the same worker
+    assert Plugins.instance() is first
+    assert {"ParallelLauncher", "BasicLauncher"} <= {c.__name__ for c in first.discover(Launcher)}

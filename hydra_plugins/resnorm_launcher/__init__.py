@@ -12,7 +12,10 @@ launcher lacks (hydra#1331, #2757: parallel jobs get no GPU of their own):
   (``threads_per_job``, else ``train.threads``, null: 1; ``OMP_NUM_THREADS``, ``OMP_WAIT_POLICY=PASSIVE``),
   as parallel jobs that each used every core ran 10-40x slower here. A job trains with
   ``train.threads`` (null: 1) however many jobs are left, so its numbers never depend on the
-  launcher; a single job runs in the sweep's own process.
+  launcher; a single job runs in the sweep's own process;
+- a worker builds each job the sweeper planned fast from the sweep's plan instead of composing it
+  again with Hydra, and keeps the plugin registry it scanned once
+  (:mod:`hydra_plugins.resnorm_launcher.local_jobs`).
 
 Options (``hydra.launcher.<option>=...``): ``n_jobs``, ``gpus`` (a list of GPU indices; null: all
 visible), ``jobs_per_device``, ``fake_gpus`` (N pretend GPUs that train on the CPU: to try a sweep's
@@ -66,12 +69,19 @@ class ParallelLauncher(Launcher):
         self.task_function: Optional[TaskFunction] = None
         self.hydra_context: Optional[HydraContext] = None
         self.joblib: Dict[str, Any] = {}
+        self.prepared: Dict[Tuple[str, ...], Any] = {}
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
         from resnorm.sweep import packing
 
         packing.LATEST_LAUNCHER = self  # the dry run's job table shows its slots
+
+    def take_prepared(self, prepared: Dict[Tuple[str, ...], Any]) -> None:
+        """The sweep's fast-planned jobs (:class:`resnorm.sweep.fastplan.Prepared`, by their overrides):
+        the workers build these jobs' configs from them instead of composing them again
+        (:mod:`hydra_plugins.resnorm_launcher.local_jobs`)."""
+        self.prepared = dict(prepared)
 
     def pool(self) -> List:
         from resnorm.train.devices import Slot, visible_gpus
@@ -182,7 +192,9 @@ class ParallelLauncher(Launcher):
                 return basic.launch(job_overrides, initial_job_idx=initial_job_idx)
             # the workers (loky processes, started by this launch) inherit this environment
             self.joblib = {"batch_size": 1, **self.joblib_extra, "n_jobs": plan["n_jobs"]}
-            return _core.launch(launcher=self, job_overrides=job_overrides, initial_job_idx=initial_job_idx)
+            from hydra_plugins.resnorm_launcher import local_jobs
+
+            return local_jobs.launch(self, job_overrides, initial_job_idx, self.prepared)
 
 
 def _run_bundle(hydra_context: HydraContext, configs: Sequence[DictConfig], task_function: TaskFunction,

@@ -120,9 +120,10 @@ class ValidatingSweeper(BasicSweeper):
         fast planner's base config where it can (:mod:`resnorm.sweep.fastplan`), else composed in full."""
         fast = planner.plan(overrides) if planner is not None else None
         if fast is not None:
-            cfg, rid, run_dir, run_name, hydra_yaml = fast
+            cfg, rid, run_dir, run_name, hydra_yaml, prepared = fast
             _refuse_links(run_dir, overrides)
-            return plan_job(overrides, cfg, run_dir, run_name, hydra_yaml, rid=rid, indexed=indexed)
+            return plan_job(overrides, cfg, run_dir, run_name, hydra_yaml, rid=rid, indexed=indexed,
+                            prepared=prepared)
         try:
             for o in OverridesParser.create().parse_overrides(list(overrides)):
                 check_override(o)
@@ -143,6 +144,13 @@ class ValidatingSweeper(BasicSweeper):
             _config_error(f"{err} (job: {' '.join(overrides)})")
         _refuse_links(run_dir, overrides)
         return plan_job(overrides, cfg, run_dir, run_name, hydra_yaml, indexed=indexed)
+
+    def offer_prepared(self, groups: Sequence[Sequence[JobPlan]]) -> None:
+        """Give a launcher that takes them (``take_prepared``) the fast-planned jobs' configs, by their
+        overrides, so that its workers build each job from them instead of composing it again."""
+        take = getattr(self.launcher, "take_prepared", None)
+        if take is not None:
+            take({tuple(g[0].overrides): g[0].prepared for g in groups if len(g) == 1 and g[0].prepared is not None})
 
     def sweep(self, arguments: List[str]) -> Any:
         LAST_OUTCOME.clear()
@@ -196,6 +204,7 @@ class ValidatingSweeper(BasicSweeper):
             OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
             write_plan(sweep_dir, plans, groups)  # each finished job counts itself and prints the progress line
             todo = launch_overrides(sweep_dir, groups)  # a stack: one launcher job (its file written)
+            self.offer_prepared(groups)
         except OSError as exc:  # one line, before any job ran (exit 2, like a config error)
             print(f"error: cannot write the sweep folder {sweep_dir} ({type(exc).__name__}: {exc.strerror}); "
                   "choose another with hydra.sweep.dir=DIR", file=sys.stderr)

@@ -16,14 +16,19 @@ tags are the variant and the depth. The W&B run id is the job's identity (``run_
 :mod:`resnorm.runs.identity`), opened with ``resume="allow"``: a resumed job continues the same W&B run
 (W&B keeps each step once: the steps a resumed run logs again were logged before with the same
 values). Under a W&B sweep agent (``WANDB_SWEEP_ID`` set) the agent names the run instead.
+
+W&B records the installed packages with each run (its requirements list), reading every installed
+distribution's metadata again for each run (a fifth of a second a run); :func:`cache_working_set`
+makes it read them once per process (the installed packages do not change under a sweep's workers).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Iterable, Optional
 
 log = logging.getLogger(__name__)
 DEFAULT_INIT_TIMEOUT = 30.0  # seconds; the schema's logger.init_timeout
@@ -50,6 +55,26 @@ def drop_empty_wandb_env() -> None:
         del os.environ[name]
 
 
+def cache_working_set(util: Any) -> bool:
+    """Make W&B's ``util.working_set()`` (the installed distributions a run records as its
+    requirements) read the installed packages once per process and give the same list after;
+    False where this W&B has no such function (then it is left as it is)."""
+    scan: Optional[Callable[[], Iterable[Any]]] = getattr(util, "working_set", None)
+    if scan is None or getattr(scan, "cached", None) is not None:
+        return scan is not None
+    found: list = []
+
+    @functools.wraps(scan)
+    def working_set() -> Iterable[Any]:
+        if not found:
+            found.append(tuple(scan()))
+        return iter(found[0])
+
+    working_set.cached = found  # type: ignore[attr-defined]  # the list read once (empty until then)
+    util.working_set = working_set
+    return True
+
+
 class WandbTracker:
     def __init__(self, logger_cfg, run_dir: Path, group: str, name: str, config: Dict[str, Any],
                  run_id: Optional[str] = None, tags=None, job_type: Optional[str] = None,
@@ -74,6 +99,11 @@ class WandbTracker:
         try:
             import wandb
 
+            try:
+                from wandb import util as wandb_util
+            except ImportError:  # a W&B without it: runs record their packages its own way
+                wandb_util = None
+            cache_working_set(wandb_util)
             os.environ.setdefault("WANDB_SILENT", "true")
             drop_empty_wandb_env()
             if self.cfg.mode == "online":

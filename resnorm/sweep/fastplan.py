@@ -25,7 +25,9 @@ This module imports no torch.
 from __future__ import annotations
 
 import copy
+import pickle
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -110,6 +112,7 @@ class _Base:
     def __init__(self, cfg: Any) -> None:
         from omegaconf import OmegaConf, open_dict
 
+        self.cfg = cfg  # Hydra's composition, hydra node included (what a launcher's worker starts from)
         self.hydra = cfg.hydra
         self.dir_raw = str(OmegaConf.to_container(cfg.hydra.sweep, resolve=False)["dir"])
         self.dir_keys = tuple(_REFERENCE.findall(self.dir_raw))
@@ -122,6 +125,44 @@ class _Base:
         self.sweep_dirs: Dict[Tuple, Path] = {}
         self.values: Dict[str, Any] = {}  # override line -> converted value (or _INELIGIBLE)
         self.checked = False
+        self._blob: Optional[bytes] = None
+        # hydra.job.env_copy records the composing process's environment: a worker's may differ
+        self.portable = not cfg.hydra.job.env_copy
+
+    def blob(self) -> bytes:
+        """The composed config pickled, once (a launcher sends it to its workers with each job)."""
+        if self._blob is None:
+            self._blob = pickle.dumps(self.cfg)
+        return self._blob
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A fast-planned job as a launcher's worker builds its composed config without Hydra: the
+    base's composition with the job's values set, its task overrides and its ``override_dirname``
+    (:func:`job_config`), as :meth:`FastPlanner._agrees` checked against Hydra's compose."""
+
+    base: _Base
+    updates: Tuple[Tuple[str, Any], ...]  # (dotted key, the value OmegaConf stores), in override order
+    task: Tuple[str, ...]
+    dirname: str
+
+    def payload(self) -> Tuple[bytes, Tuple[Tuple[str, Any], ...], Tuple[str, ...], str]:
+        """What a worker needs (picklable, small but for the base's bytes, made once per base)."""
+        return self.base.blob(), self.updates, self.task, self.dirname
+
+
+def job_config(blob: bytes, updates: Sequence[Tuple[str, Any]], task: Sequence[str], dirname: str) -> Any:
+    """The job's composed config (hydra node included) from a :meth:`Prepared.payload`: what
+    Hydra's ``load_sweep_config`` gives for the job's overrides, without composing."""
+    from omegaconf import OmegaConf
+
+    cfg = pickle.loads(blob)  # a private copy, struct flag and resolver cache as composed
+    for key, value in updates:
+        OmegaConf.update(cfg, key, value, merge=True)  # as Hydra applies a ``key=value`` override
+    cfg.hydra.overrides.task = list(task)
+    cfg.hydra.job.override_dirname = dirname
+    return cfg
 
 
 def _has_interpolation(node: Any) -> bool:
@@ -229,8 +270,8 @@ class FastPlanner:
             return False
         return True
 
-    def plan(self, overrides: Sequence[str]) -> Optional[Tuple[Values, str, Path, str, Callable[[], str]]]:
-        """``(config, run_id, run_dir, run_name, hydra_yaml)`` of the job, or None: compose it in full."""
+    def plan(self, overrides: Sequence[str]) -> Optional[Tuple[Values, str, Path, str, Callable[[], str], Prepared]]:
+        """``(config, run_id, run_dir, run_name, hydra_yaml, prepared)`` of the job, or None: compose it in full."""
         if not self.enabled:
             return None
         parsed = [self._parse(line) for line in overrides]
@@ -247,13 +288,14 @@ class FastPlanner:
             except ConfigError:
                 base.interpolated = True  # never fast: the full path reports it
                 return None
-        plain = base.plain
+        plain, updates = base.plain, []
         for o in parsed:
             if _is_value_override(o):
                 value = self._value(base, o)
                 if value is _INELIGIBLE:
                     return None
                 plain = _set(plain, o.key_or_group, value)
+                updates.append((o.key_or_group, value))
         if not self._valid(plain):
             return None
         rid = run_id(plain)
@@ -268,8 +310,9 @@ class FastPlanner:
         task = [o.input_line for o in parsed if not o.is_hydra_override()]
         dirname = self._dirname(base, [o for o in parsed if not o.is_hydra_override()])
         self.fast += 1
+        prepared = Prepared(base, tuple(updates), tuple(task), dirname) if base.portable else None
         return (Values(plain), rid, base.sweep_dirs[dir_key] / rid, dirname or "default",
-                lambda: self._hydra_yaml(base, task, dirname))
+                lambda: self._hydra_yaml(base, task, dirname), prepared)
 
     def _agrees(self, base: _Base, overrides: Sequence[str], plain: Dict[str, Any], rid: str, dir_key: Tuple) -> bool:
         """Compose this job in full: the same config, identity and hydra node as the fast path? Keep

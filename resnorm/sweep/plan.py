@@ -31,6 +31,7 @@ class JobPlan:
     cfg: Any  # the composed job config, without the hydra node (resnorm.sweep.fastplan.Values on the fast path)
     run_name: Optional[str] = None  # Hydra's override_dirname (the summary's run_name)
     hydra_yaml: Any = None  # the job's hydra node as Hydra saves it (.hydra/hydra.yaml), or a function making it
+    prepared: Any = None  # a fast-planned job's resnorm.sweep.fastplan.Prepared (a launcher's workers build from it)
 
     @property
     def done(self) -> bool:
@@ -85,7 +86,7 @@ def checkpoint_step(run_dir: Path, rid: str) -> Optional[int]:
 
 def plan_job(overrides: Sequence[str], cfg: Any, run_dir: Optional[Path], run_name: Optional[str] = None,
              hydra_yaml: Any = None, rid: Optional[str] = None,
-             indexed: Optional[Dict[Tuple[str, str], str]] = None) -> JobPlan:
+             indexed: Optional[Dict[Tuple[str, str], str]] = None, prepared: Any = None) -> JobPlan:
     """The job's plan; ``indexed``: the runs the sweep folder's index says are done
     (:func:`resnorm.runs.index.done_runs`), whose state is taken from it instead of their folder."""
     rid = rid or run_id(cfg)
@@ -93,7 +94,7 @@ def plan_job(overrides: Sequence[str], cfg: Any, run_dir: Optional[Path], run_na
         state = "unknown"
     else:
         state = (indexed or {}).get((str(run_dir), rid)) or job_state(run_dir, rid)
-    return JobPlan(list(overrides), rid, run_dir, state, cfg, run_name, hydra_yaml)
+    return JobPlan(list(overrides), rid, run_dir, state, cfg, run_name, hydra_yaml, prepared)
 
 
 def duplicates(plans: Sequence[JobPlan]) -> Optional[Tuple[JobPlan, JobPlan]]:
