@@ -123,14 +123,19 @@ def _slope_lines(tune: pd.DataFrame) -> List[str]:
         return []
     runs = tune.copy()
     table = metrics.lr_sensitivity_table(runs, by=["variant", "depth", "seed"])
-    fits = verdicts.lr_scaling(table)
+    top = float(runs["lr"].max())
+    fits = verdicts.lr_scaling(table, top=top)
     lines = []
     for _, f in fits.iterrows():
-        if math.isfinite(f["slope"]):
-            interval = (f" [{verdicts.fmt(f['low'], 2)}, {verdicts.fmt(f['high'], 2)}]" if math.isfinite(f["low"])
-                        else " (2 depths: no interval)")
-            lines.append(f"- {style.label(f['variant'])}: largest stable LR ~ depth^{verdicts.fmt(f['slope'], 2)}"
-                         f"{interval} over {int(f['depths'])} depths")
+        if f["censored"] and len(f["censored"]) >= f["depths"]:
+            lines.append(f"- {style.label(f['variant'])}: stable at the grid's highest rate "
+                         f"({verdicts.fmt_lr(top)}) at every depth: the grid does not bound it, no slope")
+        elif math.isfinite(f["slope"]):
+            interval = (f" [{f['low']:.2f}, {f['high']:.2f}]" if math.isfinite(f["low"]) else " (2 depths: no interval)")
+            edge = (f"; at the grid's highest rate at depth {', '.join(map(str, f['censored']))}, so a bound there"
+                    if f["censored"] else "")
+            lines.append(f"- {style.label(f['variant'])}: largest stable LR ~ depth^{f['slope']:.2f}"
+                         f"{interval} over {int(f['depths'])} depths{edge}")
         else:
             lines.append(f"- {style.label(f['variant'])}: no slope (a stable rate at fewer than 2 depths)")
     return ["", "Largest stable learning rate against depth (log-log least squares over the tuning grid, "

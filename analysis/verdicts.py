@@ -89,7 +89,8 @@ def wilson_interval(k: int, n: int, confidence: float = 1 - ALPHA) -> Tuple[floa
     if not 0 <= k <= n:
         raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
     low, high = proportion_confint(k, n, alpha=1 - confidence, method="wilson")
-    return max(0.0, float(low)), min(1.0, float(high))
+    rate = k / n  # statsmodels' bounds can miss the rate by a rounding error (0 of 3: low 5.6e-17)
+    return min(max(0.0, float(low)), rate), max(min(1.0, float(high)), rate)
 
 
 @dataclass
@@ -521,10 +522,12 @@ def sentence(row, unit: str = "nats/token", alpha: float = ALPHA) -> str:
             f"{why} ({detail})")
 
 
-def lr_scaling(lr_table) -> "object":
+def lr_scaling(lr_table, top: Optional[float] = None) -> "object":
     """Per variant, the log-log slope of the largest stable learning rate against depth with its
     interval (:func:`loglog_slope`), from an LR-sensitivity table (variant, depth,
-    largest_stable_lr; several rows per depth, e.g. seeds, are averaged on the log scale first)."""
+    largest_stable_lr; several rows per depth, e.g. seeds, are averaged on the log scale first).
+    ``censored``: the depths whose largest stable rate is ``top``, the grid's highest rate (the
+    grid does not bound it there, so the slope there is a bound, not a measurement)."""
     import pandas as pd
 
     rows = []
@@ -532,6 +535,7 @@ def lr_scaling(lr_table) -> "object":
         lsl = pd.to_numeric(group["largest_stable_lr"], errors="coerce")
         by_depth = np.exp(np.log(lsl.where(lsl > 0)).groupby(group["depth"]).mean())
         fit = loglog_slope(by_depth.index.to_numpy(dtype=float), by_depth.to_numpy(dtype=float))
+        censored = [] if top is None else sorted(int(d) for d, v in lsl.groupby(group["depth"]) if (v >= top).all())
         rows.append(dict(variant=variant, depths=int(by_depth.notna().sum()), slope=fit.slope, low=fit.low,
-                         high=fit.high))
-    return pd.DataFrame(rows, columns=["variant", "depths", "slope", "low", "high"])
+                         high=fit.high, censored=censored))
+    return pd.DataFrame(rows, columns=["variant", "depths", "slope", "low", "high", "censored"])

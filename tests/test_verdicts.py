@@ -188,3 +188,20 @@ def test_a_rate_tuned_at_the_edge_of_the_grid_is_named():
     assert "Post-LN" not in line  # 1e-3 is inside the grid; a cell that failed everywhere has no rate
     assert edge_lines({("post", 6): dict(lr=1e-3, failing=False)}, lrs) == []
     assert edge_lines(None, lrs) == []
+
+
+def test_wilson_bounds_hold_the_rate_exactly_at_zero_and_all():
+    # statsmodels' Wilson bound for 0 of 3 is 5.6e-17, above the rate: an error bar below 0 in the figure
+    assert verdicts.wilson_interval(0, 3)[0] == 0.0 and verdicts.wilson_interval(3, 3)[1] == 1.0
+    for k, n in [(0, 3), (3, 3), (1, 3), (0, 1), (5, 5)]:
+        low, high = verdicts.wilson_interval(k, n)
+        assert low <= k / n <= high
+
+
+def test_a_largest_stable_rate_at_the_top_of_the_grid_is_a_bound_not_a_slope():
+    table = pd.DataFrame(dict(variant=["pre"] * 3 + ["post"] * 3, depth=[6, 24, 48] * 2,
+                              largest_stable_lr=[3e-2, 3e-2, 3e-2, 3e-2, 1e-2, 3e-3]))
+    fits = verdicts.lr_scaling(table, top=3e-2).set_index("variant")
+    assert fits.loc["pre", "censored"] == [6, 24, 48]
+    assert fits.loc["post", "censored"] == [6] and fits.loc["post", "slope"] < 0
+    assert verdicts.lr_scaling(table).set_index("variant").loc["pre", "censored"] == []
