@@ -37,16 +37,25 @@ MONITOR_ORDER = tuple(q for q in catalogue.QUANTITIES if q not in PROFILE_QUANTI
 LAYER_GROUPS = ("first third", "middle third", "last third")
 
 
+#: above this many panels a figure gets fixed margins instead of matplotlib's constrained layout,
+#: whose cost grows with every axis and tick (most of the analysis time of a 100-cell sweep)
+MANY_PANELS = 40
+
+
 def _figure(nrows: int, ncols: int, width: float, height: float, **subplot_kw):
     """A standalone figure on an Agg canvas with seaborn's whitegrid style, and its axes grid."""
     import seaborn as sns
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    many = nrows * ncols > MANY_PANELS
     with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.85):
-        fig = Figure(figsize=(width, height), layout="constrained")
+        fig = Figure(figsize=(width, height), layout=None if many else "constrained")
         FigureCanvasAgg(fig)
         axes = fig.subplots(nrows, ncols, squeeze=False, **subplot_kw)
+    if many:  # margins in inches, gaps as a fraction of a panel (room for tick labels and titles)
+        fig.subplots_adjust(left=min(0.4, 1.0 / width), right=1 - min(0.3, 0.3 / width),
+                            bottom=min(0.4, 0.7 / height), top=1 - min(0.3, 0.8 / height), wspace=0.35, hspace=0.55)
     return fig, axes
 
 

@@ -66,18 +66,17 @@ def block_profile(layers: pd.DataFrame, quantity: str = "grad_norm") -> pd.DataF
     blocks = block_values(layers, quantity)
     if blocks.empty:
         return pd.DataFrame(columns=["run_dir", "step", "layer", "value", "when"])
-    parts = []
-    for run_dir, run in blocks.groupby("run_dir", sort=False):
-        first = int(run["step"].min())
-        finite_steps = np.isfinite(run["value"].astype(float)).groupby(run["step"]).all()
-        finite_steps = finite_steps[finite_steps].index
-        chosen = {first: "step 0" if first == 0 else "first logged step"}
-        if len(finite_steps) and int(finite_steps.max()) != first:
-            chosen[int(finite_steps.max())] = "last logged step"
-        part = run[run["step"].isin(list(chosen))].copy()
-        part["when"] = part["step"].map(chosen)
-        parts.append(part)
-    return pd.concat(parts, ignore_index=True)
+    # vectorised over runs (a loop over runs cost ~4 ms a run and quantity: minutes at 10,000 runs)
+    step = blocks["step"].astype(int)
+    first = step.groupby(blocks["run_dir"], sort=False).transform("min")
+    finite = pd.Series(np.isfinite(blocks["value"].astype(float)).to_numpy(), index=blocks.index)
+    all_finite = finite.groupby([blocks["run_dir"], step], sort=False).transform("all")
+    last = step.where(all_finite).groupby(blocks["run_dir"], sort=False).transform("max")
+    is_first, is_last = step == first, (step == last) & (last != first)
+    part = blocks[is_first | is_last].copy()
+    part["when"] = np.where(is_last[is_first | is_last], "last logged step",
+                            np.where(first[is_first | is_last] == 0, "step 0", "first logged step"))
+    return part.reset_index(drop=True)
 
 
 def _profile_rows(sweep, quantities: List[str]) -> pd.DataFrame:
@@ -98,18 +97,20 @@ def _profile_label(quantity: str) -> str:
 
 
 def _profile_panel(ax, panel: pd.DataFrame, variants: List[str], whens: List[str], log_scale: bool) -> None:
-    import seaborn as sns
-
     if panel.empty:
         ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="grey")
     else:
-        present = [v for v in variants if v in set(panel["variant"])]
-        dashes = {w: ("" if w == "last logged step" else (4, 2)) for w in whens}
-        sns.lineplot(data=panel.assign(layer=panel["layer"].astype(int)), x="layer", y="value",
-                     hue="variant", hue_order=present, palette={v: style.colour(v) for v in present},
-                     style="when", style_order=[w for w in whens if w in set(panel["when"])],
-                     dashes=dashes, estimator="mean", errorbar=None, legend=False, ax=ax,
-                     marker="o", ms=3, mew=0)  # markers: a depth-1 profile is a single point
+        # the mean over seeds per (variant, when, layer), one line each, drawn directly (seaborn's
+        # lineplot cost 0.3 s a panel, most of a many-panel sweep's analysis)
+        means = panel.assign(layer=panel["layer"].astype(int)).groupby(["variant", "when", "layer"])["value"].mean()
+        for variant in [v for v in variants if v in set(panel["variant"])]:
+            for when in [w for w in whens if w in set(panel["when"])]:
+                if (variant, when) not in means.index.droplevel("layer"):
+                    continue
+                line = means.loc[(variant, when)]
+                ax.plot(line.index, line.to_numpy(), color=style.colour(variant), lw=1.5,
+                        dashes=() if when == "last logged step" else (4, 2),
+                        marker="o", ms=3, mew=0)  # markers: a depth-1 profile is a single point
     if log_scale:
         ax.set_yscale("log")
 
