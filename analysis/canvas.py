@@ -108,8 +108,11 @@ def _legend(fig, handles: list) -> None:
     longest = max(len(h.get_label()) for h in handles)
     entry_pts = 6.0 * longest + 40.0  # a rough width of one entry: text plus the handle
     fits = int(fig.get_figwidth() * 72 // entry_pts)
-    fig.legend(handles=handles, loc="outside lower center", ncols=max(1, min(len(handles), fits, 6)),
-               frameon=False)
+    ncols = max(1, min(len(handles), fits, 6))
+    if fig.get_layout_engine() is None:  # fixed margins (many panels): under the figure, kept by the tight save
+        fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncols=ncols, frameon=False)
+    else:
+        fig.legend(handles=handles, loc="outside lower center", ncols=ncols, frameon=False)
 
 
 def _shade(colour: str, amount: float) -> tuple:
