@@ -120,6 +120,7 @@ class _Base:
         with open_dict(body):
             del body["hydra"]
         self.body = body
+        self.nodes: Dict[str, Any] = {}  # key -> its value node in body (FastPlanner._leaf_node)
         self.plain = OmegaConf.to_container(body, resolve=True)
         self.interpolated = _has_interpolation(body)
         self.sweep_dirs: Dict[Tuple, Path] = {}
@@ -229,14 +230,36 @@ class FastPlanner:
             base.values[line] = _INELIGIBLE
             try:
                 check_override(o)
-                body = copy.deepcopy(base.body)
-                ConfigLoaderImpl._apply_overrides_to_config([o], body)
-                value = OmegaConf.select(body, o.key_or_group)
-                if not OmegaConf.is_config(value):
-                    base.values[line] = value
+                node = self._leaf_node(base, o.key_or_group)
+                if node is not None:  # assigning to a copy of the leaf converts as assigning in the config does
+                    fresh = copy.deepcopy(node)  # copies the node only (its parent is kept, not copied)
+                    fresh._set_value(o.value())
+                    base.values[line] = fresh._value()
+                else:
+                    body = copy.deepcopy(base.body)
+                    ConfigLoaderImpl._apply_overrides_to_config([o], body)
+                    value = OmegaConf.select(body, o.key_or_group)
+                    if not OmegaConf.is_config(value):
+                        base.values[line] = value
             except Exception:  # noqa: BLE001  # the full compose reports it
                 pass
         return base.values[line]
+
+    @staticmethod
+    def _leaf_node(base: _Base, key: str) -> Any:
+        """The base config's value node at ``key`` (None: not a plain value node; the override then
+        goes through a copy of the whole config, ~10 ms, which a sweep over thousands of distinct
+        values, e.g. ``seed=range(N)``, cannot pay per value)."""
+        from omegaconf import OmegaConf
+        from omegaconf.nodes import AnyNode, ValueNode
+
+        if key not in base.nodes:
+            parent_key, _, last = key.rpartition(".")
+            parent = OmegaConf.select(base.body, parent_key) if parent_key else base.body
+            node = parent._get_node(last) if OmegaConf.is_dict(parent) else None
+            plain = isinstance(node, ValueNode) and not node._is_interpolation()
+            base.nodes[key] = node if plain and not isinstance(node, AnyNode) else None
+        return base.nodes[key]
 
     def _eligible(self, o: Any) -> bool:
         from hydra.core.override_parser.types import OverrideType
