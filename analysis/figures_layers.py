@@ -103,9 +103,10 @@ def _profile_panel(ax, panel: pd.DataFrame, variants: List[str], whens: List[str
         # the mean over seeds per (variant, when, layer), one line each, drawn directly (seaborn's
         # lineplot cost 0.3 s a panel, most of a many-panel sweep's analysis)
         means = panel.assign(layer=panel["layer"].astype(int)).groupby(["variant", "when", "layer"])["value"].mean()
-        for variant in [v for v in variants if v in set(panel["variant"])]:
-            for when in [w for w in whens if w in set(panel["when"])]:
-                if (variant, when) not in means.index.droplevel("layer"):
+        drawn = set(means.index.droplevel("layer"))
+        for variant in variants:
+            for when in whens:
+                if (variant, when) not in drawn:
                     continue
                 line = means.loc[(variant, when)]
                 ax.plot(line.index, line.to_numpy(), color=style.colour(variant), lw=1.5,
