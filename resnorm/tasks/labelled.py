@@ -162,6 +162,16 @@ def task_kind(spec: str) -> str:
     return kind_of(*read_rows(spec))
 
 
+def _partition(rows: Sequence[dict], second: Sequence[bool]) -> Tuple[List[dict], List[dict]]:
+    """(the rows whose flag is False, the rows whose flag is True), each in order."""
+    return [r for r, f in zip(rows, second) if not f], [r for r, f in zip(rows, second) if f]
+
+
+def _every(n: int, every: int) -> List[bool]:
+    """Flags for rows every-1, 2*every-1, ... of ``n`` rows (every ``every``-th row)."""
+    return [i % every == every - 1 for i in range(n)]
+
+
 def split_rows(rows: Sequence[dict], source: str) -> Tuple[List[dict], List[dict]]:
     """(training rows, held-out rows): by the ``split`` column when the rows have one, else every fifth."""
     if any("split" in r for r in rows):
@@ -169,11 +179,9 @@ def split_rows(rows: Sequence[dict], source: str) -> Tuple[List[dict], List[dict
         bad = sorted(set(splits) - set(EVAL_SPLITS) - {"train"})
         if bad:
             raise DataError(f"{source}: split {bad[0]!r}: choose train or one of {', '.join(EVAL_SPLITS)}")
-        train = [r for r, s in zip(rows, splits) if s == "train"]
-        held = [r for r, s in zip(rows, splits) if s != "train"]
+        train, held = _partition(rows, [s != "train" for s in splits])
     else:
-        train = [r for i, r in enumerate(rows) if i % HOLDOUT_EVERY != HOLDOUT_EVERY - 1]
-        held = [r for i, r in enumerate(rows) if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
+        train, held = _partition(rows, _every(len(rows), HOLDOUT_EVERY))
     if not train or not held:
         raise DataError(f"{source}: {len(train)} training and {len(held)} held-out rows; both parts need rows")
     return train, held
@@ -200,11 +208,9 @@ def carve_validation(rows: Sequence[dict], every: int = VAL_EVERY) -> Tuple[List
     names = sorted({g for g in groups if g is not None})
     if None not in groups and len(names) >= every:
         val_groups = set(names[min(2, every - 1)::every])
-        fit = [r for r, g in zip(rows, groups) if g not in val_groups]
-        val = [r for r, g in zip(rows, groups) if g in val_groups]
+        fit, val = _partition(rows, [g in val_groups for g in groups])
     else:
-        fit = [r for i, r in enumerate(rows) if i % every != every - 1]
-        val = [r for i, r in enumerate(rows) if i % every == every - 1]
+        fit, val = _partition(rows, _every(len(rows), every))
     if not fit or not val:
         raise DataError(f"{len(rows)} training rows: too few to carve a validation part (every {every}th row)")
     return fit, val
