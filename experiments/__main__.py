@@ -5,7 +5,8 @@
   writes ``results/papers/NAME.{csv,png,claims.json}`` and prints each claim's statistic over seeds, its
   95% interval and verdict (holds / does not hold / inconclusive). ``--setting S`` runs one of the
   experiment's declared robustness settings (other seeds, another text) into ``results/papers/robustness/S/``;
-  ``--robustness`` runs the default and every declared setting.
+  ``--robustness`` runs the default and every declared setting. ``--only KEY=V1,V2`` runs a subset of the
+  grid; with ``--merge`` its rows replace those rows of the recorded CSV and the record lists the re-run.
 - ``check``: re-judges the claims from the saved CSVs (``--rerun``: from a fresh run into a scratch folder)
   and compares each verdict with the recorded one. Exit status 1 only when a verdict changed (or the
   default setting has no record); claims recorded as not holding pass while they keep not holding, and
@@ -75,7 +76,7 @@ def _run(args, names) -> int:
         for setting in _settings(args, REGISTRY[name]):
             _, results = run_experiment(name, size=args.size, out=args.out, runs_dir=RUNS, verbose=not args.quiet,
                                         seeds=seeds, text=args.text, workers=args.workers,
-                                        setting=setting, only=_only(args.only))
+                                        setting=setting, only=_only(args.only), merge=args.merge)
             _print(name, setting, results)
     return 0
 
@@ -141,6 +142,9 @@ def main(argv=None) -> int:
             p.add_argument("--text", type=Path, help="training-time experiments: train on this text file (bytes)")
             p.add_argument("--only", action="append", default=[], metavar="KEY=V1,V2",
                            help="keep a subset of one of the grid's lists (e.g. depths=4,24); repeatable")
+            p.add_argument("--merge", action="store_true", help="with --only: the subset's rows replace the same "
+                           "rows of the recorded CSV (a re-run after a fix that touches some variants); the "
+                           "record keeps its first run's timing and lists the re-run")
         else:
             p.add_argument("--rerun", action="store_true", help="re-run each experiment into a scratch folder "
                            "and compare its verdicts with the record")

@@ -331,9 +331,11 @@ def _previous(old: Optional[Dict[str, Any]], old_seeds: List[int], r: ClaimResul
 
 def save_claims(exp: Experiment, results: List[ClaimResult], path: Path, size: str, wall_s: Optional[float],
                 machine: Optional[Dict[str, Any]] = None, setting: str = DEFAULT, data: str = "",
-                old_seeds: Optional[List[int]] = None, source: str = "") -> None:
+                old_seeds: Optional[List[int]] = None, source: str = "",
+                reruns: Optional[List[Dict[str, Any]]] = None) -> None:
     """Write ``claims.json``: every claim's statistic, interval, seeds and verdict, and what it replaced;
-    ``source`` says where the data came from when it was not this call's run."""
+    ``source`` says where the data came from when it was not this call's run; ``reruns`` lists the grid
+    subsets whose rows were re-run later and merged in (:func:`merge_rows`), each with its date and timing."""
     old = load_record(path)
     for r in results:
         r.previous = _previous(old, old_seeds or [], r)
@@ -342,6 +344,8 @@ def save_claims(exp: Experiment, results: List[ClaimResult], path: Path, size: s
                    seeds=seeds, wall_s=wall_s, machine=machine, claims=[r.record() for r in results])
     if source:
         payload["source"] = source
+    if reruns:
+        payload["reruns"] = reruns
     write_text(path, json.dumps(payload, indent=2))
 
 
@@ -355,7 +359,7 @@ def csv_seeds(path: Path) -> List[int]:
 def run_experiment(name: str, size: str = "full", out: Path = RESULTS, runs_dir: Path = RUNS,
                    verbose: bool = True, threads: int = 1, seeds: Optional[Sequence[int]] = None,
                    text: Optional[str] = None, workers: int = 0, setting: Optional[str] = None,
-                   record: bool = True, only: Optional[Dict[str, Sequence[Any]]] = None):
+                   record: bool = True, only: Optional[Dict[str, Sequence[Any]]] = None, merge: bool = False):
     """Run one experiment at ``size``, write its CSV, figure and claims; return (df, claim results).
 
     ``setting``: one of the experiment's declared settings (its seeds and text; the results go to
@@ -365,6 +369,9 @@ def run_experiment(name: str, size: str = "full", out: Path = RESULTS, runs_dir:
     training-time grids in parallel, one thread each (0: one per core). ``record=False`` writes the CSV and
     figure but no ``claims.json`` (a re-run compared against the record, not replacing it). ``only``: keep a
     subset of a grid list, e.g. ``{"depths": [4, 24]}`` (:func:`restrict`); the record names it.
+    ``merge``: the subset's rows replace the same rows of the recorded CSV instead of the whole CSV (after a
+    fix that touches some variants only); the claims are judged on the merged data, and the record keeps its
+    first run's timing and lists the re-run under ``reruns``.
     """
     import torch
 
@@ -383,6 +390,14 @@ def run_experiment(name: str, size: str = "full", out: Path = RESULTS, runs_dir:
     if text is not None:
         grid["text"] = str(text)
     grid = restrict(grid, only or {}, name)
+    p = paths(name, out)
+    old_record = load_record(p["claims"]) if merge else None
+    if merge and (not only or old_record is None or not p["csv"].is_file() or old_record.get("size") != size):
+        raise KeyError(f"experiment {name}: --merge re-runs a subset (--only) of a recorded run of the same grid; "
+                       + ("name the subset with --only" if not only else
+                          f"{p['claims']} records grid {old_record.get('size')!r}, not {size!r}" if old_record
+                          and p["csv"].is_file() else
+                          f"{p['claims']} or {p['csv']} is missing: run the whole grid first"))
     from resnorm.train.devices import cpu_count
 
     ctx = Context(name=name, size=size, runs_dir=Path(runs_dir) / size / name, verbose=verbose,
@@ -394,18 +409,52 @@ def run_experiment(name: str, size: str = "full", out: Path = RESULTS, runs_dir:
     machine = dict(cores=cpu_count(), load_avg_start=load_start, load_avg_end=_load_average(),
                    workers=ctx.workers, runs_trained=ctx.runs_trained, runs_cached=ctx.runs_cached,
                    only={k: list(v) for k, v in (only or {}).items()} or None)
-    p = paths(name, out)
     p["csv"].parent.mkdir(parents=True, exist_ok=True)
     old_seeds = csv_seeds(p["csv"])
+    if merge:
+        old, rows = pd.read_csv(p["csv"]), len(df)
+        df = merge_rows(old, df, only)
+        rerun = dict(only=machine.pop("only"), date=time.strftime("%Y-%m-%d", time.gmtime()), wall_s=wall,
+                     rows=rows, rows_replaced=len(old) + rows - len(df), machine=machine)
     write_text(p["csv"], df.to_csv(index=False))
     exp.plot(df, p["png"])
     results = exp.evaluate(df)
-    if record:
+    if record and merge:
+        save_claims(exp, results, p["claims"], old_record.get("size", size), old_record.get("wall_s"),
+                    old_record.get("machine"), old_record.get("setting", DEFAULT), old_record.get("data", ""),
+                    old_seeds, old_record.get("source", ""), [*old_record.get("reruns", []), rerun])
+    elif record:
         data = Path(text).name if text is not None and exp.kind == "train" else ""
         save_claims(exp, results, p["claims"], size, wall, machine, chosen.name if setting else DEFAULT, data,
                     old_seeds)
     ctx.log(f"done in {wall:.0f} s -> {p['png']}")
     return df, results
+
+
+def _grid_column(df: pd.DataFrame, key: str) -> str:
+    """The CSV column a grid list fills: the key itself or its singular (``variants`` -> ``variant``)."""
+    for col in (key, key[:-1] if key.endswith("s") else key):
+        if col in df.columns:
+            return col
+    raise KeyError(f"--merge: the grid list {key!r} has no column in the CSV (columns: {', '.join(df.columns)})")
+
+
+def merge_rows(old: pd.DataFrame, new: pd.DataFrame, only: Dict[str, Sequence[Any]]) -> pd.DataFrame:
+    """``old`` with the rows of the grid subset ``only`` replaced by ``new`` (a re-run of that subset): the
+    old rows whose every ``only`` column holds a kept value are dropped, the new rows appended. The new rows
+    must have the old columns and lie inside the subset."""
+    if list(new.columns) != list(old.columns):
+        raise KeyError(f"--merge: the re-run's columns ({', '.join(new.columns)}) differ from the recorded CSV's "
+                       f"({', '.join(old.columns)}): re-run the whole grid")
+    inside_old = pd.Series(True, index=old.index)
+    inside_new = pd.Series(True, index=new.index)
+    for key, values in only.items():
+        col = _grid_column(old, key)
+        inside_old &= old[col].isin(values)
+        inside_new &= new[col].isin(values)
+    if not inside_new.all():
+        raise KeyError(f"--merge: {int((~inside_new).sum())} re-run rows lie outside the subset {only}")
+    return pd.concat([old[~inside_old], new], ignore_index=True)
 
 
 def restrict(grid: Dict[str, Any], only: Dict[str, Sequence[Any]], name: str = "") -> Dict[str, Any]:

@@ -30,6 +30,7 @@ python -m experiments list                    # the experiments, their papers, s
 python -m experiments run xiong_grad          # -> results/papers/xiong_grad.{{png,csv,claims.json}}
 python -m experiments run NAME --setting text_hamlet   # a declared robustness run -> results/papers/robustness/
 python -m experiments run NAME --only depths=4,24      # a subset of the declared grid (named in the record)
+python -m experiments run NAME --only variants=mhc --merge   # re-run those rows into the recorded CSV
 python -m experiments check --all             # re-judge every claim; exit 1 only if a verdict changed
 python -m experiments check NAME --rerun      # the same after re-running NAME into a scratch folder
 python -m experiments report                  # this page, from the records
@@ -66,7 +67,8 @@ NOTES = """## Notes on the measurements
 
 - The sentences under each experiment's tables are computed from its saved CSV (`notes(df)` of the
   experiment); the tables from its claims file. A record made from a subset of the declared grid says so
-  (`--only`), and a record re-judged from an earlier run's CSV says that too.
+  (`--only`), a record re-judged from an earlier run's CSV says that too, and a record whose rows were
+  partly re-run after a fix (`--only ... --merge`) names the rows, the date and the re-run's timing.
 - Claims added beyond docs/papers.md §13: `xiong_grad` `spearman_pre` and `post_not_falling` (Pre-LN falls
   toward the output at this scale, as the calibration notes), `deepnet_update` `sgd_post_over_deepnorm` (the
   SGD repeat, threshold 5 as for Adam).
@@ -132,6 +134,17 @@ def _timing(saved: Dict) -> str:
     return text
 
 
+def _reruns(saved: Dict) -> str:
+    """One sentence per merged re-run of a grid subset: which rows, when, and its timing."""
+    out = []
+    for r in saved.get("reruns") or []:
+        rows = "; ".join(f"{k} = {', '.join(map(str, v))}" for k, v in (r.get("only") or {}).items())
+        timing = _timing(dict(wall_s=r.get("wall_s"), machine=r.get("machine")))
+        out.append(f" Rows re-run on {r.get('date')} and merged in (`--only` {rows} `--merge`): {r.get('rows')} "
+                   f"rows replacing {r.get('rows_replaced')}{timing}.")
+    return "".join(out)
+
+
 def _setting_block(exp: Experiment, setting, results_dir: Path) -> Optional[str]:
     saved = load_record(paths(exp.name, setting.out(results_dir))["claims"])
     head = "Default seeds" if setting.name == DEFAULT else f"Robustness `{setting.name}`"
@@ -151,7 +164,7 @@ def _setting_block(exp: Experiment, setting, results_dir: Path) -> Optional[str]
     cmd = f"python -m experiments run {exp.name}" + (f" --setting {setting.name}" if setting.name != DEFAULT else "")
     only = (saved.get("machine") or {}).get("only")
     subset = "; only " + ", ".join(f"{k} = {', '.join(map(str, v))}" for k, v in only.items()) if only else ""
-    source = f" {saved['source']}." if saved.get("source") else ""
+    source = (f" {saved['source']}." if saved.get("source") else "") + _reruns(saved)
     block = [f"#### {head}{': ' + what if what else ''}",
              f"`{cmd}{''.join(f' --only {k}=' + ','.join(map(str, v)) for k, v in (only or {}).items())}` "
              f"(grid `{saved.get('size')}`{subset}, seeds {seeds}{data}{_timing(saved)}).{source}",

@@ -14,7 +14,7 @@ import pytest
 
 import experiments
 from conftest import ROOT
-from experiments.core import Claim, ClaimResult, Setting, Skip, restrict, run_experiment
+from experiments.core import Claim, ClaimResult, Setting, Skip, merge_rows, restrict, run_experiment
 from experiments.gate import changes, check_setting, known
 from experiments.verdict import (DOES_NOT_HOLD, HOLDS, INCONCLUSIVE, MIN_SEEDS, SKIPPED, decide, judge,
                                  mean_interval)
@@ -111,6 +111,59 @@ def test_restrict_keeps_a_declared_subset_only():
         restrict(grid, {"depths": [48]})
     with pytest.raises(KeyError, match="not a list of the grid"):
         restrict(grid, {"steps": [10]})
+
+
+def test_merge_rows_replaces_the_subset_only():
+    old = pd.DataFrame(dict(variant=["pre", "mhc", "mhc", "ngpt"], depth=[2, 2, 6, 6], loss=[1.0, 2.0, 3.0, 4.0]))
+    new = pd.DataFrame(dict(variant=["mhc", "mhc"], depth=[2, 6], loss=[5.0, 6.0]))
+    merged = merge_rows(old, new, {"variants": ["mhc"]})
+    assert merged.sort_values(["variant", "depth"]).loss.tolist() == [5.0, 6.0, 4.0, 1.0]
+    only_deep = merge_rows(old, new[new.depth == 6], {"variants": ["mhc"], "depths": [6]})
+    assert sorted(only_deep.loss) == [1.0, 2.0, 4.0, 6.0]  # mhc at depth 2 kept
+    with pytest.raises(KeyError, match="outside the subset"):
+        merge_rows(old, new, {"variants": ["ngpt"]})
+    with pytest.raises(KeyError, match="columns"):
+        merge_rows(old, new.rename(columns={"loss": "final"}), {"variants": ["mhc"]})
+    with pytest.raises(KeyError, match="no column"):
+        merge_rows(old, new, {"widths": [1]})
+
+
+def test_a_merged_rerun_replaces_its_rows_and_is_recorded(tmp_path):
+    """``run NAME --only variants=V --merge`` after a fix that touched V: V's rows are recomputed into the
+    recorded CSV, the other rows stay as recorded, the claims are judged on the merge, and the record keeps
+    its first run's timing and names the re-run (which the reproductions page prints)."""
+    from experiments.report import _setting_block
+
+    name, py = "normformer_grad", [sys.executable, "-m", "experiments", "run", "normformer_grad", "--size", "ci",
+                                   "--out", str(tmp_path), "--quiet"]
+    df, _ = run_experiment(name, size="ci", out=tmp_path, runs_dir=tmp_path / "runs", verbose=False)
+    csv, claims = tmp_path / f"{name}.csv", tmp_path / f"{name}.claims.json"
+    first = json.loads(claims.read_text())
+    marked = df.assign(grad_norm=df.grad_norm + 100.0)  # both variants' rows moved off their true values
+    marked.to_csv(csv, index=False)
+    out = subprocess.run(py + ["--only", "variants=normformer", "--merge"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    merged = pd.read_csv(csv)
+    assert len(merged) == len(df)
+    keys = ["variant", "depth", "seed", "layer"]
+    back = merged.set_index(keys).sort_index()
+    truth, moved = df.set_index(keys).sort_index(), marked.set_index(keys).sort_index()
+    nf = back.index.get_level_values("variant") == "normformer"
+    np.testing.assert_allclose(back.grad_norm[nf], truth.grad_norm[nf], rtol=1e-6)  # recomputed
+    np.testing.assert_array_equal(back.grad_norm[~nf], moved.grad_norm[~nf])  # untouched
+    rec = json.loads(claims.read_text())
+    assert rec["wall_s"] == first["wall_s"] and rec["machine"] == first["machine"]
+    (rerun,) = rec["reruns"]
+    assert rerun["only"] == {"variants": ["normformer"]} and rerun["rows"] == rerun["rows_replaced"] == int(nf.sum())
+    assert rerun["wall_s"] > 0 and rerun["machine"]["cores"] >= 1
+    block = _setting_block(experiments.get(name), experiments.get(name).setting("default"), tmp_path)
+    assert f"Rows re-run on {rerun['date']} and merged in (`--only` variants = normformer `--merge`)" in block
+    no_only = subprocess.run(py + ["--merge"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert no_only.returncode != 0 and "name the subset with --only" in no_only.stderr
+    other = subprocess.run(py[:-3] + ["--out", str(tmp_path / "empty"), "--only", "variants=pre", "--merge"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert other.returncode != 0 and "run the whole grid first" in other.stderr
 
 
 def test_every_experiment_declares_its_seeds_and_settings():
