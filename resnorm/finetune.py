@@ -33,7 +33,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from resnorm.errors import ConfigError, DataError
 
-DEFAULTS = dict(steps=400, lr=None, batch=16, head_lr_scale=1.0, patience=4, eval_every=25)
+#: the flags' defaults; None: the task kind's (resnorm.tasks.recipe.KIND_DEFAULTS)
+DEFAULTS = dict(steps=None, lr=None, batch=16, head_lr_scale=None, patience=None, eval_every=25)
 
 
 def _positive(kind):
@@ -60,16 +61,18 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--task", required=True, help="a built-in task (play_genre, speaker_tags) or a CSV / JSON "
                                                  "lines file or HF dataset folder with columns text,label or tokens,tags")
     p.add_argument("--steps", type=_positive(int), default=DEFAULTS["steps"],
-                   help="most fine-tuning steps per rate; early stopping may end sooner (default 400)")
+                   help="most fine-tuning steps per rate; early stopping may end sooner (default: 1000 to "
+                        "classify, 400 to tag)")
     p.add_argument("--lr", type=_positive(float), action="append", default=DEFAULTS["lr"],
                    help="a learning rate of the grid (repeat for several; default: 3e-4 1e-3 3e-3)")
     p.add_argument("--head-lr-scale", type=_positive(float), default=DEFAULTS["head_lr_scale"],
-                   help="the head's learning rate over the body's (default 1)")
+                   help="the head's learning rate over the body's (default: 30 to classify, 1 to tag)")
     p.add_argument("--batch", type=_positive(int), default=DEFAULTS["batch"], help="examples per step (default 16)")
     p.add_argument("--eval-every", type=_positive(int), default=DEFAULTS["eval_every"],
                    help="steps between validation scores (default 25)")
     p.add_argument("--patience", type=_positive(int), default=DEFAULTS["patience"],
-                   help="validation scores without a new best before a rate stops (default 4)")
+                   help="validation scores without a new best before a rate stops (default: 12 to classify, "
+                        "4 to tag)")
     p.add_argument("settings", nargs="*", metavar="KEY=VALUE",
                    help="where and how the fine-tunes run: logger.*, train.device, train.threads and the other "
                         "keys outside a run's identity (resnorm.runs.identity.OPERATIONAL_KEYS); a copied run "
@@ -98,6 +101,17 @@ def _operational(dotted: str) -> bool:
     from resnorm.runs.identity import OPERATIONAL_KEYS
 
     return _under(dotted, OPERATIONAL_KEYS)
+
+
+def with_kind_defaults(args, kind: str) -> argparse.Namespace:
+    """``args`` with each flag left unset (None) at the task kind's default (:data:`resnorm.tasks.recipe.KIND_DEFAULTS`)."""
+    from resnorm.tasks.recipe import KIND_DEFAULTS
+
+    values = vars(args).copy()
+    for key, value in KIND_DEFAULTS[kind].items():
+        if values.get(key) is None:
+            values[key] = value
+    return argparse.Namespace(**values)
 
 
 def recipe_of(args, seed: int = 0):
@@ -169,7 +183,8 @@ def finetune_config(run_dir: Path, summary: Dict[str, Any], task: str, args, lr:
     values = {"finetune.task": spec, "finetune.init_from": str(run_dir.resolve()), "train.steps": steps,
               "optim.lr": lr or recipe.lrs[0], "train.batch_size": args.batch,
               "train.eval_every": max(1, min(args.eval_every, steps)), "optim.schedule": "constant",
-              "optim.warmup_steps": min(recipe.warmup, steps), "train.keep_checkpoint": False}
+              "optim.warmup_steps": min(recipe.warmup, steps), "train.keep_checkpoint": False,
+              "finetune.head_lr_scale": recipe.head_lr_scale, "optim.grad_clip": recipe.grad_clip}
     overrides = [override(k, v) for k, v in values.items()] + list(getattr(args, "settings", None) or [])
     cfg = compose(base + overrides)
     validate(cfg)
@@ -200,9 +215,9 @@ def task_setup(run_dir: Path, task: str, seed: int = 0, args=None) -> TaskSetup:
 
     from resnorm.runs.folder import read_summary
     from resnorm.tasks.heads import build_task_model
-    from resnorm.tasks.labelled import load_task_data
+    from resnorm.tasks.labelled import load_task_data, task_kind
 
-    args = args or argparse.Namespace(**DEFAULTS)
+    args = with_kind_defaults(args or argparse.Namespace(**DEFAULTS), task_kind(task))
     cfg, _ = finetune_config(run_dir, read_summary(run_dir), task, args)
     data = load_task_data(cfg)
     torch.manual_seed(seed)
@@ -232,13 +247,16 @@ def choose(run_dir: Path, task: str, args) -> Dict[str, Any]:
     import time
 
     from resnorm.tasks.heads import floors
+    from resnorm.tasks.labelled import task_kind
     from resnorm.tasks.recipe import select, trials_record
+    from resnorm.train.optimizers import task_optimizer
 
     t0 = time.time()
+    args = with_kind_defaults(args, task_kind(task))
     seed = int(read_seed(run_dir))
     setup = task_setup(run_dir, task, seed, args)
     out = floors(setup.model, setup.data, setup.cfg.train.seq_len)
-    best, trials = select(setup.model, setup.data, setup.fit, setup.val, recipe_of(args, seed))
+    best, trials = select(setup.model, setup.data, setup.fit, setup.val, recipe_of(args, seed), task_optimizer)
     return {**out, "recipe_lr": best.lr, "recipe_steps": max(best.best_step, 1), "recipe_val_score": best.best_score,
             "recipe_grid": trials_record(trials), "recipe_seconds": time.time() - t0}
 
@@ -268,10 +286,11 @@ def finetune_run(run_dir: Path, summary: Dict[str, Any], task: str, args) -> Dic
     for that many steps on the same fitting rows and scores the held-out rows once."""
     from resnorm.runs.folder import FINETUNE, read_summary
     from resnorm.runs.identity import run_id
-    from resnorm.tasks.labelled import task_name
+    from resnorm.tasks.labelled import task_kind, task_name
     from resnorm.train.callbacks import TaskScore, default_callbacks
     from resnorm.train.job import JobInfo, execute
 
+    args = with_kind_defaults(args, task_kind(task))
     name = task_name(task)
     folder = run_dir / FINETUNE / name
     key = recipe_key(summary, task, args)
@@ -320,6 +339,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         _check_task(args.task)
+        from resnorm.tasks.labelled import task_kind
+
+        args = with_kind_defaults(args, task_kind(args.task))
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

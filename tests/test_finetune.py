@@ -399,3 +399,43 @@ def test_default_fine_tuning_beats_the_majority_class_on_a_cue_task(sweep, tmp_p
     s = json.loads((dirs["mlm"] / "finetune" / "cue" / "summary.json").read_text())
     assert s["task_accuracy"] >= s["task_majority_accuracy"] + 0.2
     assert s["recipe_lr"] in [g["lr"] for g in s["recipe_grid"]] and s["floor_ngram"] >= 0.9
+
+
+def test_the_loop_replays_the_recipes_chosen_trial(sweep, tmp_path):
+    """The loop's fine-tune at the chosen rate trains as the recipe's trial did (the recipe's optimizer,
+    the head at its own rate, the same clipping, batches and head init), so the held-out score is that of
+    the model the validation part chose: same predictions, same held-out loss."""
+    import pandas as pd
+
+    from resnorm.finetune import parse_args, recipe_of, task_setup, with_kind_defaults
+    from resnorm.tasks.labelled import example_batches
+    from resnorm.tasks.recipe import predict, select
+    from resnorm.train.optimizers import task_optimizer
+
+    _, dirs = sweep
+    task = _write_csv(tmp_path / "replay.csv", _cue_rows(120))
+    flags = ["--lr", "3e-3", "--steps", "40", "--eval-every", "10", "--patience", "100", "--batch", "8"]
+    assert main([str(dirs["mlm"]), "--task", str(task), *flags]) == 0
+    done = json.loads((dirs["mlm"] / "finetune" / "replay" / "summary.json").read_text())
+    args = with_kind_defaults(parse_args([str(dirs["mlm"]), "--task", str(task), *flags]), "classify")
+    assert args.head_lr_scale == 30.0 and done["config"]["finetune"]["head_lr_scale"] == 30.0
+    setup = task_setup(dirs["mlm"], str(task), 0, args)
+    best, _ = select(setup.model, setup.data, setup.fit, setup.val, recipe_of(args, 0), task_optimizer)
+    assert best.best_step == done["recipe_steps"]
+    preds, _, gold = predict(setup.model, *setup.data.val, row_of=setup.data.row_of["held"])
+    assert float((preds == gold).double().mean()) == done["task_score"]
+    with torch.no_grad():  # the loop's held-out loss: the mean of its batches' mean losses
+        losses = [float(setup.model.eval().loss(x, y)) for x, y in example_batches(*setup.data.val, 8)]
+    last = pd.read_parquet(dirs["mlm"] / "finetune" / "replay" / "metrics.parquet").dropna(subset=["val_loss"]).iloc[-1]
+    assert last.val_loss == pytest.approx(sum(losses) / len(losses), rel=1e-4)
+
+
+def test_the_recipe_defaults_follow_the_task_kind_and_flags_win():
+    from resnorm.finetune import parse_args, with_kind_defaults
+    from resnorm.tasks.recipe import KIND_DEFAULTS
+
+    for kind, defaults in KIND_DEFAULTS.items():
+        args = with_kind_defaults(parse_args(["x", "--task", "t"]), kind)
+        assert {k: getattr(args, k) for k in defaults} == defaults
+        given = with_kind_defaults(parse_args(["x", "--task", "t", "--steps", "7", "--head-lr-scale", "2"]), kind)
+        assert (given.steps, given.head_lr_scale, given.patience) == (7, 2.0, defaults["patience"])

@@ -7,9 +7,9 @@ loaded from the run's ``checkpoint.pt``. Being a Transformer, it trains through 
 the same probes and monitors. Its inputs are token ids with -1 for padding: the padding is masked
 out of every attention (``Attention.key_mask``), of the pooling and of the loss.
 
-- **classify**: one vector per sequence, then the head. An encoder (``mlm``) takes the mean of its
-  last hidden states over the real tokens (each has seen the whole passage); a causal model
-  (``clm``) takes its last real token's (the only one that has seen the whole passage).
+- **classify**: one vector per sequence, then the head: the mean of the last hidden states over the
+  real tokens, for an encoder (``mlm``) and a causal model (``clm``) alike (for a causal model the
+  last token alone, the only one that has seen the whole window, learned less: docs/finetune.md).
 - **tag**: the head on every token; the loss and the prediction are at each word's last token.
 
 The loss is the cross-entropy over the targets that are not -100 (no z-loss: that regularises LM
@@ -40,7 +40,7 @@ class TaskModel(Transformer):
     def __init__(self, shape: ModelShape, kind: str, n_labels: int):
         super().__init__(shape)
         self.kind = kind
-        self.pooling = "last" if shape.causal else "mean"  # classify: see the module docstring
+        self.pooling = "mean"  # classify: see the module docstring ("last": the last real token)
         self.head = nn.Linear(shape.d_model, n_labels)
 
     @torch.no_grad()

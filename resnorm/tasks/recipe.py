@@ -7,7 +7,9 @@ rates per task, the best on the development set): :func:`resnorm.tasks.labelled.
 the rows carry a ``group`` or ``play`` column, so validation asks the same question as the held-out
 plays; else every fifth training row). For each rate of the grid, :func:`train_one` fine-tunes a
 fresh copy of the pre-trained model on the fitting part (AdamW, linear warm-up then constant, the
-head's rate ``head_lr_scale`` times the body's), scores the validation part every ``eval_every``
+head's rate ``head_lr_scale`` times the body's, gradient clipping; the loop's fine-tune at the chosen
+rate trains with the same optimizer and clipping, so it replays the chosen trial), scores the
+validation part every ``eval_every``
 steps and keeps the weights of the best score (early stopping with ``patience`` evaluations).
 :func:`select` returns the rate whose best validation score is highest, with its weights: that
 model, and only that model, is then scored once on the held-out rows (:mod:`resnorm.finetune`).
@@ -21,12 +23,21 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 LR_GRID = (3e-4, 1e-3, 3e-3)
+
+#: the recipe's defaults by task kind (docs/finetune.md, "The recipe's defaults, measured"): a pooled
+#: classification head learns at 30 times the body's rate and needs up to 1000 steps with 12 validation
+#: scores of patience (its validation accuracy is noisy on a few hundred rows); tagging, per-token, learns
+#: at the body's rate in 400 steps
+KIND_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "classify": dict(steps=1000, head_lr_scale=30.0, patience=12),
+    "tag": dict(steps=400, head_lr_scale=1.0, patience=4),
+}
 
 
 @dataclass
@@ -41,6 +52,7 @@ class Recipe:
     eval_every: int = 25
     patience: int = 4
     weight_decay: float = 0.01
+    grad_clip: float = 1.0
     seed: int = 0
 
 
@@ -113,11 +125,13 @@ def optimizer_for(model, lr: float, recipe: Recipe) -> torch.optim.AdamW:
 
 
 def train_one(model, data, fit: Tuple[torch.Tensor, torch.Tensor], val: Tuple[torch.Tensor, torch.Tensor],
-              lr: float, recipe: Recipe) -> Trial:
-    """Fine-tune ``model`` (in place) at ``lr``; the best validation score's weights into ``Trial.state``."""
+              lr: float, recipe: Recipe, make_optimizer: Callable = optimizer_for) -> Trial:
+    """Fine-tune ``model`` (in place) at ``lr``; the best validation score's weights into ``Trial.state``.
+    ``make_optimizer(model, lr, recipe)``: :func:`optimizer_for`, or the loop's (which adds the variant's
+    optimizer rules), so a trial trains as the loop's fine-tune at the chosen rate does."""
     torch.manual_seed(recipe.seed)
     gen = torch.Generator().manual_seed(recipe.seed)
-    opt = optimizer_for(model, lr, recipe)
+    opt = make_optimizer(model, lr, recipe)
     trial = Trial(lr, -math.inf, math.inf, 0, 0)
     since_best = 0
     for step in range(1, recipe.steps + 1):
@@ -128,7 +142,7 @@ def train_one(model, data, fit: Tuple[torch.Tensor, torch.Tensor], val: Tuple[to
         loss = model.loss(fit[0][idx], fit[1][idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
         opt.step()
         trial.steps_run = step
         if step % recipe.eval_every and step != recipe.steps:
@@ -149,14 +163,14 @@ def train_one(model, data, fit: Tuple[torch.Tensor, torch.Tensor], val: Tuple[to
     return trial
 
 
-def select(model, data, fit, val, recipe: Recipe) -> Tuple[Trial, List[Trial]]:
+def select(model, data, fit, val, recipe: Recipe, make_optimizer: Callable = optimizer_for) -> Tuple[Trial, List[Trial]]:
     """Every rate of ``recipe.lrs`` from a copy of ``model``; (the best trial, all trials). The best:
     the highest validation score, then the lowest validation loss, then the lower rate."""
     initial = copy.deepcopy(model.state_dict())
     trials = []
     for lr in recipe.lrs:
         model.load_state_dict(initial)
-        trials.append(train_one(model, data, fit, val, lr, recipe))
+        trials.append(train_one(model, data, fit, val, lr, recipe, make_optimizer))
     best = max(trials, key=lambda t: (t.best_score, -t.best_loss, -t.lr))
     model.load_state_dict(best.state if best.state is not None else initial)
     for t in trials:

@@ -168,7 +168,7 @@ def setup(cfg, job, rank: int, world: int, slots) -> Run:
     if objective.pretraining:  # model.vocab_size follows a trained or loaded tokenizer (data=hf)
         cfg = model_config(cfg, data, job)
     model = objective.build(cfg, data).to(device)
-    optimizer = make_optimizer(model, cfg.optim)
+    optimizer = objective.optimizer(model, cfg) if objective.optimizer else make_optimizer(model, cfg.optim)
     # every process draws the same global batch and trains on its slice of it
     sampler = objective.sampler(cfg, data)
     val = objective.val_batches(cfg, data)

@@ -29,7 +29,7 @@ monitors, W&B, checkpoints and the run store unchanged). Every model's loss is i
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -50,7 +50,8 @@ class Objective:
     ``load(cfg)`` -> the data (with ``source``, ``unigram_loss``, ``entropy_rate`` for the summary);
     ``build(cfg, data)`` -> the model (on the CPU); ``sampler(cfg, data)`` -> an object with
     ``sample() -> (x, y)`` and the ``generator`` a checkpoint keeps; ``val_batches(cfg, data)`` ->
-    fixed ``[(x, y), ...]``. ``causal`` and ``extra_ids`` shape a pre-training model
+    fixed ``[(x, y), ...]``; ``optimizer(model, cfg)``, when set, replaces ``optim.name``'s optimizer
+    (a fine-tune trains with the recipe's). ``causal`` and ``extra_ids`` shape a pre-training model
     (:meth:`resnorm.model.blocks.ModelShape.from_config`); ``pretraining``: a choice of ``model.objective``.
     """
 
@@ -63,6 +64,7 @@ class Objective:
     causal: bool = True
     extra_ids: int = 0
     pretraining: bool = True
+    optimizer: Optional[Callable[[Any, Any], Any]] = None  # (model, cfg) -> optimizer; None: optim.name's
 
 
 def _load_corpus(cfg):
@@ -160,6 +162,15 @@ def _task_val(cfg, data):
     return example_batches(*data.val, cfg.train.batch_size)
 
 
+def _task_optimizer(model, cfg):
+    """The recipe's optimizer (:func:`resnorm.train.optimizers.task_optimizer`) at ``optim.lr``, the head at
+    ``finetune.head_lr_scale`` times it: the loop's fine-tune replays the recipe's chosen trial."""
+    from resnorm.tasks.recipe import Recipe
+    from resnorm.train.optimizers import task_optimizer
+
+    return task_optimizer(model, cfg.optim.lr, Recipe(head_lr_scale=cfg.finetune.head_lr_scale))
+
+
 OBJECTIVES: Dict[str, Objective] = {}
 
 
@@ -175,9 +186,9 @@ register(Objective("clm", "causal next-token language model (decoder-only)", _lo
 register(Objective("mlm", "bidirectional encoder, BERT's masked-token objective", _load_corpus, _build_lm,
                    _mlm_sampler, _mlm_val, **asdict(OBJECTIVE_SHAPES["mlm"])))
 register(Objective("classify", "fine-tuning: one label per sequence from a pooled head", _task_load, _task_build,
-                   _task_sampler, _task_val, pretraining=False))
+                   _task_sampler, _task_val, pretraining=False, optimizer=_task_optimizer))
 register(Objective("tag", "fine-tuning: one BIO tag per word from a per-token head", _task_load, _task_build,
-                   _task_sampler, _task_val, pretraining=False))
+                   _task_sampler, _task_val, pretraining=False, optimizer=_task_optimizer))
 
 
 def get_objective(name: str) -> Objective:

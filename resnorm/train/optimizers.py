@@ -130,6 +130,16 @@ class OptimizerChain:
 OPTIMIZERS: Dict[str, Callable[..., Any]] = {"adamw": adamw, "sgd": sgd, "muon": muon}
 
 
+def task_optimizer(model, lr: float, recipe):
+    """A fine-tune's optimizer: the recipe's AdamW groups (:func:`resnorm.tasks.recipe.optimizer_for`: the
+    head at ``recipe.head_lr_scale`` times ``lr``), with the variant's rules as :func:`make_optimizer`
+    applies them. The recipe's trials and the loop's fine-tune both train with it."""
+    from resnorm.tasks.recipe import optimizer_for
+    from resnorm.train.variant_optim import attach_post_step, scale_groups
+
+    return attach_post_step(model, scale_groups(model, optimizer_for(model, lr, recipe)))
+
+
 def make_optimizer(model, optim_cfg):
     """The optimizer ``optim.name`` names, built for ``model`` (see the module docstring), with the
     variant's per-group LR/epsilon multipliers (CompleteP) and post-step hook (nGPT's renormalisation):
