@@ -9,7 +9,9 @@ draws it: one panel per task (and setting), x = depth, y = the task's held-out s
 span F1), one line per variant (mean over seeds, error bars of one sd), and the floors in grey
 (:data:`FLOORS`: the majority class, dashed; the n-gram logistic regression, dotted; the linear probe
 on the frozen pre-trained features, dash-dotted, per depth). :func:`score_intervals` is the
-per-seed table with Student-t intervals. Fine-tunes that did not complete are left out.
+per-seed table with Student-t intervals; :func:`downstream_verdicts` the paired-seed verdicts
+(:mod:`analysis.verdicts`: each variant against the baseline variant, and each variant against the
+n-gram floor, seed by seed). Fine-tunes that did not complete are left out.
 :func:`figures` adds it to the report (:func:`analysis.report.make_report`) when there is something to draw.
 """
 
@@ -77,6 +79,45 @@ def score_intervals(table: pd.DataFrame, confidence: float = 0.95) -> pd.DataFra
                          ci_low=lo, ci_high=hi, **{k: part[k].mean() for k in FLOORS},
                          scores=";".join(f"{v:.4f}" for v in scores)))
     return pd.DataFrame(rows)
+
+
+def _paired_row(key, variant: str, against: str, scores: pd.Series, reference: pd.Series) -> Dict:
+    """One paired comparison (score minus reference, matched by seed) as a verdict row before correction."""
+    from analysis.verdicts import minimal_detectable_difference, paired_difference
+
+    both = pd.concat([scores.rename("a"), reference.rename("b")], axis=1).dropna()
+    pair = paired_difference(both["a"], both["b"])
+    return dict(zip(("task", "setting", "depth"), key), variant=variant, against=against, n_pairs=pair.n,
+                difference=pair.mean, ci_low=pair.low, ci_high=pair.high, p=pair.p,
+                mdd=minimal_detectable_difference(pair.sd, pair.n), seeds=";".join(map(str, both.index)))
+
+
+def downstream_verdicts(table: pd.DataFrame, baseline: str = "pre", correction: str = "holm") -> pd.DataFrame:
+    """The verdict machinery on the completed fine-tunes' scores (higher is better), per task, setting and
+    depth, paired by seed (:mod:`analysis.verdicts`): each variant minus the ``baseline`` variant, and each
+    variant minus its own n-gram floor (same split), with the mean difference, its t interval, the
+    paired t-test's p corrected over all rows (``correction``), the minimal detectable difference and the
+    verdict (``better``: the score is higher). A variant needs two seeds in common with what it is
+    compared with."""
+    from analysis.verdicts import adjust, classify
+
+    done = table[(table["status"] == "completed") & np.isfinite(table["task_score"])]
+    rows = []
+    for key, part in done.groupby(["task", "setting", "depth"]):
+        by_seed = {v: g.set_index("seed") for v, g in part.groupby("variant")}
+        for variant, runs in sorted(by_seed.items()):
+            rows.append(_paired_row(key, variant, "floor_ngram", runs["task_score"], runs["floor_ngram"]))
+            if variant != baseline and baseline in by_seed:
+                rows.append(_paired_row(key, variant, baseline, runs["task_score"], by_seed[baseline]["task_score"]))
+    out = pd.DataFrame(rows, columns=["task", "setting", "depth", "variant", "against", "n_pairs", "difference",
+                                      "ci_low", "ci_high", "p", "mdd", "seeds"])
+    if out.empty:
+        return out.assign(p_adjusted=[], verdict=[])
+    out["p_adjusted"] = adjust(out["p"].to_numpy(), correction)
+    # classify reads a lower-is-better difference: the score's gain is handed over negated
+    out["verdict"] = [classify(p, -hi, -lo, mdd) for p, lo, hi, mdd in
+                      zip(out["p_adjusted"], out["ci_low"], out["ci_high"], out["mdd"])]
+    return out
 
 
 def downstream_vs_depth(sweep, path) -> Optional[Path]:

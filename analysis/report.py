@@ -304,9 +304,12 @@ def make_report(sweep_dir, out_dir, spike_window: int = metrics.SPIKE_WINDOW,
     seed_table = _seed_table(sweep)
     written.append(atomic_write(out / "seed_summary.csv", lambda tmp: seed_table.to_csv(tmp, index=False)))
 
-    if downstream.figures(sweep):  # fine-tuned: per-seed scores, t intervals and the floors
-        scores = downstream.score_intervals(downstream.downstream_table(sweep))
+    if downstream.figures(sweep):  # fine-tuned: per-seed scores, t intervals and the floors; paired verdicts
+        fine_tunes = downstream.downstream_table(sweep)
+        scores = downstream.score_intervals(fine_tunes)
         written.append(atomic_write(out / "downstream.csv", lambda tmp: scores.to_csv(tmp, index=False)))
+        paired = downstream.downstream_verdicts(fine_tunes, baseline, correction)
+        written.append(atomic_write(out / "downstream_verdicts.csv", lambda tmp: paired.to_csv(tmp, index=False)))
 
     lr_table = _lr_table(sweep)
     lr_csv = out / "lr_sensitivity.csv"

@@ -246,15 +246,19 @@ def choose(run_dir: Path, task: str, args) -> Dict[str, Any]:
     score is the loop's (:class:`resnorm.train.callbacks.TaskScore`)."""
     import time
 
+    import torch
+
     from resnorm.tasks.heads import floors
     from resnorm.tasks.labelled import task_kind
     from resnorm.tasks.recipe import select, trials_record
+    from resnorm.train.devices import job_threads
     from resnorm.train.optimizers import task_optimizer
 
     t0 = time.time()
     args = with_kind_defaults(args, task_kind(task))
     seed = int(read_seed(run_dir))
     setup = task_setup(run_dir, task, seed, args)
+    torch.set_num_threads(job_threads(setup.cfg.train.threads, 1))  # the loop's threads: its replay sums alike
     out = floors(setup.model, setup.data, setup.cfg.train.seq_len)
     best, trials = select(setup.model, setup.data, setup.fit, setup.val, recipe_of(args, seed), task_optimizer)
     return {**out, "recipe_lr": best.lr, "recipe_steps": max(best.best_step, 1), "recipe_val_score": best.best_score,

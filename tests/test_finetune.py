@@ -285,6 +285,8 @@ def test_finetune_a_sweep_then_skip_then_the_downstream_figure(sweep, tmp_path, 
     assert table[list(downstream.FLOORS)].notna().all().all()  # every fine-tune reports its three floors
     scores = downstream.score_intervals(table)
     assert len(scores) == 4 and (scores["n_seeds"] == 1).all() and scores["ci_low"].isna().all()
+    paired = downstream.downstream_verdicts(table)  # one seed each: judged, never decided
+    assert len(paired) >= 4 and set(paired["verdict"]) == {"inconclusive"} and (paired["n_pairs"] == 1).all()
 
 
 def test_an_interrupted_finetune_resumes_bit_for_bit(sweep, tmp_path, monkeypatch, capsys):

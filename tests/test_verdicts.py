@@ -205,3 +205,28 @@ def test_a_largest_stable_rate_at_the_top_of_the_grid_is_a_bound_not_a_slope():
     assert fits.loc["pre", "censored"] == [6, 24, 48]
     assert fits.loc["post", "censored"] == [6] and fits.loc["post", "slope"] < 0
     assert verdicts.lr_scaling(table).set_index("variant").loc["pre", "censored"] == []
+
+
+def test_downstream_scores_are_judged_by_seed_pairs():
+    """The verdict rules on fine-tuned scores (higher is better): a variant 0.1 above the baseline on
+    every seed is better, a copy of the baseline is not, and each is judged against its n-gram floor."""
+    from analysis.downstream import COLUMNS, downstream_verdicts
+
+    rng = np.random.default_rng(0)
+    base = 0.6 + 0.02 * rng.standard_normal(6)
+    rows = []
+    for variant, scores in (("pre", base), ("post", base + 0.1 + 0.005 * rng.standard_normal(6)), ("same", base)):
+        for seed, score in enumerate(scores):
+            rows.append(dict(run_dir=f"{variant}{seed}", variant=variant, depth=2, seed=seed, setting="", task="t",
+                             task_metric="accuracy", task_score=score, task_majority_accuracy=0.4,
+                             floor_majority=0.4, floor_ngram=0.6, floor_probe=0.5, recipe_lr=1e-3, status="completed"))
+    rows.append({**rows[0], "seed": 9, "status": "failed"})  # not completed: left out
+    table = pd.DataFrame(rows, columns=list(COLUMNS))
+    out = downstream_verdicts(table).set_index(["variant", "against"])
+    assert out.loc[("post", "pre"), "verdict"] == "better" and out.loc[("post", "pre"), "n_pairs"] == 6
+    assert out.loc[("post", "pre"), "difference"] == pytest.approx(float(np.mean(table[table.variant == "post"].task_score.iloc[:6].to_numpy() - base)))
+    assert out.loc[("post", "floor_ngram"), "verdict"] == "better"
+    assert out.loc[("same", "pre"), "verdict"] not in ("better", "worse")  # identical scores: nothing to test
+    assert out.loc[("pre", "floor_ngram"), "verdict"] not in ("better", "worse")  # the floor's level, within noise
+    assert ("pre", "pre") not in out.index
+    assert (out["p_adjusted"].dropna() >= out["p"].dropna()).all()  # Holm never lowers a p
