@@ -347,7 +347,7 @@ class FinetuneConfig:
     init_from: Optional[str] = key(None, "the pre-trained run folder whose checkpoint.pt the task starts from "
                                          "(it needs train.keep_checkpoint=true)")
     head_lr_scale: float = key(1.0, "the task head's learning rate over the body's (python -m resnorm.finetune "
-                                    "--head-lr-scale sets it)", range=POSITIVE)
+                                    "--head-lr-scale sets it)", range=POSITIVE, neutral=1.0)
 
 
 @dataclass
