@@ -103,14 +103,17 @@ def _operational(dotted: str) -> bool:
     return _under(dotted, OPERATIONAL_KEYS)
 
 
-def with_kind_defaults(args, kind: str) -> argparse.Namespace:
-    """``args`` with each flag left unset (None) at the task kind's default (:data:`resnorm.tasks.recipe.KIND_DEFAULTS`)."""
+def with_kind_defaults(args, task: str) -> argparse.Namespace:
+    """``args`` with each flag left unset (None) at the default of ``task``'s kind
+    (:data:`resnorm.tasks.recipe.KIND_DEFAULTS`); the task is read for its kind only when a flag is unset."""
+    from resnorm.tasks.labelled import task_kind
     from resnorm.tasks.recipe import KIND_DEFAULTS
 
     values = vars(args).copy()
-    for key, value in KIND_DEFAULTS[kind].items():
-        if values.get(key) is None:
-            values[key] = value
+    unset = {k for defaults in KIND_DEFAULTS.values() for k in defaults if values.get(k) is None}
+    if unset:
+        defaults = KIND_DEFAULTS[task_kind(task)]
+        values.update({k: defaults[k] for k in unset})
     return argparse.Namespace(**values)
 
 
@@ -215,9 +218,9 @@ def task_setup(run_dir: Path, task: str, seed: int = 0, args=None) -> TaskSetup:
 
     from resnorm.runs.folder import read_summary
     from resnorm.tasks.heads import build_task_model
-    from resnorm.tasks.labelled import load_task_data, task_kind
+    from resnorm.tasks.labelled import load_task_data
 
-    args = with_kind_defaults(args or argparse.Namespace(**DEFAULTS), task_kind(task))
+    args = with_kind_defaults(args or argparse.Namespace(**DEFAULTS), task)
     cfg, _ = finetune_config(run_dir, read_summary(run_dir), task, args)
     data = load_task_data(cfg)
     torch.manual_seed(seed)
@@ -249,13 +252,12 @@ def choose(run_dir: Path, task: str, args) -> Dict[str, Any]:
     import torch
 
     from resnorm.tasks.heads import floors
-    from resnorm.tasks.labelled import task_kind
     from resnorm.tasks.recipe import select, trials_record
     from resnorm.train.devices import job_threads
     from resnorm.train.optimizers import task_optimizer
 
     t0 = time.time()
-    args = with_kind_defaults(args, task_kind(task))
+    args = with_kind_defaults(args, task)
     seed = int(read_seed(run_dir))
     setup = task_setup(run_dir, task, seed, args)
     torch.set_num_threads(job_threads(setup.cfg.train.threads, 1))  # the loop's threads: its replay sums alike
@@ -290,11 +292,11 @@ def finetune_run(run_dir: Path, summary: Dict[str, Any], task: str, args) -> Dic
     for that many steps on the same fitting rows and scores the held-out rows once."""
     from resnorm.runs.folder import FINETUNE, read_summary
     from resnorm.runs.identity import run_id
-    from resnorm.tasks.labelled import task_kind, task_name
+    from resnorm.tasks.labelled import task_name
     from resnorm.train.callbacks import TaskScore, default_callbacks
     from resnorm.train.job import JobInfo, execute
 
-    args = with_kind_defaults(args, task_kind(task))
+    args = with_kind_defaults(args, task)
     name = task_name(task)
     folder = run_dir / FINETUNE / name
     key = recipe_key(summary, task, args)
@@ -343,9 +345,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         _check_task(args.task)
-        from resnorm.tasks.labelled import task_kind
-
-        args = with_kind_defaults(args, task_kind(args.task))
+        args = with_kind_defaults(args, args.task)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

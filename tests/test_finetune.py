@@ -419,7 +419,7 @@ def test_the_loop_replays_the_recipes_chosen_trial(sweep, tmp_path):
     flags = ["--lr", "3e-3", "--steps", "40", "--eval-every", "10", "--patience", "100", "--batch", "8"]
     assert main([str(dirs["mlm"]), "--task", str(task), *flags]) == 0
     done = json.loads((dirs["mlm"] / "finetune" / "replay" / "summary.json").read_text())
-    args = with_kind_defaults(parse_args([str(dirs["mlm"]), "--task", str(task), *flags]), "classify")
+    args = with_kind_defaults(parse_args([str(dirs["mlm"]), "--task", str(task), *flags]), str(task))
     assert args.head_lr_scale == 30.0 and done["config"]["finetune"]["head_lr_scale"] == 30.0
     setup = task_setup(dirs["mlm"], str(task), 0, args)
     best, _ = select(setup.model, setup.data, setup.fit, setup.val, recipe_of(args, 0), task_optimizer)
@@ -436,8 +436,12 @@ def test_the_recipe_defaults_follow_the_task_kind_and_flags_win():
     from resnorm.finetune import parse_args, with_kind_defaults
     from resnorm.tasks.recipe import KIND_DEFAULTS
 
-    for kind, defaults in KIND_DEFAULTS.items():
-        args = with_kind_defaults(parse_args(["x", "--task", "t"]), kind)
+    for task, kind in (("play_genre", "classify"), ("speaker_tags", "tag")):
+        defaults = KIND_DEFAULTS[kind]
+        args = with_kind_defaults(parse_args(["x", "--task", task]), task)
         assert {k: getattr(args, k) for k in defaults} == defaults
-        given = with_kind_defaults(parse_args(["x", "--task", "t", "--steps", "7", "--head-lr-scale", "2"]), kind)
+        given = with_kind_defaults(parse_args(["x", "--task", task, "--steps", "7", "--head-lr-scale", "2"]), task)
         assert (given.steps, given.head_lr_scale, given.patience) == (7, 2.0, defaults["patience"])
+    every = ["--steps", "7", "--head-lr-scale", "2", "--patience", "3"]
+    assert vars(with_kind_defaults(parse_args(["x", "--task", "nope.csv", *every]), "nope.csv")) == \
+        vars(parse_args(["x", "--task", "nope.csv", *every]))  # every flag given: the task is not read
