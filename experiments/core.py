@@ -392,12 +392,11 @@ def run_experiment(name: str, size: str = "full", out: Path = RESULTS, runs_dir:
     grid = restrict(grid, only or {}, name)
     p = paths(name, out)
     old_record = load_record(p["claims"]) if merge else None
-    if merge and (not only or old_record is None or not p["csv"].is_file() or old_record.get("size") != size):
-        raise KeyError(f"experiment {name}: --merge re-runs a subset (--only) of a recorded run of the same grid; "
-                       + ("name the subset with --only" if not only else
-                          f"{p['claims']} records grid {old_record.get('size')!r}, not {size!r}" if old_record
-                          and p["csv"].is_file() else
-                          f"{p['claims']} or {p['csv']} is missing: run the whole grid first"))
+    if merge:
+        why = _merge_problem(p, old_record, size, only)
+        if why:
+            raise KeyError(f"experiment {name}: --merge re-runs a subset (--only) of a recorded run of the same "
+                           f"grid; {why}")
     from resnorm.train.devices import cpu_count
 
     ctx = Context(name=name, size=size, runs_dir=Path(runs_dir) / size / name, verbose=verbose,
@@ -429,6 +428,18 @@ def run_experiment(name: str, size: str = "full", out: Path = RESULTS, runs_dir:
                     old_seeds)
     ctx.log(f"done in {wall:.0f} s -> {p['png']}")
     return df, results
+
+
+def _merge_problem(p: Dict[str, Path], record: Optional[Dict[str, Any]], size: str,
+                   only: Optional[Dict[str, Sequence[Any]]]) -> Optional[str]:
+    """Why a ``--merge`` cannot run against the record at ``p`` (None: it can)."""
+    if not only:
+        return "name the subset with --only"
+    if record is None or not p["csv"].is_file():
+        return f"{p['claims']} or {p['csv']} is missing: run the whole grid first"
+    if record.get("size") != size:
+        return f"{p['claims']} records grid {record.get('size')!r}, not {size!r}"
+    return None
 
 
 def _grid_column(df: pd.DataFrame, key: str) -> str:

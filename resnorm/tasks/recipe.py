@@ -31,10 +31,9 @@ import torch.nn.functional as F
 LR_GRID = (3e-4, 1e-3, 3e-3)
 
 #: the recipe's defaults by task kind (docs/finetune.md, "The recipe's defaults for classification,
-#: measured"): a pooled
-#: classification head learns at 30 times the body's rate and needs up to 1000 steps with 12 validation
-#: scores of patience (its validation accuracy is noisy on a few hundred rows); tagging, per-token, learns
-#: at the body's rate in 400 steps
+#: measured"): a pooled classification head learns at 30 times the body's rate and needs up to 1000
+#: steps with 12 validation scores of patience (its validation accuracy is noisy on a few hundred rows);
+#: tagging, per-token, learns at the body's rate in 400 steps
 KIND_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "classify": dict(steps=1000, head_lr_scale=30.0, patience=12),
     "tag": dict(steps=400, head_lr_scale=1.0, patience=4),
