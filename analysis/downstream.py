@@ -152,8 +152,8 @@ def downstream_vs_depth(sweep, path) -> Optional[Path]:
                 ax.axhline(float(level.mean()), color=style.NEUTRAL, ls=ls, lw=1)
         plots._depth_axis(ax, depths)
         metric = part["task_metric"].iloc[0]
-        ax.set(xlabel="depth (blocks)", ylabel=f"held-out {str(metric).replace('_', ' ')}",
-               title=task + (f"\n{setting}" if setting else ""))
+        ax.set(xlabel="depth (blocks)", ylabel="held-out score",  # the panels share y: the metric in each title
+               title=f"{task} ({str(metric).replace('_', ' ')})" + (f"\n{setting}" if setting else ""))
     values = pd.concat([done["task_score"], *(done[k].dropna() for k in FLOORS)])
     axes.flat[0].set_ylim(max(0.0, values.min() - 0.05), min(1.0, values.max() + 0.05))
     handles = plots._variant_handles(variants, marker="o")

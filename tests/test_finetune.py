@@ -400,6 +400,7 @@ def test_default_fine_tuning_beats_the_majority_class_on_a_cue_task(sweep, tmp_p
     assert main([str(dirs["mlm"]), "--task", str(task), "--steps", "150", "--batch", "16"]) == 0
     s = json.loads((dirs["mlm"] / "finetune" / "cue" / "summary.json").read_text())
     assert s["task_accuracy"] >= s["task_majority_accuracy"] + 0.2
+    assert s["outcome"] == "trained" and s["task_p_above_floor"] < 0.05 and s["loss_outcome"] in ("trained", "stalled")
     assert s["recipe_lr"] in [g["lr"] for g in s["recipe_grid"]] and s["floor_ngram"] >= 0.9
 
 
@@ -445,3 +446,36 @@ def test_the_recipe_defaults_follow_the_task_kind_and_flags_win():
     every = ["--steps", "7", "--head-lr-scale", "2", "--patience", "3"]
     assert vars(with_kind_defaults(parse_args(["x", "--task", "nope.csv", *every]), "nope.csv")) == \
         vars(parse_args(["x", "--task", "nope.csv", *every]))  # every flag given: the task is not read
+
+
+@pytest.mark.parametrize("source", sorted(__import__("experiments.user_csv", fromlist=["SOURCES"]).SOURCES))
+def test_the_user_style_csvs_are_deterministic_classification_tasks(source, tmp_path):
+    """Each source of ``python -m experiments.user_csv`` (the CSVs docs/finetune.md measures the
+    done-when check on) writes the same file twice, reads as a classification task, and gives no text
+    two labels; an unknown source is one error line."""
+    from experiments.user_csv import MIN_CHARS, write
+
+    first, second = write(tmp_path / "a.csv", source), write(tmp_path / "b.csv", source)
+    assert first.read_bytes() == second.read_bytes()
+    rows, spec = read_rows(str(first))
+    assert kind_of(rows, spec) == "classify" and len(label_set(rows, "classify", spec)) >= 2
+    labels_of = {}
+    for r in rows:
+        labels_of.setdefault(r["text"], set()).add(r["label"])
+    assert all(len(v) == 1 for v in labels_of.values()) and min(map(len, labels_of)) >= MIN_CHARS
+    with pytest.raises(SystemExit, match="unknown source 'nope'"):
+        write(tmp_path / "c.csv", "nope")
+
+
+def test_a_fine_tunes_outcome_is_its_score_against_the_floor():
+    """``trained`` when the held-out score beats the constant prediction by an exact one-sided binomial
+    test (checked against the sum by hand), else ``stalled``; diverged stays diverged."""
+    from resnorm.tasks.heads import OUTCOME_ALPHA, above_floor_p, task_outcome
+
+    n, right, q = 20, 9, 0.25
+    by_hand = sum(math.comb(n, k) * q ** k * (1 - q) ** (n - k) for k in range(right, n + 1))
+    assert above_floor_p(right, n, q) == pytest.approx(by_hand, rel=1e-9)
+    assert above_floor_p(5, 20, 0.25) > 0.5 and above_floor_p(0, 0, 0.5) == 1.0 and above_floor_p(3, 3, 1.0) == 1.0
+    assert task_outcome("stalled", OUTCOME_ALPHA / 2) == "trained"
+    assert task_outcome("trained", OUTCOME_ALPHA) == "stalled"
+    assert task_outcome("diverged", 0.0) == "diverged" and task_outcome(None, 0.0) is None

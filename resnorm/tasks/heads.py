@@ -32,6 +32,9 @@ from resnorm.model.blocks import Attention, ModelShape, eval_mode
 from resnorm.model.transformer import Transformer
 
 HEAD_STD = 0.02
+#: a completed fine-tune is ``trained`` when its held-out score beats the floor's constant prediction
+#: at this level (one-sided exact binomial test, :func:`above_floor_p`), else ``stalled``
+OUTCOME_ALPHA = 0.05
 
 
 class TaskModel(Transformer):
@@ -140,14 +143,41 @@ def score(run) -> Dict[str, Any]:
                                task_eval_examples=len(gold))
     if data.kind == "classify":
         acc = float((preds == gold).double().mean())
+        majority = majority_accuracy(row_targets(fit[1], row_of.get("fit")), gold)
         return {**out, "task_metric": "accuracy", "task_score": acc, "task_accuracy": acc,
-                "task_majority_accuracy": majority_accuracy(row_targets(fit[1], row_of.get("fit")), gold)}
+                "task_majority_accuracy": majority,
+                "task_p_above_floor": above_floor_p(int((preds == gold).sum()), len(gold), majority)}
     words_gold, words_pred = tag_words(data.labels, preds, gold)
     spans = span_f1(words_gold, words_pred)
     n_words = sum(len(w) for w in words_gold)
     right = sum(a == b for gw, pw in zip(words_gold, words_pred) for a, b in zip(gw, pw))
+    all_o = sum(t == "O" for gw in words_gold for t in gw)
     return {**out, "task_metric": "span_f1", "task_score": spans["span_f1"],
-            **{f"task_{k}": v for k, v in spans.items()}, "task_word_accuracy": right / n_words if n_words else None}
+            **{f"task_{k}": v for k, v in spans.items()}, "task_word_accuracy": right / n_words if n_words else None,
+            "task_p_above_floor": above_floor_p(right, n_words, all_o / n_words if n_words else 1.0)}
+
+
+def above_floor_p(right: int, n: int, floor_rate: float) -> float:
+    """The chance of ``right`` or more right answers of ``n`` for a predictor right at the floor's rate
+    (the majority class's held-out accuracy; for tag, all-O's per-word accuracy): a one-sided exact
+    binomial test (scipy). Small: the fine-tune beats the constant prediction beyond chance."""
+    from scipy.stats import binomtest
+
+    if n == 0:
+        return 1.0
+    return float(binomtest(right, n, min(max(float(floor_rate), 0.0), 1.0), alternative="greater").pvalue)
+
+
+def task_outcome(loss_outcome: Optional[str], p_above_floor: float) -> Optional[str]:
+    """A completed fine-tune's outcome, judged by its task score rather than its loss: ``trained`` when
+    the held-out score beats the floor's constant prediction (``p_above_floor`` under
+    :data:`OUTCOME_ALPHA`), else ``stalled``. The loss's rule (:func:`resnorm.runs.folder.classify_outcome`)
+    misjudges a classifier: its held-out loss is per window and grows with confidence, so a fine-tune
+    30 points above the majority class kept a loss within ``train.stall_margin`` of the label entropy.
+    A diverged or non-finite fine-tune keeps that outcome."""
+    if loss_outcome not in ("trained", "stalled"):
+        return loss_outcome
+    return "trained" if p_above_floor < OUTCOME_ALPHA else "stalled"
 
 
 @torch.no_grad()

@@ -385,8 +385,9 @@ def default_callbacks(run, extra: Sequence[Callback] = ()) -> List[Callback]:
 
 
 class TaskScore(Callback):
-    """At the end of a completed fine-tune, the task metric (:func:`resnorm.tasks.heads.score`) into the summary, before
-    the run store writes it (list it before :class:`RunStoreWriter`)."""
+    """At the end of a completed fine-tune, the task metric (:func:`resnorm.tasks.heads.score`) into the summary, and
+    the outcome judged by it (:func:`resnorm.tasks.heads.task_outcome`; the loss's verdict kept as
+    ``loss_outcome``), before the run store writes it (list it before :class:`RunStoreWriter`)."""
 
     def __init__(self, pretrained_run_id: Any = None, recipe: Optional[Dict[str, Any]] = None):
         self.pretrained_run_id = pretrained_run_id
@@ -397,7 +398,9 @@ class TaskScore(Callback):
         summary.update(self.recipe)
         summary["pretrained_objective"] = run.cfg.model.get("objective", "clm")
         if summary["status"] == "completed":
-            from resnorm.tasks.heads import score
+            from resnorm.tasks.heads import score, task_outcome
 
             summary.update(score(run))
+            summary["loss_outcome"] = summary.get("outcome")  # the pre-training rule's verdict, kept
+            summary["outcome"] = task_outcome(summary["loss_outcome"], summary["task_p_above_floor"])
 
