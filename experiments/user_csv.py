@@ -2,11 +2,12 @@
 split column, so the held-out rows are every fifth row). Two sources (:data:`SOURCES`), deterministic
 and offline: ``python -m experiments.user_csv OUT.csv [SOURCE]`` (default ``plays_speeches``).
 
-``plays_speeches``: speeches from six plays of the default corpus, labelled by play. Each row is one speech's words (the lines after a speaker heading up to the next empty line,
-joined by spaces; the heading itself, which names the speaker, is dropped), at least
-:data:`MIN_CHARS` characters. The classes have unequal sizes (:data:`PLAYS`: rows per play, the
-largest about a third) and lexical cues of real text: the plays' own names, places and vocabulary
-("Rome", "Jew", "ducats", "Caesar", "island"), in the pre-training corpus's own language.
+``plays_speeches``: speeches from six plays of the default corpus, labelled by play. Each row is one
+speech's words (the lines after a speaker heading up to the next empty line, joined by spaces; the
+heading itself, which names the speaker, is dropped), at least :data:`MIN_CHARS` characters. The
+classes have unequal sizes (:data:`PLAYS`: rows per play, the largest about a third) and lexical cues
+of real text: the plays' own names, places and vocabulary ("Rome", "Jew", "ducats", "Caesar",
+"island"), in the pre-training corpus's own language.
 
 ``stdlib_docs``: paragraphs of the docstrings of six packages of Python's standard library (this
 interpreter's), labelled by package: real English prose far from the pre-training corpus (technical,
