@@ -142,11 +142,12 @@ def score(run) -> Dict[str, Any]:
                                task_train_examples=len(data.rows["fit"]) if data.rows else len(fit[0]),
                                task_eval_examples=len(gold))
     if data.kind == "classify":
-        acc = float((preds == gold).double().mean())
+        hits = preds == gold
+        acc = float(hits.double().mean())
         majority = majority_accuracy(row_targets(fit[1], row_of.get("fit")), gold)
         return {**out, "task_metric": "accuracy", "task_score": acc, "task_accuracy": acc,
                 "task_majority_accuracy": majority,
-                "task_p_above_floor": above_floor_p(int((preds == gold).sum()), len(gold), majority)}
+                "task_p_above_floor": above_floor_p(int(hits.sum()), len(gold), majority)}
     words_gold, words_pred = tag_words(data.labels, preds, gold)
     spans = span_f1(words_gold, words_pred)
     n_words = sum(len(w) for w in words_gold)
